@@ -1,0 +1,41 @@
+"""`lmos` console script: one subcommand per job, each a module with `main(argv)`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported only when their command runs,
+# so `lmos --help` stays instant and a missing optional dependency breaks only its command.
+COMMANDS = {
+    "train": ("lmos_jax.train.trainer", "train a model from a config (pretrain or finetune)"),
+    "convert": ("lmos_jax.models.hf", "convert Hugging Face checkpoints to/from a workdir"),
+    "predict": ("lmos_jax.inference.predict", "classify sentences with a finetuned workdir"),
+    "generate": ("lmos_jax.inference.generate", "generate text from a trained workdir"),
+    "compress": ("lmos_jax.inference.compress", "quantize/prune/trim/distill and report"),
+    "plan": ("lmos_jax.parallel.planner", "choose mesh, microbatches and remat for a config"),
+    "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
+}
+
+
+def usage() -> str:
+  lines = ["usage: lmos COMMAND [flags]", "", "commands:"]
+  lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(usage())
+    return 0
+  name = argv[0]
+  if name not in COMMANDS:
+    print(f"lmos: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+  module = importlib.import_module(COMMANDS[name][0])
+  return int(module.main([f"lmos {name}", *argv[1:]]) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,116 @@
+"""Loading configs (`path.py[:arg]` with `get_config(arg)`) and validating them early."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from lmos_jax.config.schema import base_config
+
+
+class ConfigError(ValueError):
+  """A config field is wrong; the message names the field and the fix."""
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`configs/x.py` or `configs/x.py:arg` -> the ConfigDict its `get_config(arg)` returns."""
+  path, _, arg = spec.partition(":")
+  p = Path(path)
+  if not p.is_file():
+    raise ConfigError(f"--config={spec!r}: no such file {path!r}")
+  module_spec = importlib.util.spec_from_file_location(f"lmos_config_{p.stem}", p)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config={spec!r}: the file defines no get_config(arg=None)")
+  return module.get_config(arg or None)
+
+
+def _check_schema(cfg: Any, schema: Any, prefix: str) -> None:
+  """Every key must exist in the schema with a compatible type (ints may fill floats)."""
+  for key in cfg.keys():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      close = [k for k in schema.keys() if k.lower().startswith(key[:3].lower())]
+      hint = f" (did you mean {', '.join(close)}?)" if close else ""
+      raise ConfigError(f"unknown config key {name!r}{hint}; known keys under "
+                        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(schema.keys())}")
+    value, default = cfg[key], schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config {name!r} must be a block of settings, got {value!r}")
+      _check_schema(value, default, name + ".")
+      continue
+    ok = (default is None or value is None or isinstance(value, type(default))
+          or (isinstance(default, float) and isinstance(value, int)
+              and not isinstance(value, bool)))
+    if isinstance(default, int) and isinstance(value, bool) and not isinstance(default, bool):
+      ok = False
+    if not ok:
+      raise ConfigError(f"config {name!r}={value!r} has type {type(value).__name__}; "
+                        f"expected {type(default).__name__} (like the default {default!r})")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+  if value not in options:
+    raise ConfigError(f"config {name!r}={value!r}: expected one of {', '.join(options)}")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError naming the first wrong field; runs before anything compiles."""
+  from lmos_jax.parallel.sharding import resolve_mesh_shape
+  from lmos_jax.train.optim import SCHEDULES
+  from lmos_jax.train.precision import POLICIES
+
+  _check_schema(cfg, base_config(), "")
+  m, d, t = cfg.model, cfg.data, cfg.train
+  _choice("model.pos_emb", m.pos_emb, ("learned", "rope", "none"))
+  _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
+  _choice("model.mlp", m.mlp, ("gelu", "gelu_exact", "swiglu"))
+  _choice("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch", "save_attn_out"))
+  _choice("model.attention_impl", m.attention_impl, ("auto", "xla", "cudnn"))
+  _choice("train.schedule", t.schedule, SCHEDULES)
+  _choice("train.precision", t.precision, POLICIES)
+  for name in ("num_layers", "num_heads", "d_model", "max_seq_len"):
+    if m[name] <= 0:
+      raise ConfigError(f"config 'model.{name}'={m[name]} must be positive")
+  if m.d_model % m.num_heads:
+    raise ConfigError(f"config 'model.d_model'={m.d_model} is not divisible by "
+                      f"'model.num_heads'={m.num_heads}")
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f"config 'model.num_kv_heads'={kv} must divide "
+                      f"'model.num_heads'={m.num_heads}")
+  if m.pos_emb == "rope" and (m.d_model // m.num_heads) % 2:
+    raise ConfigError("config 'model.pos_emb'='rope' needs an even head size "
+                      f"(d_model/num_heads = {m.d_model // m.num_heads})")
+  if d.seq_len > m.max_seq_len:
+    raise ConfigError(f"config 'data.seq_len'={d.seq_len} is longer than the model's "
+                      f"positions 'model.max_seq_len'={m.max_seq_len}; shorten data.seq_len "
+                      "or raise model.max_seq_len")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f"config 'model.dropout'={m.dropout} must be in [0, 1)")
+  if t.steps <= 0 or t.batch_size <= 0 or t.microbatches <= 0:
+    raise ConfigError("config 'train.steps', 'train.batch_size' and 'train.microbatches' "
+                      "must be positive")
+  try:
+    data, fsdp, _ = resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor,
+                                       num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if t.batch_size % t.microbatches:
+    raise ConfigError(f"config 'train.batch_size'={t.batch_size} is not divisible by "
+                      f"'train.microbatches'={t.microbatches}")
+  shards = data * fsdp
+  if (t.batch_size // t.microbatches) % shards:
+    raise ConfigError(
+        f"config 'train.batch_size'={t.batch_size} (per microbatch "
+        f"{t.batch_size // t.microbatches}) is not divisible by the data-parallel size "
+        f"mesh.data*mesh.fsdp={shards}; use a batch that is a multiple of "
+        f"{shards * t.microbatches}")
+  if t.warmup_steps < 0 or math.isnan(t.lr) or t.lr <= 0:
+    raise ConfigError("config 'train.lr' must be positive and 'train.warmup_steps' >= 0")

@@ -1,0 +1,89 @@
+"""GPT-style decoder (GPT-2 and Llama options) as a Flax NNX module used functionally."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, attention_mask, dropout,
+                                    make_blocks, normal, param, run_blocks)
+from lmos_jax.parallel.sharding import constrain
+
+Array = jax.Array
+
+
+class GPT(nnx.Module):
+  """Token (+ learned position) embedding, N pre-LN blocks, final norm, LM head."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                       ("vocab", "embed"))
+    self.pos_embed = (param(rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.d_model),
+                            ("pos", "embed")) if cfg.pos_emb == "learned" else None)
+    self.blocks = make_blocks(cfg, rngs)
+    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias,
+                           rngs=rngs)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"),
+                          use_bias=False, std=cfg.init_std, rngs=rngs))
+
+  def embed_tokens(self, tokens_BT: Array, positions_BT: Array, dtype) -> Array:
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    if self.pos_embed is not None:
+      x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dtype)
+    return constrain(x_BTD, ("batch", "length", "act_embed"))
+
+  def logits(self, x_BTD: Array) -> Array:
+    """LM head in the compute dtype with float32 accumulation and output."""
+    x_BTD = self.final_norm(x_BTD)
+    if self.lm_head is None:
+      w_DV = self.embed[...].astype(x_BTD.dtype).T
+    else:
+      w_DV = self.lm_head.kernel[...].astype(x_BTD.dtype)
+    logits = jnp.einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+  def __call__(self, tokens_BT: Array, *, positions_BT: Array | None = None,
+               segment_ids_BT: Array | None = None, rng: Array | None = None) -> Array:
+    """Logits (B, T, V) in float32. `rng` given means training mode (dropout on)."""
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions_BT is None:
+      positions_BT = index_BT
+    k_emb, k_blocks = (None, None) if rng is None else jax.random.split(rng)
+    x_BTD = dropout(self.embed_tokens(tokens_BT, positions_BT, self.embed.dtype), cfg.dropout,
+                    k_emb)
+    if segment_ids_BT is None:
+      mask, is_causal = None, True
+    else:
+      mask = attention_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT)
+      is_causal = False
+    x_BTD = run_blocks(self.blocks, cfg, x_BTD, positions_BT, mask, is_causal=is_causal,
+                       key=k_blocks)
+    return self.logits(x_BTD)
+
+
+def gpt_config_from(model_cfg, vocab_size: int) -> TransformerConfig:
+  """TransformerConfig from the `model` block of an lmos config."""
+  m = model_cfg
+  d_ff = m.d_ff or (4 * m.d_model if m.mlp != "swiglu" else _llama_ff(m.d_model))
+  return TransformerConfig(
+      vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads, d_model=m.d_model, d_ff=d_ff, max_seq_len=m.max_seq_len,
+      pos_emb=m.pos_emb, rope_theta=m.rope_theta, norm=m.norm, norm_eps=m.norm_eps,
+      mlp=m.mlp, use_bias=m.use_bias, tie_embeddings=m.tie_embeddings, dropout=m.dropout,
+      scan_layers=m.scan_layers, remat=m.remat, attention_impl=m.attention_impl,
+      init_std=m.init_std)
+
+
+def _llama_ff(d_model: int, multiple: int = 64) -> int:
+  """Llama's SwiGLU width: 2/3 of 4d rounded up to a multiple (keeps FLOPs near GELU's)."""
+  f = int(2 * 4 * d_model / 3)
+  return multiple * ((f + multiple - 1) // multiple)
+
+
+def count_params(state) -> int:
+  return sum(x.size for x in jax.tree.leaves(state))

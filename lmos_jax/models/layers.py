@@ -1,0 +1,298 @@
+"""Transformer building blocks shared by the decoder (GPT/Llama) and the encoder (BERT).
+
+Every parameter carries logical axis names (`out_sharding` metadata) that
+`lmos_jax.parallel.sharding` maps onto mesh axes; key activations are constrained with
+logical names too. Modules hold parameters only: dropout keys and positions are passed in,
+so a model can be split/merged and called under a plain `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lmos_jax.parallel.sharding import constrain
+
+Array = jax.Array
+Names = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static shape and architecture choices of one transformer stack."""
+
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  d_model: int
+  d_ff: int
+  max_seq_len: int
+  num_kv_heads: int = 0
+  pos_emb: str = "learned"  # learned | rope | none
+  rope_theta: float = 10000.0
+  norm: str = "layernorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  norm_position: str = "pre"  # pre (GPT/Llama) | post (BERT)
+  mlp: str = "gelu"  # gelu | gelu_exact | swiglu
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  scan_layers: bool = True
+  remat: str = "none"
+  attention_impl: str = "auto"
+  init_std: float = 0.02
+  causal: bool = True
+  type_vocab_size: int = 0  # BERT token types; 0 for decoders
+  num_labels: int = 0  # classification head width; 0 for none
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def param(rngs: nnx.Rngs, init: Callable[..., Array], shape: tuple[int, ...],
+          names: Names, dtype: Any = jnp.float32) -> nnx.Param:
+  """A parameter with logical axis names; placement is decided later by jit shardings."""
+  return nnx.Param(init(rngs.params(), shape, dtype), sharding=names, eager_sharding=False)
+
+
+def normal(std: float) -> Callable[..., Array]:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+  """Inverted dropout; a no-op when `key` is None (evaluation) or rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Dense(nnx.Module):
+  """y = x @ W + b with a named kernel of shape (in..., out...)."""
+
+  def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], names: Names,
+               *, use_bias: bool, std: float, rngs: nnx.Rngs):
+    self.in_ndim = len(in_shape)
+    self.kernel = param(rngs, normal(std), (*in_shape, *out_shape), names)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, out_shape, names[len(in_shape):])
+                 if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    w = self.kernel[...]
+    axes = tuple(range(x.ndim - self.in_ndim, x.ndim))
+    y = jnp.tensordot(x, w.astype(x.dtype), axes=(axes, tuple(range(self.in_ndim))))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
+
+
+class Norm(nnx.Module):
+  """LayerNorm or RMSNorm, computed in float32 and cast back to the input dtype."""
+
+  def __init__(self, dim: int, kind: str, eps: float, *, use_bias: bool, rngs: nnx.Rngs):
+    self.kind, self.eps = kind, eps
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",))
+    self.bias = (param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",))
+                 if kind == "layernorm" and use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope(x_BLNH: Array, positions_BL: Array, theta: float) -> Array:
+  """Rotary embedding in the rotate-half layout used by Llama checkpoints."""
+  half = x_BLNH.shape[-1] // 2
+  freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles_BLH = positions_BL[..., None].astype(jnp.float32) * freqs
+  sin, cos = jnp.sin(angles_BLH)[:, :, None, :], jnp.cos(angles_BLH)[:, :, None, :]
+  x1, x2 = x_BLNH[..., :half].astype(jnp.float32), x_BLNH[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLNH.dtype)
+
+
+def attention_mask(q_segment_BT: Array | None, kv_segment_BS: Array | None,
+                   q_index_BT: Array | None, kv_index_BS: Array | None) -> Array | None:
+  """Boolean (B, 1, T, S) mask: causal by sequence index, never across segments."""
+  mask = None
+  if q_index_BT is not None:
+    mask = q_index_BT[:, :, None] >= kv_index_BS[:, None, :]
+  if q_segment_BT is not None:
+    same = q_segment_BT[:, :, None] == kv_segment_BS[:, None, :]
+    mask = same if mask is None else mask & same
+  return None if mask is None else mask[:, None, :, :]
+
+
+def _manual_attention(q, k, v, mask, rate, key):
+  """Reference attention with dropout on the probabilities (training with dropout only)."""
+  groups = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = dropout(jax.nn.softmax(logits, axis=-1), rate, key).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+class Attention(nnx.Module):
+  """Multi-head or grouped-query attention with optional RoPE."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.query = Dense((d,), (n, h), ("embed", "heads", "head_dim"), use_bias=cfg.use_bias,
+                       std=cfg.init_std, rngs=rngs)
+    self.key = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=cfg.use_bias,
+                     std=cfg.init_std, rngs=rngs)
+    self.value = Dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=cfg.use_bias,
+                       std=cfg.init_std, rngs=rngs)
+    self.out = Dense((n, h), (d,), ("heads", "head_dim", "embed"), use_bias=cfg.use_bias,
+                     std=out_std, rngs=rngs)
+
+  def project_qkv(self, x_BTD: Array, positions_BT: Array) -> tuple[Array, Array, Array]:
+    cfg = self.cfg
+    q = constrain(self.query(x_BTD), ("batch", "length", "act_heads", "head_dim"))
+    k = constrain(self.key(x_BTD), ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(self.value(x_BTD), ("batch", "length", "act_kv_heads", "head_dim"))
+    if cfg.pos_emb == "rope":
+      q, k = rope(q, positions_BT, cfg.rope_theta), rope(k, positions_BT, cfg.rope_theta)
+    return q, k, v
+
+  def attend(self, q, k, v, mask: Array | None, *, is_causal: bool,
+             dropout_key: Array | None) -> Array:
+    """Softmax attention of q (B,T,N,H) over k, v (B,S,K,H); returns (B,T,D)."""
+    cfg = self.cfg
+    if dropout_key is not None and cfg.dropout > 0:
+      if is_causal:
+        t, s = q.shape[1], k.shape[1]
+        mask = jnp.tril(jnp.ones((t, s), bool))[None, None]
+      o = _manual_attention(q, k, v, mask, cfg.dropout, dropout_key)
+    else:
+      impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                       implementation=impl)
+    o = constrain(o, ("batch", "length", "act_heads", "head_dim"))
+    return self.out(checkpoint_name(o, "attn_out"))
+
+  def __call__(self, x_BTD: Array, positions_BT: Array, mask: Array | None, *,
+               is_causal: bool, dropout_key: Array | None = None) -> Array:
+    q, k, v = self.project_qkv(x_BTD, positions_BT)
+    return self.attend(q, k, v, mask, is_causal=is_causal, dropout_key=dropout_key)
+
+
+class MLP(nnx.Module):
+  """GELU MLP (GPT/BERT) or SwiGLU (Llama)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    d, f = cfg.d_model, cfg.d_ff
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.up = Dense((d,), (f,), ("embed", "mlp"), use_bias=cfg.use_bias, std=cfg.init_std,
+                    rngs=rngs)
+    self.gate = (Dense((d,), (f,), ("embed", "mlp"), use_bias=cfg.use_bias, std=cfg.init_std,
+                       rngs=rngs) if cfg.mlp == "swiglu" else None)
+    self.down = Dense((f,), (d,), ("mlp", "embed"), use_bias=cfg.use_bias, std=out_std,
+                      rngs=rngs)
+
+  def __call__(self, x_BTD: Array) -> Array:
+    h = self.up(x_BTD)
+    if self.gate is not None:
+      h = jax.nn.silu(self.gate(x_BTD)) * h
+    else:
+      h = jax.nn.gelu(h, approximate=self.kind != "gelu_exact")
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return self.down(h)
+
+
+class Block(nnx.Module):
+  """One transformer layer, pre-LN (GPT/Llama) or post-LN (BERT)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD: Array, positions_BT: Array, mask: Array | None, *,
+               is_causal: bool, key: Array | None = None) -> Array:
+    cfg = self.cfg
+    keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+    if cfg.norm_position == "pre":
+      h = self.attn(self.attn_norm(x_BTD), positions_BT, mask, is_causal=is_causal,
+                    dropout_key=keys[0])
+      x_BTD = x_BTD + dropout(h, cfg.dropout, keys[1])
+      h = self.mlp(self.mlp_norm(x_BTD))
+      x_BTD = x_BTD + dropout(h, cfg.dropout, keys[2])
+    else:
+      h = self.attn(x_BTD, positions_BT, mask, is_causal=is_causal, dropout_key=keys[0])
+      x_BTD = self.attn_norm(x_BTD + dropout(h, cfg.dropout, keys[1]))
+      h = self.mlp(x_BTD)
+      x_BTD = self.mlp_norm(x_BTD + dropout(h, cfg.dropout, keys[2]))
+    return constrain(x_BTD, ("batch", "length", "act_embed"))
+
+
+def remat_policy(name: str):
+  """Maps a config name to a `jax.checkpoint` policy; 'none' means no remat."""
+  cp = jax.checkpoint_policies
+  table = {
+      "full": None,
+      "dots": cp.checkpoint_dots,
+      "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+      "save_attn_out": cp.save_only_these_names("attn_out"),
+  }
+  if name not in table:
+    raise ValueError(f"model.remat={name!r}: expected one of none, {', '.join(table)}")
+  return table[name]
+
+
+def make_blocks(cfg: TransformerConfig, rngs: nnx.Rngs):
+  """Layers stacked on a leading 'layers' axis (scan) or kept as a list (unrolled)."""
+  if cfg.scan_layers:
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked(key):
+      return Block(cfg, rngs=nnx.Rngs(params=key))
+    return stacked(jax.random.split(rngs.params(), cfg.num_layers))
+  return nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+
+def run_blocks(blocks, cfg: TransformerConfig, x_BTD: Array, positions_BT: Array,
+               mask: Array | None, *, is_causal: bool, key: Array | None) -> Array:
+  """Applies all layers, under `lax.scan` when stacked, with the configured remat."""
+  keys = None if key is None else jax.random.split(key, cfg.num_layers)
+
+  def apply(graphdef, state, x, k):
+    return nnx.merge(graphdef, state)(x, positions_BT, mask, is_causal=is_causal, key=k)
+
+  if cfg.remat != "none":
+    apply = jax.checkpoint(apply, policy=remat_policy(cfg.remat), static_argnums=(0,))
+  if cfg.scan_layers:
+    graphdef, state = nnx.split(blocks)
+
+    def body(x, xs):
+      layer_state, k = xs
+      return apply(graphdef, layer_state, x, k), None
+
+    x_BTD, _ = jax.lax.scan(body, x_BTD, (state, keys))
+    return x_BTD
+  for i, block in enumerate(blocks):
+    graphdef, state = nnx.split(block)
+    x_BTD = apply(graphdef, state, x_BTD, None if keys is None else keys[i])
+  return x_BTD

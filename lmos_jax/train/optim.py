@@ -1,0 +1,103 @@
+"""The optimizer: optax schedules, AdamW with a weight-decay mask, global-norm clipping.
+
+Frozen parameters (PEFT, layer freezing) go through `optax.partition` with `set_to_zero`,
+so they hold no Adam moments at all (`optax.masked` would still allocate them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd")
+
+PathFn = Callable[[tuple[str, ...]], bool]
+
+
+def make_schedule(t) -> optax.Schedule:
+  """LR schedule from the `train` config block; every kind warms up linearly first."""
+  lr, steps, warm = t.lr, t.steps, min(t.warmup_steps, t.steps)
+  end = lr * t.min_lr_ratio
+  warmup = optax.linear_schedule(0.0, lr, max(warm, 1))
+  rest = max(steps - warm, 1)
+  if t.schedule == "constant":
+    tail = optax.constant_schedule(lr)
+  elif t.schedule == "warmup_cosine":
+    tail = optax.cosine_decay_schedule(lr, rest, alpha=t.min_lr_ratio)
+  elif t.schedule == "warmup_linear":
+    tail = optax.linear_schedule(lr, end, rest)
+  elif t.schedule == "rsqrt":
+    base = max(warm, 1)
+    tail = lambda s: lr * jax.numpy.sqrt(base / (s + base))  # noqa: E731
+  elif t.schedule == "wsd":
+    decay = max(int(round(t.decay_fraction * steps)), 1)
+    stable = max(rest - decay, 0)
+    tail = optax.join_schedules(
+        [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [stable])
+  else:
+    raise ValueError(f"train.schedule={t.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+  if warm == 0:
+    return tail
+  return optax.join_schedules([warmup, tail], [warm])
+
+
+def path_names(path) -> tuple[str, ...]:
+  """Key path of a pytree leaf as plain strings ('blocks', '0', 'attn', 'query', 'kernel')."""
+  out = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+    else:
+      out.append(str(k))
+  return tuple(out)
+
+
+def is_norm_or_bias(names: tuple[str, ...]) -> bool:
+  return names[-1] == "bias" or any("norm" in n for n in names)
+
+
+def is_embedding(names: tuple[str, ...]) -> bool:
+  return names[-1] in ("embed", "pos_embed", "type_embed") or "embeddings" in names
+
+
+def decay_mask_fn(decay_embeddings: bool, decay_norms_and_biases: bool) -> Callable:
+  """Callable mask for AdamW: True where weight decay applies."""
+  def decays(names: tuple[str, ...]) -> bool:
+    if is_norm_or_bias(names):
+      return decay_norms_and_biases
+    if is_embedding(names):
+      return decay_embeddings
+    return True
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(path_names(p)), params)
+  return mask
+
+
+def make_optimizer(t, trainable: PathFn | None = None) -> optax.GradientTransformation:
+  """Clip -> AdamW(schedule, decay mask); params where `trainable(path)` is False are frozen."""
+  parts = []
+  if t.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(t.grad_clip))
+  parts.append(optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                           weight_decay=t.weight_decay,
+                           mask=decay_mask_fn(t.decay_embeddings, t.decay_norms_and_biases)))
+  tx = optax.chain(*parts)
+  if trainable is None:
+    return tx
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "train" if trainable(path_names(p)) else "frozen", params)
+  return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def l2_penalty(params: Any, mask_fn: Callable) -> jax.Array:
+  """0.5 * sum of squares over the params the decay mask selects (classic L2 in the loss)."""
+  mask = mask_fn(params)
+  sq = jax.tree.map(lambda p, m: (p.astype("float32") ** 2).sum() if m else 0.0, params, mask)
+  return 0.5 * sum(jax.tree.leaves(sq))

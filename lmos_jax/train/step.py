@@ -1,0 +1,187 @@
+"""The train and eval steps: pure functions `(state, batch) -> (state, metrics)` under jit.
+
+State is a plain dict {step, params, opt_state, rng}; params are a pure dict of arrays that
+`nnx.merge(graphdef, params)` turns back into the model inside the step. Shardings come from
+the params' logical axis names; optimizer moments get the sharding of their param.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lmos_jax.parallel.sharding import batch_sharding, constrain, state_shardings
+from lmos_jax.train.optim import decay_mask_fn, l2_penalty, path_names
+from lmos_jax.train.precision import Policy, cast_floats
+
+Array = jax.Array
+LossFn = Callable[[Any, dict, Array | None], tuple[Array, Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Everything static the step closes over."""
+
+  graphdef: Any
+  tx: optax.GradientTransformation
+  loss_fn: LossFn
+  policy: Policy
+  microbatches: int = 1
+  l2: float = 0.0
+  decay_embeddings: bool = False
+  decay_norms_and_biases: bool = False
+  schedule: Callable | None = None
+
+
+def opt_state_shardings(abstract_opt_state: Any, param_shardings: dict, mesh: Mesh) -> Any:
+  """Each optimizer leaf takes the sharding of the param whose path it ends with.
+
+  `jax.jit(tx.init)` would otherwise return replicated moments under Auto axes.
+  """
+  by_path = {}
+  flat, _ = jax.tree_util.tree_flatten_with_path(param_shardings)
+  for path, sh in flat:
+    by_path[path_names(path)] = sh
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    names = path_names(path)
+    for start in range(len(names)):
+      sh = by_path.get(names[start:])
+      if sh is not None and len(sh.spec) <= len(leaf.shape):
+        return sh
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def abstract_model_state(make_model: Callable[[nnx.Rngs], nnx.Module]):
+  """graphdef and abstract (shape-only) state of a model, without allocating it."""
+  abstract = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+  return nnx.split(abstract)
+
+
+def param_shardings_for(abstract_state, mesh: Mesh) -> dict:
+  return state_shardings(abstract_state, mesh).to_pure_dict()
+
+
+def train_state_layout(make_model: Callable[[nnx.Rngs], nnx.Module],
+                       tx: optax.GradientTransformation, policy: Policy, mesh: Mesh):
+  """(graphdef, init_fn, abstract state, shardings) without allocating anything.
+
+  The rng is raw uint32 key data (`jax.random.PRNGKey`) so checkpoints store it as an array.
+  """
+  graphdef, abstract_state = abstract_model_state(make_model)
+  p_sh = param_shardings_for(abstract_state, mesh)
+
+  def init(key):
+    k_params, k_train = jax.random.split(key)
+    _, state = nnx.split(make_model(nnx.Rngs(params=k_params)))
+    params = cast_floats(state.to_pure_dict(), policy.param_dtype)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params), "rng": k_train}
+
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = {"step": NamedSharding(mesh, P()), "params": p_sh,
+               "opt_state": opt_state_shardings(abstract["opt_state"], p_sh, mesh),
+               "rng": NamedSharding(mesh, P())}
+  return graphdef, init, abstract, shardings
+
+
+def init_train_state(make_model: Callable[[nnx.Rngs], nnx.Module],
+                     tx: optax.GradientTransformation, policy: Policy, mesh: Mesh, seed: int):
+  """Initialises params and optimizer state directly into their shardings (jit from abstract)."""
+  graphdef, init, _, shardings = train_state_layout(make_model, tx, policy, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+  return graphdef, state, shardings
+
+
+def _microbatch(x: Array, k: int) -> Array:
+  """(B, ...) -> (k, B/k, ...) taking rows i::k, so each microbatch stays evenly sharded."""
+  b = x.shape[0]
+  y = x.reshape(b // k, k, *x.shape[1:])
+  y = jnp.swapaxes(y, 0, 1)
+  return constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+
+def loss_and_grads(cfg: StepConfig, params, batch: dict, rng: Array | None):
+  """Sum-loss, weight and grads over the whole batch, accumulated over microbatches."""
+
+  def sum_loss(p, mb, key):
+    model = nnx.merge(cfg.graphdef, cast_floats(p, cfg.policy.compute_dtype))
+    loss_sum, weight, aux = cfg.loss_fn(model, mb, key)
+    return loss_sum.astype(jnp.float32), (weight, aux)
+
+  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+  if cfg.microbatches == 1:
+    (loss_sum, (weight, aux)), grads = grad_fn(params, batch, rng)
+    return loss_sum, weight, aux, grads
+
+  mbs = jax.tree.map(lambda x: _microbatch(x, cfg.microbatches), batch)
+  keys = None if rng is None else jax.random.split(rng, cfg.microbatches)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  abstract_aux = jax.eval_shape(
+      lambda: sum_loss(params, jax.tree.map(lambda x: x[0], mbs),
+                       None if keys is None else keys[0])[1][1])
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+          jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_aux), zeros)
+
+  def body(carry, xs):
+    mb, key = xs
+    (l, (w, a)), g = grad_fn(params, mb, key)
+    acc_l, acc_w, acc_a, acc_g = carry
+    acc_g = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), acc_g, g)
+    acc_a = jax.tree.map(jnp.add, acc_a, a)
+    return (acc_l + l, acc_w + w, acc_a, acc_g), None
+
+  (loss_sum, weight, aux, grads), _ = jax.lax.scan(body, init, (mbs, keys))
+  return loss_sum, weight, aux, grads
+
+
+def train_step(cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
+  """One optimizer update on a global batch. Pure: same inputs, same outputs."""
+  rng, step_key = jax.random.split(state["rng"])
+  params = state["params"]
+  loss_sum, weight, aux, grads = loss_and_grads(cfg, params, batch, step_key)
+  denom = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+  loss = loss_sum / denom
+  if cfg.l2 > 0:
+    mask_fn = decay_mask_fn(cfg.decay_embeddings, cfg.decay_norms_and_biases)
+    l2_loss, l2_grads = jax.value_and_grad(lambda p: cfg.l2 * l2_penalty(p, mask_fn))(params)
+    grads = jax.tree.map(jnp.add, grads, l2_grads)
+    loss = loss + l2_loss
+  updates, opt_state = cfg.tx.update(grads, state["opt_state"], params)
+  params = optax.apply_updates(params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": weight,
+             "accuracy": aux.get("correct", 0.0) / denom}
+  if cfg.schedule is not None:
+    metrics["lr"] = cfg.schedule(state["step"])
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
+  return new_state, metrics
+
+
+def eval_step(cfg: StepConfig, params, batch: dict) -> dict:
+  """Sums of loss and weight over one batch (averaged by the caller over many batches)."""
+  model = nnx.merge(cfg.graphdef, cast_floats(params, cfg.policy.compute_dtype))
+  loss_sum, weight, aux = cfg.loss_fn(model, batch, None)
+  return {"loss_sum": loss_sum, "weight": weight, "correct": aux.get("correct", 0.0)}
+
+
+def jit_train_step(cfg: StepConfig, state_shardings: dict, mesh: Mesh, batch_ndims: dict):
+  """train_step under jit with explicit in/out shardings and the state donated."""
+  b_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+  return jax.jit(lambda s, b: train_step(cfg, s, b), in_shardings=(state_shardings, b_sh),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def jit_eval_step(cfg: StepConfig, param_shardings: dict, mesh: Mesh, batch_ndims: dict):
+  b_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+  return jax.jit(lambda p, b: eval_step(cfg, p, b), in_shardings=(param_shardings, b_sh),
+                 out_shardings=NamedSharding(mesh, P()))
