@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("lmos_jax.inference.generate", "generate text from a trained workdir"),
     "compress": ("lmos_jax.inference.compress", "quantize/prune/trim/distill and report"),
     "plan": ("lmos_jax.parallel.planner", "choose mesh, microbatches and remat for a config"),
+    "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
 }
 

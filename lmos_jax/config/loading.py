@@ -114,3 +114,90 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
         f"{shards * t.microbatches}")
   if t.warmup_steps < 0 or math.isnan(t.lr) or t.lr <= 0:
     raise ConfigError("config 'train.lr' must be positive and 'train.warmup_steps' >= 0")
+  _check_checkpointing(t)
+  _check_data(d)
+  _check_encoder(cfg)
+
+
+def _check_checkpointing(t) -> None:
+  """Checkpoint retention and non-finite handling (train.* keys of issue 4)."""
+  _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
+  _choice("train.best_mode", t.best_mode, ("min", "max"))
+  if t.ckpt_every <= 0 or t.keep_checkpoints <= 0:
+    raise ConfigError(f"config 'train.ckpt_every'={t.ckpt_every} and 'train.keep_checkpoints'="
+                      f"{t.keep_checkpoints} must be positive")
+  if t.keep_best < 0 or t.max_bad_steps <= 0:
+    raise ConfigError(f"config 'train.keep_best'={t.keep_best} must be >= 0 and "
+                      f"'train.max_bad_steps'={t.max_bad_steps} positive")
+  if t.keep_best and (t.ckpt_every % t.eval_every or t.ckpt_every % t.log_every):
+    raise ConfigError(f"config 'train.keep_best'={t.keep_best} ranks checkpoints by "
+                      f"{t.best_metric!r}, which is only computed at eval steps: make "
+                      f"'train.ckpt_every'={t.ckpt_every} a multiple of 'train.eval_every'="
+                      f"{t.eval_every} and 'train.log_every'={t.log_every}")
+
+
+def _check_data(d) -> None:
+  """The data pipeline's fields (issue 3): names, choices and mixture entries."""
+  from lmos_jax.data.build import BATCHING, SPEC_FIELDS
+  from lmos_jax.data.sources import FORMATS, KINDS
+  _choice("data.tokenizer", d.tokenizer, ("byte", "char", "bpe", "pretrained"))
+  _choice("data.batching", d.batching, BATCHING)
+  if not 0.0 <= d.val_fraction < 1.0:
+    raise ConfigError(f"config 'data.val_fraction'={d.val_fraction} must be in [0, 1)")
+  if d.prefetch < 0:
+    raise ConfigError(f"config 'data.prefetch'={d.prefetch} must be >= 0 (0: no prefetch)")
+  if d.shuffle_buffer < 0:
+    raise ConfigError(f"config 'data.shuffle_buffer'={d.shuffle_buffer} must be >= 0")
+  if d.streaming and (d.mixture or d.source not in ("files", "hf")
+                      or d.batching not in ("windows", "packed") or d.tokenizer == "char"):
+    raise ConfigError("config 'data.streaming'=True needs data.source files or hf (no "
+                      "mixture), data.batching windows or packed, and a byte/bpe/pretrained "
+                      f"tokenizer; got source={d.source}, batching={d.batching}, "
+                      f"tokenizer={d.tokenizer}, mixture of {len(d.mixture)}")
+  if d.tokenizer == "bpe" and d.bpe_vocab_size < 259:
+    raise ConfigError(f"config 'data.bpe_vocab_size'={d.bpe_vocab_size} must be at least 259 "
+                      "(256 bytes + 3 special tokens)")
+  if d.tokenizer == "pretrained" and not d.tokenizer_path:
+    raise ConfigError("config 'data.tokenizer'='pretrained' needs 'data.tokenizer_path' (a "
+                      "tokenizer.json or a Hugging Face tokenizer directory)")
+  entries = [("data", dict(d))] if not d.mixture else []
+  for i, e in enumerate(d.mixture):
+    if not isinstance(e, dict):
+      raise ConfigError(f"config 'data.mixture[{i}]'={e!r} must be a dict of source fields "
+                        f"({', '.join(SPEC_FIELDS)})")
+    unknown = set(e) - set(SPEC_FIELDS)
+    if unknown:
+      raise ConfigError(f"config 'data.mixture[{i}]' has unknown keys {sorted(unknown)}; "
+                        f"allowed: {', '.join(SPEC_FIELDS)}")
+    w = e.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+      raise ConfigError(f"config 'data.mixture[{i}].weight'={w!r} must be a positive number")
+    entries.append((f"data.mixture[{i}]", {k: e.get(k, d[k]) for k in SPEC_FIELDS
+                                            if k != "weight"}))
+  for name, e in entries:
+    _choice(f"{name}.source", e["source"], KINDS)
+    _choice(f"{name}.format", e["format"], FORMATS)
+    if e["source"] in ("text", "files") and not e["path"]:
+      raise ConfigError(f"config '{name}.path' is empty; {name}.source={e['source']} needs a "
+                        "file path or glob")
+    if e["source"] == "hf" and not e["hf_name"]:
+      raise ConfigError(f"config '{name}.hf_name' is empty; give a dataset name, a local "
+                        "dataset directory or a builder such as json with data.path files")
+
+
+def _check_encoder(cfg) -> None:
+  """BERT / MLM / pretrained-start fields (issue 5)."""
+  m = cfg.model
+  _choice("model.arch", m.arch, ("gpt", "bert"))
+  _choice("model.head", m.head, ("auto", "mlm", "cls", "none"))
+  if m.arch == "bert" and m.head == "cls" and m.num_labels <= 0:
+    raise ConfigError("config 'model.head'='cls' needs 'model.num_labels' > 0")
+  if cfg.task == "mlm":
+    if m.arch != "bert" or m.head not in ("auto", "mlm") or m.num_labels:
+      raise ConfigError("config 'task'='mlm' needs 'model.arch'='bert' with the MLM head "
+                        "(model.head auto or mlm, model.num_labels 0)")
+    if not 0.0 < cfg.data.mlm_prob < 1.0:
+      raise ConfigError(f"config 'data.mlm_prob'={cfg.data.mlm_prob} must be in (0, 1)")
+  if m.init_from and not (Path(m.init_from) / "config.json").is_file():
+    raise ConfigError(f"config 'model.init_from'={m.init_from!r} has no config.json; give a "
+                      "Hugging Face model folder (config.json + *.safetensors)")

@@ -37,15 +37,40 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = "none"  # none | full | dots | dots_no_batch | save_attn_out
   m.attention_impl = "auto"  # auto | xla | cudnn
   m.init_std = 0.02
+  m.type_vocab_size = 2  # bert: token-type (segment) embeddings
+  m.num_labels = 0  # bert: >0 adds the sequence-classification head instead of MLM
+  m.head = "auto"  # bert: auto (cls if num_labels else mlm) | mlm | cls | none (encoder)
+  m.init_from = ""  # Hugging Face dir (config.json + *.safetensors) to start from
 
   c.data = ml_collections.ConfigDict()
   d = c.data
-  d.source = "embedded"  # embedded | text
-  d.path = ""  # a plain text file for source=text
-  d.tokenizer = "byte"  # byte | char
+  d.source = "embedded"  # embedded | text (whole files) | files (text/json/parquet/csv) | hf
+  d.path = ""  # file or glob (comma-separated allowed); hf: data_files for the builder
+  d.format = ""  # files: text | json | jsonl | parquet | csv | tsv; empty: from the extension
+  d.text_field = "text"  # column holding the documents (files/hf)
+  d.hf_name = ""  # hf: datasets.load_dataset name, local dataset dir, or builder (json, ...)
+  d.hf_config = ""  # hf: the dataset's config name
+  d.hf_split = "train"
+  d.hf_val_split = ""  # hf: a validation split; empty: the tail val_fraction of documents
+  d.val_path = ""  # text/files: validation files; empty: the tail val_fraction
+  d.mixture = ()  # dicts of the source fields above + weight; empty: the single source
+  d.tokenizer = "byte"  # byte | char | bpe (trained, cached in WORKDIR/tokenizer) | pretrained
+  d.tokenizer_path = ""  # pretrained: a tokenizer.json or a HF tokenizer directory
+  d.bpe_vocab_size = 4096
+  d.batching = "random"  # random windows | windows (EOS-joined, per epoch) | packed (first-fit)
+  d.prefetch = 4  # batches produced ahead in a background thread; 0: inline
+  d.streaming = False  # files/hf: stream documents (windows/packed) instead of loading all
+  d.shuffle_buffer = 10_000  # streaming: seeded shuffle buffer, reseeded each epoch; 0: off
   d.seq_len = 128
   d.val_fraction = 0.1
+  d.mlm_prob = 0.15  # task mlm: share of tokens picked (80% [MASK], 10% random, 10% kept)
   d.max_chars = 4_000_000  # cap on the embedded corpus (deterministic prefix)
+  # task=cls: TSV files with a header naming a text column and a label column
+  d.train = ""  # e.g. ../shared/data/sst2/train.tsv (header: sentence<TAB>label, any order)
+  d.dev = ""  # evaluated in full at every eval step
+  d.text_b = ""  # optional second-sentence column name for sentence pairs
+  d.labels = ""  # comma-separated label set; empty: sorted distinct labels of data.train
+  d.max_train = 0  # use the first N training rows (0: all)
 
   c.train = ml_collections.ConfigDict()
   t = c.train
@@ -70,13 +95,61 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_batches = 4
   t.log_every = 10
   t.ckpt_every = 100
-  t.keep_checkpoints = 3
+  t.keep_checkpoints = 3  # newest N checkpoints kept ...
+  t.keep_best = 0  # ... plus the best K by best_metric (0: off; needs evals at ckpt steps)
+  t.best_metric = "eval_loss"
+  t.best_mode = "min"  # min | max
+  t.async_checkpoint = True  # save in a background thread while training goes on
+  t.nonfinite = "skip"  # skip | stop: a NaN/Inf loss or gradient skips the update; stop ends
+  t.max_bad_steps = 10  # skip: end the run after this many bad steps in a row
   t.sample_tokens = 200
   t.sample_prompt = ""
   t.progress = True
+
+  # Finetuning method (any task): one switch, method-specific knobs below.
+  c.peft = ml_collections.ConfigDict()
+  pf = c.peft
+  pf.method = "full"  # full | lora | adapters | adalora
+  pf.target_modules = ""  # regex on Dense paths (e.g. 'attn/(query|value)$'); empty: default
+  pf.trainable_extra = ""  # regex on param paths also trained (e.g. the classifier head)
+  pf.rank = 8  # lora rank; adalora initial rank
+  pf.alpha = 16.0  # update scale alpha / rank
+  pf.dropout = 0.0  # dropout on the adapter input
+  pf.adapter_size = 64  # Houlsby bottleneck width
+  pf.target_rank = 4  # adalora: average rank per module at the end
+  pf.t_init = 0  # adalora: steps at the full budget before pruning
+  pf.t_final = 0  # adalora: final steps at the target budget (0: 10% of train.steps)
+  pf.delta_t = 10  # adalora: steps between budget re-allocations
+  pf.beta1 = 0.85  # adalora: EMA of sensitivity
+  pf.beta2 = 0.85  # adalora: EMA of uncertainty
+  pf.orth_reg = 0.1  # adalora: weight of the orthogonality penalty
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices left over
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+
+  # Multi-host (jax.distributed). Empty/-1 fields come from the environment: Cloud TPU VMs and
+  # SLURM are detected by jax; JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID also work.
+  c.distributed = ml_collections.ConfigDict()
+  di = c.distributed
+  di.enabled = "auto"  # auto (on when the environment names a cluster) | on | off
+  di.coordinator_address = ""  # host:port of process 0, e.g. 10.0.0.1:8476
+  di.num_processes = -1
+  di.process_id = -1
+  di.local_device_ids = ""  # e.g. "0,1,2,3"; empty: jax's default for the platform
+  di.timeout_s = 300  # every process must join within this many seconds
+  di.heartbeat_timeout_s = 100  # a silent process is declared dead after this
+
+  # Experiment tracking beyond metrics.jsonl/TensorBoard, and profiling.
+  c.tracking = ml_collections.ConfigDict()
+  tr = c.tracking
+  tr.wandb = False
+  tr.wandb_project = "lmos_jax"
+  tr.wandb_entity = ""
+  tr.wandb_name = ""  # empty: the workdir's name
+  tr.wandb_mode = ""  # online | offline | disabled; empty: WANDB_MODE or online
+  tr.wandb_tags = ""  # comma separated
+  tr.profile_start_step = -1  # >= 0: jax.profiler trace from this step ...
+  tr.profile_steps = 3  # ... for this many steps, into WORKDIR/profile/process_N
   return c

@@ -8,7 +8,6 @@ order so the corpus is a deterministic function of the installation.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sysconfig
 from pathlib import Path
 
@@ -34,18 +33,6 @@ def embedded_corpus(max_chars: int) -> str:
   if not parts:
     raise FileNotFoundError(f"no Python sources found under the stdlib at {root}")
   return "".join(parts)[:max_chars]
-
-
-def read_text_file(path: str) -> str:
-  """A UTF-8 text file; the error names the config field and the path."""
-  p = Path(os.path.expanduser(path))
-  if not p.is_file():
-    raise FileNotFoundError(f"data.path={path!r}: no such file; give a plain-text file")
-  data = p.read_bytes()
-  text = data.decode("utf-8", errors="replace")
-  if not text.strip():
-    raise ValueError(f"data.path={path!r} is empty; give a file with text in it")
-  return text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,4 +14,9 @@ def model_factory(model_cfg, vocab_size: int) -> Callable[[nnx.Rngs], nnx.Module
   if model_cfg.arch == "gpt":
     tcfg = gpt_config_from(model_cfg, vocab_size)
     return lambda rngs: GPT(tcfg, rngs=rngs)
-  raise ValueError(f"config 'model.arch'={model_cfg.arch!r}: expected one of gpt")
+  if model_cfg.arch == "bert":
+    from lmos_jax.models.bert import BERT, bert_config_from
+    bcfg = bert_config_from(model_cfg, vocab_size)
+    head = model_cfg.get("head", "auto")
+    return lambda rngs: BERT(bcfg, head=None if head == "auto" else head, rngs=rngs)
+  raise ValueError(f"config 'model.arch'={model_cfg.arch!r}: expected one of gpt, bert")

@@ -62,7 +62,8 @@ class TransformerConfig:
 def param(rngs: nnx.Rngs, init: Callable[..., Array], shape: tuple[int, ...],
           names: Names, dtype: Any = jnp.float32) -> nnx.Param:
   """A parameter with logical axis names; placement is decided later by jit shardings."""
-  return nnx.Param(init(rngs.params(), shape, dtype), sharding=names, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names,
+                   eager_sharding=False)
 
 
 def normal(std: float) -> Callable[..., Array]:

@@ -24,3 +24,34 @@ def lm_loss(model, batch: dict[str, Array], rng: Array | None):
     weights_BT = jnp.ones_like(losses_BT)
   correct = (jnp.argmax(logits_BTV, -1) == batch["targets"]) * weights_BT
   return (losses_BT * weights_BT).sum(), weights_BT.sum(), {"correct": correct.sum()}
+
+
+def mlm_loss(model, batch: dict[str, Array], rng: Array | None):
+  """Masked-LM cross-entropy over the chosen positions only (`weights` = 1 where masked).
+
+  Batch: `inputs` (masked ids), `targets` (original ids), `weights`, and optionally
+  `token_type_ids` and `attention_mask` (1 token / 0 padding), as the MLM pipeline emits.
+  """
+  logits_BTV = model(batch["inputs"], batch.get("token_type_ids"),
+                     batch.get("attention_mask"), rng=rng)
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BTV.astype(jnp.float32), batch["targets"])
+  weights_BT = batch["weights"].astype(jnp.float32)
+  correct = (jnp.argmax(logits_BTV, -1) == batch["targets"]) * weights_BT
+  return (losses_BT * weights_BT).sum(), weights_BT.sum(), {"correct": correct.sum()}
+
+
+def cls_loss(model, batch: dict[str, Array], rng: Array | None):
+  """Sequence-classification cross-entropy, one weight per example (0 for padding rows).
+
+  Batch: `inputs` (B, T) ids, `labels` (B,), optional `token_type_ids`, `attention_mask`,
+  `weights`. Same contract as lm_loss: (loss sum, weight sum, {"correct": count}).
+  """
+  logits_BC = model(batch["inputs"], batch.get("token_type_ids"),
+                    batch.get("attention_mask"), rng=rng)
+  losses_B = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BC.astype(jnp.float32), batch["labels"])
+  weights_B = batch.get("weights")
+  weights_B = jnp.ones_like(losses_B) if weights_B is None else weights_B.astype(jnp.float32)
+  correct = (jnp.argmax(logits_BC, -1) == batch["labels"]) * weights_B
+  return (losses_B * weights_B).sum(), weights_B.sum(), {"correct": correct.sum()}

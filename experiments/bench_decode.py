@@ -1,0 +1,147 @@
+"""Decode tokens/s: lmos KV cache vs lmos full recompute vs transformers' GPT2 generate.
+
+All three run the same GPT-2-shaped weights (learned positions, pre-LayerNorm, tanh GELU,
+biases, tied embeddings), copied from an lmos GPT into `GPT2LMHeadModel`; the script first
+checks that the two frameworks' logits agree, then times greedy generation from a one-token
+prompt (best of --repeats, after a warm-up/compile call) and prints a table.
+
+  python3 experiments/bench_decode.py                    # small GPT-2 shape, CPU-friendly
+  python3 experiments/bench_decode.py --preset gpt2      # GPT-2 124M shape (random weights)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmos_jax.inference.decode import Decoder
+from lmos_jax.models.gpt import GPT, count_params
+from lmos_jax.models.layers import TransformerConfig
+
+PRESETS = {
+    "small": dict(vocab_size=1024, num_layers=4, num_heads=4, d_model=256, max_seq_len=256),
+    "gpt2": dict(vocab_size=50257, num_layers=12, num_heads=12, d_model=768, max_seq_len=1024),
+}
+
+
+def lmos_model(preset: str, seed: int = 0):
+  p = PRESETS[preset]
+  cfg = TransformerConfig(d_ff=4 * p["d_model"], pos_emb="learned", norm="layernorm",
+                          mlp="gelu", use_bias=True, tie_embeddings=True, scan_layers=True,
+                          init_std=0.02, **p)
+  graphdef, state = nnx.split(GPT(cfg, rngs=nnx.Rngs(seed)))
+  return cfg, graphdef, jax.device_get(state.to_pure_dict())
+
+
+def to_hf(cfg: TransformerConfig, params: dict):
+  """GPT2LMHeadModel holding the same weights (Conv1D kernels are (in, out) like ours)."""
+  import torch
+  from transformers import GPT2Config, GPT2LMHeadModel
+
+  hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len,
+                      n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                      n_inner=cfg.d_ff, activation_function="gelu_new",
+                      layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, tie_word_embeddings=True)
+  model = GPT2LMHeadModel(hf_cfg).eval()
+  d = cfg.d_model
+  b = params["blocks"]
+  t = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32)))  # noqa: E731
+  sd = {"transformer.wte.weight": t(params["embed"]),
+        "transformer.wpe.weight": t(params["pos_embed"]),
+        "transformer.ln_f.weight": t(params["final_norm"]["scale"]),
+        "transformer.ln_f.bias": t(params["final_norm"]["bias"])}
+  for i in range(cfg.num_layers):
+    a, m = b["attn"], b["mlp"]
+    pre = f"transformer.h.{i}."
+    qkv_w = [a[n]["kernel"][i].reshape(d, d) for n in ("query", "key", "value")]
+    qkv_b = [a[n]["bias"][i].reshape(d) for n in ("query", "key", "value")]
+    sd.update({
+        pre + "ln_1.weight": t(b["attn_norm"]["scale"][i]),
+        pre + "ln_1.bias": t(b["attn_norm"]["bias"][i]),
+        pre + "ln_2.weight": t(b["mlp_norm"]["scale"][i]),
+        pre + "ln_2.bias": t(b["mlp_norm"]["bias"][i]),
+        pre + "attn.c_attn.weight": t(np.concatenate(qkv_w, axis=1)),
+        pre + "attn.c_attn.bias": t(np.concatenate(qkv_b)),
+        pre + "attn.c_proj.weight": t(a["out"]["kernel"][i].reshape(d, d)),
+        pre + "attn.c_proj.bias": t(a["out"]["bias"][i]),
+        pre + "mlp.c_fc.weight": t(m["up"]["kernel"][i]),
+        pre + "mlp.c_fc.bias": t(m["up"]["bias"][i]),
+        pre + "mlp.c_proj.weight": t(m["down"]["kernel"][i]),
+        pre + "mlp.c_proj.bias": t(m["down"]["bias"][i]),
+    })
+  sd["lm_head.weight"] = sd["transformer.wte.weight"]
+  missing, unexpected = model.load_state_dict(sd, strict=False)
+  missing = [k for k in missing if not k.endswith("attn.bias") and "masked_bias" not in k]
+  if missing or unexpected:
+    raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+  return model
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()  # compile / warm up
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--skip-no-cache", action="store_true")
+  args = ap.parse_args()
+  import torch
+
+  cfg, graphdef, params = lmos_model(args.preset)
+  hf = to_hf(cfg, params)
+  probe = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 32)).astype(np.int32)
+  ours = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, probe))
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(probe).long()).logits.numpy()
+  print(f"preset {args.preset}: {count_params(params):,} params; max |logit diff| lmos vs "
+        f"transformers = {np.abs(ours - theirs).max():.2e}; torch threads "
+        f"{torch.get_num_threads()}, jax {jax.__version__} on {jax.devices()[0].platform}")
+  n = args.new_tokens
+  cache_len = n + 1
+  rows = []
+  for b in [int(x) for x in args.batches.split(",")]:
+    prompts = [[int(i)] for i in range(1, b + 1)]
+    dec = Decoder(graphdef, cache_len)
+    cached = dec.generate(params, prompts, n)
+    t_c = best_time(lambda: dec.generate(params, prompts, n), args.repeats)
+    rows.append(("lmos KV cache (while_loop)", b, b * n / t_c))
+    if not args.skip_no_cache:
+      full = Decoder(graphdef, cache_len, use_cache=False)
+      t_f = best_time(lambda: full.generate(params, prompts, n), args.repeats)
+      rows.append(("lmos full recompute (no cache)", b, b * n / t_f))
+    ids = torch.tensor(prompts, dtype=torch.long)
+
+    def hf_gen():
+      with torch.no_grad():
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, use_cache=True,
+                           pad_token_id=0)
+    out = hf_gen()
+    t_h = best_time(hf_gen, args.repeats)
+    rows.append(("transformers GPT2LMHeadModel.generate", b, b * n / t_h))
+    agree = np.mean([np.mean(np.asarray(cached.tokens[i]) == out[i, 1:].numpy())
+                     for i in range(b)])
+    print(f"batch {b}: greedy tokens identical to transformers at {agree:.1%} of positions")
+  print(f"\n| decoder | batch | new tokens | tokens/s |\n|---|---:|---:|---:|")
+  for name, b, tps in rows:
+    print(f"| {name} | {b} | {n} | {tps:,.0f} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,246 @@
+"""lmos_jax vs a PyTorch peer at nanoGPT's two shakespeare-char shapes, in one run.
+
+Both sides train the identical model (GPT-2 block: learned positions, pre-LN with bias,
+tanh-GELU MLP 4x, tied embeddings, no dropout) with the identical optimizer (AdamW,
+b1=0.9, b2=0.99, eps=1e-8, weight decay 0.1 on matmul weights only, global-norm clip 1.0,
+the same warmup-cosine LR evaluated by the same optax schedule) on the identical batches.
+The peer is `transformers`' GPT2LMHeadModel with torch AdamW, eager and (when it works)
+`torch.compile`. Windows of steps alternate between the frameworks so a change in machine
+load hits both; step times are medians over windows. Model FLOP/s use the PaLM convention
+(6 x matmul params + attention per token) and are compared with the f32 matmul peak
+measured in the same run.
+
+  python3 experiments/bench_train.py                      # both shapes, eager + compile
+  python3 experiments/bench_train.py --shapes small --peers eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# name -> (layers, heads, d_model, block, batch, windows, steps per window, warmup steps)
+SHAPES = {
+    "small": (4, 4, 128, 64, 12, 5, 60, 5),
+    "baby": (6, 6, 384, 256, 64, 3, 2, 1),
+}
+
+
+def lmos_config(shape: str, total_steps: int, data_path: str):
+  from lmos_jax.config.loading import load_config_file
+  arg = "cpu" if shape == "small" else "baby"
+  cfg = load_config_file(str(ROOT / "configs" / "shakespeare_char.py") + ":" + arg)
+  layers, heads, d, block, batch, *_ = SHAPES[shape]
+  cfg.model.num_layers, cfg.model.num_heads, cfg.model.d_model = layers, heads, d
+  cfg.model.max_seq_len = cfg.data.seq_len = block
+  cfg.model.use_bias, cfg.model.dropout = True, 0.0  # GPT2LMHeadModel always has biases
+  cfg.train.batch_size, cfg.train.steps = batch, total_steps
+  cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(total_steps // 10, 1))
+  cfg.train.precision = "fp32"
+  cfg.data.path = data_path
+  return cfg
+
+
+class LmosSide:
+  """The real lmos pipeline: build_run -> sharded init -> jitted, donated train step."""
+
+  name = "lmos_jax"
+
+  def __init__(self, cfg):
+    from lmos_jax.train.step import jit_train_step, jit_eval_step
+    from lmos_jax.train.trainer import build_run
+    self.run = build_run(cfg, jax.devices()[:1])
+    with jax.set_mesh(self.run.mesh):
+      self.state = jax.jit(self.run.init_fn, out_shardings=self.run.shardings)(
+          jax.random.PRNGKey(cfg.seed))
+    ndims = {"inputs": 2, "targets": 2}
+    self.step_fn = jit_train_step(self.run.step_cfg, self.run.shardings, self.run.mesh, ndims)
+    self.eval_fn = jit_eval_step(self.run.step_cfg, self.run.shardings["params"],
+                                 self.run.mesh, ndims)
+    self.losses: list = []
+
+  def steps(self, batches: list[dict]) -> None:
+    from lmos_jax.train.trainer import global_batch
+    with jax.set_mesh(self.run.mesh):
+      for b in batches:
+        self.state, m = self.step_fn(self.state, global_batch(self.run, b))
+        self.losses.append(m["loss"])
+      jax.block_until_ready(self.state)
+
+  def loss_history(self) -> list[float]:
+    return [float(x) for x in jax.device_get(self.losses)]
+
+  def eval_loss(self, batches: list[dict]) -> float:
+    from lmos_jax.train.trainer import global_batch
+    tot = w = 0.0
+    with jax.set_mesh(self.run.mesh):
+      for b in batches:
+        out = jax.device_get(self.eval_fn(self.state["params"], global_batch(self.run, b)))
+        tot, w = tot + float(out["loss_sum"]), w + float(out["weight"])
+    return tot / w
+
+
+class TorchSide:
+  """GPT2LMHeadModel + torch.optim.AdamW, same hyperparameters and LR values per step."""
+
+  def __init__(self, cfg, vocab: int, compiled: bool):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from lmos_jax.train.optim import make_schedule
+    torch.manual_seed(cfg.seed)
+    m, t = cfg.model, cfg.train
+    gcfg = GPT2Config(vocab_size=vocab, n_positions=m.max_seq_len, n_embd=m.d_model,
+                      n_layer=m.num_layers, n_head=m.num_heads, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+                      layer_norm_epsilon=m.norm_eps, initializer_range=m.init_std,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    self.torch = torch
+    self.model = GPT2LMHeadModel(gcfg).train()  # sdpa attention by default
+    decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "wte" not in n
+             and "wpe" not in n]
+    no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and
+                "wte" not in n and "wpe" not in n)]
+    self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=t.lr, betas=(t.b1, t.b2), eps=t.eps)
+    self.schedule = make_schedule(t)
+    self.clip = t.grad_clip
+    self.name = "torch.compile" if compiled else "torch eager"
+    fwd = self._loss
+    self.loss_fn = torch.compile(fwd) if compiled else fwd
+    self.losses: list[float] = []
+    self.step_count = 0
+
+  def _loss(self, x, y):
+    logits = self.model(input_ids=x).logits
+    return self.torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+  def steps(self, batches: list[dict]) -> None:
+    torch = self.torch
+    for b in batches:
+      lr = float(self.schedule(self.step_count))
+      for g in self.opt.param_groups:
+        g["lr"] = lr
+      x, y = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
+      loss = self.loss_fn(x, y)
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+      self.opt.step()
+      self.losses.append(loss.detach())
+      self.step_count += 1
+
+  def loss_history(self) -> list[float]:
+    return [float(x) for x in self.losses]
+
+  def eval_loss(self, batches: list[dict]) -> float:
+    torch = self.torch
+    with torch.no_grad():
+      vals = [float(self._loss(torch.from_numpy(b["inputs"]).long(),
+                               torch.from_numpy(b["targets"]).long())) for b in batches]
+    return float(np.mean(vals))
+
+
+def matmul_peak(n: int = 2048, iters: int = 6) -> float:
+  """f32 matmul FLOP/s of this host through XLA, best of 3 short probes."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = 0.0
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = f(a)
+    out.block_until_ready()
+    best = max(best, 2.0 * n ** 3 * iters / (time.perf_counter() - t0))
+  return best
+
+
+def bench_shape(shape: str, peers: list[str], data_path: str) -> list[dict]:
+  from lmos_jax.models.layers import TransformerConfig  # noqa: F401  (import check)
+  from lmos_jax.train.metrics import flops_per_token
+  layers, heads, d, block, batch, windows, per_window, warm = SHAPES[shape]
+  total = warm + windows * per_window
+  cfg = lmos_config(shape, total, data_path)
+  lm = LmosSide(cfg)
+  data = lm.run.data
+  batches = [data.train_batch(s) for s in range(total)]
+  val = data.val_batches()[:4]
+  sides = [lm]
+  for p in peers:
+    try:
+      side = TorchSide(cfg, data.tokenizer.vocab_size, compiled=(p == "compile"))
+      side.steps(batches[:warm])  # compile / warm up before timing
+      sides.append(side)
+    except Exception as e:  # the peer's failure is reported in the table, not hidden
+      print(f"[{shape}] peer {p} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+  lm.steps(batches[:warm])
+  times: dict[str, list[float]] = {s.name: [] for s in sides}
+  for w in range(windows):
+    chunk = batches[warm + w * per_window: warm + (w + 1) * per_window]
+    for s in sides:
+      t0 = time.perf_counter()
+      s.steps(chunk)
+      times[s.name].append((time.perf_counter() - t0) / per_window)
+  from flax import nnx
+  tcfg = nnx.eval_shape(lambda: nnx.merge(lm.run.graphdef, lm.run.abstract_state["params"])).cfg
+  fpt = flops_per_token(tcfg, block)
+  tokens = batch * block
+  rows = []
+  for s in sides:
+    hist = s.loss_history()
+    tail = max(len(hist) // 10, 1)
+    step_s = statistics.median(times[s.name])
+    rows.append({"shape": shape, "impl": s.name, "step_ms": 1e3 * step_s,
+                 "spread": (max(times[s.name]) - min(times[s.name])) / step_s,
+                 "tok_s": tokens / step_s, "flops": fpt * tokens / step_s,
+                 "train_loss": float(np.mean(hist[-tail:])), "val_loss": s.eval_loss(val),
+                 "steps": len(hist)})
+  return rows
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--shapes", default="small,baby")
+  ap.add_argument("--peers", default="eager,compile", help="comma list of eager, compile")
+  ap.add_argument("--data", default=str(DATA))
+  args = ap.parse_args(argv)
+  if not Path(args.data).is_file():
+    print(f"--data={args.data!r}: no such file (tinyshakespeare.txt)", file=sys.stderr)
+    return 2
+  peers = [p for p in args.peers.split(",") if p]
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load {os.getloadavg()}", flush=True)
+  peak0 = matmul_peak()
+  rows = []
+  for shape in args.shapes.split(","):
+    rows += bench_shape(shape, peers, args.data)
+  peak = statistics.median([peak0, matmul_peak()])
+  print(f"\nf32 matmul peak (2048^2, XLA, median of start/end probes): {peak / 1e9:.1f} GFLOP/s;"
+        f" load at end {os.getloadavg()}")
+  hdr = (f"| shape | impl | steps | step ms (median) | spread | tokens/s | vs eager | "
+         f"model GFLOP/s | % of peak | train loss (last 10%) | val loss |")
+  print(hdr + "\n|" + "---|" * 11)
+  for r in rows:
+    ref = next((q for q in rows if q["shape"] == r["shape"] and q["impl"] == "torch eager"),
+               None)
+    ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "n/a"
+    print(f"| {r['shape']} | {r['impl']} | {r['steps']} | {r['step_ms']:.1f} | "
+          f"{100 * r['spread']:.0f}% | {r['tok_s']:,.0f} | {ratio} | {r['flops'] / 1e9:.1f} | "
+          f"{100 * r['flops'] / peak:.0f}% | {r['train_loss']:.4f} | {r['val_loss']:.4f} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,318 @@
+"""Encoder (BERT) batching: MLM masking, and sequence classification from TSV files.
+
+MLM masking (BERT's recipe) lives here so pretraining and any finetuning pipeline share it:
+`mlm_mask` masks one batch; `MLMData` wraps any LM data object (train_batch/val_batches)
+and turns its token windows into masked-LM batches, a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def mlm_mask(ids_BT: np.ndarray, rng: np.random.Generator, *, mask_id: int,
+             vocab_size: int, prob: float = 0.15, special_ids: Sequence[int] = (),
+             attention_mask_BT: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """BERT masking: pick `prob` of the real (non-special, non-padding) tokens; of those 80%
+  become [MASK], 10% a uniformly random id in [0, vocab_size), 10% stay. Returns inputs,
+  targets (the original ids) and weights (1 at picked positions: the only ones scored)."""
+  if not 0.0 < prob < 1.0:
+    raise ValueError(f"MLM mask probability {prob} must be in (0, 1) (config 'data.mlm_prob')")
+  ids_BT = np.asarray(ids_BT)
+  eligible = ~np.isin(ids_BT, np.asarray(list(special_ids), ids_BT.dtype))
+  if attention_mask_BT is not None:
+    eligible &= np.asarray(attention_mask_BT) > 0
+  picked = (rng.random(ids_BT.shape) < prob) & eligible
+  roll = rng.random(ids_BT.shape)
+  to_mask = picked & (roll < 0.8)
+  to_random = picked & (roll >= 0.8) & (roll < 0.9)
+  inputs = np.where(to_mask, mask_id, ids_BT)
+  inputs = np.where(to_random, rng.integers(0, vocab_size, ids_BT.shape), inputs)
+  return {"inputs": inputs.astype(np.int32), "targets": ids_BT.astype(np.int32),
+          "weights": picked.astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedTokenizer:
+  """A tokenizer with a [MASK] id appended after its vocabulary (for tokenizers without one,
+  e.g. byte/char); everything else is delegated."""
+
+  base: Any
+
+  @property
+  def mask_id(self) -> int:
+    return self.base.vocab_size
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size + 1
+
+  @property
+  def specials(self) -> dict[str, int]:
+    return {**getattr(self.base, "specials", {}), "mask": self.mask_id}
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.base.encode(text)
+
+  def decode(self, ids) -> str:
+    return self.base.decode([i for i in ids if int(i) != self.mask_id])
+
+  def __getattr__(self, name: str):
+    return getattr(self.base, name)
+
+
+def with_mask_token(tokenizer) -> tuple[Any, int]:
+  """(tokenizer, mask id): its own [MASK] if it has one, else one appended."""
+  specials = getattr(tokenizer, "specials", {}) or {}
+  if "mask" in specials:
+    return tokenizer, int(specials["mask"])
+  wrapped = MaskedTokenizer(tokenizer)
+  return wrapped, wrapped.mask_id
+
+
+@dataclasses.dataclass
+class MLMData:
+  """Masked-LM batches from the token windows (`inputs`) of any LM data object."""
+
+  base: Any
+  prob: float
+  seed: int
+
+  def __post_init__(self):
+    self.tokenizer, self.mask_id = with_mask_token(self.base.tokenizer)
+    specials = getattr(self.base.tokenizer, "specials", {}) or {}
+    self.special_ids = tuple(sorted(set(int(i) for i in specials.values()) | {self.mask_id}))
+    self.random_vocab = int(self.base.tokenizer.vocab_size)
+
+  def _mask(self, batch: dict[str, np.ndarray], key: Sequence[int]) -> dict[str, np.ndarray]:
+    if "segment_ids" in batch:
+      raise ValueError("task 'mlm' needs unpacked windows; set data.batching to random or "
+                       "windows (packed rows would attend across documents)")
+    rng = np.random.default_rng(list(key))
+    return mlm_mask(batch["inputs"], rng, mask_id=self.mask_id, vocab_size=self.random_vocab,
+                    prob=self.prob, special_ids=self.special_ids)
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    # Keyed by (seed, step, process slice): the base already returns this host's rows.
+    return self._mask(self.base.train_batch(step), (self.seed, 0, step))
+
+  def val_batches(self) -> list[dict[str, np.ndarray]]:
+    return [self._mask(b, (self.seed, 1, i)) for i, b in enumerate(self.base.val_batches())]
+
+  def __getattr__(self, name: str):
+    # state()/restore()/prefetch... of the base stream; prefetch must mask too.
+    if name in ("base", "__setstate__") or name.startswith("__"):
+      raise AttributeError(name)
+    if name == "prefetch":
+      from lmos_jax.data.build import BatchStream
+      return lambda start, end, depth=4: BatchStream(self.train_batch, start, end, depth)
+    return getattr(self.base, name)
+
+
+# ----------------------------------------------------------------- sequence classification
+
+TEXT_COLUMNS = ("sentence", "text", "content", "sentence1", "question", "review")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledTexts:
+  """Rows of a classification file: first (and optional second) sentences and raw labels."""
+
+  text_a: list[str]
+  text_b: list[str] | None
+  labels: list[str]
+  path: str
+
+
+def read_tsv(path: str, text_b_column: str = "", limit: int = 0) -> LabeledTexts:
+  """A TSV with a header row naming a `label` column and a text column (SST-2/GLUE style).
+
+  The text column is the first of TEXT_COLUMNS present, or the only non-label column;
+  `text_b_column` names a second-sentence column for pairs. Quotes are literal text.
+  """
+  import csv
+  p = Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"classification data {path!r}: no such file (config "
+                            "'data.train' / 'data.dev')")
+  with p.open(encoding="utf-8", newline="") as f:
+    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = [h.strip() for h in next(reader, [])]
+    if "label" not in header:
+      raise ValueError(f"{path}: the header {header} has no 'label' column; the first row "
+                       "must name the columns, e.g. sentence<TAB>label")
+    others = [h for h in header if h != "label" and h != text_b_column]
+    text_col = next((c for c in TEXT_COLUMNS if c in others), others[0] if len(others) == 1
+                    else None)
+    if text_col is None:
+      raise ValueError(f"{path}: cannot tell the text column in header {header}; name it "
+                       f"one of {', '.join(TEXT_COLUMNS)}")
+    if text_b_column and text_b_column not in header:
+      raise ValueError(f"config 'data.text_b'={text_b_column!r} is not a column of {path} "
+                       f"(header {header})")
+    ia, il = header.index(text_col), header.index("label")
+    ib = header.index(text_b_column) if text_b_column else None
+    a, b, labels = [], [] if ib is not None else None, []
+    for n, row in enumerate(reader, start=2):
+      if not row or all(not c.strip() for c in row):
+        continue
+      if len(row) != len(header):
+        raise ValueError(f"{path}:{n}: {len(row)} fields but the header has {len(header)}")
+      a.append(row[ia])
+      labels.append(row[il].strip())
+      if ib is not None:
+        b.append(row[ib])
+      if limit and len(a) >= limit:
+        break
+  if not a:
+    raise ValueError(f"{path}: no data rows after the header")
+  return LabeledTexts(a, b, labels, str(path))
+
+
+def label_ids(labels: Sequence[str], label_set: Sequence[str], where: str) -> np.ndarray:
+  """Indices into `label_set`; a label outside it is an error naming the row and the set."""
+  index = {l: i for i, l in enumerate(label_set)}
+  out = np.empty(len(labels), np.int32)
+  for n, l in enumerate(labels):
+    if l not in index:
+      raise ValueError(f"{where}: row {n + 1} has label {l!r}, which is not in the label set "
+                       f"{list(label_set)}; fix the row or set config 'data.labels'")
+    out[n] = index[l]
+  return out
+
+
+def encode_for_classifier(tok, text_a: Sequence[str], text_b: Sequence[str] | None,
+                          seq_len: int) -> dict[str, np.ndarray]:
+  """[CLS] a [SEP] (b [SEP]) padded to seq_len: inputs, token_type_ids, attention_mask.
+
+  Too-long inputs are truncated longest-first (BERT's rule), keeping the special tokens.
+  """
+  sp = getattr(tok, "specials", {}) or {}
+  missing = [r for r in ("cls", "sep", "pad") if r not in sp]
+  if missing:
+    raise ValueError(f"the tokenizer has no {missing} tokens; classification needs a BERT "
+                     "tokenizer (config 'data.tokenizer'='pretrained' with tokenizer_path)")
+  cls, sep, pad = sp["cls"], sp["sep"], sp["pad"]
+  ids_a = tok.encode_batch(list(text_a))
+  ids_b = tok.encode_batch(list(text_b)) if text_b is not None else None
+  n = len(ids_a)
+  inputs = np.full((n, seq_len), pad, np.int32)
+  types = np.zeros((n, seq_len), np.int32)
+  mask = np.zeros((n, seq_len), np.int32)
+  for i in range(n):
+    a = list(ids_a[i])
+    b = list(ids_b[i]) if ids_b is not None else []
+    budget = seq_len - (3 if ids_b is not None else 2)
+    while len(a) + len(b) > budget:
+      (a if len(a) >= len(b) else b).pop()
+    row = [cls, *a, sep] + ([*b, sep] if ids_b is not None else [])
+    inputs[i, :len(row)] = row
+    types[i, len(a) + 2:len(row)] = 1
+    mask[i, :len(row)] = 1
+  return {"inputs": inputs, "token_type_ids": types, "attention_mask": mask}
+
+
+def classifier_rows(tok, texts: LabeledTexts, label_set: Sequence[str], seq_len: int
+                    ) -> dict[str, np.ndarray]:
+  rows = encode_for_classifier(tok, texts.text_a, texts.text_b, seq_len)
+  rows["labels"] = label_ids(texts.labels, label_set, texts.path)
+  rows["weights"] = np.ones(len(texts.labels), np.float32)
+  return rows
+
+
+@dataclasses.dataclass
+class ClassificationData:
+  """Shuffled-per-epoch training batches and the whole dev set (padded, weight 0)."""
+
+  tokenizer: Any
+  label_set: list[str]
+  train: dict[str, np.ndarray]
+  dev: dict[str, np.ndarray]
+  batch_size: int  # global
+  seed: int
+  process_index: int = 0
+  process_count: int = 1
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train["labels"])
+
+  def _local(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    per = self.batch_size // self.process_count
+    lo = self.process_index * per
+    return {k: v[lo:lo + per] for k, v in batch.items()}
+
+  def rows_for_step(self, step: int) -> np.ndarray:
+    """Global row indices of step's batch: epochs are fresh permutations seeded by (seed, epoch)."""
+    n = self.num_train
+    pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+    epochs = pos // n
+    out = np.empty_like(pos)
+    for e in np.unique(epochs):
+      perm = np.random.default_rng([self.seed, int(e), 0x636C73]).permutation(n)
+      sel = epochs == e
+      out[sel] = perm[pos[sel] % n]
+    return out
+
+  def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    idx = self.rows_for_step(step)
+    return self._local({k: v[idx] for k, v in self.train.items()})
+
+  def val_batches(self) -> list[dict[str, np.ndarray]]:
+    """Every dev row once; the last batch is filled with copies of row 0 at weight 0."""
+    n, b = len(self.dev["labels"]), self.batch_size
+    out = []
+    for lo in range(0, n, b):
+      idx = np.arange(lo, lo + b)
+      real = idx < n
+      batch = {k: v[np.where(real, idx, 0)] for k, v in self.dev.items()}
+      batch["weights"] = batch["weights"] * real
+      out.append(self._local(batch))
+    return out
+
+  def state(self, step: int = 0) -> dict:
+    import hashlib
+    h = hashlib.sha256(np.ascontiguousarray(self.train["inputs"]).tobytes()).hexdigest()[:16]
+    return {"kind": "cls", "seed": self.seed, "fingerprint": h,
+            "rows_per_epoch": [self.num_train], "step": int(step)}
+
+  def restore(self, state: dict, step: int) -> None:
+    from lmos_jax.data.stream import check_state
+    check_state(self.state(step), state)
+
+
+def resolve_label_set(d, train: LabeledTexts) -> list[str]:
+  if d.labels:
+    return [l.strip() for l in d.labels.split(",")]
+  found = set(train.labels)
+  if all(l.lstrip("-").isdigit() for l in found):  # 0,1,...,10 in numeric order
+    return sorted(found, key=int)
+  return sorted(found)
+
+
+def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> ClassificationData:
+  """Reads data.train/data.dev, tokenizes with the pretrained tokenizer, checks labels."""
+  from lmos_jax.data.tokenizer import load_pretrained
+  d = cfg.data
+  if not d.train or not d.dev:
+    raise ValueError("task 'cls' needs config 'data.train' and 'data.dev' (TSV files with a "
+                     "header row naming the text and label columns)")
+  path = d.tokenizer_path or cfg.model.init_from
+  if d.tokenizer != "pretrained" or not path:
+    raise ValueError("task 'cls' needs config 'data.tokenizer'='pretrained' and "
+                     "'data.tokenizer_path' (or 'model.init_from') holding a tokenizer.json")
+  tok = load_pretrained(path)
+  train = read_tsv(d.train, d.text_b, d.max_train)
+  dev = read_tsv(d.dev, d.text_b)
+  label_set = resolve_label_set(d, train)
+  if cfg.model.num_labels != len(label_set):
+    raise ValueError(f"config 'model.num_labels'={cfg.model.num_labels} but the label set has "
+                     f"{len(label_set)} labels {label_set}; set model.num_labels="
+                     f"{len(label_set)}")
+  return ClassificationData(tok, label_set, classifier_rows(tok, train, label_set, d.seq_len),
+                            classifier_rows(tok, dev, label_set, d.seq_len),
+                            cfg.train.batch_size, cfg.seed, process_index, process_count)

@@ -1,0 +1,72 @@
+"""The trainer's view of a data object: batches prefetched in the background, the time spent
+waiting for them, and the stream state that goes into (and is checked on) a checkpoint.
+
+Works for any data object with `train_batch(step)`; `state(step)`/`restore(state, step)` are
+used when the object has them, so other tasks' data objects plug in unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+
+class BatchStream:
+  """Batches start..end-1 produced ahead in a background thread (grain), in step order.
+
+  `wait_seconds` accumulates the time `next()` blocked: the numerator of the trainer's
+  `data_wait_frac` (input-wait time / step time).
+  """
+
+  def __init__(self, batch_fn: Callable[[int], dict], start: int, end: int, depth: int = 4):
+    import grain
+    if depth > 0:
+      ds = grain.MapDataset.range(start, end).map(batch_fn)
+      self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                            prefetch_buffer_size=depth)))
+    else:
+      self._it = (batch_fn(s) for s in range(start, end))
+    self.wait_seconds = 0.0
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    t0 = time.perf_counter()
+    try:
+      return next(self._it)
+    finally:
+      self.wait_seconds += time.perf_counter() - t0
+
+
+def batch_stream(data: Any, start: int, end: int, depth: int) -> BatchStream:
+  return BatchStream(data.train_batch, start, end, depth)
+
+
+def data_state(data: Any, step: int) -> dict:
+  """JSON-able stream state after `step` steps ({} for data objects without one)."""
+  fn = getattr(data, "state", None)
+  if fn is None:
+    return {}
+  return fn(step) if inspect.signature(fn).parameters else fn()
+
+
+def restore_data_state(data: Any, saved: dict | None, step: int) -> None:
+  """Checks a checkpoint's data state against the rebuilt stream (raises on mismatch)."""
+  if saved and hasattr(data, "restore"):
+    data.restore(saved, step)
+
+
+def check_state(mine: dict, saved: dict) -> None:
+  """A checkpoint's data state must match the stream rebuilt now, or the resume is not exact."""
+  if not saved:
+    return
+  for key in ("kind", "seed", "fingerprint", "rows_consumed", "rows_per_epoch"):
+    if key in saved and saved[key] != mine.get(key):
+      raise ValueError(f"the checkpoint's data state differs from this run's ({key}: saved "
+                       f"{saved[key]!r}, now {mine.get(key)!r}): the data, tokenizer, seed or "
+                       "batching changed; resume with the original data settings or use a "
+                       "fresh --workdir")

@@ -1,0 +1,251 @@
+"""`lmos compress`: make a trained model smaller and show the price in quality and speed.
+
+  lmos compress --workdir DIR [--recipe dense,int8,int4,prune50,nm24,trim,distill]
+                [--heal-steps N] [--distill-steps N] [--out DIR]
+
+Every variant is saved as it is stored (int8/int4 codes; pruned kernels as nonzeros + a
+bitmask) and measured the same way: weights and nonzero weights, bytes on disk, validation
+loss and perplexity on the run's validation batches, and decode tokens/s of the compiled
+KV-cache decoder on this machine. Writes report.md, report.json and compress.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmos_jax.inference.decode import Decoder, Sampling
+from lmos_jax.inference.distill import distill_loss
+from lmos_jax.inference.heal import finetune
+from lmos_jax.inference.kernels import kernel_layouts
+from lmos_jax.inference.prune import (apply_masks, layerwise_masks, masked_pruning, nm_masks,
+                                      sparsity_report, total_sparsity)
+from lmos_jax.inference.quantize import count_weights, dequantize_params, quantize_params
+from lmos_jax.inference.store import save_params
+from lmos_jax.inference.trim import drop_layers, least_important_block
+from lmos_jax.train.losses import lm_loss
+
+RECIPES = ("dense", "int8", "int4", "prune50", "nm24", "trim", "distill")
+
+
+@dataclasses.dataclass
+class Variant:
+  name: str
+  graphdef: Any
+  params: Any  # as stored: may hold QArrays
+  sparse: bool = False
+  note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  heal_steps: int = 100
+  distill_steps: int = 300
+  int4_group: int = 32
+  lr: float = 3e-4
+  decode_batch: int = 8
+  seed: int = 0
+
+
+def val_loss(graphdef, params, batches: list[dict]) -> float:
+  """Token-weighted mean cross-entropy; quantized kernels dequantize inside the step."""
+  fn = jax.jit(lambda p, b: lm_loss(nnx.merge(graphdef, dequantize_params(p)), b, None)[:2])
+  tot = wsum = 0.0
+  for b in batches:
+    s, w = jax.device_get(fn(params, b))
+    tot, wsum = tot + float(s), wsum + float(w)
+  return tot / max(wsum, 1.0)
+
+
+def decode_tokens_per_s(graphdef, params, cache_len: int, batch: int, prompt_id: int,
+                        repeats: int = 3) -> float:
+  """Generated tokens per second, greedy, from a one-token prompt to a full cache."""
+  dec = Decoder(graphdef, cache_len, materialize=dequantize_params)
+  prompts = [[prompt_id]] * batch
+  dec.generate(params, prompts, cache_len - 1)  # compile
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = dec.generate(params, prompts, cache_len - 1, sampling=Sampling())
+    best = min(best, time.perf_counter() - t0)  # best of N: least disturbed by other load
+  return sum(len(t) for t in out.tokens) / best
+
+
+def _heal_pruned(run, graphdef, params, masks, opts: Options):
+  if opts.heal_steps <= 0:
+    return params, ""
+  layouts = kernel_layouts(graphdef, params)
+  tx = masked_pruning(optax.adamw(opts.lr, weight_decay=0.1), layouts, masks=masks)
+  healed, losses = finetune(graphdef, params, run.data, opts.heal_steps, tx=tx,
+                            seed=opts.seed)
+  return healed, f"healed {opts.heal_steps} steps (masked AdamW), train loss {losses[-1]:.3f}"
+
+
+def build_variant(name: str, run, params: dict, opts: Options, batches) -> Variant:
+  """One compressed model from the dense params (see RECIPES)."""
+  gd = run.graphdef
+  if name == "dense":
+    return Variant(name, gd, params)
+  if name in ("int8", "int4"):
+    bits, group = (8, 0) if name == "int8" else (4, opts.int4_group)
+    how = "per-channel" if group == 0 else f"group {group}"
+    return Variant(name, gd, quantize_params(gd, params, bits, group),
+                   note=f"weight-only {how} PTQ of Dense kernels")
+  if name in ("prune50", "nm24"):
+    layouts = kernel_layouts(gd, params)
+    masks = (layerwise_masks(params, layouts, 0.5) if name == "prune50"
+             else nm_masks(params, layouts, 2, 4))
+    pruned = apply_masks(params, masks)
+    one_shot = val_loss(gd, pruned, batches)
+    healed, note = _heal_pruned(run, gd, pruned, masks, opts)
+    kind = "50% layer-wise magnitude" if name == "prune50" else "2:4 magnitude"
+    return Variant(name, gd, healed, sparse=True,
+                   note=f"{kind}; one-shot val loss {one_shot:.3f}; {note}")
+  if name == "trim":
+    calib = jnp.asarray(run.data.train_batch(0)["inputs"])
+    start, dists = least_important_block(gd, params, calib, 1)
+    tgd, tparams = drop_layers(gd, params, [start])
+    one_shot = val_loss(tgd, tparams, batches)
+    dist = [round(float(d), 3) for d in dists]
+    note = f"dropped layer {start} (angular distances {dist}); one-shot val loss {one_shot:.3f}"
+
+    if opts.heal_steps > 0:
+      tparams, losses = finetune(tgd, tparams, run.data, opts.heal_steps, lr=opts.lr,
+                                 seed=opts.seed)
+      note += f"; healed by a {opts.heal_steps}-step full finetune (no LoRA)"
+    return Variant(name, tgd, tparams, note=note)
+  if name == "distill":
+    n = nnx.merge(gd, params).cfg.num_layers
+    sgd, sparams = drop_layers(gd, params, list(range(1, n, 2)))
+    teacher = jax.jit(lambda p, x: nnx.merge(gd, p)(x))
+
+    def with_teacher(b):
+      return {**b, "teacher_logits": teacher(params, b["inputs"])}
+    sparams, losses = finetune(sgd, sparams, run.data, opts.distill_steps, lr=1e-3,
+                               loss_fn=distill_loss(2.0, 0.5), batch_fn=with_teacher,
+                               seed=opts.seed)
+    return Variant(name, sgd, sparams,
+                   note=f"student = even layers of the teacher ({(n + 1) // 2}/{n}), "
+                        f"{opts.distill_steps} steps of 0.5*T^2*KL(T=2) + 0.5*CE")
+  raise ValueError(f"--recipe: unknown variant {name!r}; expected some of {', '.join(RECIPES)}")
+
+
+def measure(v: Variant, out_dir: Path, batches, cache_len: int, opts: Options,
+            prompt_id: int) -> dict:
+  size = save_params(v.params, out_dir / f"{v.name}.safetensors", sparse=v.sparse)
+  loss = val_loss(v.graphdef, v.params, batches)
+  dense = dequantize_params(v.params)
+  nonzero = sum(int(jnp.count_nonzero(x)) for x in jax.tree.leaves(dense))
+  row = {"variant": v.name, "weights": count_weights(v.params), "nonzero": nonzero,
+         "bytes_on_disk": size, "val_loss": loss, "perplexity": math.exp(loss),
+         "decode_tok_s": decode_tokens_per_s(v.graphdef, v.params, cache_len,
+                                             opts.decode_batch, prompt_id),
+         "note": v.note}
+  if v.sparse:
+    layouts = kernel_layouts(v.graphdef, dense)
+    row["kernel_sparsity"] = total_sparsity(dense, layouts)
+    row["layer_sparsity"] = {n: round(s, 4) for n, _, s in sparsity_report(dense, layouts)}
+  return row
+
+
+def markdown(rows: list[dict]) -> str:
+  head = ("| variant | weights | nonzero | bytes on disk | val loss | perplexity | "
+          "decode tok/s |\n|---|---:|---:|---:|---:|---:|---:|")
+  lines = [head]
+  for r in rows:
+    lines.append(f"| {r['variant']} | {r['weights']:,} | {r['nonzero']:,} | "
+                 f"{r['bytes_on_disk']:,} | {r['val_loss']:.4f} | {r['perplexity']:.3f} | "
+                 f"{r['decode_tok_s']:,.0f} |")
+  lines.append("")
+  lines += [f"- **{r['variant']}**: {r['note']}" for r in rows if r["note"]]
+  for r in rows:
+    if "layer_sparsity" in r:
+      per = ", ".join(f"{k}={v:.3f}" for k, v in r["layer_sparsity"].items())
+      lines.append(f"- {r['variant']} actual kernel sparsity {r['kernel_sparsity']:.4f}; "
+                   f"per layer: {per}")
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for r in rows:
+    ax1.scatter(r["bytes_on_disk"] / 1e6, r["val_loss"])
+    ax1.annotate(r["variant"], (r["bytes_on_disk"] / 1e6, r["val_loss"]),
+                 textcoords="offset points", xytext=(4, 4))
+  ax1.set_xlabel("bytes on disk (MB)")
+  ax1.set_ylabel("validation loss")
+  ax1.set_title("size vs quality")
+  names = [r["variant"] for r in rows]
+  ax2.bar(names, [r["decode_tok_s"] for r in rows])
+  ax2.set_ylabel("decode tokens/s (KV cache, this machine)")
+  ax2.set_title("decode speed")
+  ax2.tick_params(axis="x", rotation=30)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def compress(workdir: str, recipes: list[str], out_dir: Path, opts: Options,
+             data_path: str | None = None) -> list[dict]:
+  from lmos_jax.inference.generate import load_trained
+
+  run, params = load_trained(workdir, data_path)
+  params = jax.device_get(params)
+  batches = run.data.val_batches()
+  cache_len = run.cfg.model.max_seq_len
+  prompt_id = int(run.data.tokenizer.encode("\n")[0])
+  out_dir.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for name in recipes:
+    t0 = time.perf_counter()
+    v = build_variant(name, run, params, opts, batches)
+    rows.append(measure(v, out_dir, batches, cache_len, opts, prompt_id))
+    print(f"lmos compress: {name}: val loss {rows[-1]['val_loss']:.4f}, "
+          f"{rows[-1]['bytes_on_disk']:,} bytes, {rows[-1]['decode_tok_s']:,.0f} tok/s "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+  (out_dir / "report.json").write_text(json.dumps(rows, indent=2))
+  (out_dir / "report.md").write_text(markdown(rows))
+  plot(rows, out_dir / "compress.png")
+  return rows
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--recipe", default=",".join(RECIPES),
+                 help=f"comma-separated subset of {','.join(RECIPES)}")
+  p.add_argument("--out", default=None, help="default: WORKDIR/compress")
+  p.add_argument("--heal-steps", type=int, default=Options.heal_steps)
+  p.add_argument("--distill-steps", type=int, default=Options.distill_steps)
+  p.add_argument("--int4-group", type=int, default=Options.int4_group)
+  p.add_argument("--decode-batch", type=int, default=Options.decode_batch)
+  p.add_argument("--data-path", default=None, help="override data.path of the run")
+  a = p.parse_args(argv[1:])
+  recipes = [r.strip() for r in a.recipe.split(",") if r.strip()]
+  bad = [r for r in recipes if r not in RECIPES]
+  if bad or not recipes:
+    p.error(f"--recipe: unknown {bad}; choose from {','.join(RECIPES)}")
+  if a.heal_steps < 0 or a.distill_steps < 1 or a.decode_batch < 1:
+    p.error("need --heal-steps >= 0, --distill-steps >= 1, --decode-batch >= 1")
+  out = Path(a.out) if a.out else Path(a.workdir) / "compress"
+  opts = Options(heal_steps=a.heal_steps, distill_steps=a.distill_steps,
+                 int4_group=a.int4_group, decode_batch=a.decode_batch)
+  rows = compress(a.workdir, recipes, out, opts, a.data_path)
+  print(markdown(rows))
+  print(f"lmos compress: wrote {out / 'report.md'}, report.json, compress.png", flush=True)
+  return 0

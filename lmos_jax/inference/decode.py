@@ -1,0 +1,322 @@
+"""KV-cache decoding: prefill a fixed-size cache, then one compiled `lax.while_loop`.
+
+The cache is one array per K and V of shape (L, B, S_max, K, H): a leading layers axis so
+the stacked (scan_layers) model scans it together with the layer state. Prompts of different
+lengths are right-padded; every row keeps its own length, so positions equal slot indices
+and a row never attends to a padding slot (causal by slot, and a padding slot is overwritten
+before any query can see it). Sampling settings and the token budget are traced values, so
+one compilation serves every setting; only the (batch, prompt) bucket and S_max are shapes.
+
+Each row ends with an explicit status: a stop token, its token budget, or a full cache
+(`cache_full`: the row wanted more tokens than S_max leaves room for). Nothing is truncated
+silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmos_jax.parallel.sharding import batch_sharding, constrain
+
+Array = jax.Array
+
+STATUS = ("running", "stop_token", "max_new_tokens", "cache_full")
+RUNNING, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL = range(4)
+CACHE_NAMES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def filter_logits(logits_BV: Array, top_k: Array, top_p: Array, min_p: Array) -> Array:
+  """Logits with -inf outside the top-k / top-p (nucleus) / min-p support, applied in turn.
+
+  top_k <= 0, top_p >= 1 and min_p <= 0 switch a filter off. Ties at a threshold are kept.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  v = logits_BV.shape[-1]
+  neg = jnp.float32(-jnp.inf)
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
+  kth_B1 = jax.lax.dynamic_slice_in_dim(sorted_BV, k - 1, 1, axis=-1)
+  logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, neg)
+  probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+  sorted_p_BV = -jnp.sort(-probs_BV, axis=-1)
+  before_BV = jnp.cumsum(sorted_p_BV, axis=-1) - sorted_p_BV  # mass strictly above each
+  kept_BV = (before_BV < top_p) | (jnp.arange(v) == 0)
+  thresh_B1 = jnp.min(jnp.where(kept_BV, sorted_p_BV, jnp.inf), axis=-1, keepdims=True)
+  keep_BV = (probs_BV >= thresh_B1) & (probs_BV >= min_p * probs_BV.max(-1, keepdims=True))
+  return jnp.where(keep_BV & (probs_BV > 0), logits_BV, neg)
+
+
+def sample_next(logits_BV: Array, key: Array, temperature: Array, top_k: Array, top_p: Array,
+                min_p: Array) -> Array:
+  """Greedy (argmax) when temperature <= 0, else a draw from the filtered distribution."""
+  scaled_BV = logits_BV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  drawn_B = jax.random.categorical(key, filter_logits(scaled_BV, top_k, top_p, min_p))
+  return jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- cached model
+
+def check_cache_len(cfg, cache_len: int) -> None:
+  """Learned position tables end at max_seq_len: a longer cache would read past them."""
+  if cfg.pos_emb == "learned" and cache_len > cfg.max_seq_len:
+    raise ValueError(f"cache_len={cache_len} exceeds the model's learned positions "
+                     f"(max_seq_len={cfg.max_seq_len}); use cache_len <= {cfg.max_seq_len}")
+
+
+def init_cache(cfg, batch: int, cache_len: int, dtype: Any) -> dict[str, Array]:
+  """Zeroed K and V caches (L, B, S_max, K, H) with logical axis names."""
+  shape = (cfg.num_layers, batch, cache_len, cfg.kv_heads, cfg.head_dim)
+  return {n: constrain(jnp.zeros(shape, dtype), CACHE_NAMES) for n in ("k", "v")}
+
+
+def _write(cache_BSKH: Array, new_BTKH: Array, start_B: Array) -> Array:
+  """Writes each row's T new entries at its own slot offset."""
+  put = lambda c, x, s: jax.lax.dynamic_update_slice_in_dim(c, x, s, axis=0)  # noqa: E731
+  out = jax.vmap(put)(cache_BSKH, new_BTKH.astype(cache_BSKH.dtype), start_B)
+  return constrain(out, CACHE_NAMES[1:])
+
+
+def _block_cached(block, x_BTD: Array, positions_BT: Array, mask_B1TS: Array, k_BSKH: Array,
+                  v_BSKH: Array, start_B: Array):
+  """One layer (same math as `Block.__call__` without dropout) reading/writing the cache."""
+
+  def attn(h_BTD):
+    q, k, v = block.attn.project_qkv(h_BTD, positions_BT)
+    k_new, v_new = _write(k_BSKH, k, start_B), _write(v_BSKH, v, start_B)
+    out = block.attn.attend(q, k_new.astype(q.dtype), v_new.astype(q.dtype), mask_B1TS,
+                            is_causal=False, dropout_key=None)
+    return out, k_new, v_new
+
+  if block.cfg.norm_position == "pre":
+    h, k_BSKH, v_BSKH = attn(block.attn_norm(x_BTD))
+    x_BTD = x_BTD + h
+    x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
+  else:
+    h, k_BSKH, v_BSKH = attn(x_BTD)
+    x_BTD = block.attn_norm(x_BTD + h)
+    x_BTD = block.mlp_norm(x_BTD + block.mlp(x_BTD))
+  return constrain(x_BTD, ("batch", "length", "act_embed")), k_BSKH, v_BSKH
+
+
+def forward_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array],
+                   last_B: Array) -> tuple[Array, dict[str, Array]]:
+  """Runs T new tokens per row at slots start_B.. and returns logits at index last_B only."""
+  cfg = model.cfg
+  b, t = tokens_BT.shape
+  s = cache["k"].shape[2]
+  positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  mask_B1TS = (jnp.arange(s)[None, None, :] <= positions_BT[:, :, None])[:, None]
+  x_BTD = model.embed_tokens(tokens_BT, positions_BT, model.embed.dtype)
+  if cfg.scan_layers:
+    graphdef, state = nnx.split(model.blocks)
+
+    def body(x, xs):
+      layer_state, k_c, v_c = xs
+      x, k_c, v_c = _block_cached(nnx.merge(graphdef, layer_state), x, positions_BT,
+                                  mask_B1TS, k_c, v_c, start_B)
+      return x, (k_c, v_c)
+
+    x_BTD, (k, v) = jax.lax.scan(body, x_BTD, (state, cache["k"], cache["v"]))
+  else:
+    ks, vs = [], []
+    for i, block in enumerate(model.blocks):
+      x_BTD, k_c, v_c = _block_cached(block, x_BTD, positions_BT, mask_B1TS, cache["k"][i],
+                                      cache["v"][i], start_B)
+      ks.append(k_c)
+      vs.append(v_c)
+    k, v = jnp.stack(ks), jnp.stack(vs)
+  x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
+  cache = {"k": constrain(k, CACHE_NAMES), "v": constrain(v, CACHE_NAMES)}
+  return model.logits(x_B1D)[:, 0], cache
+
+
+# ----------------------------------------------------------------------------- decode loop
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Sampling settings; all traced, so changing them never recompiles."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  min_p: float = 0.0
+
+  def arrays(self) -> tuple[Array, ...]:
+    return (jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p),
+            jnp.float32(self.min_p))
+
+
+def _step_tokens(buf_BS, cur_B, n_gen_B, done_B, status_B, tok_B, max_new_B, stop_K, s):
+  """Appends each active row's token and decides which rows finish, and why."""
+  active_B = ~done_B
+  write_BS = jax.nn.one_hot(jnp.minimum(cur_B, s - 1), s, dtype=jnp.bool_) & active_B[:, None]
+  buf_BS = jnp.where(write_BS, tok_B[:, None], buf_BS)
+  n_gen_B = n_gen_B + active_B
+  cur_B = cur_B + active_B
+  hit_stop = active_B & jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
+  hit_max = active_B & ~hit_stop & (n_gen_B >= max_new_B)
+  full = active_B & ~hit_stop & ~hit_max & (cur_B >= s)
+  status_B = jnp.where(hit_stop, STOP_TOKEN, jnp.where(hit_max, MAX_NEW_TOKENS,
+                                                       jnp.where(full, CACHE_FULL, status_B)))
+  return buf_BS, cur_B, n_gen_B, done_B | hit_stop | hit_max | full, status_B
+
+
+def _initial_status(lengths_B, max_new_B, s):
+  status_B = jnp.where(max_new_B <= 0, MAX_NEW_TOKENS,
+                       jnp.where(lengths_B >= s, CACHE_FULL, RUNNING)).astype(jnp.int32)
+  return status_B != RUNNING, status_B
+
+
+def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B: Array,
+                stop_K: Array, sampling: tuple[Array, ...], key: Array, cache_len: int,
+                materialize: Callable = lambda p: p):
+  """Prefill + while_loop decode. Returns (tokens (B, S_max), lengths, generated, status)."""
+  b, p = tokens_BP.shape
+  s = cache_len
+  model = nnx.merge(graphdef, materialize(params))
+  check_cache_len(model.cfg, s)
+  cache = init_cache(model.cfg, b, s, model.embed.dtype)
+  zeros_B = jnp.zeros((b,), jnp.int32)
+  logits_BV, cache = forward_cached(model, tokens_BP, zeros_B, cache,
+                                    jnp.maximum(lengths_B - 1, 0))
+  buf_BS = jnp.pad(tokens_BP, ((0, 0), (0, s - p)))
+  done_B, status_B = _initial_status(lengths_B, max_new_B, s)
+
+  def cond(carry):
+    return jnp.any(~carry[3])
+
+  def body(carry):
+    buf, cur, n_gen, done, status, logits, cache, key = carry
+    key, sub = jax.random.split(key)
+    tok_B = sample_next(logits, sub, *sampling)
+    pos_B = jnp.minimum(cur, s - 1)
+    buf, cur, n_gen, done, status = _step_tokens(buf, cur, n_gen, done, status, tok_B,
+                                                 max_new_B, stop_K, s)
+    step_model = nnx.merge(graphdef, materialize(params))  # dequantize inside the loop body
+    logits, cache = forward_cached(step_model, tok_B[:, None], pos_B, cache, zeros_B)
+    return buf, cur, n_gen, done, status, logits, cache, key
+
+  carry = (buf_BS, lengths_B, zeros_B, done_B, status_B, logits_BV, cache, key)
+  buf_BS, cur_B, n_gen_B, _, status_B, _, _, _ = jax.lax.while_loop(cond, body, carry)
+  return buf_BS, cur_B, n_gen_B, status_B
+
+
+def full_recompute_loop(graphdef, params, tokens_BP: Array, lengths_B: Array,
+                        max_new_B: Array, stop_K: Array, sampling: tuple[Array, ...],
+                        key: Array, cache_len: int, materialize: Callable = lambda p: p):
+  """The no-cache decoder: every step reruns the model over the whole (B, S_max) buffer.
+
+  Same loop, statuses and sampling as `decode_loop`; the reference it must equal greedily.
+  """
+  b, p = tokens_BP.shape
+  s = cache_len
+  check_cache_len(nnx.merge(graphdef, materialize(params)).cfg, s)
+  buf_BS = jnp.pad(tokens_BP, ((0, 0), (0, s - p)))
+
+  def last_logits(buf, cur):
+    logits_BSV = nnx.merge(graphdef, materialize(params))(buf)
+    idx = jnp.maximum(cur - 1, 0)
+    return jnp.take_along_axis(logits_BSV, idx[:, None, None], axis=1)[:, 0]
+
+  done_B, status_B = _initial_status(lengths_B, max_new_B, s)
+
+  def cond(carry):
+    return jnp.any(~carry[3])
+
+  def body(carry):
+    buf, cur, n_gen, done, status, key = carry
+    key, sub = jax.random.split(key)
+    tok_B = sample_next(last_logits(buf, cur), sub, *sampling)
+    buf, cur, n_gen, done, status = _step_tokens(buf, cur, n_gen, done, status, tok_B,
+                                                 max_new_B, stop_K, s)
+    return buf, cur, n_gen, done, status, key
+
+  zeros_B = jnp.zeros((b,), jnp.int32)
+  carry = (buf_BS, lengths_B, zeros_B, done_B, status_B, key)
+  buf_BS, cur_B, n_gen_B, _, status_B, _ = jax.lax.while_loop(cond, body, carry)
+  return buf_BS, cur_B, n_gen_B, status_B
+
+
+# ----------------------------------------------------------------------------- host API
+
+@dataclasses.dataclass
+class Generation:
+  """Per-row new tokens (stop token included when hit) and why each row ended."""
+
+  tokens: list[np.ndarray]
+  status: list[str]
+  prompt_lengths: list[int]
+
+
+def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
+  """Next power of two >= n (at least `minimum`, at most `maximum`): the compile buckets."""
+  size = max(minimum, 1 << max(n - 1, 0).bit_length())
+  return size if maximum is None else min(size, maximum)
+
+
+class Decoder:
+  """A model's compiled generate: one compilation per (batch, prompt-length) bucket.
+
+  `materialize` maps stored params to model params inside the compiled step (identity for
+  dense weights, dequantization for quantized ones). With `mesh`, batches are split over
+  data/fsdp and the cache follows its logical names; params should already be placed.
+  """
+
+  def __init__(self, graphdef, cache_len: int, *, mesh=None, use_cache: bool = True,
+               materialize: Callable = lambda p: p):
+    self.graphdef, self.cache_len, self.mesh = graphdef, int(cache_len), mesh
+    loop = decode_loop if use_cache else full_recompute_loop
+
+    def run(params, tokens, lengths, max_new, stop, sampling, key):
+      return loop(graphdef, params, tokens, lengths, max_new, stop, sampling, key,
+                  self.cache_len, materialize)
+
+    self._fn = jax.jit(run)
+
+  def compiled_count(self) -> int:
+    """How many shape buckets have been compiled so far."""
+    return self._fn._cache_size()
+
+  def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+               sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
+               seed: int = 0) -> Generation:
+    """Generates for a batch of token-id prompts of any lengths (each at least 1 token)."""
+    lens = [len(p) for p in prompts]
+    if not prompts or min(lens) < 1:
+      raise ValueError("generate: every prompt needs at least one token (e.g. a BOS/newline)")
+    if max(lens) > self.cache_len:
+      raise ValueError(f"generate: a prompt has {max(lens)} tokens but the cache holds "
+                       f"{self.cache_len}; shorten it or raise cache_len")
+    if max_new_tokens < 0:
+      raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
+    split = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    b = bucket(len(prompts), split)
+    p = bucket(max(lens), 8, self.cache_len)
+    tokens = np.zeros((b, p), np.int32)
+    for i, row in enumerate(prompts):
+      tokens[i, :len(row)] = row
+    lengths = np.ones((b,), np.int32)
+    lengths[:len(prompts)] = lens
+    max_new = np.zeros((b,), np.int32)
+    max_new[:len(prompts)] = max_new_tokens
+    stop = np.full((bucket(len(stop_tokens), 4),), -1, np.int32)
+    stop[:len(stop_tokens)] = list(stop_tokens)
+    args = (tokens, lengths, max_new)
+    if self.mesh is not None:
+      args = tuple(jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in args)
+      with jax.set_mesh(self.mesh):
+        out = self._fn(params, *args, stop, sampling.arrays(), jax.random.PRNGKey(seed))
+    else:
+      out = self._fn(params, *args, stop, sampling.arrays(), jax.random.PRNGKey(seed))
+    buf, cur, n_gen, status = (np.asarray(x) for x in jax.device_get(out))
+    rows = range(len(prompts))
+    return Generation(tokens=[buf[i, lens[i]:lens[i] + n_gen[i]] for i in rows],
+                      status=[STATUS[int(status[i])] for i in rows], prompt_lengths=lens)

@@ -1,0 +1,127 @@
+"""BERT encoder (BERT, MiniLM) on the shared layers: post-LN blocks, token types, heads.
+
+Heads: "mlm" (masked-LM logits (B, T, V), decoder tied to the word embeddings as in BERT),
+"cls" (pooler + sequence classifier, logits (B, num_labels); sentence pairs via token
+types) and "none" (the bare encoder, as in HF `BertModel`: returns hidden states (B, T, D)).
+Parameters carry the same logical axis names as the decoder's, so the one sharding table
+applies unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, make_blocks,
+                                    normal, param, run_blocks)
+from lmos_jax.parallel.sharding import constrain
+
+Array = jax.Array
+HEADS = ("mlm", "cls", "none")
+
+
+def default_head(cfg: TransformerConfig) -> str:
+  """A classifier when the config asks for labels, else the MLM pretraining head."""
+  return "cls" if cfg.num_labels > 0 else "mlm"
+
+
+def padding_mask(attention_mask_BT: Array) -> Array:
+  """(B, T) of 1 (token) / 0 (padding) -> boolean (B, 1, T, T): every query sees real keys."""
+  b, t = attention_mask_BT.shape
+  keys_B11T = (attention_mask_BT > 0)[:, None, None, :]
+  return jnp.broadcast_to(keys_B11T, (b, 1, t, t))
+
+
+class BERT(nnx.Module):
+  """Embeddings (word + position + token type, LayerNorm), N post-LN blocks, one head."""
+
+  def __init__(self, cfg: TransformerConfig, *, head: str | None = None, rngs: nnx.Rngs):
+    head = head or default_head(cfg)
+    if head not in HEADS:
+      raise ValueError(f"BERT head={head!r}: expected one of {', '.join(HEADS)}")
+    if head == "cls" and cfg.num_labels <= 0:
+      raise ValueError("BERT head='cls' needs num_labels > 0 (config 'model.num_labels')")
+    if cfg.norm_position != "post" or cfg.causal:
+      raise ValueError("BERT needs norm_position='post' and causal=False in its "
+                       "TransformerConfig (use bert_config_from)")
+    self.cfg, self.head = cfg, head
+    d, std = cfg.d_model, cfg.init_std
+    self.embed = param(rngs, normal(std), (cfg.vocab_size, d), ("vocab", "embed"))
+    self.pos_embed = param(rngs, normal(std), (cfg.max_seq_len, d), ("pos", "embed"))
+    self.type_embed = (param(rngs, normal(std), (cfg.type_vocab_size, d), ("types", "embed"))
+                       if cfg.type_vocab_size > 0 else None)
+    self.embed_norm = Norm(d, cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs)
+    self.blocks = make_blocks(cfg, rngs)
+    self.pooler = (Dense((d,), (d,), ("embed", None), use_bias=True, std=std, rngs=rngs)
+                   if head in ("cls", "none") else None)
+    self.classifier = (Dense((d,), (cfg.num_labels,), ("embed", "labels"), use_bias=True,
+                             std=std, rngs=rngs) if head == "cls" else None)
+    if head == "mlm":
+      self.mlm_dense = Dense((d,), (d,), ("embed", None), use_bias=True, std=std, rngs=rngs)
+      self.mlm_norm = Norm(d, cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs)
+      self.mlm_bias = param(rngs, jax.nn.initializers.zeros, (cfg.vocab_size,), ("vocab",))
+    else:
+      self.mlm_dense = self.mlm_norm = self.mlm_bias = None
+
+  def _act(self, x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=self.cfg.mlp != "gelu_exact")
+
+  def encode(self, input_ids_BT: Array, token_type_ids_BT: Array | None = None,
+             attention_mask_BT: Array | None = None, rng: Array | None = None) -> Array:
+    """Final hidden states (B, T, D). `rng` given means training mode (dropout on)."""
+    cfg = self.cfg
+    b, t = input_ids_BT.shape
+    if t > cfg.max_seq_len:
+      raise ValueError(f"BERT input length {t} exceeds max_seq_len={cfg.max_seq_len}")
+    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    dtype = self.embed.dtype
+    x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(dtype)
+    x_BTD = x_BTD + self.pos_embed[...][:t].astype(dtype)[None]
+    if self.type_embed is not None:
+      types_BT = (jnp.zeros_like(input_ids_BT) if token_type_ids_BT is None
+                  else token_type_ids_BT)
+      x_BTD = x_BTD + jnp.take(self.type_embed[...], types_BT, axis=0).astype(dtype)
+    k_emb, k_blocks = (None, None) if rng is None else jax.random.split(rng)
+    x_BTD = dropout(self.embed_norm(x_BTD), cfg.dropout, k_emb)
+    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+    mask = None if attention_mask_BT is None else padding_mask(attention_mask_BT)
+    return run_blocks(self.blocks, cfg, x_BTD, positions_BT, mask, is_causal=False,
+                      key=k_blocks)
+
+  def pool(self, x_BTD: Array) -> Array:
+    """tanh(dense(first token)): BERT's sentence vector."""
+    return jnp.tanh(self.pooler(x_BTD[:, 0]))
+
+  def mlm_logits(self, x_BTD: Array) -> Array:
+    """Transform (dense, GELU, LayerNorm), then the tied decoder plus its bias; float32."""
+    h_BTD = self.mlm_norm(self._act(self.mlm_dense(x_BTD)))
+    w_DV = self.embed[...].astype(h_BTD.dtype).T
+    logits = jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
+    logits = logits + self.mlm_bias[...].astype(jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+  def __call__(self, input_ids_BT: Array, token_type_ids_BT: Array | None = None,
+               attention_mask_BT: Array | None = None, rng: Array | None = None) -> Array:
+    """MLM logits (B, T, V), class logits (B, num_labels), or hidden states for 'none'."""
+    x_BTD = self.encode(input_ids_BT, token_type_ids_BT, attention_mask_BT, rng)
+    if self.head == "mlm":
+      return self.mlm_logits(x_BTD)
+    if self.head == "none":
+      return x_BTD
+    k_cls = None if rng is None else jax.random.fold_in(rng, 1)
+    pooled_BD = dropout(self.pool(x_BTD), self.cfg.dropout, k_cls)
+    return self.classifier(pooled_BD).astype(jnp.float32)
+
+
+def bert_config_from(model_cfg, vocab_size: int) -> TransformerConfig:
+  """TransformerConfig for BERT from the `model` block of an lmos config."""
+  m = model_cfg
+  return TransformerConfig(
+      vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      d_model=m.d_model, d_ff=m.d_ff or 4 * m.d_model, max_seq_len=m.max_seq_len,
+      pos_emb="learned", norm="layernorm", norm_eps=m.norm_eps, norm_position="post",
+      mlp="gelu_exact" if m.mlp == "gelu" else m.mlp, use_bias=True, tie_embeddings=True,
+      dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
+      attention_impl=m.attention_impl, init_std=m.init_std, causal=False,
+      type_vocab_size=m.get("type_vocab_size", 2), num_labels=m.get("num_labels", 0))

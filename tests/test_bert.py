@@ -1,0 +1,218 @@
+"""BERT encoder, MLM loss and masking, init_from in the trainer (no torch needed here)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmos_jax.data.encoder import MLMData, mlm_mask
+from lmos_jax.models import hf
+from lmos_jax.models.bert import BERT
+from lmos_jax.models.layers import TransformerConfig
+from lmos_jax.train.losses import mlm_loss
+
+
+def bert_tcfg(**kw) -> TransformerConfig:
+  base = dict(vocab_size=53, num_layers=2, num_heads=4, d_model=32, d_ff=48, max_seq_len=16,
+              norm_eps=1e-12, norm_position="post", mlp="gelu_exact", causal=False,
+              type_vocab_size=2, init_std=0.2)
+  base.update(kw)
+  return TransformerConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def mlm_model():
+  return BERT(bert_tcfg(), rngs=nnx.Rngs(0))
+
+
+def test_output_shapes_per_head():
+  ids = jnp.ones((2, 7), jnp.int32)
+  assert BERT(bert_tcfg(), rngs=nnx.Rngs(0))(ids).shape == (2, 7, 53)
+  assert BERT(bert_tcfg(num_labels=3), rngs=nnx.Rngs(0))(ids).shape == (2, 3)
+  assert BERT(bert_tcfg(), head="none", rngs=nnx.Rngs(0))(ids).shape == (2, 7, 32)
+  with pytest.raises(ValueError, match="num_labels"):
+    BERT(bert_tcfg(), head="cls", rngs=nnx.Rngs(0))
+
+
+def test_padding_does_not_change_real_tokens(mlm_model):
+  """Padding keys are masked out: real positions equal the unpadded sequence's output."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 53, (1, 6))
+  short = mlm_model(jnp.asarray(ids))
+  padded_ids = np.concatenate([ids, np.zeros((1, 4), np.int64)], axis=1)
+  mask = np.concatenate([np.ones((1, 6)), np.zeros((1, 4))], axis=1)
+  padded = mlm_model(jnp.asarray(padded_ids), None, jnp.asarray(mask))
+  np.testing.assert_allclose(padded[:, :6], short, atol=1e-5)
+  unmasked = mlm_model(jnp.asarray(padded_ids))
+  assert np.abs(np.asarray(unmasked[:, :6] - short)).max() > 1e-3  # the mask matters
+
+
+def test_token_types_change_outputs(mlm_model):
+  ids = jnp.arange(8)[None] % 53
+  a = mlm_model(ids, jnp.zeros((1, 8), jnp.int32))
+  b = mlm_model(ids, jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1]]))
+  assert np.abs(np.asarray(a - b)).max() > 1e-3
+  np.testing.assert_allclose(mlm_model(ids), a, atol=1e-6)  # None means all type 0
+
+
+def test_scan_and_unrolled_layers_agree():
+  """Same weights stacked (scan) or as a list give the same logits."""
+  scanned = BERT(bert_tcfg(scan_layers=True), rngs=nnx.Rngs(1))
+  p = nnx.split(scanned)[1].to_pure_dict()
+  unrolled = nnx.eval_shape(lambda: BERT(bert_tcfg(scan_layers=False), rngs=nnx.Rngs(0)))
+  g, state = nnx.split(unrolled)
+  q = dict(p)
+  q["blocks"] = {i: jax.tree.map(lambda x: x[i], p["blocks"]) for i in range(2)}
+  state.replace_by_pure_dict(q)
+  ids = jnp.asarray([[3, 5, 7, 9, 11]])
+  np.testing.assert_allclose(nnx.merge(g, state)(ids), scanned(ids), atol=1e-5)
+
+
+def test_mlm_loss_matches_numpy_reference(mlm_model):
+  rng = np.random.default_rng(1)
+  batch = {"inputs": jnp.asarray(rng.integers(0, 53, (3, 9)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(0, 53, (3, 9)), jnp.int32),
+           "weights": jnp.asarray(rng.random((3, 9)) < 0.3, jnp.float32),
+           "attention_mask": jnp.ones((3, 9), jnp.int32)}
+  loss_sum, weight, aux = mlm_loss(mlm_model, batch, None)
+  logits = np.asarray(mlm_model(batch["inputs"]), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  tgt = np.asarray(batch["targets"])
+  nll = -np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+  w = np.asarray(batch["weights"])
+  np.testing.assert_allclose(float(loss_sum), (nll * w).sum(), rtol=1e-5)
+  assert float(weight) == w.sum()
+  assert float(aux["correct"]) == ((logits.argmax(-1) == tgt) * w).sum()
+
+
+def test_mlm_mask_proportions_and_specials():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 1000, (64, 512))
+  ids[:, 0] = 1  # a special id (like [CLS]) is never picked
+  out = mlm_mask(ids, np.random.default_rng(3), mask_id=2, vocab_size=1000, prob=0.15,
+                 special_ids=(1, 2))
+  picked = out["weights"] > 0
+  assert not picked[:, 0].any()
+  assert abs(picked.mean() - 0.15 * 511 / 512) < 0.005
+  masked = (out["inputs"] == 2) & picked
+  kept = (out["inputs"] == ids) & picked
+  assert abs(masked.sum() / picked.sum() - 0.8) < 0.02
+  assert abs(kept.sum() / picked.sum() - 0.1) < 0.02  # (random draws rarely hit the same id)
+  assert np.array_equal(out["targets"], ids)
+  assert np.array_equal(out["inputs"][~picked], ids[~picked])
+  again = mlm_mask(ids, np.random.default_rng(3), mask_id=2, vocab_size=1000, special_ids=(1, 2))
+  assert np.array_equal(again["inputs"], out["inputs"])
+
+
+class _Windows:
+  """A minimal LM data object: fixed windows of a byte-like vocabulary."""
+
+  class tokenizer:  # noqa: N801 - mimics a tokenizer instance
+    vocab_size = 256
+    specials = {}
+
+  def train_batch(self, step):
+    ids = np.random.default_rng(step).integers(0, 256, (4, 32)).astype(np.int32)
+    return {"inputs": ids, "targets": ids, "weights": np.ones_like(ids, np.float32)}
+
+  def val_batches(self):
+    return [self.train_batch(100)]
+
+
+def test_mlm_data_adds_mask_id_and_is_a_function_of_step():
+  data = MLMData(_Windows(), 0.15, seed=0)
+  assert data.mask_id == 256 and data.tokenizer.vocab_size == 257
+  a, b = data.train_batch(5), data.train_batch(5)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert not np.array_equal(a["inputs"], data.train_batch(6)["inputs"])
+  assert (a["inputs"] == 256).any() and a["inputs"].max() <= 256
+
+
+def _tiny_mlm_config(init_from: str = ""):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bert_mlm_cfg", "configs/bert_mlm.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("tiny")
+  c.data.max_chars, c.train.batch_size, c.train.steps = 20_000, 8, 6
+  c.model.init_from = init_from
+  return c
+
+
+def _random_params(abstract: dict) -> dict:
+  """Host random values for every param (no per-shape compiles, unlike an eager init)."""
+  rng = np.random.default_rng(7)
+  return jax.tree.map(lambda a: rng.normal(0, 0.05, a.shape).astype(np.float32), abstract)
+
+
+def test_trainer_init_from_hf_and_mlm_steps(tmp_path):
+  """A HF-layout BERT MLM checkpoint starts the run; MLM steps on one batch lower the loss."""
+  from lmos_jax.train.checkpoint import Checkpointer
+  from lmos_jax.train.step import train_step
+  from lmos_jax.train.trainer import build_run, global_batch, init_or_restore
+
+  cfg = _tiny_mlm_config()
+  t = hf.spec_from_lmos_config(cfg.model, 257)
+  params = _random_params(hf.abstract_params(t))
+  hf.save_hf(t, params, tmp_path / "hf")
+  run = build_run(_tiny_mlm_config(str(tmp_path / "hf")))
+  state, _ = init_or_restore(run, Checkpointer(tmp_path / "wd", keep=1))
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moments = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state["opt_state"]))]
+  assert all(not m.any() for m in moments if m.ndim > 0)  # fresh Adam moments
+  batch = global_batch(run, run.data.train_batch(0))
+  assert set(batch) >= {"inputs", "targets", "weights"}
+  step = jax.jit(lambda s, b: train_step(run.step_cfg, s, b))
+  losses = []
+  with jax.set_mesh(run.mesh):
+    for _ in range(5):
+      state, m = step(state, batch)
+      losses.append(float(m["loss"]))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  # The trained workdir converts back to HF (what `lmos convert --to-hf` does), exactly.
+  wd = tmp_path / "wd2"
+  ckpt = Checkpointer(wd, keep=1)
+  ckpt.save(5, state, {"step": 5})
+  ckpt.close()
+  (wd / "config.json").write_text(run.cfg.to_json())
+  hf.to_hf_from_workdir(wd, tmp_path / "back")
+  _, back = hf.load_hf_params(tmp_path / "back")
+  for a, b in zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_init_from_shape_mismatch_names_tensor(tmp_path):
+  from lmos_jax.models.factory import model_factory
+  from lmos_jax.train.step import abstract_model_state
+
+  t = hf.spec_from_lmos_config(_tiny_mlm_config().model, 257)
+  hf.save_hf(t, _random_params(hf.abstract_params(t)), tmp_path / "hf")
+  cfg = _tiny_mlm_config(str(tmp_path / "hf"))
+  cfg.model.d_ff = 96  # the checkpoint has the default 4 * d_model = 256
+  _, abstract = abstract_model_state(model_factory(cfg.model, 257))
+  with pytest.raises(hf.HFConversionError, match=r"intermediate\.dense\.weight.*\(96, 64\)"):
+    hf.hf_params_from_config(cfg, tmp_path / "hf", abstract.to_pure_dict())
+
+
+def test_bert_shards_by_the_one_rule_table(mlm_model):
+  """BERT params get their mesh placement from the shared logical names; sharded = eager."""
+  from jax.sharding import PartitionSpec as P
+  from lmos_jax.parallel.sharding import make_mesh, state_shardings
+
+  mesh = make_mesh((2, 2, 2))
+  graphdef, state = nnx.split(mlm_model)
+  sh = state_shardings(state, mesh).to_pure_dict()
+  assert sh["embed"].spec == P(None, "fsdp")  # 53 ids do not split over tensor=2
+  assert sh["mlm_dense"]["kernel"].spec == P("fsdp", None)
+  assert sh["blocks"]["attn"]["query"]["kernel"].spec == P(None, "fsdp", "tensor", None)
+  assert sh["type_embed"].spec == P(None, "fsdp")
+  params = jax.device_put(state.to_pure_dict(), sh)
+  ids = jnp.asarray(np.random.default_rng(2).integers(0, 53, (4, 8)), jnp.int32)
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids)
+  np.testing.assert_allclose(out, mlm_model(ids), atol=1e-5)

@@ -1,0 +1,60 @@
+"""`lmos train` end to end in a subprocess: checkpoint, metrics.jsonl, resume, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lmos(*args, timeout=300):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "lmos_jax.cli", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+TINY = ["--config=configs/default.py", "--config.model.num_layers=1",
+        "--config.model.d_model=32", "--config.model.max_seq_len=32", "--config.data.seq_len=32",
+        "--config.data.max_chars=200000", "--config.train.batch_size=4",
+        "--config.train.log_every=2", "--config.train.eval_every=2",
+        "--config.train.ckpt_every=2", "--config.train.eval_batches=1",
+        "--config.train.sample_tokens=8", "--config.train.progress=False"]
+
+
+@pytest.mark.slow
+def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
+  wd = tmp_path / "run"
+  first = _lmos("train", *TINY, "--config.train.steps=4", f"--workdir={wd}")
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 4]
+  for key in ("loss", "eval_loss", "lr", "tokens_per_sec", "mfu"):
+    assert key in rows[-1]
+  steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 4
+  assert "--- sample ---" in first.stdout
+  assert (wd / "tb").is_dir() and any((wd / "tb").iterdir())
+
+  second = _lmos("train", *TINY, "--config.train.steps=6", f"--workdir={wd}")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resuming at step 4" in second.stdout
+  rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 4, 6]
+
+
+def test_config_error_exits_before_compile(tmp_path):
+  out = _lmos("train", *TINY, "--config.data.seq_len=64", f"--workdir={tmp_path / 'bad'}")
+  assert out.returncode == 2
+  assert "'data.seq_len'=64" in out.stderr
+  assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_unknown_override_is_rejected(tmp_path):
+  out = _lmos("train", *TINY, "--config.train.learning_rate=0.1", f"--workdir={tmp_path}")
+  assert out.returncode != 0
+  assert "learning_rate" in out.stderr

