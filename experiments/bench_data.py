@@ -45,6 +45,8 @@ def cases() -> dict[str, dict]:
       "sst2 minilm packed": dict(sst2, batching="packed"),
       "sst2 minilm windows": dict(sst2, batching="windows"),
       "sst2 minilm packed streaming": dict(sst2, batching="packed", streaming=True),
+      "sst2 minilm packed streaming unshuffled": dict(sst2, batching="packed", streaming=True,
+                                                      shuffle_buffer=0),
   }
 
 

@@ -15,7 +15,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -47,11 +46,12 @@ def to_hf(cfg: TransformerConfig, params: dict):
                       n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
                       n_inner=cfg.d_ff, activation_function="gelu_new",
                       layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0,
-                      attn_pdrop=0.0, tie_word_embeddings=True)
+                      attn_pdrop=0.0, tie_word_embeddings=True,
+                      bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
   model = GPT2LMHeadModel(hf_cfg).eval()
   d = cfg.d_model
   b = params["blocks"]
-  t = lambda x: torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32)))  # noqa: E731
+  t = lambda x: torch.from_numpy(np.array(x, np.float32, copy=True))  # noqa: E731
   sd = {"transformer.wte.weight": t(params["embed"]),
         "transformer.wpe.weight": t(params["pos_embed"]),
         "transformer.ln_f.weight": t(params["final_norm"]["scale"]),

@@ -167,10 +167,11 @@ def matmul_peak(n: int = 2048, iters: int = 6) -> float:
   return best
 
 
-def bench_shape(shape: str, peers: list[str], data_path: str) -> list[dict]:
-  from lmos_jax.models.layers import TransformerConfig  # noqa: F401  (import check)
+def bench_shape(shape: str, peers: list[str], data_path: str, windows: int = 0,
+                per_window: int = 0) -> list[dict]:
   from lmos_jax.train.metrics import flops_per_token
-  layers, heads, d, block, batch, windows, per_window, warm = SHAPES[shape]
+  layers, heads, d, block, batch, def_windows, def_per_window, warm = SHAPES[shape]
+  windows, per_window = windows or def_windows, per_window or def_per_window
   total = warm + windows * per_window
   cfg = lmos_config(shape, total, data_path)
   lm = LmosSide(cfg)
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
   ap.add_argument("--shapes", default="small,baby")
   ap.add_argument("--peers", default="eager,compile", help="comma list of eager, compile")
   ap.add_argument("--data", default=str(DATA))
+  ap.add_argument("--windows", type=int, default=0, help="timed windows (0: per-shape default)")
+  ap.add_argument("--per-window", type=int, default=0, help="steps per window (0: default)")
   args = ap.parse_args(argv)
   if not Path(args.data).is_file():
     print(f"--data={args.data!r}: no such file (tinyshakespeare.txt)", file=sys.stderr)
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
   peak0 = matmul_peak()
   rows = []
   for shape in args.shapes.split(","):
-    rows += bench_shape(shape, peers, args.data)
+    rows += bench_shape(shape, peers, args.data, args.windows, args.per_window)
   peak = statistics.median([peak0, matmul_peak()])
   print(f"\nf32 matmul peak (2048^2, XLA, median of start/end probes): {peak / 1e9:.1f} GFLOP/s;"
         f" load at end {os.getloadavg()}")

@@ -180,7 +180,8 @@ def run_one(c: Campaign, kind: str, refs: dict) -> dict:
   if kind in ("kill9_step", "corrupt", "nan"):
     lo = NAN_BATCH + 2 if nan else 3
     k = c.rng.randint(lo, STEPS - 1)
-    fault_ok = c.wait_until(proc, lambda: last_step(wd) >= k)
+    enough = (lambda: len(complete_steps(wd)) >= 2) if kind == "corrupt" else lambda: True
+    fault_ok = c.wait_until(proc, lambda: last_step(wd) >= k and enough())
     proc.send_signal(signal.SIGKILL)
     note = f"kill@{last_step(wd)}"
   elif kind == "kill9_save":

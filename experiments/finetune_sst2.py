@@ -5,7 +5,7 @@ first data.max_train sentences, whole dev set), which reports its dev accuracy, 
 params, wall time and peak RSS (getrusage maxrss of that process). Prints a markdown table.
 
 Run: python3 experiments/finetune_sst2.py --out runs/sst2 [--methods full,lora] \
-       [--max_train 2000] [--data ../shared/data/sst2]
+       [--max_train 1500] [--data ../shared/data/sst2]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default="runs/sst2")
   ap.add_argument("--methods", default="lora,adapters,adalora,full")
-  ap.add_argument("--max_train", type=int, default=2000)
+  ap.add_argument("--max_train", type=int, default=1500)
   ap.add_argument("--data", default="../shared/data/sst2")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # child mode
   args = ap.parse_args()

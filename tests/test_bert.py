@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,16 +25,37 @@ def bert_tcfg(**kw) -> TransformerConfig:
   return TransformerConfig(**base)
 
 
+def make_bert(tcfg: TransformerConfig, head: str | None = None, seed: int = 0) -> BERT:
+  """A BERT with random N(0, 0.2) weights drawn on the host: an eager nnx init would
+  compile one XLA program per parameter shape, which dominates these tests' time."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: BERT(tcfg, head=head, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  nnx.replace_by_pure_dict(state, jax.tree.map(
+      lambda a: jnp.asarray(rng.normal(0, 0.2, a.shape), jnp.float32), nnx.to_pure_dict(state)))
+  return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, *args):
+  return nnx.merge(graphdef, state)(*args)
+
+
+def run(model: BERT, *args) -> jax.Array:
+  """model(*args) compiled as one program (eager dispatch compiles every op separately)."""
+  graphdef, state = nnx.split(model)
+  return _apply(graphdef, state, *args)
+
+
 @pytest.fixture(scope="module")
 def mlm_model():
-  return BERT(bert_tcfg(), rngs=nnx.Rngs(0))
+  return make_bert(bert_tcfg())
 
 
 def test_output_shapes_per_head():
   ids = jnp.ones((2, 7), jnp.int32)
-  assert BERT(bert_tcfg(), rngs=nnx.Rngs(0))(ids).shape == (2, 7, 53)
-  assert BERT(bert_tcfg(num_labels=3), rngs=nnx.Rngs(0))(ids).shape == (2, 3)
-  assert BERT(bert_tcfg(), head="none", rngs=nnx.Rngs(0))(ids).shape == (2, 7, 32)
+  assert run(make_bert(bert_tcfg()), ids).shape == (2, 7, 53)
+  assert run(make_bert(bert_tcfg(num_labels=3)), ids).shape == (2, 3)
+  assert run(make_bert(bert_tcfg(), head="none"), ids).shape == (2, 7, 32)
   with pytest.raises(ValueError, match="num_labels"):
     BERT(bert_tcfg(), head="cls", rngs=nnx.Rngs(0))
 
@@ -41,34 +64,34 @@ def test_padding_does_not_change_real_tokens(mlm_model):
   """Padding keys are masked out: real positions equal the unpadded sequence's output."""
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 53, (1, 6))
-  short = mlm_model(jnp.asarray(ids))
+  short = run(mlm_model, jnp.asarray(ids))
   padded_ids = np.concatenate([ids, np.zeros((1, 4), np.int64)], axis=1)
   mask = np.concatenate([np.ones((1, 6)), np.zeros((1, 4))], axis=1)
-  padded = mlm_model(jnp.asarray(padded_ids), None, jnp.asarray(mask))
+  padded = run(mlm_model, jnp.asarray(padded_ids), None, jnp.asarray(mask))
   np.testing.assert_allclose(padded[:, :6], short, atol=1e-5)
-  unmasked = mlm_model(jnp.asarray(padded_ids))
+  unmasked = run(mlm_model, jnp.asarray(padded_ids))
   assert np.abs(np.asarray(unmasked[:, :6] - short)).max() > 1e-3  # the mask matters
 
 
 def test_token_types_change_outputs(mlm_model):
   ids = jnp.arange(8)[None] % 53
-  a = mlm_model(ids, jnp.zeros((1, 8), jnp.int32))
-  b = mlm_model(ids, jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1]]))
+  a = run(mlm_model, ids, jnp.zeros((1, 8), jnp.int32))
+  b = run(mlm_model, ids, jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1]]))
   assert np.abs(np.asarray(a - b)).max() > 1e-3
-  np.testing.assert_allclose(mlm_model(ids), a, atol=1e-6)  # None means all type 0
+  np.testing.assert_allclose(run(mlm_model, ids), a, atol=1e-6)  # None means all type 0
 
 
 def test_scan_and_unrolled_layers_agree():
   """Same weights stacked (scan) or as a list give the same logits."""
-  scanned = BERT(bert_tcfg(scan_layers=True), rngs=nnx.Rngs(1))
-  p = nnx.split(scanned)[1].to_pure_dict()
+  scanned = make_bert(bert_tcfg(scan_layers=True), seed=1)
+  p = nnx.to_pure_dict(nnx.split(scanned)[1])
   unrolled = nnx.eval_shape(lambda: BERT(bert_tcfg(scan_layers=False), rngs=nnx.Rngs(0)))
   g, state = nnx.split(unrolled)
   q = dict(p)
   q["blocks"] = {i: jax.tree.map(lambda x: x[i], p["blocks"]) for i in range(2)}
-  state.replace_by_pure_dict(q)
+  nnx.replace_by_pure_dict(state, q)
   ids = jnp.asarray([[3, 5, 7, 9, 11]])
-  np.testing.assert_allclose(nnx.merge(g, state)(ids), scanned(ids), atol=1e-5)
+  np.testing.assert_allclose(run(nnx.merge(g, state), ids), run(scanned, ids), atol=1e-5)
 
 
 def test_mlm_loss_matches_numpy_reference(mlm_model):
@@ -77,8 +100,10 @@ def test_mlm_loss_matches_numpy_reference(mlm_model):
            "targets": jnp.asarray(rng.integers(0, 53, (3, 9)), jnp.int32),
            "weights": jnp.asarray(rng.random((3, 9)) < 0.3, jnp.float32),
            "attention_mask": jnp.ones((3, 9), jnp.int32)}
-  loss_sum, weight, aux = mlm_loss(mlm_model, batch, None)
-  logits = np.asarray(mlm_model(batch["inputs"]), np.float64)
+  graphdef, state = nnx.split(mlm_model)
+  loss_sum, weight, aux = jax.jit(lambda s, b: mlm_loss(nnx.merge(graphdef, s), b, None))(
+      state, batch)
+  logits = np.asarray(run(mlm_model, batch["inputs"]), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   tgt = np.asarray(batch["targets"])
@@ -144,7 +169,7 @@ def _tiny_mlm_config(init_from: str = ""):
 
 
 def _random_params(abstract: dict) -> dict:
-  """Host random values for every param (no per-shape compiles, unlike an eager init)."""
+  """Host random values for every param (no per-shape compiles; see make_bert)."""
   rng = np.random.default_rng(7)
   return jax.tree.map(lambda a: rng.normal(0, 0.05, a.shape).astype(np.float32), abstract)
 
@@ -196,7 +221,7 @@ def test_init_from_shape_mismatch_names_tensor(tmp_path):
   cfg.model.d_ff = 96  # the checkpoint has the default 4 * d_model = 256
   _, abstract = abstract_model_state(model_factory(cfg.model, 257))
   with pytest.raises(hf.HFConversionError, match=r"intermediate\.dense\.weight.*\(96, 64\)"):
-    hf.hf_params_from_config(cfg, tmp_path / "hf", abstract.to_pure_dict())
+    hf.hf_params_from_config(cfg, tmp_path / "hf", nnx.to_pure_dict(abstract))
 
 
 def test_bert_shards_by_the_one_rule_table(mlm_model):
@@ -206,13 +231,13 @@ def test_bert_shards_by_the_one_rule_table(mlm_model):
 
   mesh = make_mesh((2, 2, 2))
   graphdef, state = nnx.split(mlm_model)
-  sh = state_shardings(state, mesh).to_pure_dict()
+  sh = nnx.to_pure_dict(state_shardings(state, mesh))
   assert sh["embed"].spec == P(None, "fsdp")  # 53 ids do not split over tensor=2
   assert sh["mlm_dense"]["kernel"].spec == P("fsdp", None)
   assert sh["blocks"]["attn"]["query"]["kernel"].spec == P(None, "fsdp", "tensor", None)
   assert sh["type_embed"].spec == P(None, "fsdp")
-  params = jax.device_put(state.to_pure_dict(), sh)
+  params = jax.device_put(nnx.to_pure_dict(state), sh)
   ids = jnp.asarray(np.random.default_rng(2).integers(0, 53, (4, 8)), jnp.int32)
   with jax.set_mesh(mesh):
     out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids)
-  np.testing.assert_allclose(out, mlm_model(ids), atol=1e-5)
+  np.testing.assert_allclose(out, run(mlm_model, ids), atol=1e-5)

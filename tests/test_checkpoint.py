@@ -249,3 +249,23 @@ def test_export_params_bf16_loads_without_optimizer(saved, tmp_path):
   train_size = sum(p.stat().st_size for p in (workdir / "checkpoints" / "3").rglob("*")
                    if p.is_file())
   assert size < train_size / 2  # no optimizer moments, half-width floats
+
+
+def test_failed_save_names_the_step_and_keeps_older_ones(tmp_path, monkeypatch):
+  import errno
+  import orbax.checkpoint as ocp
+  ckpt = ck.Checkpointer(tmp_path, keep=2)
+  ckpt.save(1, {"w": jnp.ones(8)}, {"step": 1})
+  ckpt.wait()
+
+  def disk_full(self, step, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+  with pytest.raises(ck.CheckpointError, match=r"checkpoints/2 failed.*No space left.*\[1\]"):
+    ckpt.save(2, {"w": jnp.zeros(8)}, {"step": 2})
+  monkeypatch.undo()
+  assert ckpt.all_steps() == [1]
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state, _ = ckpt.restore(1, {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=one)})
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(8))
+  ckpt.close()

@@ -14,7 +14,7 @@ from helpers import tiny_tcfg
 from lmos_jax.config.loading import ConfigError, validate
 from lmos_jax.config.schema import base_config
 from lmos_jax.data.build import LMData, MixtureData, build_data
-from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, split_long
+from lmos_jax.data.packing import first_fit_pack, fixed_windows, split_long
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents
 from lmos_jax.data.stream import BatchStream, data_state, restore_data_state
 from lmos_jax.data.text import ByteTokenizer, CharTokenizer, embedded_corpus, window_batch

@@ -201,6 +201,14 @@ def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys
   for a, b in zip(jax.tree.leaves(from_adapters), jax.tree.leaves(from_ckpt)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_allclose(via_adapters.sum(-1), 1.0, rtol=1e-5)
+  # HF export folds LoRA into the kernels: the exported classifier predicts the same
+  from lmos_jax.models.hf import load_hf, to_hf_from_workdir
+  from lmos_jax.data.encoder import encode_for_classifier
+  hf_model = load_hf(to_hf_from_workdir(wd, tmp_path / "hf_out"))
+  enc = encode_for_classifier(load_pretrained(tiny_hf_dir), ["great film", "dull mess"], None,
+                              16)
+  logits = hf_model(enc["inputs"], enc["token_type_ids"], enc["attention_mask"])
+  np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits, -1)), via_adapters, atol=1e-5)
   assert pred.main(["lmos predict", "--workdir", str(wd), "great film"]) == 0
   label, prob, text = capsys.readouterr().out.strip().splitlines()[-1].split("\t")
   assert label in labels and text == "great film"

@@ -133,7 +133,8 @@ def test_real_minilm_matches_transformers():
     o = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
   # A bare BertModel called gives hidden states; num_labels adds a fresh classifier on top.
   assert hf.spec_from_hf(hf.read_hf_config(d), hf.tensor_shapes(d)).head == "none"
-  clf = hf.load_hf(d, num_labels=2)
+  import lmos_jax
+  clf = lmos_jax.load_hf(d, num_labels=2)
   hidden = np.asarray(clf.encode(jnp.asarray(ids), None, jnp.asarray(mask)))
   assert hidden.shape == (2, ids.shape[1], 384)
   assert np.abs(hidden - o.last_hidden_state.numpy()).max() <= TOL
@@ -185,3 +186,46 @@ def test_wrong_shape_and_missing_tensor_are_named(ckpts, tmp_path):
   params["lora_a"] = np.zeros((32, 4), np.float32)  # e.g. an unmerged PEFT adapter
   with pytest.raises(hf.HFConversionError, match="lora_a"):
     hf.save_hf(spec, params, tmp_path / "c")
+
+
+def test_bfloat16_checkpoint_loads_as_float32(ckpts, tmp_path):
+  torch = pytest.importorskip("torch")
+  from safetensors.torch import save_file
+  d, _, _ = ckpts["llama"]
+  tensors = hf.read_tensors(d)
+  save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()},
+            str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  (tmp_path / "config.json").write_text((d / "config.json").read_text())
+  back = hf.read_tensors(tmp_path)
+  for k, v in tensors.items():
+    assert back[k].dtype == np.float32
+    np.testing.assert_allclose(back[k], v, rtol=1e-2, atol=1e-6)  # bf16 keeps 8 bits
+  hf.load_hf_params(tmp_path)  # and maps onto lmos params
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lmos_decoder_config_exports_to_transformers(family, tmp_path):
+  """lmos-born weights (a run config's GPT) written as HF give transformers' logits."""
+  torch = pytest.importorskip("torch")
+  tf = pytest.importorskip("transformers")
+  from lmos_jax.config.schema import base_config
+  m = base_config().model
+  m.num_layers, m.num_heads, m.d_model, m.max_seq_len = 2, 4, 32, 16
+  if family == "llama":
+    m.pos_emb, m.norm, m.mlp, m.use_bias, m.tie_embeddings = "rope", "rmsnorm", "swiglu", \
+        False, False
+    m.num_kv_heads = 2
+  spec = hf.spec_from_lmos_config(m, VOCAB)
+  assert spec.family == family
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32),
+                        hf.abstract_params(spec))
+  hf.save_hf(spec, params, tmp_path)
+  ref_model = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  ids, _, _ = _inputs()
+  with torch.no_grad():
+    ref = ref_model(torch.tensor(ids)).logits.numpy()
+  assert np.abs(_lmos_out(hf.load_hf(tmp_path), family) - ref).max() <= TOL
+  m.pos_emb, m.norm = "rope", "layernorm"  # neither GPT-2 nor Llama
+  with pytest.raises(hf.HFConversionError, match="neither GPT-2"):
+    hf.spec_from_lmos_config(m, VOCAB)

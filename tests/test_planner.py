@@ -60,7 +60,7 @@ def test_described_h200_plan_for_gpt2_is_analytic_and_fits():
   plan = planner.make_plan(cfg, target)
   assert 120e6 < plan.shape.params < 130e6 and plan.shape.compute_bytes == 2
   assert all(e.source == "analytic" for e in plan.estimates)
-  assert plan.best.fits and plan.best.memory <= target.chip.memory
+  assert plan.best.fits and plan.best.memory <= planner.MEMORY_HEADROOM * target.chip.memory
   by = {e.layout: e for e in plan.estimates}
   data = by[Layout(8, 1, 1, 1, "full")].memory
   fsdp = by[Layout(1, 8, 1, 1, "full")].memory
@@ -76,7 +76,7 @@ def test_nothing_fits_says_what_would():
   with pytest.raises(PlanError) as e:
     planner.make_plan(cfg, t, remats=("none",))
   msg = str(e.value)
-  assert "nothing fits in 0.2 GiB" in msg and "devices" in msg
+  assert "nothing fits in 0.18 GiB" in msg and "- no device count" in msg
   assert "remat" in msg and "smaller model" in msg
 
 

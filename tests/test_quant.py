@@ -49,7 +49,7 @@ def test_int4_packing_roundtrip_and_size():
 def test_quantized_model_saves_loads_and_runs(tmp_path):
   graphdef, params = tiny(scan=False)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 40)
-  ref = nnx.merge(graphdef, params)(tokens)
+  ref = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
   sizes = {}
   for bits, tol in [(8, 0.02), (4, 0.3)]:
     qp = quantize_params(graphdef, params, bits, group_size=8)
@@ -84,9 +84,12 @@ def test_fake_quant_straight_through_and_qat_loss():
 
   def value(p, fn):
     return fn(nnx.merge(graphdef, p), batch, None)[0]
-  qp = dequantize_params(quantize_params(graphdef, params, 4))
-  np.testing.assert_allclose(float(value(params, loss_q)), float(value(qp, lm_loss)),
-                             rtol=1e-5)
-  grads = jax.grad(value)(params, loss_q)
+
+  @jax.jit
+  def check(p):
+    qp = dequantize_params(quantize_params(graphdef, p, 4))
+    return value(p, loss_q), value(qp, lm_loss), jax.grad(value)(p, loss_q)
+  with_qat, quantized, grads = check(params)
+  np.testing.assert_allclose(float(with_qat), float(quantized), rtol=1e-5)
   assert float(jnp.abs(grads["blocks"]["mlp"]["up"]["kernel"]).sum()) > 0
   assert kernel_layouts(graphdef, params)[("blocks", "attn", "out", "kernel")].in_ndim == 2

@@ -117,6 +117,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   _check_checkpointing(t)
   _check_data(d)
   _check_encoder(cfg)
+  _check_finetune(cfg)
 
 
 def _check_checkpointing(t) -> None:
@@ -190,6 +191,16 @@ def _check_encoder(cfg) -> None:
   m = cfg.model
   _choice("model.arch", m.arch, ("gpt", "bert"))
   _choice("model.head", m.head, ("auto", "mlm", "cls", "none"))
+  if m.arch == "bert":
+    fixed = {"pos_emb": "learned", "norm": "layernorm", "use_bias": True,
+             "tie_embeddings": True}
+    wrong = [f"model.{k}={m[k]!r} (BERT needs {v!r})" for k, v in fixed.items() if m[k] != v]
+    if m.mlp not in ("gelu", "gelu_exact"):
+      wrong.append(f"model.mlp={m.mlp!r} (BERT needs gelu_exact or gelu)")
+    if m.num_kv_heads not in (0, m.num_heads):
+      wrong.append(f"model.num_kv_heads={m.num_kv_heads} (BERT has no grouped-query heads)")
+    if wrong:
+      raise ConfigError("config 'model.arch'='bert' does not support: " + "; ".join(wrong))
   if m.arch == "bert" and m.head == "cls" and m.num_labels <= 0:
     raise ConfigError("config 'model.head'='cls' needs 'model.num_labels' > 0")
   if cfg.task == "mlm":
@@ -201,3 +212,14 @@ def _check_encoder(cfg) -> None:
   if m.init_from and not (Path(m.init_from) / "config.json").is_file():
     raise ConfigError(f"config 'model.init_from'={m.init_from!r} has no config.json; give a "
                       "Hugging Face model folder (config.json + *.safetensors)")
+
+
+def _check_finetune(cfg) -> None:
+  """task 'cls' and the peft block (issue 5, finetuning)."""
+  from lmos_jax.peft.methods import validate_peft
+  if cfg.task == "cls" and (cfg.model.arch != "bert" or cfg.model.num_labels <= 0):
+    raise ConfigError("config 'task'='cls' needs 'model.arch'='bert' and 'model.num_labels' > 0")
+  try:
+    validate_peft(cfg.peft, cfg.train.steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None

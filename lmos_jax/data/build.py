@@ -14,14 +14,15 @@ Batching (config 'data.batching'):
 For windows/packed each host tokenizes and keeps only its shard of the documents
 (documents i::process_count; rows i::process_count when a source has fewer documents than
 hosts). Several sources mix by weight: each step's rows are split between sources by a
-multinomial draw seeded by (seed, step).
+multinomial draw seeded by (seed, step). `data.streaming` hands files/hf sources to
+`lmos_jax.data.streaming.StreamingData` instead (nothing materialised).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
 import logging
 import threading
 from pathlib import Path
@@ -33,7 +34,8 @@ from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, 
 from lmos_jax.data.stream import BatchStream, check_state  # noqa: F401 (BatchStream re-exported)
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents, split_documents
 from lmos_jax.data.text import split_train_val, window_batch
-from lmos_jax.data.tokenizer import build_tokenizer, check_vocab, pad_id, separator_id
+from lmos_jax.data.tokenizer import (build_tokenizer, check_vocab, pad_id, separator_id,
+                                     tokenizer_fingerprint)
 
 log = logging.getLogger("lmos_jax.data")
 
@@ -73,7 +75,11 @@ class LMData:
 
   def state(self, step: int = 0) -> dict:
     return {"kind": "random", "step": int(step), "seed": self.seed,
-            "fingerprint": digest([self.train_ids], self.tokenizer)}
+            "fingerprint": self.fingerprint}
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    return digest([self.train_ids], self.tokenizer)
 
   def restore(self, state: dict, step: int) -> None:
     check_state(self.state(step), state)
@@ -198,7 +204,11 @@ class MixtureData:
             "rows_consumed": [int(u) for u in used],
             "epoch": [int(u) // s.num_rows for u, s in zip(used, self.sources)],
             "rows_per_epoch": [s.num_rows for s in self.sources],
-            "fingerprint": digest([s.train["inputs"] for s in self.sources], self.tokenizer)}
+            "fingerprint": self.fingerprint}
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    return digest([s.train["inputs"] for s in self.sources], self.tokenizer)
 
   def restore(self, state: dict, step: int) -> None:
     check_state(self.state(step), state)
@@ -207,7 +217,7 @@ class MixtureData:
 
 def digest(arrays: list[np.ndarray], tok) -> str:
   """Hash of the token rows and the tokenizer: equal iff a resume sees the same stream."""
-  h = hashlib.sha256(json.dumps(tok.describe(), sort_keys=True).encode())
+  h = hashlib.sha256(tokenizer_fingerprint(tok).encode())
   for a in arrays:
     h.update(str(a.shape).encode())
     h.update(np.ascontiguousarray(a).tobytes())

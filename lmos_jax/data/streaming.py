@@ -25,7 +25,7 @@ import numpy as np
 from lmos_jax.data.packing import rows_to_arrays
 from lmos_jax.data.sources import Repairs, SourceSpec, expand_files, infer_format
 from lmos_jax.data.stream import check_state
-from lmos_jax.data.tokenizer import pad_id, separator_id
+from lmos_jax.data.tokenizer import pad_id, separator_id, tokenizer_fingerprint
 
 BPE_STREAM_DOCS = 100_000  # a streamed BPE is trained on the first documents of the stream
 
@@ -53,21 +53,27 @@ def open_stream(spec: SourceSpec, split: str, path: str):
                      f"could not open it ({e})") from None
 
 
-def stream_texts(ds, spec: SourceSpec, repairs: Repairs, where: str) -> Iterator[str]:
-  """The text field of each example; empty documents are skipped and counted."""
-  empty = 0
-  for i, ex in enumerate(ds):
-    if spec.text_field not in ex:
+def stream_texts(ds, spec: SourceSpec, repairs: Repairs, where: str, chunk: int = 256
+                 ) -> Iterator[list[str]]:
+  """The text field in chunks of examples (tokenized together); empty ones skipped, counted."""
+  empty = seen = 0
+  for batch in ds.iter(batch_size=chunk):
+    if spec.text_field not in batch:
       raise ValueError(f"config '{spec.name}.text_field'={spec.text_field!r} is not a field "
-                       f"of {where}; its fields are {sorted(ex)}")
-    t = ex[spec.text_field]
-    if t is not None and not isinstance(t, str):
-      raise ValueError(f"config '{spec.name}.text_field'={spec.text_field!r}: example {i} of "
-                       f"{where} is {type(t).__name__}, not text; choose a text column")
-    if not t or not t.strip():
-      empty += 1
-      continue
-    yield t
+                       f"of {where}; its fields are {sorted(batch)}")
+    texts = []
+    for i, t in enumerate(batch[spec.text_field]):
+      if t is not None and not isinstance(t, str):
+        raise ValueError(f"config '{spec.name}.text_field'={spec.text_field!r}: example "
+                         f"{seen + i} of {where} is {type(t).__name__}, not text; choose a "
+                         "text column")
+      if t and t.strip():
+        texts.append(t)
+      else:
+        empty += 1
+    seen += len(batch[spec.text_field])
+    if texts:
+      yield texts
   repairs.note("empty documents skipped", empty, f"{where} (streamed)")
 
 
@@ -123,9 +129,10 @@ class StreamingData:
         ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         ds.set_epoch(epoch)
       n = 0
-      for text in stream_texts(ds, self.spec, self.repairs, where):
-        n += 1
-        yield np.append(self.tokenizer.encode(text), np.int32(eos)).astype(np.int32)
+      for texts in stream_texts(ds, self.spec, self.repairs, where):
+        n += len(texts)
+        for ids in self.tokenizer.encode_batch(texts):
+          yield np.append(ids, np.int32(eos)).astype(np.int32)
       if n == 0:
         raise ValueError(f"config '{self.spec.name}' ({where}) streamed no non-empty "
                          f"documents for process {self.process_index}; give data with text")
@@ -202,7 +209,8 @@ class StreamingData:
              for k in rows[0]} for b in range(self.eval_batches)]
 
   def state(self, step: int = 0) -> dict:
-    h = hashlib.sha256(json.dumps([self.tokenizer.describe(), dataclasses.asdict(self.spec),
+    h = hashlib.sha256(json.dumps([tokenizer_fingerprint(self.tokenizer),
+                                   dataclasses.asdict(self.spec),
                                    self.shuffle_buffer, self.val_fraction],
                                   sort_keys=True).encode())
     return {"kind": f"stream-{self.batching}", "step": int(step), "seed": self.seed,
@@ -216,8 +224,8 @@ def first_texts(spec: SourceSpec, n: int, repairs: Repairs) -> list[str]:
   """The first `n` documents of the (unshuffled, unsharded) train stream: BPE training."""
   ds = open_stream(spec, spec.hf_split if spec.kind == "hf" else "train", spec.path)
   out = []
-  for t in stream_texts(ds, spec, repairs, spec.path or spec.hf_name):
-    out.append(t)
+  for texts in stream_texts(ds, spec, repairs, spec.path or spec.hf_name):
+    out += texts
     if len(out) >= n:
       break
-  return out
+  return out[:n]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -225,6 +226,14 @@ def build_tokenizer(kind: str, train_docs: Sequence[str], *, need_specials: bool
                        "tokenizer.json or a Hugging Face tokenizer directory)")
     return load_pretrained(tokenizer_path)
   raise ValueError(f"config 'data.tokenizer'={kind!r}: expected byte, char, bpe or pretrained")
+
+
+def tokenizer_fingerprint(tok) -> str:
+  """What decides the ids: the vocabulary (not the file format, which changes across
+  `tokenizers` versions and must not block a resume)."""
+  what = (sorted(tok.tok.get_vocab(with_added_tokens=True).items()) if isinstance(tok, HFTokenizer)
+          else tok.describe())
+  return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def separator_id(tok) -> int:

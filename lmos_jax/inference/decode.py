@@ -298,7 +298,7 @@ class Decoder:
     if max_new_tokens < 0:
       raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
     split = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    b = bucket(len(prompts), split)
+    b = -(-bucket(len(prompts), 1) // split) * split  # a power of two, then whole shards
     p = bucket(max(lens), 8, self.cache_len)
     tokens = np.zeros((b, p), np.int32)
     for i, row in enumerate(prompts):

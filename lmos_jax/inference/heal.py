@@ -36,3 +36,37 @@ def finetune(graphdef, params: dict, data, steps: int, *, lr: float = 3e-4,
     state, metrics = step_fn(state, batch)
     losses.append(metrics["loss"])
   return state["params"], [float(x) for x in jax.device_get(losses)]
+
+
+LORA_TARGET = r"(attn/(query|key|value|out)|mlp/(up|down))$"
+
+
+def lora_heal(graphdef, params: dict, data, steps: int, *, rank: int = 8, alpha: float = 16.0,
+              lr: float = 1e-3, target: str = LORA_TARGET, seed: int = 0
+              ) -> tuple[dict, list[float]]:
+  """Heals with LoRA (lmos_jax.peft) on every Dense, then merges it back into the kernels.
+
+  Returns params with the original tree (same graphdef) and the training losses.
+  """
+  from flax import nnx
+
+  from lmos_jax.peft.lora import apply_lora
+  from lmos_jax.peft.methods import merge_and_unload
+  from lmos_jax.peft.wrap import trainable_fn
+  from lmos_jax.train.optim import path_names
+
+  model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+  apply_lora(model, target, rank, alpha, 0.0, rngs=seed)
+  lora_graphdef, lora_state = nnx.split(model)
+  trainable = trainable_fn("lora", "")
+
+  def labels(p):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if trainable(path_names(path)) else "frozen", p)
+  tx = optax.partition({"train": optax.adamw(lr, weight_decay=0.0),
+                        "frozen": optax.set_to_zero()}, labels)
+  trained, losses = finetune(lora_graphdef, nnx.to_pure_dict(lora_state), data, steps, tx=tx,
+                             seed=seed)
+  model = nnx.merge(lora_graphdef, trained)
+  merge_and_unload(model)
+  return nnx.to_pure_dict(nnx.split(model)[1]), losses

@@ -117,11 +117,14 @@ class BERT(nnx.Module):
 def bert_config_from(model_cfg, vocab_size: int) -> TransformerConfig:
   """TransformerConfig for BERT from the `model` block of an lmos config."""
   m = model_cfg
+  if m.mlp not in ("gelu", "gelu_exact"):
+    raise ValueError(f"config 'model.mlp'={m.mlp!r}: BERT uses gelu_exact (BERT/MiniLM "
+                     "checkpoints) or gelu (tanh approximation)")
   return TransformerConfig(
       vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
       d_model=m.d_model, d_ff=m.d_ff or 4 * m.d_model, max_seq_len=m.max_seq_len,
       pos_emb="learned", norm="layernorm", norm_eps=m.norm_eps, norm_position="post",
-      mlp="gelu_exact" if m.mlp == "gelu" else m.mlp, use_bias=True, tie_embeddings=True,
+      mlp=m.mlp, use_bias=True, tie_embeddings=True,
       dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
       attention_impl=m.attention_impl, init_std=m.init_std, causal=False,
       type_vocab_size=m.get("type_vocab_size", 2), num_labels=m.get("num_labels", 0))

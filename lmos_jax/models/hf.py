@@ -82,14 +82,24 @@ def read_tensors(hf_dir: str | Path) -> dict[str, np.ndarray]:
 
   out = {}
   for f in safetensors_files(hf_dir):
-    with safe_open(str(f), framework="flax") as st:
+    with safe_open(str(f), framework="numpy") as st:
       for k in st.keys():
-        x = np.asarray(st.get_tensor(k))
+        try:
+          x = st.get_tensor(k)
+        except TypeError:  # bfloat16 has no numpy dtype: read it through jax (on the host)
+          x = _read_via_jax(f, k)
         if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
           x = x.astype(np.float32)
         k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
         out[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)] = x
   return out
+
+
+def _read_via_jax(path: Path, key: str) -> np.ndarray:
+  import jax
+  from safetensors import safe_open
+  with jax.default_device(jax.devices("cpu")[0]), safe_open(str(path), framework="flax") as st:
+    return np.asarray(st.get_tensor(key))
 
 
 # ------------------------------------------------------------------------- config mapping
@@ -439,7 +449,7 @@ def abstract_params(spec: HFSpec) -> dict:
   """Shapes/dtypes of the lmos model's params, allocating nothing."""
   from flax import nnx
   model = nnx.eval_shape(lambda: build_model(spec, nnx.Rngs(0)))
-  return nnx.split(model)[1].to_pure_dict()
+  return nnx.to_pure_dict(nnx.split(model)[1])
 
 
 def params_from_tensors(spec: HFSpec, tensors: dict[str, np.ndarray],
@@ -551,14 +561,11 @@ def build_model(spec: HFSpec, rngs):
 def load_hf_params(hf_dir: str | Path, *, num_labels: int | None = None,
                    scan_layers: bool = True, seed: int = 0) -> tuple[HFSpec, dict]:
   """(spec, params) from a HF folder; a classifier missing from it starts fresh (seeded)."""
-  from flax import nnx
   tensors = read_tensors(hf_dir)
   shapes = {k: tuple(v.shape) for k, v in tensors.items()}
   spec = spec_from_hf(read_hf_config(hf_dir), shapes, num_labels=num_labels,
                       scan_layers=scan_layers)
-  init = None
-  if spec.head == "cls" and "classifier.weight" not in tensors:
-    init = nnx.split(build_model(spec, nnx.Rngs(seed)))[1].to_pure_dict()
+  init = fresh_classifier(spec, seed) if "classifier.weight" not in tensors else None
   return spec, params_from_tensors(spec, tensors, init)
 
 
@@ -570,10 +577,10 @@ def load_hf(hf_dir: str | Path, *, num_labels: int | None = None, scan_layers: b
   from flax import nnx
   spec, params = load_hf_params(hf_dir, num_labels=num_labels, scan_layers=scan_layers,
                                 seed=seed)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(spec, nnx.Rngs(0))))
-  import jax.numpy as jnp
   import jax
-  state.replace_by_pure_dict(jax.tree.map(jnp.asarray, params))
+  import jax.numpy as jnp
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(spec, nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
 
 
@@ -669,11 +676,19 @@ def hf_params_from_config(cfg, hf_dir: str | Path, abstract: dict, seed: int = 0
   vocab = abstract["embed"].shape[0]
   spec = spec_from_lmos_config(cfg.model, vocab)
   tensors = read_tensors(hf_dir)
-  init = None
-  if spec.head == "cls" and "classifier.weight" not in tensors:
-    from flax import nnx
-    init = nnx.split(build_model(spec, nnx.Rngs(seed)))[1].to_pure_dict()
+  init = fresh_classifier(spec, seed) if "classifier.weight" not in tensors else None
   return params_from_tensors(spec, tensors, init)
+
+
+def fresh_classifier(spec: HFSpec, seed: int) -> dict | None:
+  """A new classification head (N(0, init_std) kernel, zero bias) for an encoder checkpoint
+  without one; drawn on the host so no model has to be built."""
+  t = spec.tcfg
+  if spec.head != "cls":
+    return None
+  rng = np.random.default_rng(seed)
+  kernel = rng.normal(0.0, t.init_std, (t.d_model, t.num_labels)).astype(np.float32)
+  return {"classifier": {"kernel": kernel, "bias": np.zeros((t.num_labels,), np.float32)}}
 
 
 def from_hf_to_workdir(hf_dir: str | Path, workdir: str | Path, num_labels: int = 0) -> Path:
@@ -701,37 +716,31 @@ def from_hf_to_workdir(hf_dir: str | Path, workdir: str | Path, num_labels: int 
 
 
 def workdir_params(workdir: str | Path) -> dict:
-  """Latest params of a workdir as numpy: trainer checkpoints, else converted params/."""
+  """Latest params of a workdir as host numpy: the newest trainer checkpoint, else the
+  params/ that `lmos convert --from-hf` wrote. Dict keys come back as strings."""
   import orbax.checkpoint as ocp
   wd = Path(workdir).absolute()
   ckpt_dir = wd / "checkpoints"
-  steps = sorted(int(p.name) for p in ckpt_dir.glob("[0-9]*") if p.is_dir()) \
-      if ckpt_dir.is_dir() else []
+  steps = sorted(int(p.name) for p in ckpt_dir.glob("[0-9]*")
+                 if p.is_dir() and p.name.isdigit()) if ckpt_dir.is_dir() else []
   if steps:
-    path = ckpt_dir / str(steps[-1]) / "state"
-    tree = ocp.PyTreeCheckpointer().metadata(path)
-    tree = getattr(tree, "item_metadata", tree)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax_tree_map_np(tree)
-    state = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        restore_args=restore_args))
-    return state["params"]
+    return _restore_numpy(ckpt_dir / str(steps[-1]) / "state")["params"]
   if (wd / "params").is_dir():
-    path = wd / "params"
-    tree = ocp.PyTreeCheckpointer().metadata(path)
-    tree = getattr(tree, "item_metadata", tree)
-    tree = getattr(tree, "tree", tree)
-    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        restore_args=jax_tree_map_np(tree)))
+    return _restore_numpy(wd / "params")
   raise HFConversionError(f"--workdir {workdir}: no checkpoints/ or params/ to convert; run "
                           "`lmos train` or `lmos convert --from-hf` into it first")
 
 
-def jax_tree_map_np(metadata_tree) -> Any:
-  """Orbax restore args that bring every array back as host numpy (no device placement)."""
+def _restore_numpy(path: Path) -> Any:
+  """An orbax pytree read back as numpy arrays, with no device placement."""
   import jax
   import orbax.checkpoint as ocp
-  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata_tree)
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path) -> Path:
@@ -743,9 +752,20 @@ def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path) -> Path:
   cfg = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
   params = workdir_params(wd)
   params = _int_keys(params)
+  if cfg.get("peft") and cfg.peft.method != "full":  # fold LoRA/AdaLoRA into the kernels
+    from lmos_jax.models.factory import model_factory
+    from lmos_jax.peft.methods import merged_params
+    vocab = int(np.asarray(params["embed"]).shape[0])
+    params = merged_params(model_factory(cfg.model, vocab), cfg.peft, params)
   spec = spec_from_lmos_config(cfg.model, int(np.asarray(params["embed"]).shape[0]))
   base = json.loads((wd / "hf_config.json").read_text()) \
-      if (wd / "hf_config.json").is_file() else None
+      if (wd / "hf_config.json").is_file() else {}
+  labels_file = wd / "labels.json"  # a classifier run's label names, in id order
+  if spec.head == "cls" and labels_file.is_file():
+    names = [str(x) for x in json.loads(labels_file.read_text())]
+    if len(names) == spec.tcfg.num_labels:
+      base = {**base, "id2label": {str(i): n for i, n in enumerate(names)},
+              "label2id": {n: i for i, n in enumerate(names)}}
   tok = wd / "hf_tokenizer"
   return save_hf(spec, params, out_dir, base, tok if tok.is_dir() else None)
 

@@ -39,6 +39,12 @@ MATMUL_EFFICIENCY = 0.6  # fraction of peak a large matmul-bound step reaches (a
 # per-device MACs of one MLP matmul at which efficiency halves (a 512^3 matmul): tiny
 # per-device shards (many microbatches, wide meshes on small models) run below peak
 HALF_EFFICIENCY_MACS = 512 ** 3
+# fixed cost per layer and microbatch (kernel launches / op dispatch, forward + backward):
+# a floor on step time for tiny models, and the price of each extra microbatch
+LAYER_OVERHEAD_S = 1e-4
+# share of device memory a layout may plan to use: the runtime, fragmentation and the
+# analytic model's error (it is within ~2x of XLA's own numbers on CPU) need the rest
+MEMORY_HEADROOM = 0.9
 
 
 class PlanError(ValueError):
@@ -84,6 +90,10 @@ def parse_target(spec: str) -> Target:
     known = ", ".join(f"{c}x8" if not c.startswith("tpu") else f"{c}-8" for c in CHIPS)
     raise PlanError(f"--target={spec!r}: expected CHIPxN or tpu-VERSION-N, one of: {known}")
   return Target(CHIPS[m.group(1)], int(m.group(2)), described=True)
+
+
+def target_name(chip: Chip, n: int) -> str:
+  return f"{chip.name}-{n}" if chip.name.startswith("tpu") else f"{chip.name}x{n}"
 
 
 def present_target(num_devices: int | None, peak_flops: float | None = None) -> Target:
@@ -234,8 +244,9 @@ def analytic_estimate(s: ModelShape, lay: Layout, target: Target) -> Estimate:
 
 
 def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: float) -> float:
-  """Compute at MATMUL_EFFICIENCY of peak (lower for small per-device matmuls) plus
-  ring-collective time at link bandwidth, assumed not overlapped with compute."""
+  """Compute at MATMUL_EFFICIENCY of peak (lower for small per-device matmuls), plus
+  ring-collective time at link bandwidth (assumed not overlapped with compute), plus a
+  fixed dispatch cost per layer and microbatch."""
   chip = target.chip
   peak = chip.bf16_flops if s.compute_bytes == 2 else chip.f32_flops
   tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
@@ -253,7 +264,8 @@ def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: floa
   if t > 1:  # Megatron: 2 all-reduces forward, 2 backward per layer (+2 under full remat)
     n_ar = 6 if lay.remat == "full" else 4
     comm += k * s.num_layers * n_ar * 2 * (t - 1) / t * tokens * s.d_model * cb
-  return compute + comm / chip.link_bw
+  overhead = k * max(s.num_layers, 1) * LAYER_OVERHEAD_S
+  return compute + comm / chip.link_bw + overhead
 
 
 @dataclasses.dataclass
@@ -377,7 +389,7 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
                     f"{s.batch} and model.num_heads={s.num_heads}; use a batch that is a "
                     f"multiple of {target.num_devices}")
   ests = [analytic_estimate(s, lay, target) for lay in layouts]
-  budget = target.chip.memory
+  budget = MEMORY_HEADROOM * target.chip.memory
   ests.sort(key=lambda e: (e.memory > budget, e.step_s, e.memory))
   if not target.described:
     ests[:compile_top] = [compiled_estimate(cfg, vocab, e.layout, target, s)
@@ -397,16 +409,17 @@ def nothing_fits_message(cfg, target: Target, s: ModelShape, ests: list[Estimate
                          remats: Sequence[str], max_microbatches: int) -> str:
   """Says how far off the smallest layout is and what would fit (analytic model)."""
   smallest = min(ests, key=lambda e: e.memory)
-  gib = target.chip.memory / GiB
-  lines = [f"nothing fits in {gib:.1f} GiB per device on {target.num_devices} x "
+  budget = MEMORY_HEADROOM * target.chip.memory
+  gib = budget / GiB
+  lines = [f"nothing fits in {gib:.2f} GiB per device on {target.num_devices} x "
            f"{target.chip.name}: the smallest layout {_fmt_layout(smallest.layout)} needs "
            f"{smallest.memory / GiB:.1f} GiB ({smallest.source}). What would fit:"]
   n = target.num_devices
   for more in (2 * n, 4 * n, 8 * n, 16 * n, 32 * n, 64 * n):
     t2 = dataclasses.replace(target, num_devices=more)
     lays = enumerate_layouts(s, more, REMAT_CHOICES, max(max_microbatches, 64))
-    if any(analytic_estimate(s, l, t2).memory <= target.chip.memory for l in lays):
-      lines.append(f"- {more} devices (e.g. --target {target.chip.name}x{more} with fsdp)")
+    if any(analytic_estimate(s, l, t2).memory <= budget for l in lays):
+      lines.append(f"- {more} devices (e.g. --target {target_name(target.chip, more)}, fsdp)")
       break
   else:
     lines.append(f"- no device count up to {64 * n} (the model state alone is too big)")
@@ -415,7 +428,7 @@ def nothing_fits_message(cfg, target: Target, s: ModelShape, ests: list[Estimate
     b //= 2
     s2 = dataclasses.replace(s, batch=b)
     lays = enumerate_layouts(s2, n, REMAT_CHOICES, max(max_microbatches, 64))
-    if any(analytic_estimate(s2, l, target).memory <= target.chip.memory for l in lays):
+    if any(analytic_estimate(s2, l, target).memory <= budget for l in lays):
       lines.append(f"- train.batch_size={b} (or more --max-microbatches)")
       break
   missing = [r for r in ("full", "dots_no_batch") if r not in remats]
@@ -433,7 +446,8 @@ def _fmt_layout(l: Layout) -> str:
 def format_table(plan: Plan, limit: int = 20) -> str:
   t = plan.target
   tokens = plan.shape.batch * plan.shape.seq_len
-  head = (f"plan for {t.num_devices} x {t.chip.name} ({t.chip.memory / GiB:.1f} GiB each; "
+  head = (f"plan for {t.num_devices} x {t.chip.name} ({t.chip.memory / GiB:.1f} GiB each, "
+          f"{100 * MEMORY_HEADROOM:.0f}% usable; "
           f"{'described target: analytic estimates' if t.described else 'present devices'})"
           f"; {plan.shape.params / 1e6:.1f}M params, batch {plan.shape.batch} x "
           f"{plan.shape.seq_len}")

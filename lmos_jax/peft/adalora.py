@@ -1,7 +1,10 @@
 """AdaLoRA (Zhang et al. 2023): SVD-form updates P diag(lambda) Q with a global rank budget.
 
 - `SVDDense`: y = x W + (alpha / r) x P diag(lambda) Q; lambda = 0 at init (so the adapted
-  model equals the base), P and Q ~ N(0, 0.02) as in the reference implementation.
+  model equals the base). P and Q start with orthonormal columns / rows (a random QR), where
+  the orthogonality penalty wants them; the reference code draws N(0, 0.02), which leaves
+  x P Q about 1e-2 of x, so Adam's lr-sized lambda steps barely move the output in a short
+  finetune (measured: SST-2 stayed at chance after 94 steps).
 - `adalora`: an optax wrapper around the trainable optimizer. Each step it scores every
   singular value by sensitivity |theta * grad| smoothed by an EMA (I) times its uncertainty
   (U, an EMA of |s - I|) summed over the triplet (lambda_i, column i of P, row i of Q), and
@@ -39,14 +42,15 @@ class SVDDense(Dense):
     self.in_ndim = base.in_ndim
     self.kernel, self.bias = base.kernel, base.bias
     lead, in_s, out_s, lead_n, in_n, out_n = dense_layout(base)
-    self.lora_p = new_param(
-        0.02 * jax.random.normal(rngs.params(), (*lead, *in_s, rank), jnp.float32),
-        (*lead_n, *in_n, "lora_rank"))
+    n_in, n_out = int(np.prod(in_s)), int(np.prod(out_s))
+    if rank > min(n_in, n_out):
+      raise ValueError(f"config 'peft.rank'={rank} exceeds the layer's size {in_s}->{out_s}")
+    p = orthonormal_columns(rngs.params(), (*lead, n_in, rank))
+    q = jnp.swapaxes(orthonormal_columns(rngs.params(), (*lead, n_out, rank)), -1, -2)
+    self.lora_p = new_param(p.reshape(*lead, *in_s, rank), (*lead_n, *in_n, "lora_rank"))
     self.lora_lambda = new_param(jnp.zeros((*lead, rank), jnp.float32),
                                  (*lead_n, "lora_rank"))
-    self.lora_q = new_param(
-        0.02 * jax.random.normal(rngs.params(), (*lead, rank, *out_s), jnp.float32),
-        (*lead_n, "lora_rank", *out_n))
+    self.lora_q = new_param(q.reshape(*lead, rank, *out_s), (*lead_n, "lora_rank", *out_n))
     self.scale = float(alpha) / rank
     self.rate = float(rate)
     self.dropout_key = make_dropout_key(lead, rate)
@@ -59,6 +63,12 @@ class SVDDense(Dense):
     h = h * self.lora_lambda[...].astype(x.dtype)
     return y + self.scale * jnp.tensordot(h, self.lora_q[...].astype(x.dtype),
                                           axes=((-1,), (0,)))
+
+
+def orthonormal_columns(key: Array, shape: tuple[int, ...]) -> Array:
+  """(..., n, r) with orthonormal columns (n >= r): QR of a Gaussian, signs fixed."""
+  q, r = jnp.linalg.qr(jax.random.normal(key, shape, jnp.float32))
+  return q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
 
 
 def apply_adalora(model: nnx.Module, target: str, rank: int, alpha: float, rate: float,
@@ -218,3 +228,12 @@ def kept_ranks(opt_state: AdaLoRAState) -> dict[str, Array]:
 
 def default_t_final(total_steps: int) -> int:
   return max(1, math.ceil(0.1 * total_steps))
+
+
+def svd_delta_kernel(m: SVDDense) -> Array:
+  """scale * P diag(lambda) Q in the kernel's (lead..., in..., out...) shape."""
+  p, lam, q = m.lora_p[...], m.lora_lambda[...], m.lora_q[...]
+  lead = lam.ndim - 1
+  p2 = p.reshape(*p.shape[:lead], -1, p.shape[-1]) * lam[..., None, :]
+  q2 = q.reshape(*q.shape[:lead + 1], -1)
+  return (m.scale * (p2 @ q2)).reshape(m.kernel.shape).astype(m.kernel.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -110,3 +111,46 @@ def validate_peft(p, total_steps: int) -> None:
     raise ValueError(f"config 'peft.dropout'={p.dropout} must be in [0, 1)")
   if p.method == "adalora":
     budget_schedule(p, total_steps).check()
+
+
+def merge_and_unload(model: nnx.Module) -> int:
+  """In place: LoRA and AdaLoRA updates folded into their kernels and the layers turned back
+  into plain `Dense`, so the param tree is the base model's (for HF export or serving).
+
+  Houlsby adapters are nonlinear and cannot be folded: an error says so. Returns the count.
+  """
+  from lmos_jax.models.layers import Dense
+  from lmos_jax.peft.adalora import SVDDense, svd_delta_kernel
+  from lmos_jax.peft.adapters import AdapterDense
+  from lmos_jax.peft.lora import LoRADense
+  from lmos_jax.peft.wrap import _set_child
+  hits = [(p, m) for p, m in nnx.iter_modules(model)
+          if isinstance(m, (LoRADense, SVDDense, AdapterDense))]
+  for path, m in hits:
+    if isinstance(m, AdapterDense):
+      raise ValueError(f"{'/'.join(map(str, path))}: Houlsby adapters are nonlinear and "
+                       "cannot be merged into the base weights; serve the adapted model "
+                       "(lmos predict) instead of exporting it")
+    if isinstance(m, LoRADense):
+      kernel = m.kernel[...] + (0 if m.merged else m.delta_kernel())
+    else:
+      kernel = m.kernel[...] + svd_delta_kernel(m)
+    plain = Dense((1,) * m.in_ndim, (1,), (None,) * (m.in_ndim + 1),
+                  use_bias=m.bias is not None, std=0.0, rngs=nnx.Rngs(0))
+    plain.kernel = m.kernel
+    plain.kernel[...] = kernel
+    plain.bias = m.bias
+    _set_child(model, tuple(path), plain)
+  return len(hits)
+
+
+def merged_params(make_model: Callable[[nnx.Rngs], nnx.Module], p, params: dict) -> dict:
+  """Base-model params with a PEFT run's LoRA/AdaLoRA updates merged in (pure dicts)."""
+  if p.method == "full":
+    return params
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: wrap_factory(make_model, p)(
+      nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  model = nnx.merge(graphdef, state)
+  merge_and_unload(model)
+  return nnx.to_pure_dict(nnx.split(model)[1])

@@ -48,6 +48,8 @@ def read_train_params(workdir: Path, step: int | None = None, sharding=None
   """(step, params, meta) from WORKDIR/checkpoints, checked against the saved fingerprint."""
   ckpt = Checkpointer(workdir, read_only=True)
   steps = ckpt.all_steps()
+  if not steps or (step is not None and int(step) not in steps):
+    ckpt.close()
   if not steps:
     raise CheckpointError(f"no checkpoint under {ckpt.directory}; train first or pass the "
                           "right --workdir")

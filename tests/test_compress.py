@@ -1,0 +1,95 @@
+"""Layer trimming and distillation: asked layers go, the block choice, KD is zero at equality."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmos_jax.inference.distill import distill_loss, kd_terms
+from lmos_jax.inference.trim import drop_layers, least_important_block
+from lmos_jax.models.gpt import GPT
+from lmos_jax.models.layers import TransformerConfig
+
+TOKENS = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, 30)
+
+
+def tiny(scan: bool, layers: int = 4):
+  cfg = TransformerConfig(vocab_size=30, num_layers=layers, num_heads=2, d_model=16, d_ff=32,
+                          max_seq_len=12, scan_layers=scan, init_std=0.2)
+  graphdef, state = nnx.split(GPT(cfg, rngs=nnx.Rngs(1)))
+  return graphdef, state.to_pure_dict()
+
+
+def forward(graphdef, params):
+  return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, TOKENS))
+
+
+def _layer(params, i, scan):
+  b = params["blocks"]
+  return jax.tree.map(lambda x: x[i], b) if scan else b[i]
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_trim_drops_the_asked_layers_and_runs(scan):
+  graphdef, params = tiny(scan)
+  # make layer 2 an identity (zero residual contributions): the block choice must find it
+  zero = lambda x: jnp.zeros_like(x)  # noqa: E731
+  if scan:
+    for part in ("attn", "mlp"):
+      sub = params["blocks"][part]["out" if part == "attn" else "down"]
+      for k in sub:
+        sub[k] = sub[k].at[2].set(0.0)
+  else:
+    for part, name in (("attn", "out"), ("mlp", "down")):
+      params["blocks"][2][part][name] = jax.tree.map(zero, params["blocks"][2][part][name])
+  start, dists = least_important_block(graphdef, params, TOKENS, 1)
+  assert start == 2 and dists[2] < 1e-3 < dists.min(initial=1.0, where=np.arange(4) != 2)
+  gd2, p2 = drop_layers(graphdef, params, [start])
+  assert nnx.merge(gd2, p2).cfg.num_layers == 3
+  # dropping an identity layer leaves the logits unchanged; the kept layers are the others
+  np.testing.assert_allclose(forward(gd2, p2), forward(graphdef, params), atol=1e-5)
+  gd3, p3 = drop_layers(graphdef, params, [0, 3])
+  np.testing.assert_array_equal(
+      np.asarray(_layer(p3, 1, scan)["mlp"]["up"]["kernel"]),
+      np.asarray(_layer(params, 2, scan)["mlp"]["up"]["kernel"]))
+  assert nnx.merge(gd3, p3).cfg.num_layers == 2 and forward(gd3, p3).shape == (2, 12, 30)
+  with pytest.raises(ValueError, match="layer indices"):
+    drop_layers(graphdef, params, [4])
+
+
+def test_distillation_loss_zero_when_student_equals_teacher():
+  logits = 3.0 * jax.random.normal(jax.random.PRNGKey(2), (2, 5, 11))
+  assert float(jnp.abs(kd_terms(logits, logits, 2.0)).max()) == 0.0
+  other = logits + jax.random.normal(jax.random.PRNGKey(3), logits.shape)
+  kd = kd_terms(other, logits, 2.0)
+  # independent reference: T^2 * sum p_t log(p_t / p_s) at temperature T
+  pt = np.exp(np.asarray(logits) / 2) / np.exp(np.asarray(logits) / 2).sum(-1, keepdims=True)
+  ps = np.exp(np.asarray(other) / 2) / np.exp(np.asarray(other) / 2).sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(kd), 4 * (pt * np.log(pt / ps)).sum(-1), rtol=1e-4)
+  graphdef, params = tiny(True, layers=2)
+  batch = {"inputs": TOKENS, "targets": jnp.roll(TOKENS, -1, axis=1),
+           "teacher_logits": forward(graphdef, params)}
+
+  @jax.jit
+  def losses(p, b):
+    model = nnx.merge(graphdef, p)
+    return distill_loss(2.0, 1.0)(model, b, None), distill_loss(2.0, 0.5)(model, b, None)
+  (total, weight, aux1), (total_half, _, aux) = losses(params, batch)
+  assert float(total) == 0.0 and float(aux1["kd"]) == 0.0 and float(weight) == 24
+  np.testing.assert_allclose(float(total_half), 0.5 * float(aux["ce"]), rtol=1e-6)
+
+
+def test_lora_heal_keeps_the_tree_and_trains_only_kernels():
+  from lmos_jax.inference.heal import lora_heal
+
+  class Data:
+    def train_batch(self, i):
+      x = np.random.default_rng(i).integers(0, 30, (4, 13)).astype(np.int32)
+      return {"inputs": x[:, :-1], "targets": x[:, 1:]}
+  graphdef, params = tiny(True, layers=2)
+  healed, losses = lora_heal(graphdef, params, Data(), 2, lr=1e-2)
+  assert jax.tree.structure(healed) == jax.tree.structure(params) and len(losses) == 2
+  diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), healed, params)
+  assert diff["embed"] == 0.0 and diff["blocks"]["attn_norm"]["scale"] == 0.0
+  assert diff["blocks"]["mlp"]["up"]["kernel"] > 0  # B moved off zero, merged into W
