@@ -14,7 +14,7 @@ def get_config(arg=None):
   c.data.path = "../shared/data/tinyshakespeare.txt"
   m, t = c.model, c.train
   m.use_bias, m.tie_embeddings = False, True  # nanoGPT: bias=False, tied wte/lm_head
-  m.scan_layers = False  # 4-6 layers: unrolled steps run faster on CPU (experiments/bench_compile.py)
+  m.scan_layers = False  # 4-6 layers: unrolled is faster on CPU (experiments/bench_compile.py)
   t.schedule, t.min_lr_ratio = "warmup_cosine", 0.1
   t.weight_decay, t.b1, t.b2, t.grad_clip = 0.1, 0.9, 0.99, 1.0
   t.sample_prompt = "\n"

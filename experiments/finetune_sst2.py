@@ -57,7 +57,7 @@ def run_one(method: str, workdir: str, data: str, max_train: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-  out = ["| method | SST-2 dev acc | trainable params | % of 22.8M | steps (sent.) | wall s | "
+  out = ["| method | SST-2 dev acc | trainable params | % of model | steps (sent.) | wall s | "
          "train tok/s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     out.append(f"| {r['method']} | {100 * r['dev_accuracy']:.2f} | {r['trainable']:,} | "

@@ -275,15 +275,18 @@ class Decoder:
     self.graphdef, self.cache_len, self.mesh = graphdef, int(cache_len), mesh
     loop = decode_loop if use_cache else full_recompute_loop
 
+    self._traces = 0
+
     def run(params, tokens, lengths, max_new, stop, sampling, key):
+      self._traces += 1  # runs only while tracing, i.e. once per compiled shape bucket
       return loop(graphdef, params, tokens, lengths, max_new, stop, sampling, key,
                   self.cache_len, materialize)
 
     self._fn = jax.jit(run)
 
   def compiled_count(self) -> int:
-    """How many shape buckets have been compiled so far."""
-    return self._fn._cache_size()
+    """How many shape buckets have been traced (and so compiled) so far."""
+    return self._traces
 
   def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
