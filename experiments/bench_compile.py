@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from lmos_jax.config.schema import base_config
 from lmos_jax.parallel import planner
+from lmos_jax.train.metrics import median_step_seconds
 
 
 def run(depth: int, scan: bool, args) -> tuple[float, float]:
@@ -40,14 +40,8 @@ def run(depth: int, scan: bool, args) -> tuple[float, float]:
   tok = np.random.default_rng(0).integers(0, 256, (args.batch, args.seq), dtype=np.int32)
   batch = {"inputs": tok, "targets": np.roll(tok, -1, axis=1)}
   state, _ = compiled(state, batch)
-  times = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-      state, _ = compiled(state, batch)
-    jax.block_until_ready(state)
-    times.append((time.perf_counter() - t0) / args.steps)
-  return compile_s, statistics.median(times)
+  _, step_s = median_step_seconds(compiled, state, batch, args.steps, args.repeats)
+  return compile_s, step_s
 
 
 def main(argv=None) -> int:

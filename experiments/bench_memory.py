@@ -19,15 +19,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmos_jax.config.schema import base_config  # noqa: E402
 from lmos_jax.parallel import planner  # noqa: E402
+from lmos_jax.train.metrics import median_step_seconds  # noqa: E402
 
 MiB = 1024 ** 2
 MESHES = (("data-only", (8, 1, 1)), ("fsdp", (1, 8, 1)), ("tensor", (1, 1, 8)),
@@ -79,15 +78,9 @@ def remat_table(args) -> None:
     tok = rng.integers(0, 256, (args.batch, args.seq), dtype=np.int32)
     batch = {"inputs": tok, "targets": np.roll(tok, -1, axis=1)}
     state, _ = compiled(state, batch)
-    times = []
-    for _ in range(args.repeats):
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        state, m = compiled(state, batch)
-      jax.block_until_ready(state)
-      times.append((time.perf_counter() - t0) / args.steps)
+    _, step_s = median_step_seconds(compiled, state, batch, args.steps, args.repeats)
     rows.append((remat, compiled.memory_analysis().temp_size_in_bytes,
-                 planner.compiled_memory(compiled), statistics.median(times)))
+                 planner.compiled_memory(compiled), step_s))
   ref = rows[0][3]
   for remat, temp, total, t in rows:
     print(f"| {remat} | {temp / MiB:.2f} | {total / MiB:.2f} | {1e3 * t:.1f} | "

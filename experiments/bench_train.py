@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,19 +151,10 @@ class TorchSide:
     return float(np.mean(vals))
 
 
-def matmul_peak(n: int = 2048, iters: int = 6) -> float:
-  """f32 matmul FLOP/s of this host through XLA, best of 3 short probes."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = 0.0
-  for _ in range(3):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = f(a)
-    out.block_until_ready()
-    best = max(best, 2.0 * n ** 3 * iters / (time.perf_counter() - t0))
-  return best
+def matmul_peak() -> float:
+  """f32 matmul FLOP/s of this host through XLA (2048^2, best of 3 probes)."""
+  from lmos_jax.train.metrics import measure_cpu_peak
+  return measure_cpu_peak(n=2048, iters=6, repeats=3)
 
 
 def bench_shape(shape: str, peers: list[str], data_path: str, windows: int = 0,

@@ -26,7 +26,7 @@ import numpy as np
 from lmos_jax.config.loading import load_config_file, validate
 from lmos_jax.parallel import planner
 from lmos_jax.parallel.sharding import batch_sharding
-from lmos_jax.train.metrics import device_peak_flops, flops_per_token
+from lmos_jax.train.metrics import device_peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,6 @@ weight-decay mask, L2, schedules."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from helpers import tiny_config

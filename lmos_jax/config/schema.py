@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   pf.beta1 = 0.85  # adalora: EMA of sensitivity
   pf.beta2 = 0.85  # adalora: EMA of uncertainty
   pf.orth_reg = 0.1  # adalora: weight of the orthogonality penalty
+  # adalora: multiplier on the lambda (singular value) updates. With P, Q orthonormal, Adam's
+  # lr-sized lambda steps change the update by ~lr, sqrt(width)x less than LoRA's B steps
+  pf.lambda_lr_scale = 20.0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices left over

@@ -718,7 +718,6 @@ def from_hf_to_workdir(hf_dir: str | Path, workdir: str | Path, num_labels: int 
 def workdir_params(workdir: str | Path) -> dict:
   """Latest params of a workdir as host numpy: the newest trainer checkpoint, else the
   params/ that `lmos convert --from-hf` wrote. Dict keys come back as strings."""
-  import orbax.checkpoint as ocp
   wd = Path(workdir).absolute()
   ckpt_dir = wd / "checkpoints"
   steps = sorted(int(p.name) for p in ckpt_dir.glob("[0-9]*")

@@ -11,7 +11,12 @@
   keeps the top-b(t) singular values of the whole model, b(t) following the cubic budget
   schedule: b0 until t_init, cubic decay to the target, fixed for the last t_final steps.
   Pruned lambdas are held at exactly 0 by the update itself (the mask lives in the
-  optimizer state, so a resumed run continues the same schedule).
+  optimizer state, so a resumed run continues the same schedule). Kept lambdas take
+  `lambda_lr_scale` x the inner optimizer's step: with P, Q held orthonormal by the penalty,
+  ||dW||_2 = (alpha / r) max|lambda|, and Adam moves lambda by about lr per step, so with
+  scale 1 a short finetune cannot grow the update (measured: SST-2 dev 51% after 94 steps
+  at lr 3e-3, the tiny marker task flat at ln 2); LoRA's B has r * d_out entries moving at lr,
+  about sqrt(d_out) times the change per step.
 - `orthogonality_penalty`: mean ||P^T P - I||_F + ||Q Q^T - I||_F, added to the loss.
 """
 
@@ -167,10 +172,15 @@ def rank_scores(ipt: dict, unc: dict, prefix: str, in_ndim: int) -> Array:
   return lam + s["lora_p"].mean(axis=p_axes) + s["lora_q"].mean(axis=q_axes)
 
 
-def adalora(inner: optax.GradientTransformation, sched: BudgetSchedule
-            ) -> optax.GradientTransformation:
-  """Wraps `inner` with importance scoring, budget masking of lambda, and EMA state."""
+def adalora(inner: optax.GradientTransformation, sched: BudgetSchedule,
+            lambda_lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """Wraps `inner` with importance scoring, budget masking of lambda, and EMA state.
+
+  Kept lambdas move `lambda_lr_scale` times the inner update (see the module docstring).
+  """
   sched.check()
+  if not lambda_lr_scale > 0:
+    raise ValueError(f"config 'peft.lambda_lr_scale'={lambda_lr_scale} must be positive")
 
   def init(params):
     svd = _svd_leaves(params)
@@ -213,7 +223,7 @@ def adalora(inner: optax.GradientTransformation, sched: BudgetSchedule
       key = "/".join(path_names(path))
       if key.endswith("/lora_lambda") and key.rsplit("/", 1)[0] in mask:
         m = mask[key.rsplit("/", 1)[0]] > 0
-        return jnp.where(m, u, -w).astype(u.dtype)
+        return jnp.where(m, u * lambda_lr_scale, -w).astype(u.dtype)
       return u
     updates = jax.tree_util.tree_map_with_path(hold, updates, params)
     return updates, AdaLoRAState(inner_state, ipt, unc, mask, t)

@@ -95,7 +95,7 @@ def peft_optimizer(tx: optax.GradientTransformation, p, total_steps: int
   """AdaLoRA's budget wrapper around the (partitioned) optimizer; others pass through."""
   if p.method != "adalora":
     return tx
-  return adalora(tx, budget_schedule(p, total_steps))
+  return adalora(tx, budget_schedule(p, total_steps), p.lambda_lr_scale)
 
 
 def validate_peft(p, total_steps: int) -> None:
@@ -111,6 +111,8 @@ def validate_peft(p, total_steps: int) -> None:
     raise ValueError(f"config 'peft.dropout'={p.dropout} must be in [0, 1)")
   if p.method == "adalora":
     budget_schedule(p, total_steps).check()
+    if not p.lambda_lr_scale > 0:
+      raise ValueError(f"config 'peft.lambda_lr_scale'={p.lambda_lr_scale} must be positive")
 
 
 def merge_and_unload(model: nnx.Module) -> int:

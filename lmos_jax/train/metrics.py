@@ -21,28 +21,53 @@ PEAK_FLOPS = (
 )
 
 
-def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x matmul params + attention (PaLM appendix B convention)."""
+def flops_per_token(cfg: TransformerConfig, seq_len: int, lm_head: bool = True) -> float:
+  """Training FLOPs per token: 6 x matmul params + attention (PaLM appendix B convention).
+
+  `lm_head=False` for sequence classification, where no token goes through the vocab head.
+  """
   d, f, l = cfg.d_model, cfg.d_ff, cfg.num_layers
   qkv = d * cfg.head_dim * (cfg.num_heads + 2 * cfg.kv_heads)
   out = cfg.num_heads * cfg.head_dim * d
   mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-  head = d * cfg.vocab_size
+  head = d * cfg.vocab_size if lm_head else 0
   matmul_params = l * (qkv + out + mlp) + head
   attention = 12 * l * cfg.num_heads * cfg.head_dim * seq_len
   return 6.0 * matmul_params + attention
 
 
-def measure_cpu_peak(n: int = 1024, iters: int = 8) -> float:
-  """Host f32 matmul FLOP/s, measured once by a short probe (CPU has no spec sheet here)."""
+def measure_cpu_peak(n: int = 1024, iters: int = 4, repeats: int = 3) -> float:
+  """Host f32 matmul FLOP/s, measured once by a short probe (CPU has no spec sheet here).
+
+  Best of `repeats` rounds, so a moment of contention from other processes lowers it less.
+  """
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    out = f(a)
-  out.block_until_ready()
-  return 2.0 * n ** 3 * iters / (time.perf_counter() - t0)
+  best = 0.0
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = f(a)
+    out.block_until_ready()
+    best = max(best, 2.0 * n ** 3 * iters / (time.perf_counter() - t0))
+  return best
+
+
+def median_step_seconds(step_fn, state, batch, steps: int, repeats: int):
+  """Median seconds per call of an already-compiled `step_fn(state, batch) -> (state, _)`.
+
+  Returns the final state too, since the step donates it.
+  """
+  import statistics
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, _ = step_fn(state, batch)
+    jax.block_until_ready(state)
+    times.append((time.perf_counter() - t0) / steps)
+  return state, statistics.median(times)
 
 
 def device_peak_flops(devices=None) -> tuple[float, str]:

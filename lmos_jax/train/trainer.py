@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lmos_jax.config.loading import validate
@@ -183,7 +182,8 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   eval_fn = jit_eval_step(run.step_cfg, run.shardings["params"], run.mesh, ndims)
   tcfg = _model_tcfg(run)
   tokens_per_step = t.batch_size * cfg.data.seq_len
-  flops_step = flops_per_token(tcfg, cfg.data.seq_len) * tokens_per_step
+  flops_step = tokens_per_step * flops_per_token(tcfg, cfg.data.seq_len,
+                                                 lm_head=cfg.task != "cls")
   peak, peak_src = device_peak_flops()
   if is_main:
     print(f"lmos train: {run.num_params:,} params, mesh {dict(run.mesh.shape)}, "
