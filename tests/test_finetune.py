@@ -118,14 +118,9 @@ def synthetic_batch(step: int, b: int = 32, t: int = 12) -> dict:
           "attention_mask": np.ones((b, t), np.int32)}
 
 
-@pytest.mark.parametrize("method", ["lora"])  # the harder case: a frozen random encoder
-def test_classification_loss_falls(method):
-  p = base_config().peft
-  p.method, p.trainable_extra, p.rank = method, "classifier", 8
-  t = base_config().train
-  t.lr, t.warmup_steps, t.schedule, t.steps, t.weight_decay = 3e-3, 0, "constant", 30, 0.0
-  if method == "lora":
-    p.target_modules, t.lr = "attn/(query|key|value|out)$|mlp/(up|down)$", 1e-2
+def tiny_cls_training(p, t):
+  """(jitted train step, initial state, trainable predicate) for the tiny BERT classifier
+  wrapped by the PEFT config `p` and optimised by the train config `t`."""
   make = wrap_factory(lambda rngs: BERT(tiny_bert_cfg(), rngs=rngs), p)
   graphdef, state = nnx.split(make(nnx.Rngs(params=0)))
   params = nnx.to_pure_dict(state)
@@ -135,7 +130,18 @@ def test_classification_loss_falls(method):
                    policy=resolve_policy("fp32"), trainable=trainable)
   st = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
         "rng": jax.random.PRNGKey(0)}
-  step = jax.jit(lambda s, b: train_step(cfg, s, b))
+  return jax.jit(lambda s, b: train_step(cfg, s, b)), st, trainable
+
+
+@pytest.mark.parametrize("method", ["lora"])  # the harder case: a frozen random encoder
+def test_classification_loss_falls(method):
+  p = base_config().peft
+  p.method, p.trainable_extra, p.rank = method, "classifier", 8
+  t = base_config().train
+  t.lr, t.warmup_steps, t.schedule, t.steps, t.weight_decay = 3e-3, 0, "constant", 30, 0.0
+  if method == "lora":
+    p.target_modules, t.lr = "attn/(query|key|value|out)$|mlp/(up|down)$", 1e-2
+  step, st, _ = tiny_cls_training(p, t)
   losses = []
   for i in range(t.steps):
     st, m = step(st, synthetic_batch(i))

@@ -256,23 +256,12 @@ def test_adalora_classification_loss_falls():
   learns the tiny marker task that LoRA learns (tests/test_finetune.py). With plain lambda
   steps (lambda_lr_scale=1) it stayed at chance (~0.69) for 30 steps: P and Q are held
   orthonormal, so the update's size is only |lambda| <= sum of learning rates."""
-  from lmos_jax.models.bert import BERT
-  from lmos_jax.train.losses import cls_loss
-  from test_finetune import synthetic_batch, tiny_bert_cfg
+  from test_finetune import synthetic_batch, tiny_cls_training
   p = peft_cfg("adalora", trainable_extra="classifier", rank=8, target_rank=4, t_init=5,
                t_final=5, delta_t=5, dropout=0.1, target_modules="attn/(query|key|value|out)$")
   steps = 30
   c = tiny_config(steps=steps, lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0)
-  make = wrap_factory(lambda rngs: BERT(tiny_bert_cfg(), rngs=rngs), p)
-  graphdef, state = nnx.split(make(nnx.Rngs(params=0)))
-  params = nnx.to_pure_dict(state)
-  trainable = trainable_for(p)
-  tx = peft_optimizer(make_optimizer(c.train, trainable), p, steps)
-  cfg = StepConfig(graphdef=graphdef, tx=tx, loss_fn=peft_loss(cls_loss, p),
-                   policy=resolve_policy("fp32"), trainable=trainable)
-  st = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-        "rng": jax.random.PRNGKey(0)}
-  step = jax.jit(lambda s, b: train_step(cfg, s, b))
+  step, st, trainable = tiny_cls_training(p, c.train)
   losses = []
   for i in range(steps):
     st, m = step(st, synthetic_batch(i))
