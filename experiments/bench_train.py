@@ -5,8 +5,9 @@ tanh-GELU MLP 4x, tied embeddings, no dropout) with the identical optimizer (Ada
 b1=0.9, b2=0.99, eps=1e-8, weight decay 0.1 on matmul weights only, global-norm clip 1.0,
 the same warmup-cosine LR evaluated by the same optax schedule) on the identical batches.
 The peer is `transformers`' GPT2LMHeadModel with torch AdamW, eager and (when it works)
-`torch.compile`. Windows of steps alternate between the frameworks so a change in machine
-load hits both; step times are medians over windows. Model FLOP/s use the PaLM convention
+`torch.compile`. Each side runs in its own worker process (their thread pools interfere
+when they share one); windows of steps alternate between the workers so a change in machine
+load hits all of them; step times are medians over windows. Model FLOP/s use the PaLM convention
 (6 x matmul params + attention per token) and are compared with the f32 matmul peak
 measured in the same run.
 
@@ -17,6 +18,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -54,12 +56,11 @@ def lmos_config(shape: str, total_steps: int, data_path: str):
 class LmosSide:
   """The real lmos pipeline: build_run -> sharded init -> jitted, donated train step."""
 
-  name = "lmos_jax"
-
   def __init__(self, cfg):
     from lmos_jax.train.step import jit_train_step, jit_eval_step
     from lmos_jax.train.trainer import build_run
-    self.run = build_run(cfg, jax.devices()[:1])
+    self.run = build_run(cfg)  # every device this process shows (see --cpu-devices)
+    self.name = f"lmos_jax ({len(jax.devices())} XLA device{'s' * (len(jax.devices()) > 1)})"
     with jax.set_mesh(self.run.mesh):
       self.state = jax.jit(self.run.init_fn, out_shardings=self.run.shardings)(
           jax.random.PRNGKey(cfg.seed))
@@ -157,46 +158,85 @@ def matmul_peak() -> float:
   return measure_cpu_peak(n=2048, iters=6, repeats=3)
 
 
-def bench_shape(shape: str, peers: list[str], data_path: str, windows: int = 0,
-                per_window: int = 0) -> list[dict]:
-  from lmos_jax.train.metrics import flops_per_token
+def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: int) -> int:
+  """Worker process for one side: warm up, then run the window the parent names, report.
+
+  Each framework gets its own process so their thread pools never meet: in one process,
+  torch's OpenMP workers slowed the JAX side by 20-30% here.
+  """
+  import json
   layers, heads, d, block, batch, def_windows, def_per_window, warm = SHAPES[shape]
   windows, per_window = windows or def_windows, per_window or def_per_window
   total = warm + windows * per_window
   cfg = lmos_config(shape, total, data_path)
-  lm = LmosSide(cfg)
-  data = lm.run.data
+  if side == "lmos":
+    runner = LmosSide(cfg)
+    data = runner.run.data
+  else:
+    from lmos_jax.train.trainer import build_run
+    data = build_run(cfg, jax.devices()[:1]).data  # the identical batches, no JAX compile
+    runner = TorchSide(cfg, data.tokenizer.vocab_size, compiled=(side == "compile"))
   batches = [data.train_batch(s) for s in range(total)]
-  val = data.val_batches()[:4]
-  sides = [lm]
-  for p in peers:
-    try:
-      side = TorchSide(cfg, data.tokenizer.vocab_size, compiled=(p == "compile"))
-      side.steps(batches[:warm])  # compile / warm up before timing
-      sides.append(side)
-    except Exception as e:  # the peer's failure is reported in the table, not hidden
-      print(f"[{shape}] peer {p} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-  lm.steps(batches[:warm])
-  times: dict[str, list[float]] = {s.name: [] for s in sides}
-  for w in range(windows):
-    chunk = batches[warm + w * per_window: warm + (w + 1) * per_window]
-    for s in sides:
-      t0 = time.perf_counter()
-      s.steps(chunk)
-      times[s.name].append((time.perf_counter() - t0) / per_window)
+  runner.steps(batches[:warm])  # compile / warm up before timing
+  print(json.dumps({"ready": runner.name}), flush=True)
+  for line in sys.stdin:
+    if line.strip() == "done":
+      break
+    w = int(line)
+    t0 = time.perf_counter()
+    runner.steps(batches[warm + w * per_window: warm + (w + 1) * per_window])
+    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+  hist = runner.loss_history()
+  print(json.dumps({"losses": hist, "val_loss": runner.eval_loss(data.val_batches()[:4])}),
+        flush=True)
+  return 0
+
+
+def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
+  """Alternates timed windows between one worker process per side; medians per side."""
+  import json
+  import subprocess
   from flax import nnx
-  tcfg = nnx.eval_shape(lambda: nnx.merge(lm.run.graphdef, lm.run.abstract_state["params"])).cfg
-  fpt = flops_per_token(tcfg, block)
+  from lmos_jax.train.metrics import flops_per_token
+  layers, heads, d, block, batch, def_windows, def_per_window, warm = SHAPES[shape]
+  windows, per_window = args.windows or def_windows, args.per_window or def_per_window
+  procs, names = {}, {}
+  for side in sides:
+    cmd = [sys.executable, __file__, "--shapes", shape, "--side", side, "--data", args.data,
+           "--windows", str(windows), "--per-window", str(per_window),
+           "--cpu-devices", str(args.cpu_devices)]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()  # workers start one at a time: compiles don't overlap
+    if not line:
+      print(f"[{shape}] {side} failed to start (its error is above)", flush=True)
+      continue
+    procs[side], names[side] = p, json.loads(line)["ready"]
+  times: dict[str, list[float]] = {s: [] for s in procs}
+  for w in range(windows):
+    for side, p in procs.items():
+      p.stdin.write(f"{w}\n")
+      p.stdin.flush()
+      times[side].append(json.loads(p.stdout.readline())["seconds"] / per_window)
+  cfg = lmos_config(shape, 1, args.data)
+  from lmos_jax.models.factory import model_factory
+  from lmos_jax.train.trainer import build_run
+  vocab = build_run(cfg, jax.devices()[:1]).data.tokenizer.vocab_size
+  model = nnx.eval_shape(lambda: model_factory(cfg.model, vocab)(nnx.Rngs(0)))
+  fpt = flops_per_token(model.cfg, block)
   tokens = batch * block
   rows = []
-  for s in sides:
-    hist = s.loss_history()
+  for side, p in procs.items():
+    p.stdin.write("done\n")
+    p.stdin.flush()
+    out = json.loads(p.stdout.readline())
+    p.wait()
+    hist = out["losses"]
     tail = max(len(hist) // 10, 1)
-    step_s = statistics.median(times[s.name])
-    rows.append({"shape": shape, "impl": s.name, "step_ms": 1e3 * step_s,
-                 "spread": (max(times[s.name]) - min(times[s.name])) / step_s,
+    step_s = statistics.median(times[side])
+    rows.append({"shape": shape, "impl": names[side], "step_ms": 1e3 * step_s,
+                 "spread": (max(times[side]) - min(times[side])) / step_s,
                  "tok_s": tokens / step_s, "flops": fpt * tokens / step_s,
-                 "train_loss": float(np.mean(hist[-tail:])), "val_loss": s.eval_loss(val),
+                 "train_loss": float(np.mean(hist[-tail:])), "val_loss": out["val_loss"],
                  "steps": len(hist)})
   return rows
 
@@ -208,22 +248,34 @@ def main(argv=None) -> int:
   ap.add_argument("--data", default=str(DATA))
   ap.add_argument("--windows", type=int, default=0, help="timed windows (0: per-shape default)")
   ap.add_argument("--per-window", type=int, default=0, help="steps per window (0: default)")
+  ap.add_argument("--cpu-devices", type=int, default=0,
+                  help="XLA CPU devices for lmos (0: lmos's default, one per core; 1: one)")
+  ap.add_argument("--side", default="", help=argparse.SUPPRESS)  # worker mode (internal)
   args = ap.parse_args(argv)
+  from lmos_jax.config.schema import base_config
+  from lmos_jax.parallel.distributed import split_cpu_host
+  mesh = base_config().mesh
+  mesh.cpu_devices = args.cpu_devices
+  batch_gcd = math.gcd(*[SHAPES[s][4] for s in args.shapes.split(",")])
+  split_cpu_host(mesh, batch_gcd, 1)  # what `lmos train` does before JAX starts
+  if args.side:
+    return serve_side(args.shapes, args.side, args.data, args.windows, args.per_window)
   if not Path(args.data).is_file():
     print(f"--data={args.data!r}: no such file (tinyshakespeare.txt)", file=sys.stderr)
     return 2
   peers = [p for p in args.peers.split(",") if p]
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load {os.getloadavg()}", flush=True)
+        f"{len(jax.devices())} device(s), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"load {os.getloadavg()}", flush=True)
   peak0 = matmul_peak()
   rows = []
   for shape in args.shapes.split(","):
-    rows += bench_shape(shape, peers, args.data, args.windows, args.per_window)
+    rows += bench_shape(shape, ["lmos", *peers], args)
   peak = statistics.median([peak0, matmul_peak()])
   print(f"\nf32 matmul peak (2048^2, XLA, median of start/end probes): {peak / 1e9:.1f} GFLOP/s;"
         f" load at end {os.getloadavg()}")
-  hdr = (f"| shape | impl | steps | step ms (median) | spread | tokens/s | vs eager | "
-         f"model GFLOP/s | % of peak | train loss (last 10%) | val loss |")
+  hdr = ("| shape | impl | steps | step ms (median) | spread | tokens/s | vs eager | "
+         "model GFLOP/s | % of peak | train loss (last 10%) | val loss |")
   print(hdr + "\n|" + "---|" * 11)
   for r in rows:
     ref = next((q for q in rows if q["shape"] == r["shape"] and q["impl"] == "torch eager"),

@@ -60,6 +60,14 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
     raise ConfigError(f"config {name!r}={value!r}: expected one of {', '.join(options)}")
 
 
+def check_cpu_devices(cfg: ml_collections.ConfigDict) -> None:
+  """mesh.cpu_devices is read before JAX starts (and before `validate`): check it first."""
+  n = cfg.mesh.get("cpu_devices", 0)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ConfigError(f"config 'mesh.cpu_devices'={n!r} must be an integer >= 0 "
+                      "(0: one XLA device per CPU core, N: exactly N)")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError naming the first wrong field; runs before anything compiles."""
   from lmos_jax.parallel.sharding import resolve_mesh_shape
@@ -67,12 +75,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   from lmos_jax.train.precision import POLICIES
 
   _check_schema(cfg, base_config(), "")
+  check_cpu_devices(cfg)
   m, d, t = cfg.model, cfg.data, cfg.train
   _choice("model.pos_emb", m.pos_emb, ("learned", "rope", "none"))
   _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
   _choice("model.mlp", m.mlp, ("gelu", "gelu_exact", "swiglu"))
   _choice("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch", "save_attn_out"))
-  _choice("model.attention_impl", m.attention_impl, ("auto", "xla", "cudnn"))
+  _choice("model.attention_impl", m.attention_impl, ("auto", "blocked", "xla", "cudnn"))
   _choice("train.schedule", t.schedule, SCHEDULES)
   _choice("train.precision", t.precision, POLICIES)
   for name in ("num_layers", "num_heads", "d_model", "max_seq_len"):

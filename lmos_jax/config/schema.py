@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.dropout = 0.0
   m.scan_layers = True
   m.remat = "none"  # none | full | dots | dots_no_batch | save_attn_out
-  m.attention_impl = "auto"  # auto | xla | cudnn
+  m.attention_impl = "auto"  # auto (blocked on CPU, fused elsewhere) | blocked | xla | cudnn
   m.init_std = 0.02
   m.type_vocab_size = 2  # bert: token-type (segment) embeddings
   m.num_labels = 0  # bert: >0 adds the sequence-classification head instead of MLM
@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices left over
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # CPU-only hosts: XLA devices to split the host into (0: one per core when the default
+  # all-data mesh can use them; 1: one multi-threaded device). Ignored on accelerators.
+  c.mesh.cpu_devices = 0
 
   # Multi-host (jax.distributed). Empty/-1 fields come from the environment: Cloud TPU VMs and
   # SLURM are detected by jax; JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID also work.

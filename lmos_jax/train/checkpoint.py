@@ -330,9 +330,11 @@ class NonFiniteMonitor:
   def __init__(self, policy: str, max_bad: int, total: int = 0):
     self.policy, self.max_bad = policy, max_bad
     self.consecutive, self.total = 0, total
+    self.last_step = 0  # the newest step counted (the loop fetches steps in batches)
 
   def update(self, step: int, bad: bool) -> None:
     """Counts and logs one step's outcome."""
+    self.last_step = step
     if not bad:
       self.consecutive = 0
       return

@@ -189,31 +189,27 @@ def train_step(cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
     l2_loss, l2_grads = jax.value_and_grad(lambda p: cfg.l2 * l2_penalty(p, mask_fn))(params)
     grads = jax.tree.map(jnp.add, grads, l2_grads)
     loss = loss + l2_loss
-  updates, opt_state = cfg.tx.update(grads, state["opt_state"], params)
-  new_params = optax.apply_updates(params, updates)
-  # Non-finite guard: a NaN/Inf loss or gradient keeps the old params and optimizer state
-  # (the step counter and RNG still advance, so the next batch is a fresh one).
-  finite = all_finite(loss, grads)
-  params, opt_state = keep_if(finite, (new_params, opt_state), (params, state["opt_state"]))
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": weight,
+  # Non-finite guard: a NaN/Inf loss or gradient skips the update under `lax.cond`, keeping
+  # the old params and optimizer state (the step counter and RNG still advance, so the next
+  # batch is a fresh one). One scalar decides it: the global grad norm is non-finite iff some
+  # gradient is (or their squares overflow f32), so no per-leaf checks or selects are needed.
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(operands):
+    p, o = operands
+    updates, o = cfg.tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o
+
+  params, opt_state = jax.lax.cond(finite, update, lambda ops: ops,
+                                   (params, state["opt_state"]))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": weight,
              "accuracy": aux.get("correct", 0.0) / denom,
              "nonfinite": 1.0 - finite.astype(jnp.float32)}
   if cfg.schedule is not None:
     metrics["lr"] = cfg.schedule(state["step"])
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
   return new_state, metrics
-
-
-def all_finite(*trees) -> Array:
-  """One boolean: every float leaf of every tree is finite."""
-  leaves = [x for t in trees for x in jax.tree.leaves(t)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
-
-
-def keep_if(ok: Array, new: Any, old: Any) -> Any:
-  """`new` where `ok` else `old`, leaf by leaf (a select inside the jitted step)."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def eval_step(cfg: StepConfig, params, batch: dict) -> dict:

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lmos_jax.config.loading import validate
+from lmos_jax.config.loading import check_cpu_devices, validate
 from lmos_jax.data.build import build_data
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.models.factory import model_factory
@@ -158,6 +158,8 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   from tqdm import tqdm
 
   workdir = Path(workdir)
+  check_cpu_devices(cfg)
+  distributed.split_cpu_host(cfg.mesh, cfg.train.batch_size, cfg.train.microbatches)
   distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
   distributed.check_same_config(cfg)
   check_tracking(cfg.tracking)
@@ -197,15 +199,27 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   wall0 = time.time() - float(meta.get("wall_time", 0.0))
   pbar = tqdm(total=t.steps, initial=start, disable=not (t.progress and is_main),
               dynamic_ncols=True, file=sys.stderr)
-  pending = None
+  pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
   mark_time, mark_step = None, start
   batches = batch_stream(run.data, start, t.steps, cfg.data.prefetch)
   mark_wait = 0.0
 
-  def flush(pending) -> None:
+  def flush() -> None:
+    """Fetches every pending step's metrics in one transfer; logs the newest at log points.
+
+    Steps between log points never wait on the device: their metrics stay on it until here.
+    The non-finite monitor still sees every step, in order, before any checkpoint is saved.
+    """
     nonlocal last, mark_time, mark_step, mark_wait
-    step, metrics = pending
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    fetched = jax.device_get([m for _, m in pending])
+    steps = [s for s, _ in pending]
+    pending.clear()
+    for i, (s, m) in enumerate(zip(steps, fetched)):
+      monitor.update(s, float(m.get("nonfinite", 0.0)) > 0)
+      if monitor.exhausted:  # the run stops here: later steps are neither counted nor logged
+        steps, fetched = steps[:i + 1], fetched[:i + 1]
+        break
+    step, m = steps[-1], {k: float(v) for k, v in fetched[-1].items()}
     now = time.perf_counter()
     if mark_time is None:  # first step includes compilation: start the clock after it
       mark_time, mark_step, mark_wait = now, step, batches.wait_seconds
@@ -216,7 +230,6 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
     m["tokens_per_sec"] = rate
     m["data_wait_frac"] = wait_frac  # share of step time blocked on the input pipeline
     m["mfu"] = rate / tokens_per_step * flops_step / peak if rate == rate else float("nan")
-    monitor.update(step, m.get("nonfinite", 0.0) > 0)
     m["skipped_steps"] = float(monitor.total)
     last = m
     pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
@@ -248,21 +261,19 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
       tracker.after_step(step, state)
       tokens_seen += tokens_per_step
       pbar.update(1)
-      if pending is not None:  # the previous step's metrics: no host sync on this one
-        flush(pending)
-        pending = None
-      if step % t.log_every == 0 or step % t.ckpt_every == 0 or step == t.steps:
-        flush((step, metrics))  # log points sync, so the interval timing is exact
-      else:
-        pending = (step, metrics)
+      pending.append((step, metrics))
+      # Host syncs only at the first step (to start the clock after compiling), log points
+      # and checkpoints; in between, the loop only dispatches.
+      if (step == start + 1 or step % t.log_every == 0 or step % t.ckpt_every == 0
+          or step == t.steps):
+        flush()
       if monitor.exhausted:  # too many non-finite steps: stop before saving anything newer
         break
       if step % t.ckpt_every == 0 or step == t.steps:
         save(step)
       if guard.should_stop(step, ckpt):  # SIGTERM/SIGINT/preemption: save, wait, exit 0
-        if pending is not None:
-          flush(pending)
-          pending = None
+        if pending:
+          flush()
         if saved_step != step and not monitor.exhausted:
           save(step, force=True)
         stopped_by = guard.received
@@ -279,7 +290,7 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
                     {"step": str(step), "peft.method": cfg.peft.method,
                      "model.init_from": cfg.model.init_from})
   if monitor.exhausted:
-    raise monitor.error(step)
+    raise monitor.error(monitor.last_step)
   if stopped_by is not None:
     if is_main:
       print(f"lmos train: stopped by {stopped_by} at step {step}; checkpoint saved in "
