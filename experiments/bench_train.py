@@ -205,7 +205,10 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
     cmd = [sys.executable, __file__, "--shapes", shape, "--side", side, "--data", args.data,
            "--windows", str(windows), "--per-window", str(per_window),
            "--cpu-devices", str(args.cpu_devices)]
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # Inductor's pool of compile workers stays alive and slowed the other processes by
+    # 20-30% here: compile in the worker itself.
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()  # workers start one at a time: compiles don't overlap
     if not line:
       print(f"[{shape}] {side} failed to start (its error is above)", flush=True)
