@@ -76,6 +76,8 @@ class LmosSide:
       for b in batches:
         self.state, m = self.step_fn(self.state, global_batch(self.run, b))
         self.losses.append(m["loss"])
+        if len(self.losses) > 1:  # two steps in flight at most, as in `lmos train`
+          jax.block_until_ready(self.losses[-2])
       jax.block_until_ready(self.state)
 
   def loss_history(self) -> list[float]:

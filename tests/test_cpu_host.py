@@ -65,3 +65,28 @@ def test_split_cpu_host_in_a_fresh_process(before, xla_flags, want):
   assert out.stdout.strip().splitlines()[-1] == want
   if before:  # says what it would have done instead of silently keeping one device
     assert "would use this host's 2 cores better" in out.stderr
+
+
+TRAIN = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import tiny_config
+from lmos_jax.train import trainer
+c = tiny_config(steps=400, log_every=400, eval_every=400, ckpt_every=400)
+c.mesh.cpu_devices = 2
+last = trainer.train(c, {workdir!r})
+import jax
+print("devices", len(jax.devices()), "loss", last["loss"])
+"""
+
+
+def test_train_on_two_cpu_devices_never_deadlocks(tmp_path):
+  """400 steps with no metric fetch in between on 2 CPU devices: with unbounded dispatch,
+  XLA's CPU all-reduce rendezvous deadlocked here (and aborted the process after 40 s)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  script = TRAIN.format(tests=str(REPO / "tests"), workdir=str(tmp_path / "run"))
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Termination timeout" not in out.stderr
+  assert out.stdout.strip().splitlines()[-1].startswith("devices 2 loss ")

@@ -262,8 +262,13 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
       tokens_seen += tokens_per_step
       pbar.update(1)
       pending.append((step, metrics))
-      # Host syncs only at the first step (to start the clock after compiling), log points
-      # and checkpoints; in between, the loop only dispatches.
+      if len(pending) > 1:
+        # At most two steps in flight. Unbounded dispatch deadlocked XLA's CPU collectives
+        # here (2 cores, 2+ devices: an all-reduce rendezvous never completes), and one step
+        # of look-ahead already keeps any device busy. Waiting fetches nothing.
+        jax.block_until_ready(pending[-2][1]["loss"])
+      # Metrics are fetched only at the first step (to start the clock after compiling), log
+      # points and checkpoints.
       if (step == start + 1 or step % t.log_every == 0 or step % t.ckpt_every == 0
           or step == t.steps):
         flush()
