@@ -180,7 +180,14 @@ def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: 
     runner = TorchSide(cfg, data.tokenizer.vocab_size, compiled=(side == "compile"))
   batches = [data.train_batch(s) for s in range(total)]
   runner.steps(batches[:warm])  # compile / warm up before timing
-  print(json.dumps({"ready": runner.name}), flush=True)
+  ready = {"ready": runner.name}
+  if side == "lmos":  # the model's FLOPs per token, for every side's model FLOP/s
+    from flax import nnx
+    from lmos_jax.train.metrics import flops_per_token
+    run = runner.run
+    model = nnx.eval_shape(lambda: nnx.merge(run.graphdef, run.abstract_state["params"]))
+    ready["flops_per_token"] = flops_per_token(model.cfg, block)
+  print(json.dumps(ready), flush=True)
   for line in sys.stdin:
     if line.strip() == "done":
       break
@@ -198,36 +205,29 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
   """Alternates timed windows between one worker process per side; medians per side."""
   import json
   import subprocess
-  from flax import nnx
-  from lmos_jax.train.metrics import flops_per_token
   layers, heads, d, block, batch, def_windows, def_per_window, warm = SHAPES[shape]
   windows, per_window = args.windows or def_windows, args.per_window or def_per_window
-  procs, names = {}, {}
+  procs, ready = {}, {}
   for side in sides:
     cmd = [sys.executable, __file__, "--shapes", shape, "--side", side, "--data", args.data,
            "--windows", str(windows), "--per-window", str(per_window),
            "--cpu-devices", str(args.cpu_devices)]
-    # Inductor's pool of compile workers stays alive and slowed the other processes by
-    # 20-30% here: compile in the worker itself.
+    # Compile in the torch.compile worker itself: inductor's pool of compile processes would
+    # otherwise stay alive beside the timed windows.
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()  # workers start one at a time: compiles don't overlap
     if not line:
       print(f"[{shape}] {side} failed to start (its error is above)", flush=True)
       continue
-    procs[side], names[side] = p, json.loads(line)["ready"]
+    procs[side], ready[side] = p, json.loads(line)
   times: dict[str, list[float]] = {s: [] for s in procs}
   for w in range(windows):
     for side, p in procs.items():
       p.stdin.write(f"{w}\n")
       p.stdin.flush()
       times[side].append(json.loads(p.stdout.readline())["seconds"] / per_window)
-  cfg = lmos_config(shape, 1, args.data)
-  from lmos_jax.models.factory import model_factory
-  from lmos_jax.train.trainer import build_run
-  vocab = build_run(cfg, jax.devices()[:1]).data.tokenizer.vocab_size
-  model = nnx.eval_shape(lambda: model_factory(cfg.model, vocab)(nnx.Rngs(0)))
-  fpt = flops_per_token(model.cfg, block)
+  fpt = ready.get("lmos", {}).get("flops_per_token", float("nan"))
   tokens = batch * block
   rows = []
   for side, p in procs.items():
@@ -238,7 +238,7 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
     hist = out["losses"]
     tail = max(len(hist) // 10, 1)
     step_s = statistics.median(times[side])
-    rows.append({"shape": shape, "impl": names[side], "step_ms": 1e3 * step_s,
+    rows.append({"shape": shape, "impl": ready[side]["ready"], "step_ms": 1e3 * step_s,
                  "spread": (max(times[side]) - min(times[side])) / step_s,
                  "tok_s": tokens / step_s, "flops": fpt * tokens / step_s,
                  "train_loss": float(np.mean(hist[-tail:])), "val_loss": out["val_loss"],
