@@ -9,9 +9,13 @@ The peer is `transformers`' GPT2LMHeadModel with torch AdamW, eager and (when it
 when they share one); windows of steps alternate between the workers so a change in machine
 load hits all of them; step times are medians over windows. Model FLOP/s use the PaLM convention
 (6 x matmul params + attention per token) and are compared with the f32 matmul peak
-measured in the same run.
+measured in the same run. The lmos worker uses `lmos train`'s host set-up (one XLA device per
+core, `mesh.cpu_allocator=auto`); `--peer-allocator retain` gives the PyTorch workers the same
+retained malloc, for a like-for-like comparison (the default allocator costs every framework
+page faults per step, more so when the other workers hold memory).
 
   python3 experiments/bench_train.py                      # both shapes, eager + compile
+  python3 experiments/bench_train.py --peer-allocator retain
   python3 experiments/bench_train.py --shapes small --peers eager
 """
 
@@ -160,7 +164,8 @@ def matmul_peak() -> float:
   return measure_cpu_peak(n=2048, iters=6, repeats=3)
 
 
-def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: int) -> int:
+def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: int,
+               retained: bool) -> int:
   """Worker process for one side: warm up, then run the window the parent names, report.
 
   Each framework gets its own process so their thread pools never meet: in one process,
@@ -180,7 +185,7 @@ def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: 
     runner = TorchSide(cfg, data.tokenizer.vocab_size, compiled=(side == "compile"))
   batches = [data.train_batch(s) for s in range(total)]
   runner.steps(batches[:warm])  # compile / warm up before timing
-  ready = {"ready": runner.name}
+  ready = {"ready": runner.name + (" [malloc retained]" if retained else "")}
   if side == "lmos":  # the model's FLOPs per token, for every side's model FLOP/s
     from flax import nnx
     from lmos_jax.train.metrics import flops_per_token
@@ -211,7 +216,7 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
   for side in sides:
     cmd = [sys.executable, __file__, "--shapes", shape, "--side", side, "--data", args.data,
            "--windows", str(windows), "--per-window", str(per_window),
-           "--cpu-devices", str(args.cpu_devices)]
+           "--cpu-devices", str(args.cpu_devices), "--peer-allocator", args.peer_allocator]
     # Compile in the torch.compile worker itself: inductor's pool of compile processes would
     # otherwise stay alive beside the timed windows.
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -255,16 +260,26 @@ def main(argv=None) -> int:
   ap.add_argument("--per-window", type=int, default=0, help="steps per window (0: default)")
   ap.add_argument("--cpu-devices", type=int, default=0,
                   help="XLA CPU devices for lmos (0: lmos's default, one per core; 1: one)")
+  ap.add_argument("--peer-allocator", default="system", choices=("system", "retain"),
+                  help="malloc policy of the PyTorch workers (retain: what lmos's "
+                       "mesh.cpu_allocator=retain does, for a like-for-like check)")
   ap.add_argument("--side", default="", help=argparse.SUPPRESS)  # worker mode (internal)
   args = ap.parse_args(argv)
   from lmos_jax.config.schema import base_config
   from lmos_jax.parallel.distributed import split_cpu_host
+  from lmos_jax.parallel.host_memory import retain_freed_memory, setup_cpu_allocator
   mesh = base_config().mesh
   mesh.cpu_devices = args.cpu_devices
   batch_gcd = math.gcd(*[SHAPES[s][4] for s in args.shapes.split(",")])
-  split_cpu_host(mesh, batch_gcd, 1)  # what `lmos train` does before JAX starts
+  devices = split_cpu_host(mesh, batch_gcd, 1)  # what `lmos train` does before JAX starts
+  retained = False
+  if args.side == "lmos":  # and its malloc policy (mesh.cpu_allocator=auto)
+    retained = setup_cpu_allocator(lmos_config(args.shapes, 1, args.data), devices or 1)
+  elif args.side and args.peer_allocator == "retain":
+    retained = retain_freed_memory()
   if args.side:
-    return serve_side(args.shapes, args.side, args.data, args.windows, args.per_window)
+    return serve_side(args.shapes, args.side, args.data, args.windows, args.per_window,
+                      retained)
   if not Path(args.data).is_file():
     print(f"--data={args.data!r}: no such file (tinyshakespeare.txt)", file=sys.stderr)
     return 2
@@ -283,7 +298,8 @@ def main(argv=None) -> int:
          "model GFLOP/s | % of peak | train loss (last 10%) | val loss |")
   print(hdr + "\n|" + "---|" * 11)
   for r in rows:
-    ref = next((q for q in rows if q["shape"] == r["shape"] and q["impl"] == "torch eager"),
+    ref = next((q for q in rows
+                if q["shape"] == r["shape"] and q["impl"].startswith("torch eager")),
                None)
     ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "n/a"
     print(f"| {r['shape']} | {r['impl']} | {r['steps']} | {r['step_ms']:.1f} | "

@@ -59,6 +59,9 @@ def test_bad_choice_and_shapes():
   assert "'model.norm'" in _bad(lambda c: c.model.__setattr__("norm", "batchnorm"))
   assert "'model.num_heads'" in _bad(lambda c: c.model.__setattr__("num_heads", 5))
   assert "'train.microbatches'" in _bad(lambda c: c.train.__setattr__("microbatches", 3))
+  # a zero interval used to pass validation and divide by zero after the first step
+  assert "'train.eval_every'=0" in _bad(lambda c: c.train.__setattr__("eval_every", 0))
+  assert "'train.log_every'=0" in _bad(lambda c: c.train.__setattr__("log_every", 0))
 
 
 def test_config_file_arg_errors(tmp_path):

@@ -61,11 +61,14 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def check_cpu_devices(cfg: ml_collections.ConfigDict) -> None:
-  """mesh.cpu_devices is read before JAX starts (and before `validate`): check it first."""
+  """mesh.cpu_devices and mesh.cpu_allocator are read before JAX starts (and before
+  `validate`): check them first."""
   n = cfg.mesh.get("cpu_devices", 0)
   if isinstance(n, bool) or not isinstance(n, int) or n < 0:
     raise ConfigError(f"config 'mesh.cpu_devices'={n!r} must be an integer >= 0 "
                       "(0: one XLA device per CPU core, N: exactly N)")
+  from lmos_jax.parallel.host_memory import CHOICES
+  _choice("mesh.cpu_allocator", cfg.mesh.get("cpu_allocator", "auto"), CHOICES)
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -136,6 +139,10 @@ def _check_checkpointing(t) -> None:
   if t.ckpt_every <= 0 or t.keep_checkpoints <= 0:
     raise ConfigError(f"config 'train.ckpt_every'={t.ckpt_every} and 'train.keep_checkpoints'="
                       f"{t.keep_checkpoints} must be positive")
+  for name in ("log_every", "eval_every"):
+    if t[name] <= 0:
+      raise ConfigError(f"config 'train.{name}'={t[name]} must be positive (to evaluate "
+                        "rarely, set it to train.steps)")
   if t.keep_best < 0 or t.max_bad_steps <= 0:
     raise ConfigError(f"config 'train.keep_best'={t.keep_best} must be >= 0 and "
                       f"'train.max_bad_steps'={t.max_bad_steps} positive")

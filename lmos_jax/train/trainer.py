@@ -18,6 +18,7 @@ from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.models.factory import model_factory
 from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
+from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
 from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteError,
                                       NonFiniteMonitor, PreemptionGuard, abstract_like,
@@ -159,7 +160,9 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
 
   workdir = Path(workdir)
   check_cpu_devices(cfg)
-  distributed.split_cpu_host(cfg.mesh, cfg.train.batch_size, cfg.train.microbatches)
+  cpu_devices = distributed.split_cpu_host(cfg.mesh, cfg.train.batch_size,
+                                          cfg.train.microbatches)
+  setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
   distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
   distributed.check_same_config(cfg)
   check_tracking(cfg.tracking)

@@ -1,0 +1,80 @@
+"""mesh.cpu_allocator: keep freed host memory so XLA:CPU's per-step temporaries aren't
+page-faulted again each step (lmos_jax/parallel/host_memory.py)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lmos_jax.config.loading import ConfigError, check_cpu_devices
+from lmos_jax.config.schema import base_config
+from lmos_jax.parallel.host_memory import activation_bytes_estimate, wants_retained_memory
+
+MiB = 2**20
+
+
+def _model(layers, heads, d):
+  m = base_config().model
+  m.num_layers, m.num_heads, m.d_model = layers, heads, d
+  return m
+
+
+def test_estimate_separates_nanogpt_shapes():
+  """4L/128d/T64/B12 keeps ~20 MiB per device, 6L/384d/T256/B64 ~1.8 GiB (2 devices)."""
+  small = activation_bytes_estimate(_model(4, 4, 128), 64, 12, 1, 2)
+  baby = activation_bytes_estimate(_model(6, 6, 384), 256, 64, 1, 2)
+  assert 5 * MiB < small < 64 * MiB
+  assert 1024 * MiB < baby < 4096 * MiB
+  # microbatches and devices divide the tokens each device holds at once
+  assert activation_bytes_estimate(_model(6, 6, 384), 256, 64, 4, 2) == pytest.approx(baby / 4)
+
+
+@pytest.mark.parametrize("mode,est,accel,want", [
+    ("auto", 2048 * MiB, False, True),  # large temporaries on a CPU-only host
+    ("auto", 20 * MiB, False, False),  # small: the arena lock would cost more
+    ("auto", 2048 * MiB, True, False),  # a GPU/TPU host: host malloc left alone
+    ("retain", 1 * MiB, True, True),
+    ("system", 8192 * MiB, False, False),
+])
+def test_policy(mode, est, accel, want):
+  assert wants_retained_memory(mode, est, accel) is want
+
+
+def test_bad_choice_names_the_field():
+  cfg = base_config()
+  cfg.mesh.cpu_allocator = "jemalloc"
+  with pytest.raises(ConfigError, match="mesh.cpu_allocator"):
+    check_cpu_devices(cfg)
+
+
+FAULTS = """
+import ctypes, resource, sys
+from lmos_jax.parallel.host_memory import retain_freed_memory
+applied = retain_freed_memory() if sys.argv[1] == "retain" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def faults_of_one_step():
+  # a 64 MiB temporary, written then freed, like XLA's step buffer (not numpy: it would
+  # madvise huge pages, which XLA does not)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  p = libc.malloc(64 * 2**20)
+  ctypes.memset(p, 1, 64 * 2**20)
+  libc.free(p)
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_step()
+print(applied, faults_of_one_step())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_retained_memory_is_not_faulted_again():
+  """With the default malloc each 64 MiB temporary is mapped and zeroed anew (16k page
+  faults); retained, the second one reuses the first's pages."""
+  out = {}
+  for mode in ("system", "retain"):
+    res = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
+                         check=True)
+    applied, faults = res.stdout.split()
+    out[mode] = (applied == "True", int(faults))
+  assert out["system"][1] > 8000, out
+  assert out["retain"] == (True, pytest.approx(0, abs=1000)), out
