@@ -100,3 +100,26 @@ def test_cli_writes_best_overrides(tmp_path, capsys):
   rc = planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--target=h200x8",
                      "--memory_gib=0.01"])
   assert rc == 1 and "nothing fits" in capsys.readouterr().err
+
+
+def test_plan_on_a_cpu_host_sees_the_devices_train_would(tmp_path):
+  """A fresh `lmos plan` splits a CPU host per core like `lmos train`, and its overrides
+  keep that split (an explicit mesh alone would get one CPU device)."""
+  import os
+  import subprocess
+  import sys
+  from lmos_jax.parallel.distributed import cpu_device_count
+  cfg = load_config_file("configs/default.py")
+  want = cpu_device_count(cfg.mesh, cfg.train.batch_size, cfg.train.microbatches,
+                          len(os.sched_getaffinity(0)))
+  out = tmp_path / "best.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  res = subprocess.run([sys.executable, "-m", "lmos_jax.cli", "plan",
+                        "--config=configs/default.py", "--compile_top=1", "--remat=none",
+                        "--max_microbatches=1", f"--out={out}"], env=env, text=True,
+                       capture_output=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert f"plan for {want} x cpu" in res.stdout
+  best = json.loads(out.read_text())
+  assert best.get("mesh.cpu_devices", 1) == want
+  assert best["mesh.data"] * best["mesh.fsdp"] * best["mesh.tensor"] == want

@@ -471,6 +471,8 @@ def main(argv: list[str]) -> int:
   from absl import flags
   from ml_collections import config_flags
 
+  from lmos_jax.config.loading import ConfigError, check_cpu_devices
+
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", "configs/default.py", "config file[:arg]",
                                   flag_values=fv, lock_config=True)
@@ -491,17 +493,25 @@ def main(argv: list[str]) -> int:
   try:
     if fv.target and fv.devices:
       raise PlanError("give --devices (present devices) or --target (described), not both")
+    cpu_devices = None
+    if not fv.target:  # the devices `lmos train` would see: a CPU host split per core
+      from lmos_jax.parallel.distributed import split_cpu_host
+      c = fv.config
+      check_cpu_devices(c)
+      cpu_devices = split_cpu_host(c.mesh, c.train.batch_size, c.train.microbatches)
     target = parse_target(fv.target) if fv.target else present_target(fv.devices)
     if fv.memory_gib is not None:
       target = dataclasses.replace(
           target, chip=dataclasses.replace(target.chip, memory=fv.memory_gib * GiB))
     plan = make_plan(fv.config, target, remats=[r for r in fv.remat.split(",") if r],
                      max_microbatches=fv.max_microbatches, compile_top=fv.compile_top)
-  except PlanError as e:
+  except (PlanError, ConfigError) as e:
     print(f"lmos plan: {e}", file=sys.stderr)
     return 1
   print(format_table(plan))
   best = plan.best.layout.overrides()
+  if cpu_devices and cpu_devices > 1:  # an explicit mesh would otherwise get one CPU device
+    best["mesh.cpu_devices"] = cpu_devices
   print(f"\nbest: {_fmt_layout(plan.best.layout)}\noverrides: {override_flags(best)}")
   if fv.out:
     with open(fv.out, "w") as f:
