@@ -31,7 +31,7 @@ def _batch(n=16, t=16, seed=0):
   return {"inputs": x[:, :-1], "targets": x[:, 1:]}
 
 
-def _run(cfg, mesh_shape, steps=2, batch=None, devices=None):
+def _run(cfg, mesh_shape, steps=2, batch=None, devices=None, flat_allreduce=True, hlo=None):
   devices = devices if devices is not None else jax.devices()
   mesh = make_mesh(mesh_shape, devices)
   tx = make_optimizer(cfg.train)
@@ -41,9 +41,12 @@ def _run(cfg, mesh_shape, steps=2, batch=None, devices=None):
                     microbatches=cfg.train.microbatches, l2=cfg.train.l2,
                     schedule=make_schedule(cfg.train))
   batch = batch or _batch()
-  step = jit_train_step(scfg, shardings, mesh, {k: v.ndim for k, v in batch.items()})
+  step = jit_train_step(scfg, shardings, mesh, {k: v.ndim for k, v in batch.items()},
+                        flat_allreduce=flat_allreduce)
   losses = []
   with jax.set_mesh(mesh):
+    if hlo is not None:
+      hlo.append(step.lower(state, batch).compile().as_text())
     for _ in range(steps):
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
@@ -83,6 +86,29 @@ def test_grad_accumulation_sharded():
   acc = _run(_cfg(microbatches=2), (2, 2, 2))
   np.testing.assert_allclose(acc[0], ref[0], rtol=1e-5)
   _assert_close(acc[1], ref[1], atol=1e-4)
+
+
+def _all_reduce_operands(hlo_text):
+  import re
+  """The result shape of each all-reduce in compiled HLO text (a tuple when combined)."""
+  return re.findall(r"= ([^=\n]+?) all-reduce(?:-start)?\(", hlo_text)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_flat_allreduce_on_a_cpu_data_mesh(single_device, microbatches):
+  """Data-only CPU meshes sum grads with one all-reduce of a flat f32 buffer (instead of one
+  rendezvous per leaf); the result equals the single-device run and XLA's own path."""
+  hlo_flat, hlo_xla = [], []
+  flat = _run(_cfg(microbatches=microbatches), (8, 1, 1), hlo=hlo_flat)
+  xla = _run(_cfg(microbatches=microbatches), (8, 1, 1), flat_allreduce=False, hlo=hlo_xla)
+  ops = _all_reduce_operands(hlo_flat[0])
+  assert len(ops) == 1 and ops[0].startswith("f32[") and "," not in ops[0], ops
+  xla_ops = _all_reduce_operands(hlo_xla[0])
+  assert xla_ops and xla_ops != ops, xla_ops  # XLA's path: per-leaf shapes (maybe a tuple)
+  np.testing.assert_allclose(flat[0], single_device[0], rtol=1e-5)
+  np.testing.assert_allclose(flat[0], xla[0], rtol=1e-5)
+  _assert_close(flat[1], single_device[1], atol=1e-4)  # tolerance: see the test above
+  _assert_close(flat[1], xla[1], atol=1e-4)
 
 
 def test_tiny_model_overfits_one_batch():

@@ -116,8 +116,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names under the current mesh; a no-op without one."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-    return x
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or mesh.manual_axes:
+    return x  # no mesh, or inside shard_map (per-shard code has no global layout to pin)
   spec = logical_to_spec(names, x.shape, dict(mesh.shape))
   return jax.lax.with_sharding_constraint(x, spec)
 

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -38,6 +39,7 @@ class StepConfig:
   decay_norms_and_biases: bool = False
   schedule: Callable | None = None
   trainable: Callable[[tuple[str, ...]], bool] | None = None  # PEFT: grads only for these
+  flat_allreduce_mesh: Mesh | None = None  # set by jit_train_step; see flat_allreduce_grads
 
 
 def opt_state_shardings(abstract_opt_state: Any, param_shardings: dict, mesh: Mesh) -> Any:
@@ -176,11 +178,47 @@ def _loss_and_grads(cfg: StepConfig, build: Callable, params, batch: dict, rng: 
   return loss_sum, weight, aux, grads
 
 
+def wants_flat_allreduce(cfg: StepConfig, mesh: Mesh) -> bool:
+  """CPU data-only meshes of 2+ devices with every param trained: see flat_allreduce_grads.
+
+  Accelerators keep XLA's own collectives (their combined all-reduce is one kernel), and
+  PEFT keeps them too (its frozen params would add zeros to the flat buffer).
+  """
+  shape = dict(mesh.shape)
+  return (mesh.devices.flat[0].platform == "cpu" and shape.get("data", 1) > 1
+          and shape.get("fsdp", 1) == 1 and shape.get("tensor", 1) == 1
+          and cfg.trainable is None)
+
+
+def flat_allreduce_grads(cfg: StepConfig, params, batch: dict, rng: Array | None):
+  """Per-shard loss and grads summed over the data axis by one all-reduce of a flat buffer.
+
+  XLA:CPU runs a combined all-reduce as one rendezvous per gradient leaf (55 at nanoGPT's
+  4-layer shape: 5 ms of a 41 ms step on 2 devices); one flat psum takes 2 ms. Each shard
+  draws its dropout from the step key folded with its index.
+  """
+  mesh = cfg.flat_allreduce_mesh
+
+  def local(p, b, key):
+    if key is not None:
+      key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+    out = loss_and_grads(cfg, p, b, key)
+    flat, unravel = jax.flatten_util.ravel_pytree(out)
+    return unravel(jax.lax.psum(flat, "data"))
+
+  batch_specs = jax.tree.map(lambda x: P("data"), batch)
+  # check_vma=False: grads of the replicated params stay per-shard inside (no implicit psum
+  # per leaf); the one psum above makes every output equal on all shards.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), batch_specs, P()), out_specs=P(),
+                       check_vma=False)(params, batch, rng)
+
+
 def train_step(cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
   """One optimizer update on a global batch. Pure: same inputs, same outputs."""
   rng, step_key = jax.random.split(state["rng"])
   params = state["params"]
-  loss_sum, weight, aux, grads = loss_and_grads(cfg, params, batch, step_key)
+  grads_fn = loss_and_grads if cfg.flat_allreduce_mesh is None else flat_allreduce_grads
+  loss_sum, weight, aux, grads = grads_fn(cfg, params, batch, step_key)
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
   loss = loss_sum / denom
@@ -219,9 +257,12 @@ def eval_step(cfg: StepConfig, params, batch: dict) -> dict:
   return {"loss_sum": loss_sum, "weight": weight, "correct": aux.get("correct", 0.0)}
 
 
-def jit_train_step(cfg: StepConfig, state_shardings: dict, mesh: Mesh, batch_ndims: dict):
+def jit_train_step(cfg: StepConfig, state_shardings: dict, mesh: Mesh, batch_ndims: dict,
+                   flat_allreduce: bool = True):
   """train_step under jit with explicit in/out shardings and the state donated."""
   b_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+  if flat_allreduce and wants_flat_allreduce(cfg, mesh):
+    cfg = dataclasses.replace(cfg, flat_allreduce_mesh=mesh)
   return jax.jit(lambda s, b: train_step(cfg, s, b), in_shardings=(state_shardings, b_sh),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
