@@ -23,6 +23,7 @@ def get_config(arg=None):
     c.data.seq_len = m.max_seq_len = 64
     t.batch_size, t.steps, t.lr, t.warmup_steps = 12, 2000, 1e-3, 100
     t.eval_every, t.eval_batches, t.ckpt_every, t.log_every = 250, 20, 500, 50
+    t.steps_per_call = 5  # dispatch is ~1.7 ms of host CPU per call beside 35 ms steps
   elif arg == "baby":
     m.num_layers, m.num_heads, m.d_model, m.dropout = 6, 6, 384, 0.2
     c.data.seq_len = m.max_seq_len = 256

@@ -64,28 +64,34 @@ class LmosSide:
     from lmos_jax.train.step import jit_train_step, jit_eval_step
     from lmos_jax.train.trainer import build_run
     self.run = build_run(cfg)  # every device this process shows (see --cpu-devices)
-    self.name = f"lmos_jax ({len(jax.devices())} XLA device{'s' * (len(jax.devices()) > 1)})"
+    self.per_call = cfg.train.steps_per_call
+    self.name = (f"lmos_jax ({len(jax.devices())} XLA device{'s' * (len(jax.devices()) > 1)}"
+                 + (f", {self.per_call} steps per call)" if self.per_call > 1 else ")"))
     with jax.set_mesh(self.run.mesh):
       self.state = jax.jit(self.run.init_fn, out_shardings=self.run.shardings)(
           jax.random.PRNGKey(cfg.seed))
     ndims = {"inputs": 2, "targets": 2}
-    self.step_fn = jit_train_step(self.run.step_cfg, self.run.shardings, self.run.mesh, ndims)
+    self.step_fn = jit_train_step(self.run.step_cfg, self.run.shardings, self.run.mesh, ndims,
+                                  steps_per_call=self.per_call)
     self.eval_fn = jit_eval_step(self.run.step_cfg, self.run.shardings["params"],
                                  self.run.mesh, ndims)
     self.losses: list = []
 
   def steps(self, batches: list[dict]) -> None:
-    from lmos_jax.train.trainer import global_batch
+    from lmos_jax.train.trainer import next_call_batch
+    k = self.per_call
+    assert len(batches) % k == 0, f"{len(batches)} steps: not a multiple of steps_per_call={k}"
     with jax.set_mesh(self.run.mesh):
-      for b in batches:
-        self.state, m = self.step_fn(self.state, global_batch(self.run, b))
+      for i in range(0, len(batches), k):
+        batch = next_call_batch(self.run, iter(batches[i:i + k]), k)
+        self.state, m = self.step_fn(self.state, batch)
         self.losses.append(m["loss"])
-        if len(self.losses) > 1:  # two steps in flight at most, as in `lmos train`
+        if len(self.losses) > 1:  # two calls in flight at most, as in `lmos train`
           jax.block_until_ready(self.losses[-2])
       jax.block_until_ready(self.state)
 
   def loss_history(self) -> list[float]:
-    return [float(x) for x in jax.device_get(self.losses)]
+    return [float(x) for x in np.ravel(jax.device_get(self.losses))]
 
   def eval_loss(self, batches: list[dict]) -> float:
     from lmos_jax.train.trainer import global_batch

@@ -62,6 +62,10 @@ def test_bad_choice_and_shapes():
   # a zero interval used to pass validation and divide by zero after the first step
   assert "'train.eval_every'=0" in _bad(lambda c: c.train.__setattr__("eval_every", 0))
   assert "'train.log_every'=0" in _bad(lambda c: c.train.__setattr__("log_every", 0))
+  assert "'train.steps_per_call'=0" in _bad(lambda c: c.train.__setattr__("steps_per_call", 0))
+  msg = _bad(lambda c: (c.train.__setattr__("steps_per_call", 4),
+                        c.train.__setattr__("steps", 1000), c.train.__setattr__("log_every", 10)))
+  assert "'train.log_every'=10 is not a multiple of 'train.steps_per_call'=4" in msg
 
 
 def test_config_file_arg_errors(tmp_path):

@@ -146,6 +146,15 @@ def _check_checkpointing(t) -> None:
   if t.keep_best < 0 or t.max_bad_steps <= 0:
     raise ConfigError(f"config 'train.keep_best'={t.keep_best} must be >= 0 and "
                       f"'train.max_bad_steps'={t.max_bad_steps} positive")
+  k = t.steps_per_call
+  if k <= 0:
+    raise ConfigError(f"config 'train.steps_per_call'={k} must be positive (1: one step per "
+                      "call)")
+  for name in ("steps", "log_every", "eval_every", "ckpt_every"):
+    if t[name] % k:
+      raise ConfigError(f"config 'train.{name}'={t[name]} is not a multiple of "
+                        f"'train.steps_per_call'={k}: metrics, evals and checkpoints happen "
+                        f"between calls; use a multiple of {k} or a smaller steps_per_call")
   if t.keep_best and (t.ckpt_every % t.eval_every or t.ckpt_every % t.log_every):
     raise ConfigError(f"config 'train.keep_best'={t.keep_best} ranks checkpoints by "
                       f"{t.best_metric!r}, which is only computed at eval steps: make "

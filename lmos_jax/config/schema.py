@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   t = c.train
   t.batch_size = 16  # global batch, in sequences
   t.microbatches = 1  # gradient accumulation inside one step
+  t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan): less dispatch per step
   t.steps = 300
   t.lr = 3e-3
   t.schedule = "warmup_cosine"  # constant | warmup_cosine | warmup_linear | rsqrt | wsd

@@ -310,9 +310,10 @@ class PreemptionGuard:
       signal.signal(s, h)
     self._previous = {}
 
-  def should_stop(self, step: int, ckpt: Checkpointer) -> bool:
-    if jax.process_count() > 1:
-      if ckpt.manager.reached_preemption(step):
+  def should_stop(self, step: int, ckpt: Checkpointer, steps: int = 1) -> bool:
+    """After a call that ran `steps` steps up to `step`: save and stop now?"""
+    if jax.process_count() > 1:  # every process asks about the same steps in the same order
+      if any(ckpt.manager.reached_preemption(s) for s in range(step - steps + 1, step + 1)):
         self.received = self.received or "preemption notice"
         return True
       return False

@@ -257,13 +257,37 @@ def eval_step(cfg: StepConfig, params, batch: dict) -> dict:
   return {"loss_sum": loss_sum, "weight": weight, "correct": aux.get("correct", 0.0)}
 
 
+def train_steps(cfg: StepConfig, state: dict, batches: dict) -> tuple[dict, dict]:
+  """`k` train_steps in one call over batches stacked on a leading axis of size k.
+
+  Metrics come back stacked (k,). The same updates as k calls of train_step; what it saves
+  is the host's per-call work (the CPU client's dispatch of ~200 state arrays per device
+  costs ~1.7 ms, on a core the devices need) for small models.
+  """
+  return jax.lax.scan(lambda s, b: train_step(cfg, s, b), state, batches)
+
+
+def stacked_batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Sharding of `k` stacked batches (k, batch, ...): the batch axis split as usual."""
+  return NamedSharding(mesh, P(None, *batch_sharding(mesh, ndim - 1).spec))
+
+
 def jit_train_step(cfg: StepConfig, state_shardings: dict, mesh: Mesh, batch_ndims: dict,
-                   flat_allreduce: bool = True):
-  """train_step under jit with explicit in/out shardings and the state donated."""
-  b_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+                   flat_allreduce: bool = True, steps_per_call: int = 1):
+  """train_step under jit with explicit in/out shardings and the state donated.
+
+  steps_per_call > 1: train_steps instead, taking batches stacked (k, batch, ...) (`batch_ndims`
+  are the ranks of one step's arrays).
+  """
   if flat_allreduce and wants_flat_allreduce(cfg, mesh):
     cfg = dataclasses.replace(cfg, flat_allreduce_mesh=mesh)
-  return jax.jit(lambda s, b: train_step(cfg, s, b), in_shardings=(state_shardings, b_sh),
+  if steps_per_call > 1:
+    fn = lambda s, b: train_steps(cfg, s, b)  # noqa: E731
+    b_sh = {k: stacked_batch_sharding(mesh, nd + 1) for k, nd in batch_ndims.items()}
+  else:
+    fn = lambda s, b: train_step(cfg, s, b)  # noqa: E731
+    b_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
+  return jax.jit(fn, in_shardings=(state_shardings, b_sh),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 

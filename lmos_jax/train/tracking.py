@@ -96,12 +96,13 @@ class Tracker:
     if self.wandb_run is not None:
       self.wandb_run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
 
-  def step_context(self, step: int):
-    """Starts the trace at the window's first step; annotates traced steps for the viewer."""
+  def step_context(self, step: int, steps: int = 1):
+    """Starts the trace at the call holding the window's first step (a call runs `steps`
+    steps from `step`); annotates traced calls for the viewer."""
     if self.window is None:
       return contextlib.nullcontext()
     first, end = self.window
-    if step == first and not self.tracing:
+    if step <= first < step + steps and not self.tracing:
       import jax
       self.profile_dir.mkdir(parents=True, exist_ok=True)
       jax.profiler.start_trace(str(self.profile_dir))

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lmos_jax.config.loading import check_cpu_devices, validate
+from lmos_jax.config.loading import ConfigError, check_cpu_devices, validate
 from lmos_jax.data.build import build_data
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.models.factory import model_factory
@@ -28,7 +28,8 @@ from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_token
 from lmos_jax.train.optim import make_optimizer, make_schedule
 from lmos_jax.train.precision import resolve_policy
-from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step, train_state_layout)
+from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
+                                 stacked_batch_sharding, train_state_layout)
 from lmos_jax.train.tracking import Tracker, check_tracking
 
 
@@ -93,14 +94,38 @@ def build_run(cfg, devices=None, workdir=None) -> Run:
              count_params(abstract["params"]), trainable)
 
 
-def global_batch(run: Run, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Assembles the global batch from this host's rows (works for one or many processes)."""
+def global_batch(run: Run, local: dict[str, np.ndarray],
+                 stacked: bool = False) -> dict[str, jax.Array]:
+  """Assembles the global batch from this host's rows (works for one or many processes).
+
+  stacked: arrays are (k, rows, ...), k steps' batches for one call (train.steps_per_call).
+  """
   out = {}
   for k, v in local.items():
-    sh = batch_sharding(run.mesh, v.ndim)
-    global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+    if stacked:
+      sh = stacked_batch_sharding(run.mesh, v.ndim)
+      global_shape = (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:])
+    else:
+      sh = batch_sharding(run.mesh, v.ndim)
+      global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
     out[k] = jax.make_array_from_process_local_data(sh, v, global_shape)
   return out
+
+
+def next_call_batch(run: Run, batches, k: int) -> dict[str, jax.Array]:
+  """The next call's global batch: one step's, or k steps' stacked on a leading axis."""
+  if k == 1:
+    return global_batch(run, next(batches))
+  local = [next(batches) for _ in range(k)]
+  return global_batch(run, {key: np.stack([b[key] for b in local]) for key in local[0]},
+                      stacked=True)
+
+
+def unstack_metrics(last_step: int, metrics: dict, k: int) -> list[tuple[int, dict]]:
+  """(step, metrics) per step from one call's metrics (stacked (k,) when k > 1)."""
+  if k == 1:
+    return [(last_step, metrics)]
+  return [(last_step - k + 1 + i, {key: v[i] for key, v in metrics.items()}) for i in range(k)]
 
 
 def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
@@ -174,6 +199,11 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
                       keep_best=t.keep_best, best_metric=t.best_metric, best_mode=t.best_mode)
   state, meta = init_or_restore(run, ckpt)
   start = int(jax.device_get(state["step"]))
+  per_call = t.steps_per_call
+  if start % per_call:
+    raise ConfigError(f"the checkpoint restored at step {start} is not a multiple of "
+                      f"'train.steps_per_call'={per_call}; resume with a steps_per_call that "
+                      f"divides {start} (metrics and checkpoints fall between calls)")
   if is_main:  # rows logged after the restored step are recomputed, bit for bit
     drop_metric_rows_after(workdir / "metrics.jsonl", start)
   monitor = NonFiniteMonitor(t.nonfinite, t.max_bad_steps, int(meta.get("skipped_steps", 0)))
@@ -183,7 +213,8 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   if start == 0:
     writer.write_text("config", cfg.to_json(indent=2), 0)  # hyperparameters, once per run
   ndims = {k: v.ndim for k, v in run.data.train_batch(0).items()}
-  train_fn = jit_train_step(run.step_cfg, run.shardings, run.mesh, ndims)
+  train_fn = jit_train_step(run.step_cfg, run.shardings, run.mesh, ndims,
+                            steps_per_call=per_call)
   eval_fn = jit_eval_step(run.step_cfg, run.shardings["params"], run.mesh, ndims)
   tcfg = _model_tcfg(run)
   tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -202,7 +233,7 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   wall0 = time.time() - float(meta.get("wall_time", 0.0))
   pbar = tqdm(total=t.steps, initial=start, disable=not (t.progress and is_main),
               dynamic_ncols=True, file=sys.stderr)
-  pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
+  pending: list[tuple[int, dict]] = []  # (last step of a call, device metrics) not fetched
   mark_time, mark_step = None, start
   batches = batch_stream(run.data, start, t.steps, cfg.data.prefetch)
   mark_wait = 0.0
@@ -214,8 +245,9 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
     The non-finite monitor still sees every step, in order, before any checkpoint is saved.
     """
     nonlocal last, mark_time, mark_step, mark_wait
-    fetched = jax.device_get([m for _, m in pending])
-    steps = [s for s, _ in pending]
+    per_step = [sm for s, m in zip([s for s, _ in pending], jax.device_get(
+        [m for _, m in pending])) for sm in unstack_metrics(s, m, per_call)]
+    steps, fetched = [s for s, _ in per_step], [m for _, m in per_step]
     pending.clear()
     for i, (s, m) in enumerate(zip(steps, fetched)):
       monitor.update(s, float(m.get("nonfinite", 0.0)) > 0)
@@ -257,13 +289,13 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
     step = start
     while step < t.steps:
-      batch = global_batch(run, next(batches))  # prefetched: the batch for `step`
-      with tracker.step_context(step):
+      batch = next_call_batch(run, batches, per_call)  # prefetched: the batches from `step`
+      with tracker.step_context(step, per_call):
         state, metrics = train_fn(state, batch)
-      step += 1
+      step += per_call
       tracker.after_step(step, state)
-      tokens_seen += tokens_per_step
-      pbar.update(1)
+      tokens_seen += tokens_per_step * per_call
+      pbar.update(per_call)
       pending.append((step, metrics))
       if len(pending) > 1:
         # At most two steps in flight. Unbounded dispatch deadlocked XLA's CPU collectives
@@ -272,14 +304,14 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
         jax.block_until_ready(pending[-2][1]["loss"])
       # Metrics are fetched only at the first step (to start the clock after compiling), log
       # points and checkpoints.
-      if (step == start + 1 or step % t.log_every == 0 or step % t.ckpt_every == 0
+      if (step == start + per_call or step % t.log_every == 0 or step % t.ckpt_every == 0
           or step == t.steps):
         flush()
       if monitor.exhausted:  # too many non-finite steps: stop before saving anything newer
         break
       if step % t.ckpt_every == 0 or step == t.steps:
         save(step)
-      if guard.should_stop(step, ckpt):  # SIGTERM/SIGINT/preemption: save, wait, exit 0
+      if guard.should_stop(step, ckpt, per_call):  # SIGTERM/SIGINT/preemption: save, wait, exit 0
         if pending:
           flush()
         if saved_step != step and not monitor.exhausted:
