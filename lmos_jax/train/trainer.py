@@ -245,8 +245,8 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
     The non-finite monitor still sees every step, in order, before any checkpoint is saved.
     """
     nonlocal last, mark_time, mark_step, mark_wait
-    per_step = [sm for s, m in zip([s for s, _ in pending], jax.device_get(
-        [m for _, m in pending])) for sm in unstack_metrics(s, m, per_call)]
+    calls = jax.device_get([m for _, m in pending])
+    per_step = [sm for (s, _), m in zip(pending, calls) for sm in unstack_metrics(s, m, per_call)]
     steps, fetched = [s for s, _ in per_step], [m for _, m in per_step]
     pending.clear()
     for i, (s, m) in enumerate(zip(steps, fetched)):
