@@ -138,7 +138,7 @@ def main() -> None:
     agree = np.mean([np.mean(np.asarray(cached.tokens[i]) == out[i, 1:].numpy())
                      for i in range(b)])
     print(f"batch {b}: greedy tokens identical to transformers at {agree:.1%} of positions")
-  print(f"\n| decoder | batch | new tokens | tokens/s |\n|---|---:|---:|---:|")
+  print("\n| decoder | batch | new tokens | tokens/s |\n|---|---:|---:|---:|")
   for name, b, tps in rows:
     print(f"| {name} | {b} | {n} | {tps:,.0f} |")
 
