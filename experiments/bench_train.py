@@ -263,7 +263,8 @@ def main(argv=None) -> int:
   ap.add_argument("--peers", default="eager,compile", help="comma list of eager, compile")
   ap.add_argument("--data", default=str(DATA))
   ap.add_argument("--windows", type=int, default=0, help="timed windows (0: per-shape default)")
-  ap.add_argument("--per-window", type=int, default=0, help="steps per window (0: default; for lmos a multiple of the config's "
+  ap.add_argument("--per-window", type=int, default=0,
+                  help="steps per window (0: default; for lmos a multiple of the config's "
                        "train.steps_per_call, 5 at the small shape)")
   ap.add_argument("--cpu-devices", type=int, default=0,
                   help="XLA CPU devices for lmos (0: lmos's default, one per core; 1: one)")

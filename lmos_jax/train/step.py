@@ -8,6 +8,7 @@ the params' logical axis names; optimizer moments get the sharding of their para
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -281,13 +282,11 @@ def jit_train_step(cfg: StepConfig, state_shardings: dict, mesh: Mesh, batch_ndi
   """
   if flat_allreduce and wants_flat_allreduce(cfg, mesh):
     cfg = dataclasses.replace(cfg, flat_allreduce_mesh=mesh)
-  if steps_per_call > 1:
-    fn = lambda s, b: train_steps(cfg, s, b)  # noqa: E731
-    b_sh = {k: stacked_batch_sharding(mesh, nd + 1) for k, nd in batch_ndims.items()}
-  else:
-    fn = lambda s, b: train_step(cfg, s, b)  # noqa: E731
-    b_sh = {k: batch_sharding(mesh, nd) for k, nd in batch_ndims.items()}
-  return jax.jit(fn, in_shardings=(state_shardings, b_sh),
+  stacked = steps_per_call > 1
+  b_sh = {k: stacked_batch_sharding(mesh, nd + 1) if stacked else batch_sharding(mesh, nd)
+          for k, nd in batch_ndims.items()}
+  return jax.jit(functools.partial(train_steps if stacked else train_step, cfg),
+                 in_shardings=(state_shardings, b_sh),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
