@@ -264,6 +264,14 @@ def split_cpu_host(mesh_cfg: Any, batch_size: int, microbatches: int,
   return n
 
 
+def split_cpu_host_for(cfg: Any) -> int | None:
+  """`mesh.cpu_devices` checked, then `split_cpu_host` for the run `cfg` describes: what
+  `lmos train` and `lmos plan` do before JAX starts."""
+  from lmos_jax.config.loading import check_cpu_devices
+  check_cpu_devices(cfg)
+  return split_cpu_host(cfg.mesh, cfg.train.batch_size, cfg.train.microbatches)
+
+
 def config_fingerprint(cfg: Any) -> dict[str, int]:
   """31-bit hashes of each top-level config block (minus per-process fields) and versions."""
   import flax

@@ -471,7 +471,7 @@ def main(argv: list[str]) -> int:
   from absl import flags
   from ml_collections import config_flags
 
-  from lmos_jax.config.loading import ConfigError, check_cpu_devices
+  from lmos_jax.config.loading import ConfigError
 
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", "configs/default.py", "config file[:arg]",
@@ -495,10 +495,8 @@ def main(argv: list[str]) -> int:
       raise PlanError("give --devices (present devices) or --target (described), not both")
     cpu_devices = None
     if not fv.target:  # the devices `lmos train` would see: a CPU host split per core
-      from lmos_jax.parallel.distributed import split_cpu_host
-      c = fv.config
-      check_cpu_devices(c)
-      cpu_devices = split_cpu_host(c.mesh, c.train.batch_size, c.train.microbatches)
+      from lmos_jax.parallel.distributed import split_cpu_host_for
+      cpu_devices = split_cpu_host_for(fv.config)
     target = parse_target(fv.target) if fv.target else present_target(fv.devices)
     if fv.memory_gib is not None:
       target = dataclasses.replace(

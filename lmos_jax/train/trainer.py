@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lmos_jax.config.loading import ConfigError, check_cpu_devices, validate
+from lmos_jax.config.loading import ConfigError, validate
 from lmos_jax.data.build import build_data
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.models.factory import model_factory
@@ -184,9 +184,7 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   from tqdm import tqdm
 
   workdir = Path(workdir)
-  check_cpu_devices(cfg)
-  cpu_devices = distributed.split_cpu_host(cfg.mesh, cfg.train.batch_size,
-                                          cfg.train.microbatches)
+  cpu_devices = distributed.split_cpu_host_for(cfg)
   setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
   distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
   distributed.check_same_config(cfg)
