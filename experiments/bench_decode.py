@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lmos_jax.inference.decode import Decoder
+from lmos_jax.models.decode import Decoder
 from lmos_jax.models.gpt import GPT, count_params
 from lmos_jax.models.layers import TransformerConfig
 

@@ -9,11 +9,11 @@ import sys
 # so `lmos --help` stays instant and a missing optional dependency breaks only its command.
 COMMANDS = {
     "train": ("lmos_jax.train.trainer", "train a model from a config (pretrain or finetune)"),
-    "convert": ("lmos_jax.models.hf", "convert Hugging Face checkpoints to/from a workdir"),
+    "convert": ("lmos_jax.convert", "convert Hugging Face checkpoints to/from a workdir"),
     "predict": ("lmos_jax.inference.predict", "classify sentences with a finetuned workdir"),
     "generate": ("lmos_jax.inference.generate", "generate text from a trained workdir"),
     "compress": ("lmos_jax.inference.compress", "quantize/prune/trim/distill and report"),
-    "plan": ("lmos_jax.parallel.planner", "choose mesh, microbatches and remat for a config"),
+    "plan": ("lmos_jax.train.plan", "choose mesh, microbatches and remat for a config"),
     "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
 }

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmos_jax.inference.distill import distill_loss, kd_terms
-from lmos_jax.inference.trim import drop_layers, least_important_block
+from lmos_jax.compress.distill import distill_loss, kd_terms
+from lmos_jax.compress.trim import drop_layers, least_important_block
 from lmos_jax.models.gpt import GPT
 from lmos_jax.models.layers import TransformerConfig
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lmos_jax.inference.decode import Decoder, Sampling, filter_logits, sample_next
+from lmos_jax.models.decode import Decoder, Sampling, filter_logits, sample_next
 from lmos_jax.models.gpt import GPT
 from lmos_jax.models.layers import TransformerConfig
 from lmos_jax.parallel.sharding import make_mesh, state_shardings

@@ -203,7 +203,8 @@ def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_allclose(via_adapters.sum(-1), 1.0, rtol=1e-5)
   # HF export folds LoRA into the kernels: the exported classifier predicts the same
-  from lmos_jax.models.hf import load_hf, to_hf_from_workdir
+  from lmos_jax.convert import to_hf_from_workdir
+  from lmos_jax.models.hf import load_hf
   from lmos_jax.data.encoder import encode_for_classifier
   hf_model = load_hf(to_hf_from_workdir(wd, tmp_path / "hf_out"))
   enc = encode_for_classifier(load_pretrained(tiny_hf_dir), ["great film", "dull mess"], None,

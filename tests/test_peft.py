@@ -273,6 +273,6 @@ def test_adalora_classification_loss_falls():
       assert (lam > 0).all() and lam.max() <= c.train.lr * p.lambda_lr_scale * (1 + 1e-6)
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert first > 0.65 and last < 0.6, (first, last)  # chance level is ln 2 = 0.69
-  from lmos_jax.peft.methods import validate_peft
-  with pytest.raises(ValueError, match="peft.lambda_lr_scale"):
-    validate_peft(peft_cfg("adalora", lambda_lr_scale=0.0, t_final=1), steps)
+  from lmos_jax.config.loading import ConfigError, _check_peft
+  with pytest.raises(ConfigError, match="peft.lambda_lr_scale"):
+    _check_peft(peft_cfg("adalora", lambda_lr_scale=0.0, t_final=1), steps)

@@ -6,8 +6,8 @@ import pytest
 
 from lmos_jax.config.loading import load_config_file, validate
 from lmos_jax.config.schema import base_config
-from lmos_jax.parallel import planner
-from lmos_jax.parallel.planner import Layout, PlanError
+from lmos_jax.train import plan as planner
+from lmos_jax.train.plan import Layout, PlanError
 
 
 def tiny_cfg():

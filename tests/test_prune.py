@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from lmos_jax.inference.kernels import KernelLayout
-from lmos_jax.inference.prune import (alpha_max_masks, apply_masks, cubic_sparsity,
+from lmos_jax.compress.kernels import KernelLayout
+from lmos_jax.compress.prune import (alpha_max_masks, apply_masks, cubic_sparsity,
                                       global_masks, layerwise_masks, masked_pruning,
                                       nm_masks, sparsity_report, total_sparsity)
 

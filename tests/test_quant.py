@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lmos_jax.inference.kernels import KernelLayout, kernel_layouts
-from lmos_jax.inference.quantize import (QArray, dequantize_kernel, dequantize_params,
+from lmos_jax.compress.kernels import KernelLayout, kernel_layouts
+from lmos_jax.compress.quantize import (QArray, dequantize_kernel, dequantize_params,
                                          fake_quant, pack_int4, param_bytes, qat_loss,
                                          quantize_kernel, quantize_params, unpack_int4)
-from lmos_jax.inference.store import load_params, save_params
+from lmos_jax.compress.store import load_params, save_params
 from lmos_jax.models.gpt import GPT
 from lmos_jax.models.layers import TransformerConfig
 from lmos_jax.train.losses import lm_loss

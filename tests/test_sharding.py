@@ -10,7 +10,8 @@ from helpers import tiny_config
 from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.sharding import (logical_to_spec, make_mesh, resolve_mesh_shape,
                                         state_shardings)
-from lmos_jax.train.optim import make_optimizer, path_names
+from lmos_jax.train.optim import make_optimizer
+from lmos_jax.tree import path_names
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import abstract_model_state, init_train_state
 

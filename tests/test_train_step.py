@@ -10,7 +10,8 @@ from helpers import tiny_config
 from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.sharding import make_mesh
 from lmos_jax.train.losses import lm_loss
-from lmos_jax.train.optim import decay_mask_fn, make_optimizer, make_schedule, path_names
+from lmos_jax.train.optim import decay_mask_fn, make_optimizer, make_schedule
+from lmos_jax.tree import path_names
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import StepConfig, init_train_state, jit_train_step
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import ml_collections
 
-from lmos_jax.config.schema import base_config
+from lmos_jax.config.schema import (CHOICES, MESH_AXES, SPEC_FIELDS, base_config,
+                                     default_t_final)
 
 
 class ConfigError(ValueError):
@@ -67,26 +68,46 @@ def check_cpu_devices(cfg: ml_collections.ConfigDict) -> None:
   if isinstance(n, bool) or not isinstance(n, int) or n < 0:
     raise ConfigError(f"config 'mesh.cpu_devices'={n!r} must be an integer >= 0 "
                       "(0: one XLA device per CPU core, N: exactly N)")
-  from lmos_jax.parallel.host_memory import CHOICES
-  _choice("mesh.cpu_allocator", cfg.mesh.get("cpu_allocator", "auto"), CHOICES)
+  _choice("mesh.cpu_allocator", cfg.mesh.get("cpu_allocator", "auto"),
+          CHOICES["mesh.cpu_allocator"])
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Fills in the one axis given as -1; raises naming the mesh fields when sizes disagree."""
+  sizes = [data, fsdp, tensor]
+  names = [f"mesh.{a}" for a in MESH_AXES]
+  bad = [n for n, s in zip(names, sizes) if s == 0 or s < -1]
+  if bad:
+    raise ValueError(f"{', '.join(bad)} must be a positive size or -1, got {sizes}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one of {names} may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(
+          f"mesh {dict(zip(names, sizes))}: {num_devices} devices are not divisible by "
+          f"{known}; change the mesh sizes so their product divides the device count")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but "
+        f"{num_devices} are present; set mesh.data=-1 or sizes whose product is {num_devices}")
+  return tuple(sizes)  # type: ignore[return-value]
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ConfigError naming the first wrong field; runs before anything compiles."""
-  from lmos_jax.parallel.sharding import resolve_mesh_shape
-  from lmos_jax.train.optim import SCHEDULES
-  from lmos_jax.train.precision import POLICIES
-
   _check_schema(cfg, base_config(), "")
+  _choice("task", cfg.task, CHOICES["task"])
   check_cpu_devices(cfg)
   m, d, t = cfg.model, cfg.data, cfg.train
-  _choice("model.pos_emb", m.pos_emb, ("learned", "rope", "none"))
-  _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
-  _choice("model.mlp", m.mlp, ("gelu", "gelu_exact", "swiglu"))
-  _choice("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch", "save_attn_out"))
-  _choice("model.attention_impl", m.attention_impl, ("auto", "blocked", "xla", "cudnn"))
-  _choice("train.schedule", t.schedule, SCHEDULES)
-  _choice("train.precision", t.precision, POLICIES)
+  _choice("model.pos_emb", m.pos_emb, CHOICES["model.pos_emb"])
+  _choice("model.norm", m.norm, CHOICES["model.norm"])
+  _choice("model.mlp", m.mlp, CHOICES["model.mlp"])
+  _choice("model.remat", m.remat, CHOICES["model.remat"])
+  _choice("model.attention_impl", m.attention_impl, CHOICES["model.attention_impl"])
+  _choice("train.schedule", t.schedule, CHOICES["train.schedule"])
+  _choice("train.precision", t.precision, CHOICES["train.precision"])
   for name in ("num_layers", "num_heads", "d_model", "max_seq_len"):
     if m[name] <= 0:
       raise ConfigError(f"config 'model.{name}'={m[name]} must be positive")
@@ -134,8 +155,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def _check_checkpointing(t) -> None:
   """Checkpoint retention and non-finite handling (train.* keys of issue 4)."""
-  _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
-  _choice("train.best_mode", t.best_mode, ("min", "max"))
+  _choice("train.nonfinite", t.nonfinite, CHOICES["train.nonfinite"])
+  _choice("train.best_mode", t.best_mode, CHOICES["train.best_mode"])
   if t.ckpt_every <= 0 or t.keep_checkpoints <= 0:
     raise ConfigError(f"config 'train.ckpt_every'={t.ckpt_every} and 'train.keep_checkpoints'="
                       f"{t.keep_checkpoints} must be positive")
@@ -164,10 +185,8 @@ def _check_checkpointing(t) -> None:
 
 def _check_data(d) -> None:
   """The data pipeline's fields (issue 3): names, choices and mixture entries."""
-  from lmos_jax.data.build import BATCHING, SPEC_FIELDS
-  from lmos_jax.data.sources import FORMATS, KINDS
-  _choice("data.tokenizer", d.tokenizer, ("byte", "char", "bpe", "pretrained"))
-  _choice("data.batching", d.batching, BATCHING)
+  _choice("data.tokenizer", d.tokenizer, CHOICES["data.tokenizer"])
+  _choice("data.batching", d.batching, CHOICES["data.batching"])
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f"config 'data.val_fraction'={d.val_fraction} must be in [0, 1)")
   if d.prefetch < 0:
@@ -201,8 +220,8 @@ def _check_data(d) -> None:
     entries.append((f"data.mixture[{i}]", {k: e.get(k, d[k]) for k in SPEC_FIELDS
                                             if k != "weight"}))
   for name, e in entries:
-    _choice(f"{name}.source", e["source"], KINDS)
-    _choice(f"{name}.format", e["format"], FORMATS)
+    _choice(f"{name}.source", e["source"], CHOICES["data.source"])
+    _choice(f"{name}.format", e["format"], CHOICES["data.format"])
     if e["source"] in ("text", "files") and not e["path"]:
       raise ConfigError(f"config '{name}.path' is empty; {name}.source={e['source']} needs a "
                         "file path or glob")
@@ -214,8 +233,8 @@ def _check_data(d) -> None:
 def _check_encoder(cfg) -> None:
   """BERT / MLM / pretrained-start fields (issue 5)."""
   m = cfg.model
-  _choice("model.arch", m.arch, ("gpt", "bert"))
-  _choice("model.head", m.head, ("auto", "mlm", "cls", "none"))
+  _choice("model.arch", m.arch, CHOICES["model.arch"])
+  _choice("model.head", m.head, CHOICES["model.head"])
   if m.arch == "bert":
     fixed = {"pos_emb": "learned", "norm": "layernorm", "use_bias": True,
              "tie_embeddings": True}
@@ -240,11 +259,33 @@ def _check_encoder(cfg) -> None:
 
 
 def _check_finetune(cfg) -> None:
-  """task 'cls' and the peft block (issue 5, finetuning)."""
-  from lmos_jax.peft.methods import validate_peft
+  """task 'cls' and the peft block."""
   if cfg.task == "cls" and (cfg.model.arch != "bert" or cfg.model.num_labels <= 0):
     raise ConfigError("config 'task'='cls' needs 'model.arch'='bert' and 'model.num_labels' > 0")
-  try:
-    validate_peft(cfg.peft, cfg.train.steps)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  _check_peft(cfg.peft, cfg.train.steps)
+
+
+def _check_peft(p, total_steps: int) -> None:
+  """The peft block, AdaLoRA's rank budget included (it must have steps to shrink in)."""
+  _choice("peft.method", p.method, CHOICES["peft.method"])
+  if p.method == "full":
+    return
+  if p.method in ("lora", "adalora") and p.rank <= 0:
+    raise ConfigError(f"config 'peft.rank'={p.rank} must be positive")
+  if p.method == "adapters" and p.adapter_size <= 0:
+    raise ConfigError(f"config 'peft.adapter_size'={p.adapter_size} must be positive")
+  if not 0.0 <= p.dropout < 1.0:
+    raise ConfigError(f"config 'peft.dropout'={p.dropout} must be in [0, 1)")
+  if p.method != "adalora":
+    return
+  if not 0 < p.target_rank <= p.rank:
+    raise ConfigError(f"config 'peft.target_rank'={p.target_rank} must be in "
+                      f"[1, peft.rank={p.rank}]")
+  t_final = p.t_final or default_t_final(total_steps)
+  if p.t_init + t_final >= total_steps:
+    raise ConfigError(f"config 'peft.t_init'={p.t_init} + 'peft.t_final'={t_final} must be "
+                      f"below train.steps={total_steps}: the budget needs steps to shrink in")
+  if p.delta_t <= 0:
+    raise ConfigError(f"config 'peft.delta_t'={p.delta_t} must be positive")
+  if not p.lambda_lr_scale > 0:
+    raise ConfigError(f"config 'peft.lambda_lr_scale'={p.lambda_lr_scale} must be positive")

@@ -6,13 +6,51 @@ config against this schema so a typo or a wrong type fails before anything compi
 
 from __future__ import annotations
 
+import math
+import types
+
 import ml_collections
+
+# The allowed values of every enumerated field, declared once: `validate` checks them and the
+# code that dispatches on a field reads its tuple from here.
+CHOICES = types.MappingProxyType({
+    "task": ("lm", "cls", "mlm"),
+    "model.arch": ("gpt", "bert"),
+    "model.head": ("auto", "mlm", "cls", "none"),
+    "model.pos_emb": ("learned", "rope", "none"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "gelu_exact", "swiglu"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch", "save_attn_out"),
+    "model.attention_impl": ("auto", "blocked", "xla", "cudnn"),
+    "data.source": ("embedded", "text", "files", "hf"),
+    "data.format": ("", "text", "json", "jsonl", "parquet", "csv", "tsv"),
+    "data.tokenizer": ("byte", "char", "bpe", "pretrained"),
+    "data.batching": ("random", "windows", "packed"),
+    "train.schedule": ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd"),
+    "train.precision": ("fp32", "bf16", "bf16_full", "auto"),
+    "train.nonfinite": ("skip", "stop"),
+    "train.best_mode": ("min", "max"),
+    "peft.method": ("full", "lora", "adapters", "adalora"),
+    "mesh.cpu_allocator": ("auto", "retain", "system"),
+})
+
+# The mesh's axes, in order; the `mesh` block sets each one's size.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The fields one entry of `data.mixture` may set (each defaults to the `data` block's value).
+SPEC_FIELDS = ("source", "path", "format", "text_field", "hf_name", "hf_config", "hf_split",
+               "hf_val_split", "val_path", "weight")
+
+
+def default_t_final(total_steps: int) -> int:
+  """`peft.t_final`=0 means AdaLoRA's last 10% of the steps at the target budget."""
+  return max(1, math.ceil(0.1 * total_steps))
 
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults for a tiny decoder trained on the embedded corpus."""
   c = ml_collections.ConfigDict()
-  c.task = "lm"  # lm (decoder pretraining); other tasks register their own names
+  c.task = "lm"  # lm (decoder pretraining) | cls (sequence classification) | mlm
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()

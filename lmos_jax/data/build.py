@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from lmos_jax.config.schema import CHOICES, SPEC_FIELDS
 from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, split_long
 from lmos_jax.data.stream import BatchStream, check_state  # noqa: F401 (BatchStream re-exported)
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents, split_documents
@@ -39,9 +40,7 @@ from lmos_jax.data.tokenizer import (build_tokenizer, check_vocab, pad_id, separ
 
 log = logging.getLogger("lmos_jax.data")
 
-BATCHING = ("random", "windows", "packed")
-SPEC_FIELDS = ("source", "path", "format", "text_field", "hf_name", "hf_config", "hf_split",
-               "hf_val_split", "val_path", "weight")
+BATCHING = CHOICES["data.batching"]
 
 
 @dataclasses.dataclass

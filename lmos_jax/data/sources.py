@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmos_jax.config.schema import CHOICES
 from lmos_jax.data.text import embedded_corpus
 
 log = logging.getLogger("lmos_jax.data")
 
-KINDS = ("embedded", "text", "files", "hf")
-FORMATS = ("", "text", "json", "jsonl", "parquet", "csv", "tsv")
+KINDS = CHOICES["data.source"]
+FORMATS = CHOICES["data.format"]
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
               ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 

@@ -24,15 +24,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lmos_jax.inference.decode import Decoder
-from lmos_jax.inference.distill import distill_loss
-from lmos_jax.inference.heal import finetune, lora_heal
-from lmos_jax.inference.kernels import kernel_layouts
-from lmos_jax.inference.prune import (apply_masks, layerwise_masks, masked_pruning, nm_masks,
+from lmos_jax.models.decode import Decoder
+from lmos_jax.compress.distill import distill_loss
+from lmos_jax.train.heal import finetune, lora_heal
+from lmos_jax.compress.kernels import kernel_layouts
+from lmos_jax.compress.prune import (apply_masks, layerwise_masks, masked_pruning, nm_masks,
                                       sparsity_report, total_sparsity)
-from lmos_jax.inference.quantize import count_weights, dequantize_params, quantize_params
-from lmos_jax.inference.store import save_params
-from lmos_jax.inference.trim import drop_layers, least_important_block
+from lmos_jax.compress.quantize import count_weights, dequantize_params, quantize_params
+from lmos_jax.compress.store import save_params
+from lmos_jax.compress.trim import drop_layers, least_important_block
 from lmos_jax.train.losses import lm_loss
 
 RECIPES = ("dense", "int8", "int4", "prune50", "nm24", "trim", "distill")

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from lmos_jax.config.schema import base_config
-from lmos_jax.inference.decode import Decoder, Sampling
+from lmos_jax.models.decode import Decoder, Sampling
 
 
 def load_trained(workdir: str | Path, data_path: str | None = None):

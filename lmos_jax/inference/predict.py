@@ -27,7 +27,8 @@ def load_run_config(workdir: Path):
 
 def classifier_params(cfg, workdir: Path, abstract: dict) -> dict:
   """Full param tree: base + adapters for PEFT runs, else the latest trainer checkpoint."""
-  from lmos_jax.models.hf import hf_params_from_config, workdir_params, _int_keys
+  from lmos_jax.models.hf import hf_params_from_config
+  from lmos_jax.workdir import int_keys, workdir_params
   from lmos_jax.peft.wrap import load_adapters, overlay_params, split_by
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   adapters = workdir / "adapters.safetensors"
@@ -37,7 +38,7 @@ def classifier_params(cfg, workdir: Path, abstract: dict) -> dict:
     params = overlay_params(zeros, flat_base, f"model.init_from={cfg.model.init_from}")
     flat, _ = load_adapters(str(adapters))
     return overlay_params(params, flat, str(adapters))
-  flat, _ = split_by(_int_keys(workdir_params(workdir)), lambda _: True)
+  flat, _ = split_by(int_keys(workdir_params(workdir)), lambda _: True)
   return overlay_params(zeros, flat, f"{workdir}/checkpoints")
 
 

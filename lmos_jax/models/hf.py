@@ -1,4 +1,4 @@
-"""Hugging Face interop: `config.json` + `*.safetensors` <-> lmos params, and `lmos convert`.
+"""Hugging Face format: `config.json` + `*.safetensors` <-> lmos params.
 
 Supported: BERT (incl. MiniLM; BertModel / ForMaskedLM / ForSequenceClassification /
 ForPreTraining), GPT-2 (Conv1D weights stored (in, out), fused c_attn) and Llama-style
@@ -7,8 +7,8 @@ table of (HF tensor name, lmos param path, layout) per family, used in both dire
 lmos -> HF -> lmos is exact. Every lmos param must be filled by a tensor of the right shape
 and every HF tensor must be used (bar known buffers), else the error names the tensor.
 
-  lmos convert --from-hf HF_DIR --workdir DIR   (params + lmos config.json into DIR)
-  lmos convert --to-hf OUT_DIR --workdir DIR    (latest params of DIR -> HF layout in OUT_DIR)
+The command that moves whole run directories to and from this format is `lmos convert`
+(`lmos_jax/convert.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -700,150 +699,3 @@ def fresh_classifier(spec: HFSpec, seed: int) -> dict | None:
   rng = np.random.default_rng(seed)
   kernel = rng.normal(0.0, t.init_std, (t.d_model, t.num_labels)).astype(np.float32)
   return {"classifier": {"kernel": kernel, "bias": np.zeros((t.num_labels,), np.float32)}}
-
-
-def from_hf_to_workdir(hf_dir: str | Path, workdir: str | Path, num_labels: int = 0) -> Path:
-  """lmos workdir: config.json (lmos), hf_config.json, params/ (orbax), hf_tokenizer/."""
-  import orbax.checkpoint as ocp
-  from lmos_jax.config.schema import base_config
-  wd = Path(workdir).absolute()
-  wd.mkdir(parents=True, exist_ok=True)
-  spec, params = load_hf_params(hf_dir, num_labels=num_labels or None)
-  cfg = base_config()
-  model_config_from_spec(spec, cfg.model)
-  cfg.task = "mlm" if spec.head == "mlm" else "cls" if spec.head == "cls" else "lm"
-  cfg.model.init_from = str(Path(hf_dir).absolute())
-  (wd / "config.json").write_text(cfg.to_json(indent=2))
-  (wd / "hf_config.json").write_text(json.dumps(read_hf_config(hf_dir), indent=2))
-  tok = wd / "hf_tokenizer"
-  tok.mkdir(exist_ok=True)
-  copy_tokenizer(hf_dir, tok)
-  target = wd / "params"
-  if target.exists():
-    shutil.rmtree(target)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(target, params)
-  return wd
-
-
-def workdir_params(workdir: str | Path) -> dict:
-  """Latest params of a workdir as host numpy: the newest trainer checkpoint, else the
-  params/ that `lmos convert --from-hf` wrote. Dict keys come back as strings."""
-  wd = Path(workdir).absolute()
-  ckpt_dir = wd / "checkpoints"
-  steps = sorted(int(p.name) for p in ckpt_dir.glob("[0-9]*")
-                 if p.is_dir() and p.name.isdigit()) if ckpt_dir.is_dir() else []
-  if steps:
-    return _restore_numpy(ckpt_dir / str(steps[-1]) / "state")["params"]
-  if (wd / "params").is_dir():
-    return _restore_numpy(wd / "params")
-  raise HFConversionError(f"--workdir {workdir}: no checkpoints/ or params/ to convert; run "
-                          "`lmos train` or `lmos convert --from-hf` into it first")
-
-
-def _restore_numpy(path: Path) -> Any:
-  """An orbax pytree read back as numpy arrays, with no device placement."""
-  import jax
-  import orbax.checkpoint as ocp
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(path)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path) -> Path:
-  """HF folder from a workdir's lmos config.json and latest params."""
-  import ml_collections
-  wd = Path(workdir)
-  if not (wd / "config.json").is_file():
-    raise HFConversionError(f"--workdir {workdir}: no config.json (not an lmos workdir)")
-  cfg = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
-  params = workdir_params(wd)
-  params = _int_keys(params)
-  if cfg.get("peft") and cfg.peft.method != "full":  # fold LoRA/AdaLoRA into the kernels
-    from lmos_jax.models.factory import model_factory
-    from lmos_jax.peft.methods import merged_params
-    vocab = int(np.asarray(params["embed"]).shape[0])
-    params = merged_params(model_factory(cfg.model, vocab), cfg.peft, params)
-  spec = spec_from_lmos_config(cfg.model, int(np.asarray(params["embed"]).shape[0]))
-  base = json.loads((wd / "hf_config.json").read_text()) \
-      if (wd / "hf_config.json").is_file() else {}
-  labels_file = wd / "labels.json"  # a classifier run's label names, in id order
-  if spec.head == "cls" and labels_file.is_file():
-    names = [str(x) for x in json.loads(labels_file.read_text())]
-    if len(names) == spec.tcfg.num_labels:
-      base = {**base, "id2label": {str(i): n for i, n in enumerate(names)},
-              "label2id": {n: i for i, n in enumerate(names)}}
-  tok = wd / "hf_tokenizer"
-  return save_hf(spec, params, out_dir, base, tok if tok.is_dir() else None)
-
-
-def _int_keys(tree):
-  """Orbax stores dict keys as strings; unscanned layer indices come back as '0', '1'..."""
-  if isinstance(tree, dict):
-    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
-            for k, v in tree.items()}
-  return tree
-
-
-def main(argv: list[str]) -> int:
-  import argparse
-  ap = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n\n")[0])
-  g = ap.add_mutually_exclusive_group(required=True)
-  g.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face folder to read")
-  g.add_argument("--to-hf", metavar="OUT_DIR", help="Hugging Face folder to write")
-  ap.add_argument("--workdir", required=True, help="lmos workdir (written or read)")
-  ap.add_argument("--num-labels", type=int, default=0,
-                  help="with --from-hf on a BERT encoder: add a fresh classifier head")
-  args = ap.parse_args(argv[1:])
-  try:
-    if args.from_hf:
-      wd = from_hf_to_workdir(args.from_hf, args.workdir, args.num_labels)
-      print(f"lmos convert: {args.from_hf} -> {wd} (params/, config.json)")
-    else:
-      out = to_hf_from_workdir(args.workdir, args.to_hf)
-      print(f"lmos convert: {args.workdir} -> {out} (config.json, model.safetensors)")
-  except HFConversionError as e:
-    print(f"lmos convert: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
-def pretrained_train_state(cfg, state: dict, shardings: dict, tx, mesh) -> dict:
-  """A fresh train state with `model.init_from`'s weights put into its params.
-
-  Params the checkpoint does not hold (a new classifier, PEFT adapters) keep their fresh
-  values; each loaded tensor must match the run's param shape (error names the path).
-  Optimizer state is re-initialised from the loaded params, in its shardings.
-  """
-  import jax
-  hf_dir = cfg.model.init_from
-  if not Path(hf_dir, "config.json").is_file():
-    raise HFConversionError(f"config 'model.init_from'={hf_dir!r}: no config.json there; "
-                            "give a Hugging Face model folder")
-  host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
-  loaded = hf_params_from_config(cfg, hf_dir, host, seed=cfg.seed)
-  flat_loaded = {jax.tree_util.keystr(p): v for p, v in
-                 jax.tree_util.tree_flatten_with_path(loaded)[0]}
-
-  def pick(path, cur, sh):
-    key = jax.tree_util.keystr(path)
-    if key not in flat_loaded:
-      return cur
-    x = flat_loaded[key]
-    if tuple(x.shape) != tuple(cur.shape):
-      raise HFConversionError(f"model.init_from: param {key} has shape {tuple(x.shape)} in "
-                              f"{hf_dir} but the run's model needs {tuple(cur.shape)}")
-    return jax.device_put(np.asarray(x, cur.dtype), sh)
-
-  params = jax.tree_util.tree_map_with_path(pick, state["params"], shardings["params"])
-  unused = set(flat_loaded) - {jax.tree_util.keystr(p) for p, _ in
-                               jax.tree_util.tree_flatten_with_path(state["params"])[0]}
-  if unused:
-    raise HFConversionError(f"model.init_from: {sorted(unused)[:5]} have no place in the run's "
-                            "model; does the config match the checkpoint?")
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-  return {**state, "params": params, "opt_state": opt_state}

@@ -18,7 +18,9 @@ import os
 import sys
 from typing import Any
 
-CHOICES = ("auto", "retain", "system")
+from lmos_jax.config.schema import CHOICES as _CHOICES
+
+CHOICES = _CHOICES["mesh.cpu_allocator"]
 
 
 def activation_bytes_estimate(model_cfg: Any, seq_len: int, batch_size: int,

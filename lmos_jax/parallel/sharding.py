@@ -15,7 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from lmos_jax.config.loading import resolve_mesh_shape
+from lmos_jax.config.schema import MESH_AXES
+
 
 # logical name -> mesh axis (or tuple of axes, or None for replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -43,29 +45,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
     ("cache_length", None),
 )
-
-
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-  """Fills in the one axis given as -1; raises naming the mesh fields when sizes disagree."""
-  sizes = [data, fsdp, tensor]
-  names = [f"mesh.{a}" for a in MESH_AXES]
-  bad = [n for n, s in zip(names, sizes) if s == 0 or s < -1]
-  if bad:
-    raise ValueError(f"{', '.join(bad)} must be a positive size or -1, got {sizes}")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one of {names} may be -1, got {sizes}")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if num_devices % known:
-      raise ValueError(
-          f"mesh {dict(zip(names, sizes))}: {num_devices} devices are not divisible by "
-          f"{known}; change the mesh sizes so their product divides the device count")
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ValueError(
-        f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but "
-        f"{num_devices} are present; set mesh.data=-1 or sizes whose product is {num_devices}")
-  return tuple(sizes)  # type: ignore[return-value]
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:

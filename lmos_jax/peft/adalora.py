@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -34,7 +33,7 @@ from flax import nnx
 from lmos_jax.models.layers import Dense
 from lmos_jax.peft.lora import input_dropout, make_dropout_key
 from lmos_jax.peft.wrap import dense_layout, new_param, replace_dense
-from lmos_jax.train.optim import path_names
+from lmos_jax.tree import path_names
 
 Array = jax.Array
 SVD_NAMES = ("lora_p", "lora_lambda", "lora_q")
@@ -118,17 +117,6 @@ class BudgetSchedule(NamedTuple):
   beta1: float = 0.85
   beta2: float = 0.85
 
-  def check(self) -> None:
-    if not 0 < self.target_rank <= self.init_rank:
-      raise ValueError(f"config 'peft.target_rank'={self.target_rank} must be in "
-                       f"[1, peft.rank={self.init_rank}]")
-    if self.t_init + self.t_final >= self.total_steps:
-      raise ValueError(f"config 'peft.t_init'={self.t_init} + 'peft.t_final'={self.t_final} "
-                       f"must be below train.steps={self.total_steps}: the budget needs steps "
-                       "to shrink in")
-    if self.delta_t <= 0:
-      raise ValueError(f"config 'peft.delta_t'={self.delta_t} must be positive")
-
 
 def budget_at(s: BudgetSchedule, t: Array, slots: int) -> tuple[Array, Array]:
   """(total kept singular values, whether to recompute the mask) after update number t."""
@@ -178,9 +166,6 @@ def adalora(inner: optax.GradientTransformation, sched: BudgetSchedule,
 
   Kept lambdas move `lambda_lr_scale` times the inner update (see the module docstring).
   """
-  sched.check()
-  if not lambda_lr_scale > 0:
-    raise ValueError(f"config 'peft.lambda_lr_scale'={lambda_lr_scale} must be positive")
 
   def init(params):
     svd = _svd_leaves(params)
@@ -234,10 +219,6 @@ def adalora(inner: optax.GradientTransformation, sched: BudgetSchedule,
 def kept_ranks(opt_state: AdaLoRAState) -> dict[str, Array]:
   """Singular values kept per module (summed over stacked layers)."""
   return {k: jnp.sum(v) for k, v in opt_state.mask.items()}
-
-
-def default_t_final(total_steps: int) -> int:
-  return max(1, math.ceil(0.1 * total_steps))
 
 
 def svd_delta_kernel(m: SVDDense) -> Array:

@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lmos_jax.peft.adalora import (BudgetSchedule, adalora, apply_adalora, default_t_final,
+from lmos_jax.config.schema import CHOICES, default_t_final
+from lmos_jax.peft.adalora import (BudgetSchedule, adalora, apply_adalora,
                                    orthogonality_penalty)
 from lmos_jax.peft.adapters import apply_adapters
 from lmos_jax.peft.lora import apply_lora, set_dropout_keys
 from lmos_jax.peft.wrap import trainable_fn
 
-METHODS = ("full", "lora", "adapters", "adalora")
+METHODS = CHOICES["peft.method"]
 DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "adalora": r"attn/(query|key|value|out)$",
                    "adapters": r"(attn/out|mlp/down)$"}
 
@@ -96,23 +97,6 @@ def peft_optimizer(tx: optax.GradientTransformation, p, total_steps: int
   if p.method != "adalora":
     return tx
   return adalora(tx, budget_schedule(p, total_steps), p.lambda_lr_scale)
-
-
-def validate_peft(p, total_steps: int) -> None:
-  """Early, named errors for the peft block (before anything compiles)."""
-  check_method(p)
-  if p.method == "full":
-    return
-  if p.method in ("lora", "adalora") and p.rank <= 0:
-    raise ValueError(f"config 'peft.rank'={p.rank} must be positive")
-  if p.method == "adapters" and p.adapter_size <= 0:
-    raise ValueError(f"config 'peft.adapter_size'={p.adapter_size} must be positive")
-  if not 0.0 <= p.dropout < 1.0:
-    raise ValueError(f"config 'peft.dropout'={p.dropout} must be in [0, 1)")
-  if p.method == "adalora":
-    budget_schedule(p, total_steps).check()
-    if not p.lambda_lr_scale > 0:
-      raise ValueError(f"config 'peft.lambda_lr_scale'={p.lambda_lr_scale} must be positive")
 
 
 def merge_and_unload(model: nnx.Module) -> int:

@@ -10,7 +10,7 @@ step (differentiate only the trainable sub-tree) both use.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from flax import nnx
 
 from lmos_jax.models.layers import Dense
 from lmos_jax.parallel.sharding import variable_names
-from lmos_jax.train.optim import path_names
+from lmos_jax.tree import module_path, path_names
 
 Array = jax.Array
 PathFn = Callable[[tuple[str, ...]], bool]
@@ -28,10 +28,6 @@ PathFn = Callable[[tuple[str, ...]], bool]
 PEFT_PARAM_NAMES = ("lora_a", "lora_b", "lora_p", "lora_lambda", "lora_q",
                     "adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")
 
-
-def module_path(path: Iterable[Any]) -> str:
-  """'blocks/attn/query' from an nnx module path."""
-  return "/".join(str(p) for p in path)
 
 
 def dense_paths(model: nnx.Module) -> list[str]:

@@ -11,7 +11,10 @@ from typing import Any, Callable
 import jax
 import optax
 
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd")
+from lmos_jax.config.schema import CHOICES
+from lmos_jax.tree import path_names
+
+SCHEDULES = CHOICES["train.schedule"]
 
 PathFn = Callable[[tuple[str, ...]], bool]
 
@@ -42,18 +45,6 @@ def make_schedule(t) -> optax.Schedule:
     return tail
   return optax.join_schedules([warmup, tail], [warm])
 
-
-def path_names(path) -> tuple[str, ...]:
-  """Key path of a pytree leaf as plain strings ('blocks', '0', 'attn', 'query', 'kernel')."""
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return tuple(out)
 
 
 def is_norm_or_bias(names: tuple[str, ...]) -> bool:

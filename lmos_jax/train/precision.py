@@ -13,7 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-POLICIES = ("fp32", "bf16", "bf16_full", "auto")
+from lmos_jax.config.schema import CHOICES
+
+POLICIES = CHOICES["train.precision"]
 
 
 @dataclasses.dataclass(frozen=True)

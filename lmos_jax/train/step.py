@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmos_jax.parallel.sharding import batch_sharding, constrain, state_shardings
-from lmos_jax.train.optim import decay_mask_fn, l2_penalty, path_names
+from lmos_jax.train.optim import decay_mask_fn, l2_penalty
+from lmos_jax.tree import path_names
 from lmos_jax.train.precision import Policy, cast_floats
 
 Array = jax.Array

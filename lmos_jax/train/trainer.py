@@ -15,11 +15,13 @@ import numpy as np
 from lmos_jax.config.loading import ConfigError, validate
 from lmos_jax.data.build import build_data
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
+from lmos_jax.models.decode import Decoder, Sampling
 from lmos_jax.models.factory import model_factory
 from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
+from lmos_jax.train.init_from import pretrained_train_state
 from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteError,
                                       NonFiniteMonitor, PreemptionGuard, abstract_like,
                                       check_writable, drop_metric_rows_after,
@@ -79,7 +81,6 @@ def build_run(cfg, devices=None, workdir=None) -> Run:
   mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
   policy = resolve_policy(cfg.train.precision, devices[0].platform)
   from lmos_jax.peft import methods as peft
-  peft.validate_peft(cfg.peft, cfg.train.steps)
   make_model = peft.wrap_factory(model_factory(cfg.model, data.tokenizer.vocab_size), cfg.peft)
   trainable = peft.trainable_for(cfg.peft)  # frozen params: no grads, no optimizer state
   tx = peft.peft_optimizer(make_optimizer(cfg.train, trainable), cfg.peft, cfg.train.steps)
@@ -145,7 +146,6 @@ def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
     with jax.set_mesh(run.mesh):
       state = jax.jit(run.init_fn, out_shardings=run.shardings)(jax.random.PRNGKey(run.cfg.seed))
     if run.cfg.model.init_from:  # pretrained weights (HF folder) into the fresh sharded state
-      from lmos_jax.models.hf import pretrained_train_state
       state = pretrained_train_state(run.cfg, state, run.shardings, run.step_cfg.tx, run.mesh)
     return state, {}
   restore_data_state(run.data, meta.get("data_state"), step)  # same data, same position
@@ -359,13 +359,16 @@ def _meta(cfg, step: int, tokens_seen: int, wall: float, skipped_steps: int = 0,
 
 
 def sample_text(run: Run, params, prompt: str, num_tokens: int, seed: int) -> str:
-  from lmos_jax.inference.sample import sample_tokens
+  """The end-of-run sample, through the same compiled KV-cache decoder `lmos generate` uses.
+
+  It stops early (status `cache_full`) when prompt plus sample outgrow the model's positions.
+  """
   tok = run.data.tokenizer
-  ids = tok.encode(prompt) if prompt else np.asarray([], np.int32)
-  params = jax.device_get(params)
-  out = sample_tokens(run.graphdef, params, ids, num_tokens, run.cfg.data.seq_len,
-                      temperature=0.8, seed=seed)
-  return prompt + tok.decode(out)
+  ids = [int(i) for i in tok.encode(prompt)] if prompt else []
+  decoder = Decoder(run.graphdef, run.cfg.model.max_seq_len)
+  out = decoder.generate(jax.device_get(params), [ids or [0]], num_tokens,
+                         sampling=Sampling(temperature=0.8), seed=seed)
+  return prompt + tok.decode(out.tokens[0])
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lmos_jax.inference.kernels import KernelLayout, key_path, layer_names, to_view
+from lmos_jax.compress.kernels import KernelLayout, layer_names, to_view
+from lmos_jax.tree import key_path
 
 Array = jax.Array
 Layouts = dict[tuple, KernelLayout]

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from lmos_jax.inference.kernels import key_path
-from lmos_jax.inference.quantize import QArray, is_qarray
+from lmos_jax.tree import key_path
+from lmos_jax.compress.quantize import QArray, is_qarray
 
 
 def _name(path: tuple) -> str:

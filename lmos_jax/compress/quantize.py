@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmos_jax.inference.kernels import KernelLayout, kernel_layouts, map_kernels, to_view
+from lmos_jax.compress.kernels import KernelLayout, kernel_layouts, map_kernels, to_view
 
 Array = jax.Array
 

@@ -15,6 +15,7 @@ import jax
 from flax import nnx
 
 from lmos_jax.models.layers import Dense
+from lmos_jax.tree import key_path
 
 Path = tuple[Any, ...]
 
@@ -38,10 +39,6 @@ def kernel_layouts(graphdef, params: dict) -> dict[Path, KernelLayout]:
     raise ValueError("the model has no Dense kernels to compress")
   return out
 
-
-def key_path(path) -> Path:
-  """A jax key path as the plain keys of the nested dict."""
-  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
 def map_kernels(fn: Callable[[jax.Array, KernelLayout, Path], Any], params: dict,

@@ -53,7 +53,7 @@ def lora_heal(graphdef, params: dict, data, steps: int, *, rank: int = 8, alpha:
   from lmos_jax.peft.lora import apply_lora
   from lmos_jax.peft.methods import merge_and_unload
   from lmos_jax.peft.wrap import trainable_fn
-  from lmos_jax.train.optim import path_names
+  from lmos_jax.tree import path_names
 
   model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
   apply_lora(model, target, rank, alpha, 0.0, rngs=seed)
