@@ -4,6 +4,7 @@ The package is layered; a module imports only from its own layer or the layers l
 before it (tests/test_layering.py parses every import and fails on one that points up).
 Bottom to top:
 
+  errors      UserError: bad input that `lmos` reports as one line, exit 2
   tree        how a parameter's path is spelled
   config      the schema, the allowed choices, loading and validating a config
   data        tokenizers, sources, batching and the data-stream state

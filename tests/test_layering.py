@@ -41,7 +41,7 @@ def lmos_imports(path: Path) -> list[tuple[int, str]]:
 
 def test_every_module_belongs_to_a_layer():
   order = layer_order()
-  assert order[0] == "tree" and order[-1] == "cli", order
+  assert order[0] == "errors" and order[-1] == "cli", order
   for path in PACKAGE.rglob("*.py"):
     rel = path.relative_to(PACKAGE)
     if rel.name == "__init__.py" and len(rel.parts) == 1:

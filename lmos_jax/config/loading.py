@@ -11,9 +11,10 @@ import ml_collections
 
 from lmos_jax.config.schema import (CHOICES, MESH_AXES, SPEC_FIELDS, base_config,
                                      default_t_final)
+from lmos_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config field is wrong; the message names the field and the fix."""
 
 

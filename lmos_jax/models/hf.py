@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lmos_jax.errors import UserError
+
 FAMILIES = ("bert", "gpt2", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model")
@@ -30,7 +32,7 @@ _IGNORED = re.compile(r"(position_ids|\.attn\.bias|\.attn\.masked_bias|rotary_em
                       r"cls\.seq_relationship\.)")
 
 
-class HFConversionError(ValueError):
+class HFConversionError(UserError, ValueError):
   """A checkpoint cannot map onto lmos params; the message names the tensor or field."""
 
 
