@@ -19,7 +19,7 @@ from helpers import tiny_config
 from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.sharding import make_mesh
 from lmos_jax.train import checkpoint as ck
-from lmos_jax.train.export import export_params, load_params
+from lmos_jax.train.export import export_params, load_export
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.optim import make_optimizer
 from lmos_jax.train.precision import resolve_policy
@@ -233,7 +233,7 @@ def test_export_params_bf16_loads_without_optimizer(saved, tmp_path):
   info = json.loads((out / "export.json").read_text())
   assert info["step"] == 3 and info["dtype"] == "bfloat16"
   assert (out / "tokenizer.json").exists() and json.loads((out / "config.json").read_text())
-  params = load_params(out)
+  params = load_export(out)
   expected = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x,
                           states[3]["params"])
   assert_trees_equal(params, expected)

@@ -10,7 +10,7 @@ from lmos_jax.compress.kernels import KernelLayout, kernel_layouts
 from lmos_jax.compress.quantize import (QArray, dequantize_kernel, dequantize_params,
                                          fake_quant, pack_int4, param_bytes, qat_loss,
                                          quantize_kernel, quantize_params, unpack_int4)
-from lmos_jax.compress.store import load_params, save_params
+from lmos_jax.compress.store import load_compressed, save_params
 from lmos_jax.models.gpt import GPT
 from lmos_jax.models.layers import TransformerConfig
 from lmos_jax.train.losses import lm_loss
@@ -57,7 +57,7 @@ def test_quantized_model_saves_loads_and_runs(tmp_path):
         qp, is_leaf=lambda x: isinstance(x, QArray)))
     assert n_q == 2 * 6  # q, k, v, out, up, down per layer
     size = save_params(qp, tmp_path / f"int{bits}.safetensors")
-    loaded, _ = load_params(tmp_path / f"int{bits}.safetensors")
+    loaded, _ = load_compressed(tmp_path / f"int{bits}.safetensors")
     assert isinstance(loaded["blocks"][1]["mlp"]["up"]["kernel"], QArray)
     out = jax.jit(lambda p, t: nnx.merge(graphdef, dequantize_params(p))(t))(loaded, tokens)
     rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())

@@ -2,7 +2,7 @@
 
 One safetensors file per model. Tensor names are the dotted param paths; the JSON header
 records how to rebuild each leaf (dense, quantized, or sparse) and the original key types
-(nested dicts from `nnx.List` use int keys), so `load_params` returns the same tree.
+(nested dicts from `nnx.List` use int keys), so `load_compressed` returns the same tree.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _key(t: str, k):
   return int(k) if t == "int" else k
 
 
-def load_params(path: str | Path) -> tuple[dict, dict]:
+def load_compressed(path: str | Path) -> tuple[dict, dict]:
   """(params tree, extra metadata) as `save_params` wrote them; QArrays stay quantized."""
   from safetensors import safe_open
 

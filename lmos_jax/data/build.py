@@ -276,10 +276,12 @@ def make_rows(tok, docs: list[str], batching: str, seq_len: int, repairs: Repair
 
 
 def build_data(cfg, process_index: int = 0, process_count: int = 1,
-               workdir: str | Path | None = None):
+               workdir: str | Path | None = None, tokenizer=None):
   """The data object for `cfg`; errors name the data field to fix.
 
   `workdir` holds the BPE tokenizer cache (WORKDIR/tokenizer/), so a resume reuses it.
+  `tokenizer`: use this one (a trained run's, read back from its workdir) instead of building
+  one from the data, so the ids are the ones the run's model was trained on.
   """
   d = cfg.data
   if d.batching not in BATCHING:
@@ -294,7 +296,8 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
     if not s.weight > 0:
       raise ValueError(f"config '{s.name}.weight'={s.weight} must be positive")
   if d.streaming:
-    return build_streaming(cfg, specs, process_index, process_count, workdir, repairs)
+    return build_streaming(cfg, specs, process_index, process_count, workdir, repairs,
+                           tokenizer)
   read = [read_documents(s, repairs) for s in specs]
   splits = []
   for (docs, val), s in zip(read, specs):
@@ -305,9 +308,9 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
   need_specials = multi_doc or d.batching != "random" or len(specs) > 1
   cache = Path(workdir) / "tokenizer" if workdir else None
   all_train = [t for docs, _ in splits for t in docs]
-  tok = build_tokenizer(d.tokenizer, all_train, need_specials=need_specials,
-                        tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
-                        cache_dir=cache)
+  tok = tokenizer or build_tokenizer(d.tokenizer, all_train, need_specials=need_specials,
+                                     tokenizer_path=d.tokenizer_path,
+                                     bpe_vocab_size=d.bpe_vocab_size, cache_dir=cache)
   check_vocab(tok, cfg.model.vocab_size)
   seq_len = d.seq_len
   if d.batching == "random" and len(specs) == 1:
@@ -374,7 +377,7 @@ def shard_val(rows: dict[str, np.ndarray], process_index: int, process_count: in
 
 
 def build_streaming(cfg, specs: list[SourceSpec], process_index: int, process_count: int,
-                    workdir, repairs: Repairs):
+                    workdir, repairs: Repairs, tokenizer=None):
   """StreamingData for one files/hf source (see lmos_jax.data.streaming)."""
   from lmos_jax.data.streaming import BPE_STREAM_DOCS, StreamingData, first_texts
   d = cfg.data
@@ -388,10 +391,14 @@ def build_streaming(cfg, specs: list[SourceSpec], process_index: int, process_co
     raise ValueError("config 'data.tokenizer'='char' needs the whole corpus to fit its "
                      "vocabulary; use byte, bpe or pretrained with data.streaming=True")
   spec = specs[0]
-  train_docs = first_texts(spec, BPE_STREAM_DOCS, Repairs()) if d.tokenizer == "bpe" else []
-  tok = build_tokenizer(d.tokenizer, train_docs, need_specials=True,
-                        tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
-                        cache_dir=Path(workdir) / "tokenizer" if workdir else None)
+  if tokenizer is not None:
+    tok = tokenizer
+  else:
+    train_docs = (first_texts(spec, BPE_STREAM_DOCS, Repairs()) if d.tokenizer == "bpe"
+                  else [])
+    tok = build_tokenizer(d.tokenizer, train_docs, need_specials=True,
+                          tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
+                          cache_dir=Path(workdir) / "tokenizer" if workdir else None)
   check_vocab(tok, cfg.model.vocab_size)
   return StreamingData(tok, spec, cfg.train.batch_size // process_count, d.seq_len, cfg.seed,
                        cfg.train.eval_batches, d.batching, d.val_fraction, d.shuffle_buffer,

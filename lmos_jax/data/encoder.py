@@ -185,11 +185,28 @@ def label_ids(labels: Sequence[str], label_set: Sequence[str], where: str) -> np
   return out
 
 
+def longest_first(n_a: int, n_b: int, budget: int) -> tuple[int, int]:
+  """Lengths (a, b) a too-long pair is cut to: the rule of Hugging Face `tokenizers`
+  (TruncationStrategy.LongestFirst), so a BERT tokenizer called with truncation=True cuts
+  exactly where lmos does. The shorter keeps its length if the longer can absorb the cut;
+  else both get half the budget, the one that was longer the extra odd token."""
+  if n_a + n_b <= budget:
+    return n_a, n_b
+  swap = n_a > n_b
+  short, long_ = (n_b, n_a) if swap else (n_a, n_b)
+  long_ = short if short > budget else max(short, budget - short)
+  if short + long_ > budget:
+    short = budget // 2
+    long_ = short + budget % 2
+  return (long_, short) if swap else (short, long_)
+
+
 def encode_for_classifier(tok, text_a: Sequence[str], text_b: Sequence[str] | None,
                           seq_len: int) -> dict[str, np.ndarray]:
   """[CLS] a [SEP] (b [SEP]) padded to seq_len: inputs, token_type_ids, attention_mask.
 
-  Too-long inputs are truncated longest-first (BERT's rule), keeping the special tokens.
+  Too-long inputs are cut from the end, longest-first (`longest_first`), keeping the
+  special tokens.
   """
   sp = getattr(tok, "specials", {}) or {}
   missing = [r for r in ("cls", "sep", "pad") if r not in sp]
@@ -206,9 +223,8 @@ def encode_for_classifier(tok, text_a: Sequence[str], text_b: Sequence[str] | No
   for i in range(n):
     a = list(ids_a[i])
     b = list(ids_b[i]) if ids_b is not None else []
-    budget = seq_len - (3 if ids_b is not None else 2)
-    while len(a) + len(b) > budget:
-      (a if len(a) >= len(b) else b).pop()
+    n_a, n_b = longest_first(len(a), len(b), seq_len - (3 if ids_b is not None else 2))
+    a, b = a[:n_a], b[:n_b]
     row = [cls, *a, sep] + ([*b, sep] if ids_b is not None else [])
     inputs[i, :len(row)] = row
     types[i, len(a) + 2:len(row)] = 1

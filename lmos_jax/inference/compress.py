@@ -1,12 +1,16 @@
 """`lmos compress`: make a trained model smaller and show the price in quality and speed.
 
   lmos compress --workdir DIR [--recipe dense,int8,int4,prune50,nm24,trim,distill]
-                [--heal-steps N] [--distill-steps N] [--out DIR]
+                [--heal-steps N] [--distill-steps N] [--data PATH] [--out DIR] [--force]
 
 Every variant is saved as it is stored (int8/int4 codes; pruned kernels as nonzeros + a
 bitmask) and measured the same way: weights and nonzero weights, bytes on disk, validation
 loss and perplexity on the run's validation batches, and decode tokens/s of the compiled
 KV-cache decoder on this machine. Writes report.md, report.json and compress.png.
+
+The model, its params and its tokenizer come from the workdir (lmos_jax.workdir); the text
+for validation loss and for healing/distillation is the run's own data block (config.json),
+or the file given by `--data`, tokenized with the run's tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +38,21 @@ from lmos_jax.compress.prune import (apply_masks, layerwise_masks, masked_prunin
 from lmos_jax.compress.quantize import count_weights, dequantize_params, quantize_params
 from lmos_jax.compress.store import save_params
 from lmos_jax.compress.trim import drop_layers, least_important_block
+from lmos_jax.errors import UserError
 from lmos_jax.train.losses import lm_loss
+from lmos_jax.workdir import COMPRESSED
 
 RECIPES = ("dense", "int8", "int4", "prune50", "nm24", "trim", "distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What is compressed: the run's config and model graph, and the data (with the run's
+  tokenizer) that measures, heals and distills it."""
+
+  cfg: Any
+  graphdef: Any
+  data: Any
 
 
 @dataclasses.dataclass
@@ -90,7 +107,7 @@ def decode_speeds(variants: list[Variant], cache_len: int, batch: int, prompt_id
   return {name: tokens[name] / best[name] for name in best}
 
 
-def _heal_pruned(run, graphdef, params, masks, opts: Options):
+def _heal_pruned(run: Source, graphdef, params, masks, opts: Options):
   if opts.heal_steps <= 0:
     return params, ""
   layouts = kernel_layouts(graphdef, params)
@@ -100,7 +117,7 @@ def _heal_pruned(run, graphdef, params, masks, opts: Options):
   return healed, f"healed {opts.heal_steps} steps (masked AdamW), train loss {losses[-1]:.3f}"
 
 
-def build_variant(name: str, run, params: dict, opts: Options, batches) -> Variant:
+def build_variant(name: str, run: Source, params: dict, opts: Options, batches) -> Variant:
   """One compressed model from the dense params (see RECIPES)."""
   gd = run.graphdef
   if name == "dense":
@@ -206,15 +223,53 @@ def plot(rows: list[dict], path: Path) -> None:
   plt.close(fig)
 
 
-def compress(workdir: str, recipes: list[str], out_dir: Path, opts: Options,
-             data_path: str | None = None) -> list[dict]:
+def eval_data_config(cfg, data_path: str | None):
+  """The run's config with `--data PATH` (if given) as its only text source: a text/files
+  source keeps its kind and format, anything else becomes whole-file text."""
+  cfg = cfg.copy_and_resolve_references()
+  if data_path:
+    d = cfg.data
+    d.source = d.source if d.source in ("text", "files") else "text"
+    d.path, d.val_path, d.mixture, d.streaming = data_path, "", (), False
+  return cfg
+
+
+def load_source(workdir: str, data_path: str | None = None) -> tuple[Source, Any]:
+  """(Source, dense params on the host) from a trained language-model workdir."""
+  from lmos_jax.data.build import build_data
   from lmos_jax.inference.generate import load_trained
 
-  run, params = load_trained(workdir, data_path)
-  params = jax.device_get(params)
+  trained = load_trained(workdir)
+  if trained.cfg.task != "lm":
+    raise UserError(f"--workdir {workdir} holds task {trained.cfg.task!r}; lmos compress "
+                    "measures language-model loss and decoding, so it needs a task 'lm' run")
+  cfg = eval_data_config(trained.cfg, data_path)
+  try:
+    data = build_data(cfg, tokenizer=trained.tokenizer)
+  except (ValueError, FileNotFoundError) as e:
+    where = f"--data {data_path}" if data_path else f"the data block of {workdir}/config.json"
+    raise UserError(f"{where}: {e}") from None
+  return Source(cfg, trained.graphdef, data), jax.device_get(trained.params)
+
+
+def prompt_token(tok) -> int:
+  """A one-token prompt for the decode-speed test: a newline, else BOS/EOS, else id 0."""
+  ids = tok.encode("\n")
+  if len(ids):
+    return int(ids[0])
+  sp = getattr(tok, "specials", {}) or {}
+  return int(sp.get("bos", sp.get("eos", 0)))
+
+
+def compress(workdir: str, recipes: list[str], out_dir: Path, opts: Options,
+             data_path: str | None = None, force: bool = False) -> list[dict]:
+  if (out_dir / "report.json").exists() and not force:
+    raise UserError(f"{out_dir} already holds a compression report; pass --force to "
+                    "overwrite it or --out to write elsewhere")
+  run, params = load_source(workdir, data_path)
   batches = run.data.val_batches()
   cache_len = run.cfg.model.max_seq_len
-  prompt_id = int(run.data.tokenizer.encode("\n")[0])
+  prompt_id = prompt_token(run.data.tokenizer)
   out_dir.mkdir(parents=True, exist_ok=True)
   rows, variants = [], []
   for name in recipes:
@@ -237,12 +292,16 @@ def main(argv: list[str]) -> int:
   p.add_argument("--workdir", required=True)
   p.add_argument("--recipe", default=",".join(RECIPES),
                  help=f"comma-separated subset of {','.join(RECIPES)}")
-  p.add_argument("--out", default=None, help="default: WORKDIR/compress")
+  p.add_argument("--out", default=None, help=f"default: WORKDIR/{COMPRESSED}")
+  p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
   p.add_argument("--heal-steps", type=int, default=Options.heal_steps)
   p.add_argument("--distill-steps", type=int, default=Options.distill_steps)
   p.add_argument("--int4-group", type=int, default=Options.int4_group)
   p.add_argument("--decode-batch", type=int, default=Options.decode_batch)
-  p.add_argument("--data-path", default=None, help="override data.path of the run")
+  p.add_argument("--data", default=None, metavar="PATH",
+                 help="text file(s) to measure validation loss on and to heal/distill with, "
+                      "tokenized with the run's tokenizer; default: the run's own data block "
+                      "(config.json)")
   a = p.parse_args(argv[1:])
   recipes = [r.strip() for r in a.recipe.split(",") if r.strip()]
   bad = [r for r in recipes if r not in RECIPES]
@@ -250,10 +309,14 @@ def main(argv: list[str]) -> int:
     p.error(f"--recipe: unknown {bad}; choose from {','.join(RECIPES)}")
   if a.heal_steps < 0 or a.distill_steps < 1 or a.decode_batch < 1:
     p.error("need --heal-steps >= 0, --distill-steps >= 1, --decode-batch >= 1")
-  out = Path(a.out) if a.out else Path(a.workdir) / "compress"
+  out = Path(a.out) if a.out else Path(a.workdir) / COMPRESSED
   opts = Options(heal_steps=a.heal_steps, distill_steps=a.distill_steps,
                  int4_group=a.int4_group, decode_batch=a.decode_batch)
-  rows = compress(a.workdir, recipes, out, opts, a.data_path)
+  try:
+    rows = compress(a.workdir, recipes, out, opts, a.data, a.force)
+  except UserError as e:
+    print(f"lmos compress: {e}", file=sys.stderr)
+    return 2
   print(markdown(rows))
   print(f"lmos compress: wrote {out / 'report.md'}, report.json, compress.png", flush=True)
   return 0

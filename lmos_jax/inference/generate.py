@@ -9,52 +9,39 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
-import jax
-import ml_collections
-
-from lmos_jax.config.schema import base_config
+from lmos_jax.errors import UserError
 from lmos_jax.models.decode import Decoder, Sampling
+from lmos_jax.workdir import (check_params_fit, latest_params, model_layout, read_config,
+                              read_tokenizer)
 
 
-def load_trained(workdir: str | Path, data_path: str | None = None):
-  """(run, params) of the latest checkpoint in `workdir`, on one device.
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A run read back for inference: its config, tokenizer, model graph and params."""
 
-  The run (config, data with its tokenizer, graphdef) is rebuilt from config.json exactly
-  as the trainer built it, so the checkpoint's tree and the tokenizer match.
+  cfg: Any
+  tokenizer: Any
+  graphdef: Any
+  params: Any
+
+
+def load_trained(workdir: str | Path) -> Trained:
+  """The latest params of `workdir` on one device, with the model and tokenizer they need.
+
+  Everything comes from the run directory (config.json, tokenizer.json, the newest
+  checkpoint's params): no training data is read and no optimizer state is loaded.
   """
-  from lmos_jax.train.checkpoint import Checkpointer, abstract_like
-  from lmos_jax.train.trainer import build_run
-
-  workdir = Path(workdir)
-  cfg_file = workdir / "config.json"
-  if not cfg_file.is_file():
-    raise FileNotFoundError(f"--workdir={workdir}: no config.json; is it a training workdir?")
-  cfg = _merge(base_config(), json.loads(cfg_file.read_text()))
-  if data_path:
-    cfg.data.path = data_path
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
-  run = build_run(cfg, devices=jax.devices()[:1])
-  ckpt = Checkpointer(workdir, keep=10, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {ckpt.directory}")
-  state, _ = ckpt.restore(step, abstract_like(run.abstract_state, run.shardings))
-  ckpt.close()
-  return run, state["params"]
-
-
-def _merge(base: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
-  """The saved config over today's defaults: keys added to the schema since keep defaults."""
-  for key, value in saved.items():
-    if key in base and isinstance(value, dict):
-      _merge(base[key], value)
-    else:
-      base[key] = value
-  return base
+  cfg = read_config(workdir)
+  tok = read_tokenizer(workdir)
+  graphdef, abstract = model_layout(cfg, tok.vocab_size)
+  params = latest_params(workdir)
+  check_params_fit(abstract, params, f"--workdir {workdir}")
+  return Trained(cfg, tok, graphdef, params)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -70,7 +57,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stop", action="append", default=[], help="stop at this token's text")
   p.add_argument("--cache-len", type=int, default=0, help="0: the model's max_seq_len")
-  p.add_argument("--data-path", default=None, help="override data.path of the run")
   args = p.parse_args(argv[1:])
   if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or \
      not 0 <= args.min_p <= 1:
@@ -80,8 +66,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
   args = parse(argv)
-  run, params = load_trained(args.workdir, args.data_path)
-  tok = run.data.tokenizer
+  try:
+    run = load_trained(args.workdir)
+  except UserError as e:
+    print(f"lmos generate: {e}", file=sys.stderr)
+    return 2
+  if run.cfg.model.arch != "gpt":
+    print(f"lmos generate: --workdir {args.workdir} holds a {run.cfg.model.arch} model "
+          f"(task {run.cfg.task!r}); generation needs a decoder (model.arch 'gpt')",
+          file=sys.stderr)
+    return 2
+  tok = run.tokenizer
   prompts = args.prompt or ["\n"]
   ids = [list(tok.encode(p)) for p in prompts]
   if any(len(i) == 0 for i in ids):
@@ -98,7 +93,7 @@ def main(argv: list[str]) -> int:
     stops.append(enc[0])
   cache_len = args.cache_len or run.cfg.model.max_seq_len
   dec = Decoder(run.graphdef, cache_len)
-  out = dec.generate(params, ids, args.max_new_tokens,
+  out = dec.generate(run.params, ids, args.max_new_tokens,
                      sampling=Sampling(args.temperature, args.top_k, args.top_p, args.min_p),
                      stop_tokens=stops, seed=args.seed)
   for prompt, toks, status in zip(prompts, out.tokens, out.status):

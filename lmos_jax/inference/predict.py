@@ -2,12 +2,12 @@
 
 Params come from the workdir: for a PEFT run, the base weights of `model.init_from` with
 `adapters.safetensors` (adapters + head only) applied on top; otherwise the latest
-checkpoint. Tokenizer and label names are the side files `lmos train` wrote.
+checkpoint. Config, tokenizer and label names are the side files `lmos train` wrote, read
+through lmos_jax.workdir (no training data is needed).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,49 +16,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def load_run_config(workdir: Path):
-  import ml_collections
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"--workdir {workdir}: no config.json (run `lmos train` first)")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+from lmos_jax.errors import UserError
+from lmos_jax.workdir import (ADAPTERS, label_names, model_layout, read_config, read_tokenizer,
+                              workdir_params)
 
 
 def classifier_params(cfg, workdir: Path, abstract: dict) -> dict:
-  """Full param tree: base + adapters for PEFT runs, else the latest trainer checkpoint."""
+  """Full param tree: base + adapters for PEFT runs, else the latest params of the workdir."""
   from lmos_jax.models.hf import hf_params_from_config
-  from lmos_jax.workdir import int_keys, workdir_params
   from lmos_jax.peft.wrap import load_adapters, overlay_params, split_by
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  adapters = workdir / "adapters.safetensors"
+  adapters = Path(workdir) / ADAPTERS
   if cfg.peft.method != "full" and adapters.is_file():
     base = hf_params_from_config(cfg, cfg.model.init_from, abstract, seed=cfg.seed)
     flat_base, _ = split_by(base, lambda _: True)
     params = overlay_params(zeros, flat_base, f"model.init_from={cfg.model.init_from}")
     flat, _ = load_adapters(str(adapters))
     return overlay_params(params, flat, str(adapters))
-  flat, _ = split_by(int_keys(workdir_params(workdir)), lambda _: True)
-  return overlay_params(zeros, flat, f"{workdir}/checkpoints")
+  flat, _ = split_by(workdir_params(workdir), lambda _: True)
+  return overlay_params(zeros, flat, f"--workdir {workdir}")
 
 
 def build_classifier(workdir: str | Path):
-  """(predict_fn(texts_a, texts_b) -> probs (N, C), label names, seq_len)."""
+  """(predict_fn(texts_a, texts_b) -> probs (N, C), label names, config), all read from the
+  workdir: config.json, tokenizer.json, labels.json and the latest params."""
   from flax import nnx
   from lmos_jax.data.encoder import encode_for_classifier
-  from lmos_jax.data.tokenizer import tokenizer_from_info
-  from lmos_jax.models.factory import model_factory
-  from lmos_jax.peft.methods import wrap_factory
 
   wd = Path(workdir)
-  cfg = load_run_config(wd)
+  cfg = read_config(wd)
   if cfg.task != "cls":
-    raise ValueError(f"--workdir {wd}: task={cfg.task!r} is not a classifier (task 'cls')")
-  tok = tokenizer_from_info(json.loads((wd / "tokenizer.json").read_text()))
-  labels = json.loads((wd / "labels.json").read_text())
-  make = wrap_factory(model_factory(cfg.model, tok.vocab_size), cfg.peft)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-  params = jax.tree.map(jnp.asarray, classifier_params(cfg, wd, nnx.to_pure_dict(abstract)))
+    raise UserError(f"--workdir {wd}: task={cfg.task!r} is not a classifier (task 'cls')")
+  tok = read_tokenizer(wd)
+  labels = label_names(wd)
+  graphdef, abstract = model_layout(cfg, tok.vocab_size)
+  if len(labels) != cfg.model.num_labels:
+    raise UserError(f"--workdir {wd}: {len(labels)} label names for "
+                    f"model.num_labels={cfg.model.num_labels}")
+  try:
+    params = jax.tree.map(jnp.asarray, classifier_params(cfg, wd, abstract))
+  except ValueError as e:  # a tensor that does not fit the config's model
+    raise UserError(str(e)) from None
 
   @jax.jit
   def probs(p, batch):
@@ -82,7 +80,7 @@ def main(argv: list[str]) -> int:
   args = ap.parse_args(argv[1:])
   try:
     predict, labels, _ = build_classifier(args.workdir)
-  except (FileNotFoundError, ValueError) as e:
+  except UserError as e:
     print(f"lmos predict: {e}", file=sys.stderr)
     return 2
   pairs = [args.pair] * len(args.sentences) if args.pair is not None else None

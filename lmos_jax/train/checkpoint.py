@@ -27,15 +27,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-CORRUPT_DIR = "checkpoints_corrupt"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be written or read; the message names the path and what to do."""
+from lmos_jax.workdir import (CORRUPT_DIR, META_ITEM, STATE_ITEM, CheckpointError,
+                              checkpoint_dir, fingerprint, fingerprint_mismatch, step_dir)
 
 
 class NonFiniteError(RuntimeError):
@@ -51,39 +47,6 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 def state_nbytes(abstract_state: Any) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
                  for x in jax.tree.leaves(abstract_state)))
-
-
-# ---------------------------------------------------------------- fingerprints
-
-
-def _leaf_hash(x: jax.Array) -> jax.Array:
-  """Position-weighted wrapping sum of the raw bits: independent of sharding and mesh."""
-  if x.dtype == jnp.bool_:
-    bits = x.astype(jnp.uint32)
-  elif x.dtype.itemsize == 4:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  elif x.dtype.itemsize == 2:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-  elif x.dtype.itemsize == 1:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
-  else:  # 8-byte leaves: hash both halves
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  flat = bits.reshape(-1)
-  weights = jnp.arange(flat.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
-  return jnp.sum(flat * weights, dtype=jnp.uint32)
-
-
-def fingerprint(state: Any) -> dict[str, int]:
-  """{tree path: uint32 hash} for every array leaf, computed where the arrays live."""
-  hashes = jax.jit(lambda s: jax.tree.map(_leaf_hash, s))(state)
-  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(hashes))
-  return {jax.tree_util.keystr(p): int(v) for p, v in flat}
-
-
-def fingerprint_mismatch(expected: dict[str, int], state: Any) -> list[str]:
-  """Paths whose restored content does not hash to what was saved (empty: intact)."""
-  got = fingerprint(state)
-  return sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
 
 
 # ---------------------------------------------------------------- workdir checks
@@ -155,7 +118,7 @@ class Checkpointer:
                best_metric: str = "eval_loss", best_mode: str = "min",
                read_only: bool = False):
     self.workdir = Path(workdir).absolute()
-    self.directory = self.workdir / "checkpoints"
+    self.directory = checkpoint_dir(self.workdir)
     options = ocp.CheckpointManagerOptions(
         create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only,  # half-written steps from a killed run
@@ -166,7 +129,7 @@ class Checkpointer:
       raise CheckpointError(f"cannot open checkpoints in {self.directory}: {e}") from None
 
   def step_dir(self, step: int) -> Path:
-    return self.directory / str(int(step))
+    return step_dir(self.workdir, step)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -178,7 +141,8 @@ class Checkpointer:
            force: bool = False) -> bool:
     """Starts an async save (returns at once); a failure of an earlier save surfaces here."""
     meta = {**meta, "fingerprint": fingerprint(state)}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                 META_ITEM: ocp.args.JsonSave(meta)})
     try:
       return self.manager.save(int(step), args=args, metrics=metrics, force=force)
     except Exception as e:  # noqa: BLE001 - re-raised with the path and what is still safe
@@ -199,14 +163,15 @@ class Checkpointer:
         "and permissions of the workdir, then rerun the same command to resume.")
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              meta=ocp.args.JsonRestore())
+    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                                 META_ITEM: ocp.args.JsonRestore()})
     out = self.manager.restore(int(step), args=args)
-    return out.state, out.meta
+    return out[STATE_ITEM], out[META_ITEM]
 
   def restore_meta(self, step: int) -> dict:
-    out = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return out.meta
+    out = self.manager.restore(int(step),
+                               args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+    return out[META_ITEM]
 
   def restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores one step and checks every array against the saved fingerprint."""

@@ -2,10 +2,11 @@
 
 Why: a train checkpoint also holds the optimizer moments (2x the params for Adam) and the
 RNG; serving needs only the weights, often in bf16. The export is read back with
-`load_params` without building an optimizer, onto any sharding (one device by default).
+`load_export` without building an optimizer, onto any sharding (one device by default).
 
-Layout of OUT: params/ (an orbax PyTree checkpoint), config.json, tokenizer.json (copied
-from the workdir when present) and export.json (source, step, dtype, fingerprint).
+Layout of OUT: params/ (an orbax PyTree checkpoint), config.json, tokenizer.json and
+labels.json (copied from the workdir when present) and export.json (source, step, dtype,
+fingerprint). The checkpoint is read through lmos_jax.workdir (params only, verified).
 """
 
 from __future__ import annotations
@@ -20,52 +21,13 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, fingerprint,
-                                       fingerprint_mismatch)
+from lmos_jax.errors import UserError
+from lmos_jax.workdir import (CONFIG, LABELS, PARAMS, TOKENIZER, CheckpointError,
+                              checkpoint_params, fingerprint, fingerprint_mismatch, int_keys,
+                              restore_tree)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "keep": None}
-
-
-def _abstract_from_metadata(tree_metadata: Any, sharding) -> Any:
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                      tree_metadata)
-
-
-def _restore_subtree(item_dir: Path, key: str, sharding) -> Any:
-  """Reads only `key` (e.g. params) of a saved state tree: the optimizer is never loaded."""
-  ckptr = ocp.PyTreeCheckpointer()
-  metadata = ckptr.metadata(item_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  abstract = {key: _abstract_from_metadata(tree[key], sharding)}
-  args = ocp.args.PyTreeRestore(item=abstract,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                                partial_restore=True)
-  return ckptr.restore(item_dir, args=args)[key]
-
-
-def read_train_params(workdir: Path, step: int | None = None, sharding=None
-                      ) -> tuple[int, Any, dict]:
-  """(step, params, meta) from WORKDIR/checkpoints, checked against the saved fingerprint."""
-  ckpt = Checkpointer(workdir, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps or (step is not None and int(step) not in steps):
-    ckpt.close()
-  if not steps:
-    raise CheckpointError(f"no checkpoint under {ckpt.directory}; train first or pass the "
-                          "right --workdir")
-  step = steps[-1] if step is None else int(step)
-  if step not in steps:
-    raise CheckpointError(f"--step={step}: {ckpt.directory} has steps {steps}")
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  meta = ckpt.restore_meta(step)
-  ckpt.close()
-  params = _restore_subtree(ckpt.step_dir(step) / "state", "params", sharding)
-  expected = {k[len("['params']"):]: v for k, v in meta.get("fingerprint", {}).items()
-              if k.startswith("['params']")}
-  if expected and fingerprint_mismatch(expected, params):
-    raise CheckpointError(f"checkpoint {ckpt.step_dir(step)} is corrupt (params differ from "
-                          "their saved fingerprint); export an earlier --step")
-  return step, params, meta
+EXPORT_INFO = "export.json"
 
 
 def cast_params(params: Any, dtype) -> Any:
@@ -82,39 +44,32 @@ def export_params(workdir: str | Path, out: str | Path, step: int | None = None,
   if dtype not in DTYPES:
     raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
   workdir, out = Path(workdir).absolute(), Path(out).absolute()
-  if (out / "params").exists():
-    raise FileExistsError(f"{out / 'params'} exists; pass a new --out directory")
-  step, params, meta = read_train_params(workdir, step)
+  if (out / PARAMS).exists():
+    raise FileExistsError(f"{out / PARAMS} exists; pass a new --out directory")
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  step, params, meta = checkpoint_params(workdir, step, sharding)
   params = cast_params(params, DTYPES[dtype])
   out.mkdir(parents=True, exist_ok=True)
   with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(out / "params", args=ocp.args.PyTreeSave(params))
+    ckptr.save(out / PARAMS, args=ocp.args.PyTreeSave(params))
   if "config" in meta:
-    (out / "config.json").write_text(json.dumps(json.loads(meta["config"]), indent=2))
-  if (workdir / "tokenizer.json").exists():
-    shutil.copy(workdir / "tokenizer.json", out / "tokenizer.json")
+    (out / CONFIG).write_text(json.dumps(json.loads(meta["config"]), indent=2))
+  for name in (TOKENIZER, LABELS):
+    if (workdir / name).exists():
+      shutil.copy(workdir / name, out / name)
   info = {"source": str(workdir), "step": step, "dtype": dtype,
           "fingerprint": fingerprint(params), "versions": meta.get("versions", {})}
-  (out / "export.json").write_text(json.dumps(info, indent=2))
+  (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
   return out
 
 
-def load_params(export_dir: str | Path, sharding=None) -> Any:
-  """Params of an export, onto `sharding` (a pytree of shardings or one; default: device 0)."""
+def load_export(export_dir: str | Path, sharding=None) -> Any:
+  """Params of an export, onto `sharding` (a pytree of shardings or one; default: device 0),
+  checked against export.json's fingerprint."""
   export_dir = Path(export_dir).absolute()
-  ckptr = ocp.PyTreeCheckpointer()
-  metadata = ckptr.metadata(export_dir / "params")
-  tree = getattr(metadata, "item_metadata", metadata)
-  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
-    sh = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = _abstract_from_metadata(tree, sh)
-  else:
-    abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                            tree, sharding)
-  args = ocp.args.PyTreeRestore(item=abstract,
-                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-  params = ckptr.restore(export_dir / "params", args=args)
-  info_path = export_dir / "export.json"
+  params = int_keys(restore_tree(export_dir / PARAMS,
+                                 sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  info_path = export_dir / EXPORT_INFO
   if info_path.exists():
     expected = json.loads(info_path.read_text()).get("fingerprint")
     bad = fingerprint_mismatch(expected, params) if expected else []
@@ -139,6 +94,9 @@ def main(argv: list[str]) -> int:
     return 2
   try:
     out = export_params(fv.workdir, fv.out, fv.step, fv.dtype)
+  except UserError as e:
+    print(f"lmos export: {e}", file=sys.stderr)
+    return 2
   except (CheckpointError, FileExistsError, ValueError) as e:
     print(f"lmos export: {e}", file=sys.stderr)
     return 1

@@ -33,6 +33,7 @@ from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
                                  stacked_batch_sharding, train_state_layout)
 from lmos_jax.train.tracking import Tracker, check_tracking
+from lmos_jax.workdir import write_config, write_labels, write_tokenizer
 
 
 @dataclasses.dataclass
@@ -163,20 +164,14 @@ def evaluate(run: Run, eval_fn, params) -> dict[str, float]:
 
 
 def save_side_files(run: Run, workdir: Path) -> None:
-  """config.json and tokenizer.json beside the checkpoints, for generate/convert/compress."""
+  """config.json, tokenizer.json and (classifiers) labels.json beside the checkpoints: what
+  generate, predict, convert and compress read back through lmos_jax.workdir."""
   if jax.process_index() != 0:
     return
-  (workdir / "config.json").write_text(run.cfg.to_json(indent=2))
-  tok = run.data.tokenizer
-  if hasattr(tok, "describe"):  # lmos_jax.data.tokenizer.tokenizer_from_info reads it back
-    info = tok.describe()
-  else:
-    info = {"kind": type(tok).__name__}
-    if hasattr(tok, "chars"):
-      info["chars"] = tok.chars
-  (workdir / "tokenizer.json").write_text(json.dumps(info))
+  write_config(workdir, run.cfg)
+  write_tokenizer(workdir, run.data.tokenizer)
   if hasattr(run.data, "label_set"):  # classification: names for `lmos predict`
-    (workdir / "labels.json").write_text(json.dumps(list(run.data.label_set)))
+    write_labels(workdir, run.data.label_set)
 
 
 def train(cfg, workdir: str | Path) -> dict[str, Any]:
