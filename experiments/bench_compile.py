@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from lmos_jax.config.schema import base_config
-from lmos_jax.parallel import planner
+from lmos_jax.train import plan as planner
 from lmos_jax.train.metrics import median_step_seconds
 
 
@@ -33,7 +33,7 @@ def run(depth: int, scan: bool, args) -> tuple[float, float]:
   c.mesh.data = 1
   b = planner.build_step(c, 256, jax.devices()[:1])
   t0 = time.perf_counter()
-  compiled = b.compile(args.batch, args.seq)
+  compiled = b.compile()
   compile_s = time.perf_counter() - t0
   with jax.set_mesh(b.mesh):
     state = jax.jit(b.init_fn, out_shardings=b.shardings)(jax.random.PRNGKey(0))

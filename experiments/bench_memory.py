@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmos_jax.config.schema import base_config  # noqa: E402
-from lmos_jax.parallel import planner  # noqa: E402
+from lmos_jax.train import plan as planner  # noqa: E402
 from lmos_jax.train.metrics import median_step_seconds  # noqa: E402
 
 MiB = 1024 ** 2
@@ -53,7 +53,7 @@ def mesh_table(args) -> None:
   for name, shape in MESHES:
     c = planner.apply_overrides(cfg, {"mesh.data": shape[0], "mesh.fsdp": shape[1],
                                       "mesh.tensor": shape[2]})
-    compiled = planner.build_step(c, 256, jax.devices()).compile(args.batch, args.seq)
+    compiled = planner.build_step(c, 256, jax.devices()).compile()
     mem = compiled.memory_analysis()
     ana = planner.analytic_estimate(s, planner.Layout(*shape, 1, "none"), target)
     base = base or mem.argument_size_in_bytes
@@ -71,7 +71,7 @@ def remat_table(args) -> None:
   for remat in planner.REMAT_CHOICES:
     c = planner.apply_overrides(cfg, {"mesh.data": 1, "model.remat": remat})
     b = planner.build_step(c, 256, jax.devices()[:1])
-    compiled = b.compile(args.batch, args.seq)
+    compiled = b.compile()
     with jax.set_mesh(b.mesh):
       state = jax.jit(b.init_fn, out_shardings=b.shardings)(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)

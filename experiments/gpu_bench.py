@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from lmos_jax.config.loading import load_config_file, validate
-from lmos_jax.parallel import planner
+from lmos_jax.train import plan as planner
 from lmos_jax.parallel.sharding import batch_sharding
 from lmos_jax.train.metrics import device_peak_flops
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
   vocab = cfg.model.vocab_size
   b = planner.build_step(cfg, vocab, devices)
   t0 = time.perf_counter()
-  compiled = b.compile(cfg.train.batch_size, cfg.data.seq_len)
+  compiled = b.compile()
   compile_s = time.perf_counter() - t0
   with jax.set_mesh(b.mesh):
     state = jax.jit(b.init_fn, out_shardings=b.shardings)(jax.random.PRNGKey(0))

@@ -20,7 +20,7 @@ from lmos_jax.train.losses import mlm_loss
 
 def bert_tcfg(**kw) -> TransformerConfig:
   base = dict(vocab_size=53, num_layers=2, num_heads=4, d_model=32, d_ff=48, max_seq_len=16,
-              norm_eps=1e-12, norm_position="post", mlp="gelu_exact", causal=False,
+              norm_eps=1e-12, norm_position="post", mlp="gelu_exact",
               type_vocab_size=2, init_std=0.2)
   base.update(kw)
   return TransformerConfig(**base)

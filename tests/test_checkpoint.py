@@ -228,7 +228,7 @@ def test_nonfinite_guard_skips_update_and_counts():
 
 def test_export_params_bf16_loads_without_optimizer(saved, tmp_path):
   workdir, states, _ = saved
-  (workdir / "tokenizer.json").write_text('{"kind": "ByteTokenizer"}')
+  (workdir / "tokenizer.json").write_text('{"kind": "byte"}')
   out = export_params(workdir, tmp_path / "export", dtype="bfloat16")
   info = json.loads((out / "export.json").read_text())
   assert info["step"] == 3 and info["dtype"] == "bfloat16"

@@ -342,10 +342,11 @@ def test_empty_documents_and_long_documents_are_counted(tmp_path):
 
 
 def test_tokenizer_larger_than_model_embedding():
-  c = data_cfg(source="text", path="../shared/data/tinyshakespeare.txt", tokenizer="byte")
+  from lmos_jax.train.trainer import build_run
+  c = data_cfg(tokenizer="byte", max_chars=20_000)
   c.model.vocab_size = 100
-  with pytest.raises(ValueError, match=r"256 ids but 'model.vocab_size'=100"):
-    build_data(c)
+  with pytest.raises(ConfigError, match=r"256 ids but 'model.vocab_size'=100"):
+    build_run(c, jax.devices()[:1])
 
 
 def test_config_errors_name_the_field():

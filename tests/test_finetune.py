@@ -96,7 +96,7 @@ def test_cls_loss_matches_numpy_reference():
 
 def tiny_bert_cfg(**kw) -> TransformerConfig:
   base = dict(vocab_size=64, num_layers=2, num_heads=2, d_model=32, d_ff=64, max_seq_len=16,
-              norm_position="post", causal=False, mlp="gelu_exact", norm_eps=1e-12,
+              norm_position="post", mlp="gelu_exact", norm_eps=1e-12,
               type_vocab_size=2, num_labels=2)
   base.update(kw)
   return TransformerConfig(**base)

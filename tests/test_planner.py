@@ -1,12 +1,19 @@
-"""`lmos plan`: compiled memory on 8 simulated devices, analytic targets, ranking, errors."""
+"""`lmos plan`: compiled memory on 8 simulated devices, analytic targets, ranking, errors,
+and the step it compiles being the one `lmos train` runs."""
 
 import json
 
+import jax
 import pytest
 
+from helpers import tiny_config
 from lmos_jax.config.loading import load_config_file, validate
 from lmos_jax.config.schema import base_config
+from lmos_jax.models.hf import minilm_dir
+from lmos_jax.parallel.sharding import batch_sharding
 from lmos_jax.train import plan as planner
+from lmos_jax.train import trainer
+from lmos_jax.train.checkpoint import abstract_like
 from lmos_jax.train.plan import Layout, PlanError
 
 
@@ -98,28 +105,86 @@ def test_cli_writes_best_overrides(tmp_path, capsys):
   text = capsys.readouterr().out
   assert "--config.mesh.fsdp=" in text and "analytic" in text
   rc = planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--target=h200x8",
-                     "--memory_gib=0.01"])
+                     "--memory-gib=0.01"])
   assert rc == 1 and "nothing fits" in capsys.readouterr().err
 
 
+def test_cli_flags_use_dashes_like_the_other_commands(capsys):
+  with pytest.raises(SystemExit) as e:
+    planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--memory_gib=1"])
+  assert e.value.code == 2 and "unrecognized arguments: --memory_gib=1" in capsys.readouterr().err
+
+
 def test_plan_on_a_cpu_host_sees_the_devices_train_would(tmp_path):
-  """A fresh `lmos plan` splits a CPU host per core like `lmos train`, and its overrides
-  keep that split (an explicit mesh alone would get one CPU device)."""
+  """A fresh `lmos plan` on a 2-core host splits it per core like `lmos train`, and its
+  overrides keep that split (an explicit mesh alone would get one CPU device)."""
   import os
   import subprocess
   import sys
-  from lmos_jax.parallel.distributed import cpu_device_count
-  cfg = load_config_file("configs/default.py")
-  want = cpu_device_count(cfg.mesh, cfg.train.batch_size, cfg.train.microbatches,
-                          len(os.sched_getaffinity(0)))
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2:
+    pytest.skip("needs a host with 2 cores to pin the plan to")
   out = tmp_path / "best.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # configs/default.py: batch 16, one microbatch: 2 devices on this 2-core host
   res = subprocess.run([sys.executable, "-m", "lmos_jax.cli", "plan",
-                        "--config=configs/default.py", "--compile_top=1", "--remat=none",
-                        "--max_microbatches=1", f"--out={out}"], env=env, text=True,
-                       capture_output=True, timeout=300)
+                        "--config=configs/default.py", "--compile-top=1", "--remat=none",
+                        "--max-microbatches=1", f"--out={out}"], env=env, text=True,
+                       capture_output=True, timeout=300,
+                       preexec_fn=lambda: os.sched_setaffinity(0, cores[:2]))
   assert res.returncode == 0, res.stderr
-  assert f"plan for {want} x cpu" in res.stdout
+  assert "plan for 2 x cpu" in res.stdout
   best = json.loads(out.read_text())
-  assert best.get("mesh.cpu_devices", 1) == want
-  assert best["mesh.data"] * best["mesh.fsdp"] * best["mesh.tensor"] == want
+  assert best["mesh.cpu_devices"] == 2
+  assert best["mesh.data"] * best["mesh.fsdp"] * best["mesh.tensor"] == 2
+
+
+def write(path, text: str) -> str:
+  path.write_text(text)
+  return str(path)
+
+
+def step_configs(tmp_path) -> dict:
+  """Tiny runs of every task, plus packed batches and a LoRA finetune."""
+  lm = tiny_config(steps=6, log_every=2, eval_every=2, ckpt_every=2)
+  packed = tiny_config(microbatches=2)
+  packed.data.batching, packed.model.dropout = "packed", 0.1
+  lora = tiny_config()
+  lora.peft.method, lora.peft.dropout = "lora", 0.1
+  mlm = tiny_config()
+  mlm.task, mlm.model.arch, mlm.model.mlp = "mlm", "bert", "gelu_exact"
+  cls = tiny_config()
+  cls.task, cls.model.arch, cls.model.mlp, cls.model.num_labels = "cls", "bert", "gelu_exact", 2
+  cls.data.tokenizer, cls.data.tokenizer_path = "pretrained", str(minilm_dir())
+  cls.data.train = write(tmp_path / "train.tsv",
+                         "sentence\tlabel\n" + "a fine film\t1\ndull\t0\n" * 4)
+  cls.data.dev = write(tmp_path / "dev.tsv", "sentence\tlabel\ndull\t0\n")
+  return {"lm": lm, "packed": packed, "lora": lora, "mlm": mlm, "cls": cls}
+
+
+def train_program(cfg, devices) -> str:
+  """The train step `lmos train` jits for `cfg`, lowered for the real pipeline's batch."""
+  run = trainer.build_run(cfg, devices)
+  train_fn, _ = trainer.jit_steps(run)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(run.mesh, v.ndim))
+           for k, v in run.data.train_batch(0).items()}  # one process: local rows are global
+  with jax.set_mesh(run.mesh):
+    return train_fn.lower(abstract_like(run.abstract_state, run.shardings), batch).as_text()
+
+
+def plan_program(cfg, devices) -> str:
+  """The train step `lmos plan` compiles for `cfg`, from the config alone."""
+  return planner.build_step(cfg, planner.vocab_of(cfg), devices).lower().as_text()
+
+
+@pytest.mark.parametrize("name", ["lm", "packed", "lora", "mlm", "cls"])
+def test_plan_compiles_the_step_train_runs(name, tmp_path):
+  """Same state layout, shardings, batch keys/shapes/dtypes, loss and optimizer: the
+  lowered programs are identical text."""
+  cfg = step_configs(tmp_path)[name]
+  devices = jax.devices()[:2]
+  planned = plan_program(cfg, devices)
+  assert planned == train_program(cfg, devices)
+  if name == "lora":  # the comparison sees PEFT: the full finetune is another program
+    cfg.peft.method = "full"
+    assert plan_program(cfg, devices) != planned

@@ -96,8 +96,11 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
   return tuple(sizes)  # type: ignore[return-value]
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises ConfigError naming the first wrong field; runs before anything compiles."""
+def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError naming the first wrong field; runs before anything compiles.
+
+  The data, model and train code trust what is checked here and do not check it again.
+  """
   _check_schema(cfg, base_config(), "")
   _choice("task", cfg.task, CHOICES["task"])
   check_cpu_devices(cfg)
@@ -136,6 +139,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
                                        num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if t.batch_size % num_processes:
+    raise ConfigError(f"config 'train.batch_size'={t.batch_size} is not divisible by the "
+                      f"{num_processes} processes (each process loads its share of the rows)")
   if t.batch_size % t.microbatches:
     raise ConfigError(f"config 'train.batch_size'={t.batch_size} is not divisible by "
                       f"'train.microbatches'={t.microbatches}")
@@ -254,6 +260,9 @@ def _check_encoder(cfg) -> None:
                         "(model.head auto or mlm, model.num_labels 0)")
     if not 0.0 < cfg.data.mlm_prob < 1.0:
       raise ConfigError(f"config 'data.mlm_prob'={cfg.data.mlm_prob} must be in (0, 1)")
+    if cfg.data.batching == "packed":
+      raise ConfigError("config 'task'='mlm' needs unpacked windows; set data.batching to "
+                        "random or windows (packed rows would attend across documents)")
   if m.init_from and not (Path(m.init_from) / "config.json").is_file():
     raise ConfigError(f"config 'model.init_from'={m.init_from!r} has no config.json; give a "
                       "Hugging Face model folder (config.json + *.safetensors)")
@@ -261,8 +270,15 @@ def _check_encoder(cfg) -> None:
 
 def _check_finetune(cfg) -> None:
   """task 'cls' and the peft block."""
+  d = cfg.data
   if cfg.task == "cls" and (cfg.model.arch != "bert" or cfg.model.num_labels <= 0):
     raise ConfigError("config 'task'='cls' needs 'model.arch'='bert' and 'model.num_labels' > 0")
+  if cfg.task == "cls" and (not d.train or not d.dev):
+    raise ConfigError("config 'task'='cls' needs 'data.train' and 'data.dev' (TSV files with a "
+                      "header row naming the text and label columns)")
+  if cfg.task == "cls" and d.tokenizer != "pretrained":
+    raise ConfigError("config 'task'='cls' needs 'data.tokenizer'='pretrained' with "
+                      "'data.tokenizer_path' holding a tokenizer.json (a BERT vocabulary)")
   _check_peft(cfg.peft, cfg.train.steps)
 
 

@@ -30,17 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from lmos_jax.config.schema import CHOICES, SPEC_FIELDS
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, split_long
-from lmos_jax.data.stream import BatchStream, check_state  # noqa: F401 (BatchStream re-exported)
+from lmos_jax.data.stream import check_state
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents, split_documents
 from lmos_jax.data.text import split_train_val, window_batch
-from lmos_jax.data.tokenizer import (build_tokenizer, check_vocab, pad_id, separator_id,
-                                     tokenizer_fingerprint)
+from lmos_jax.data.tokenizer import build_tokenizer, pad_id, separator_id, tokenizer_fingerprint
 
 log = logging.getLogger("lmos_jax.data")
-
-BATCHING = CHOICES["data.batching"]
 
 
 @dataclasses.dataclass
@@ -234,15 +231,7 @@ def source_specs(d) -> list[SourceSpec]:
                       weight=float(get("weight")), max_chars=d.max_chars, name=name)
   if not d.mixture:
     return [spec({}, "data")]
-  out = []
-  for i, entry in enumerate(d.mixture):
-    entry = dict(entry)
-    unknown = set(entry) - set(SPEC_FIELDS)
-    if unknown:
-      raise ValueError(f"config 'data.mixture[{i}]' has unknown keys {sorted(unknown)}; "
-                       f"allowed: {', '.join(SPEC_FIELDS)}")
-    out.append(spec(entry, f"data.mixture[{i}]"))
-  return out
+  return [spec(dict(entry), f"data.mixture[{i}]") for i, entry in enumerate(d.mixture)]
 
 
 def doc_tokens(tok, docs: list[str], eos: int | None) -> list[np.ndarray]:
@@ -277,45 +266,24 @@ def make_rows(tok, docs: list[str], batching: str, seq_len: int, repairs: Repair
 
 def build_data(cfg, process_index: int = 0, process_count: int = 1,
                workdir: str | Path | None = None, tokenizer=None):
-  """The data object for `cfg`; errors name the data field to fix.
+  """The data object for a validated `cfg`; errors name the data field to fix.
 
   `workdir` holds the BPE tokenizer cache (WORKDIR/tokenizer/), so a resume reuses it.
   `tokenizer`: use this one (a trained run's, read back from its workdir) instead of building
   one from the data, so the ids are the ones the run's model was trained on.
   """
   d = cfg.data
-  if d.batching not in BATCHING:
-    raise ValueError(f"config 'data.batching'={d.batching!r}: expected one of "
-                     f"{', '.join(BATCHING)}")
-  if cfg.train.batch_size % process_count:
-    raise ValueError(f"config 'train.batch_size'={cfg.train.batch_size} is not divisible by "
-                     f"the {process_count} processes")
   repairs = Repairs()
   specs = source_specs(d)
-  for s in specs:
-    if not s.weight > 0:
-      raise ValueError(f"config '{s.name}.weight'={s.weight} must be positive")
   if d.streaming:
-    return build_streaming(cfg, specs, process_index, process_count, workdir, repairs,
+    return build_streaming(cfg, specs[0], process_index, process_count, workdir, repairs,
                            tokenizer)
-  read = [read_documents(s, repairs) for s in specs]
-  splits = []
-  for (docs, val), s in zip(read, specs):
-    if val is None and len(docs) > 1:
-      docs, val = split_documents(docs, d.val_fraction)
-    splits.append((docs, val))
-  multi_doc = any(len(docs) + len(val or ()) > 1 for docs, val in splits)
-  need_specials = multi_doc or d.batching != "random" or len(specs) > 1
-  cache = Path(workdir) / "tokenizer" if workdir else None
-  all_train = [t for docs, _ in splits for t in docs]
-  tok = tokenizer or build_tokenizer(d.tokenizer, all_train, need_specials=need_specials,
-                                     tokenizer_path=d.tokenizer_path,
-                                     bpe_vocab_size=d.bpe_vocab_size, cache_dir=cache)
-  check_vocab(tok, cfg.model.vocab_size)
+  splits = read_splits(d, specs, repairs)
+  tok = tokenizer or corpus_tokenizer(d, splits, workdir)
   seq_len = d.seq_len
   if d.batching == "random" and len(specs) == 1:
     docs, val = splits[0]
-    if val is None:  # one text: head/tail token split, exactly the spine's behaviour
+    if val is None:  # one text: head/tail token split
       train_ids, val_ids = split_train_val(tok.encode(docs[0]), d.val_fraction)
     else:
       eos = separator_id(tok)
@@ -332,11 +300,61 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
                      cfg.train.eval_batches, d.batching, repairs)
 
 
+Splits = list[tuple[list[str], list[str] | None]]
+
+
+def read_splits(d, specs: list[SourceSpec], repairs: Repairs) -> Splits:
+  """(train documents, validation documents or None for a single text) per source."""
+  splits = []
+  for s in specs:
+    docs, val = read_documents(s, repairs)
+    if val is None and len(docs) > 1:
+      docs, val = split_documents(docs, d.val_fraction)
+    splits.append((docs, val))
+  return splits
+
+
+def needs_specials(d, splits: Splits) -> bool:
+  """char/byte vocabularies get EOS/PAD/BOS when documents are joined, packed or mixed; a
+  single text in random windows keeps the bare vocabulary."""
+  multi_doc = any(len(docs) + len(val or ()) > 1 for docs, val in splits)
+  return multi_doc or d.batching != "random" or len(splits) > 1
+
+
+def corpus_tokenizer(d, splits: Splits, workdir: str | Path | None):
+  """The tokenizer `data.tokenizer` names, fitted (char) or trained (bpe) on the train split."""
+  return build_tokenizer(d.tokenizer, [t for docs, _ in splits for t in docs],
+                         need_specials=needs_specials(d, splits),
+                         tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
+                         cache_dir=tokenizer_cache(workdir))
+
+
+def tokenizer_cache(workdir: str | Path | None) -> Path | None:
+  return Path(workdir) / "tokenizer" if workdir else None
+
+
+def data_tokenizer(cfg, workdir: str | Path | None = None):
+  """The tokenizer `build_data` builds for `cfg`, reading documents only when it depends on
+  them: char and bpe vocabularies, and byte's specials for a single file or dataset source
+  in random windows (one document or several decides them)."""
+  d = cfg.data
+  specs = source_specs(d)
+  if d.streaming:
+    return streaming_tokenizer(d, specs[0], workdir)
+  if d.tokenizer == "pretrained" or (d.tokenizer == "byte" and (
+      d.batching != "random" or len(specs) > 1 or specs[0].kind == "embedded")):
+    # the embedded corpus is one text; joined, packed or mixed documents need the specials
+    specials = d.batching != "random" or len(specs) > 1
+    return build_tokenizer(d.tokenizer, [], need_specials=specials,
+                           tokenizer_path=d.tokenizer_path)
+  return corpus_tokenizer(d, read_splits(d, specs, Repairs()), workdir)
+
+
 def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
                 process_index: int, process_count: int, repairs: Repairs):
   """One source's train and validation rows on this host (see the module docstring)."""
   seq_len, where = d.seq_len, s.path or s.hf_name or s.kind
-  if val is None:  # a single text: split its tokens head/tail, like the spine
+  if val is None:  # a single text: split its tokens head/tail
     train_ids, val_ids = split_train_val(tok.encode(docs[0]), d.val_fraction)
   elif d.batching == "random":
     eos = separator_id(tok)
@@ -344,7 +362,7 @@ def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
     val_ids = join_with_eos(tok.encode_batch(val), eos) if val else train_ids[:0]
   if d.batching == "random":
     if len(train_ids) <= seq_len + 1:
-      raise ValueError(f"config '{s.name}': {len(train_ids)} tokens is shorter than "
+      raise ConfigError(f"config '{s.name}': {len(train_ids)} tokens is shorter than "
                        f"data.seq_len+1={seq_len + 1}; give more text or shorten seq_len")
     vrows = rows_from_ids(val_ids, "windows", seq_len, tok)
     return RandomSource(s.name, train_ids, shard_val(vrows, process_index, process_count),
@@ -363,7 +381,7 @@ def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
     vrows = (make_rows(tok, val, d.batching, seq_len, repairs, f"{where} (validation)")
              if val else rows_from_ids(np.zeros((0,), np.int32), d.batching, seq_len, tok))
   if not len(train["inputs"]):
-    raise ValueError(f"config '{s.name}' gives this host (process {process_index} of "
+    raise ConfigError(f"config '{s.name}' gives this host (process {process_index} of "
                      f"{process_count}) no training rows; give more data")
   return RowSource(s.name, train, shard_val(vrows, process_index, process_count), s.weight)
 
@@ -376,33 +394,24 @@ def shard_val(rows: dict[str, np.ndarray], process_index: int, process_count: in
   return rows
 
 
-def build_streaming(cfg, specs: list[SourceSpec], process_index: int, process_count: int,
+def build_streaming(cfg, spec: SourceSpec, process_index: int, process_count: int,
                     workdir, repairs: Repairs, tokenizer=None):
   """StreamingData for one files/hf source (see lmos_jax.data.streaming)."""
-  from lmos_jax.data.streaming import BPE_STREAM_DOCS, StreamingData, first_texts
+  from lmos_jax.data.streaming import StreamingData
   d = cfg.data
-  if len(specs) != 1 or specs[0].kind not in ("files", "hf"):
-    raise ValueError("config 'data.streaming'=True needs one source of kind files or hf (no "
-                     "mixture); set data.streaming=False for the others")
-  if d.batching not in ("windows", "packed"):
-    raise ValueError(f"config 'data.batching'={d.batching!r} cannot stream; use windows or "
-                     "packed with data.streaming=True")
-  if d.tokenizer == "char":
-    raise ValueError("config 'data.tokenizer'='char' needs the whole corpus to fit its "
-                     "vocabulary; use byte, bpe or pretrained with data.streaming=True")
-  spec = specs[0]
-  if tokenizer is not None:
-    tok = tokenizer
-  else:
-    train_docs = (first_texts(spec, BPE_STREAM_DOCS, Repairs()) if d.tokenizer == "bpe"
-                  else [])
-    tok = build_tokenizer(d.tokenizer, train_docs, need_specials=True,
-                          tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
-                          cache_dir=Path(workdir) / "tokenizer" if workdir else None)
-  check_vocab(tok, cfg.model.vocab_size)
+  tok = tokenizer or streaming_tokenizer(d, spec, workdir)
   return StreamingData(tok, spec, cfg.train.batch_size // process_count, d.seq_len, cfg.seed,
                        cfg.train.eval_batches, d.batching, d.val_fraction, d.shuffle_buffer,
                        process_index, process_count, repairs)
+
+
+def streaming_tokenizer(d, spec: SourceSpec, workdir):
+  """A streamed source's tokenizer: bpe trains on the first documents of the stream."""
+  from lmos_jax.data.streaming import BPE_STREAM_DOCS, first_texts
+  train_docs = first_texts(spec, BPE_STREAM_DOCS, Repairs()) if d.tokenizer == "bpe" else []
+  return build_tokenizer(d.tokenizer, train_docs, need_specials=True,
+                         tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
+                         cache_dir=tokenizer_cache(workdir))
 
 
 def rows_from_ids(ids: np.ndarray, batching: str, seq_len: int, tok) -> dict[str, np.ndarray]:

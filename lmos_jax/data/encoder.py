@@ -13,6 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lmos_jax.config.loading import ConfigError
+from lmos_jax.data.stream import check_state
+from lmos_jax.data.tokenizer import load_pretrained
+
 
 def mlm_mask(ids_BT: np.ndarray, rng: np.random.Generator, *, mask_id: int,
              vocab_size: int, prob: float = 0.15, special_ids: Sequence[int] = (),
@@ -21,7 +25,7 @@ def mlm_mask(ids_BT: np.ndarray, rng: np.random.Generator, *, mask_id: int,
   become [MASK], 10% a uniformly random id in [0, vocab_size), 10% stay. Returns inputs,
   targets (the original ids) and weights (1 at picked positions: the only ones scored)."""
   if not 0.0 < prob < 1.0:
-    raise ValueError(f"MLM mask probability {prob} must be in (0, 1) (config 'data.mlm_prob')")
+    raise ConfigError(f"MLM mask probability {prob} must be in (0, 1) (config 'data.mlm_prob')")
   ids_BT = np.asarray(ids_BT)
   eligible = ~np.isin(ids_BT, np.asarray(list(special_ids), ids_BT.dtype))
   if attention_mask_BT is not None:
@@ -89,9 +93,6 @@ class MLMData:
     self.random_vocab = int(self.base.tokenizer.vocab_size)
 
   def _mask(self, batch: dict[str, np.ndarray], key: Sequence[int]) -> dict[str, np.ndarray]:
-    if "segment_ids" in batch:
-      raise ValueError("task 'mlm' needs unpacked windows; set data.batching to random or "
-                       "windows (packed rows would attend across documents)")
     rng = np.random.default_rng(list(key))
     return mlm_mask(batch["inputs"], rng, mask_id=self.mask_id, vocab_size=self.random_vocab,
                     prob=self.prob, special_ids=self.special_ids)
@@ -104,12 +105,9 @@ class MLMData:
     return [self._mask(b, (self.seed, 1, i)) for i, b in enumerate(self.base.val_batches())]
 
   def __getattr__(self, name: str):
-    # state()/restore()/prefetch... of the base stream; prefetch must mask too.
+    # state()/restore()/fingerprint... of the base stream
     if name in ("base", "__setstate__") or name.startswith("__"):
       raise AttributeError(name)
-    if name == "prefetch":
-      from lmos_jax.data.build import BatchStream
-      return lambda start, end, depth=4: BatchStream(self.train_batch, start, end, depth)
     return getattr(self.base, name)
 
 
@@ -137,8 +135,8 @@ def read_tsv(path: str, text_b_column: str = "", limit: int = 0) -> LabeledTexts
   import csv
   p = Path(path)
   if not p.is_file():
-    raise FileNotFoundError(f"classification data {path!r}: no such file (config "
-                            "'data.train' / 'data.dev')")
+    raise ConfigError(f"classification data {path!r}: no such file (config 'data.train' / "
+                      "'data.dev')")
   with p.open(encoding="utf-8", newline="") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = [h.strip() for h in next(reader, [])]
@@ -152,8 +150,8 @@ def read_tsv(path: str, text_b_column: str = "", limit: int = 0) -> LabeledTexts
       raise ValueError(f"{path}: cannot tell the text column in header {header}; name it "
                        f"one of {', '.join(TEXT_COLUMNS)}")
     if text_b_column and text_b_column not in header:
-      raise ValueError(f"config 'data.text_b'={text_b_column!r} is not a column of {path} "
-                       f"(header {header})")
+      raise ConfigError(f"config 'data.text_b'={text_b_column!r} is not a column of {path} "
+                        f"(header {header})")
     ia, il = header.index(text_col), header.index("label")
     ib = header.index(text_b_column) if text_b_column else None
     a, b, labels = [], [] if ib is not None else None, []
@@ -179,8 +177,8 @@ def label_ids(labels: Sequence[str], label_set: Sequence[str], where: str) -> np
   out = np.empty(len(labels), np.int32)
   for n, l in enumerate(labels):
     if l not in index:
-      raise ValueError(f"{where}: row {n + 1} has label {l!r}, which is not in the label set "
-                       f"{list(label_set)}; fix the row or set config 'data.labels'")
+      raise ConfigError(f"{where}: row {n + 1} has label {l!r}, which is not in the label "
+                        f"set {list(label_set)}; fix the row or set config 'data.labels'")
     out[n] = index[l]
   return out
 
@@ -211,8 +209,8 @@ def encode_for_classifier(tok, text_a: Sequence[str], text_b: Sequence[str] | No
   sp = getattr(tok, "specials", {}) or {}
   missing = [r for r in ("cls", "sep", "pad") if r not in sp]
   if missing:
-    raise ValueError(f"the tokenizer has no {missing} tokens; classification needs a BERT "
-                     "tokenizer (config 'data.tokenizer'='pretrained' with tokenizer_path)")
+    raise ConfigError(f"the tokenizer has no {missing} tokens; classification needs a BERT "
+                      "tokenizer (config 'data.tokenizer'='pretrained' with tokenizer_path)")
   cls, sep, pad = sp["cls"], sp["sep"], sp["pad"]
   ids_a = tok.encode_batch(list(text_a))
   ids_b = tok.encode_batch(list(text_b)) if text_b is not None else None
@@ -297,7 +295,6 @@ class ClassificationData:
             "rows_per_epoch": [self.num_train], "step": int(step)}
 
   def restore(self, state: dict, step: int) -> None:
-    from lmos_jax.data.stream import check_state
     check_state(self.state(step), state)
 
 
@@ -310,25 +307,22 @@ def resolve_label_set(d, train: LabeledTexts) -> list[str]:
   return sorted(found)
 
 
+def cls_tokenizer(cfg):
+  """Classification's pretrained tokenizer (config 'data.tokenizer_path')."""
+  return load_pretrained(cfg.data.tokenizer_path)
+
+
 def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> ClassificationData:
   """Reads data.train/data.dev, tokenizes with the pretrained tokenizer, checks labels."""
-  from lmos_jax.data.tokenizer import load_pretrained
   d = cfg.data
-  if not d.train or not d.dev:
-    raise ValueError("task 'cls' needs config 'data.train' and 'data.dev' (TSV files with a "
-                     "header row naming the text and label columns)")
-  path = d.tokenizer_path or cfg.model.init_from
-  if d.tokenizer != "pretrained" or not path:
-    raise ValueError("task 'cls' needs config 'data.tokenizer'='pretrained' and "
-                     "'data.tokenizer_path' (or 'model.init_from') holding a tokenizer.json")
-  tok = load_pretrained(path)
+  tok = cls_tokenizer(cfg)
   train = read_tsv(d.train, d.text_b, d.max_train)
   dev = read_tsv(d.dev, d.text_b)
   label_set = resolve_label_set(d, train)
   if cfg.model.num_labels != len(label_set):
-    raise ValueError(f"config 'model.num_labels'={cfg.model.num_labels} but the label set has "
-                     f"{len(label_set)} labels {label_set}; set model.num_labels="
-                     f"{len(label_set)}")
+    raise ConfigError(f"config 'model.num_labels'={cfg.model.num_labels} but the label set "
+                      f"has {len(label_set)} labels {label_set}; set model.num_labels="
+                      f"{len(label_set)}")
   return ClassificationData(tok, label_set, classifier_rows(tok, train, label_set, d.seq_len),
                             classifier_rows(tok, dev, label_set, d.seq_len),
                             cfg.train.batch_size, cfg.seed, process_index, process_count)

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.data.packing import rows_to_arrays
 from lmos_jax.data.sources import Repairs, SourceSpec, expand_files, infer_format
 from lmos_jax.data.stream import check_state
@@ -49,8 +50,8 @@ def open_stream(spec: SourceSpec, split: str, path: str):
   try:
     return datasets.load_dataset(name, **kwargs)
   except (OSError, ValueError) as e:
-    raise ValueError(f"config '{spec.name}' (streaming {name!r}, split {split!r}): datasets "
-                     f"could not open it ({e})") from None
+    raise ConfigError(f"config '{spec.name}' (streaming {name!r}, split {split!r}): datasets "
+                      f"could not open it ({e})") from None
 
 
 def stream_texts(ds, spec: SourceSpec, repairs: Repairs, where: str, chunk: int = 256
@@ -59,14 +60,14 @@ def stream_texts(ds, spec: SourceSpec, repairs: Repairs, where: str, chunk: int 
   empty = seen = 0
   for batch in ds.iter(batch_size=chunk):
     if spec.text_field not in batch:
-      raise ValueError(f"config '{spec.name}.text_field'={spec.text_field!r} is not a field "
-                       f"of {where}; its fields are {sorted(batch)}")
+      raise ConfigError(f"config '{spec.name}.text_field'={spec.text_field!r} is not a field "
+                        f"of {where}; its fields are {sorted(batch)}")
     texts = []
     for i, t in enumerate(batch[spec.text_field]):
       if t is not None and not isinstance(t, str):
-        raise ValueError(f"config '{spec.name}.text_field'={spec.text_field!r}: example "
-                         f"{seen + i} of {where} is {type(t).__name__}, not text; choose a "
-                         "text column")
+        raise ConfigError(f"config '{spec.name}.text_field'={spec.text_field!r}: example "
+                          f"{seen + i} of {where} is {type(t).__name__}, not text; choose a "
+                          "text column")
       if t and t.strip():
         texts.append(t)
       else:
@@ -134,8 +135,8 @@ class StreamingData:
         for ids in self.tokenizer.encode_batch(texts):
           yield np.append(ids, np.int32(eos)).astype(np.int32)
       if n == 0:
-        raise ValueError(f"config '{self.spec.name}' ({where}) streamed no non-empty "
-                         f"documents for process {self.process_index}; give data with text")
+        raise ConfigError(f"config '{self.spec.name}' ({where}) streamed no non-empty "
+                          f"documents for process {self.process_index}; give data with text")
       if not train:
         return
       epoch += 1
@@ -201,8 +202,8 @@ class StreamingData:
   def _read_val(self) -> list[dict[str, np.ndarray]]:
     rows = list(self._rows(self._docs(train=False)))
     if not rows:
-      raise ValueError(f"config '{self.spec.name}': no validation rows on process "
-                       f"{self.process_index}; give a validation split or more data")
+      raise ConfigError(f"config '{self.spec.name}': no validation rows on process "
+                        f"{self.process_index}; give a validation split or more data")
     need = self.eval_batches * self.local_batch
     rows = [rows[i % len(rows)] for i in range(need)]
     return [{k: np.stack([r[k] for r in rows[b * self.local_batch:(b + 1) * self.local_batch]])

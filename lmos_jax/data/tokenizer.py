@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.data.text import ByteTokenizer, CharTokenizer
 
 log = logging.getLogger("lmos_jax.data")
@@ -132,11 +133,11 @@ class HFTokenizer:
 
 
 def tokenizer_from_info(info: dict):
-  """Inverse of `describe()` (also reads the spine's {"kind": "CharTokenizer", ...} files)."""
+  """Inverse of `describe()`."""
   kind = info.get("kind", "")
-  if kind in ("char", "CharTokenizer"):
+  if kind == "char":
     return SpecialChar(CharTokenizer(info["chars"]), tuple(info.get("specials", ())))
-  if kind in ("byte", "ByteTokenizer"):
+  if kind == "byte":
     return SpecialByte(tuple(info.get("specials", ())))
   if "hf_tokenizer" in info:
     from tokenizers import Tokenizer
@@ -151,7 +152,7 @@ def load_pretrained(path: str) -> HFTokenizer:
   if p.is_dir():
     p = p / "tokenizer.json"
   if not p.is_file():
-    raise FileNotFoundError(
+    raise ConfigError(
         f"config 'data.tokenizer_path'={path!r}: no tokenizer.json there; give a tokenizer.json "
         "file or a Hugging Face tokenizer directory holding one")
   return HFTokenizer(Tokenizer.from_file(str(p)), "pretrained")
@@ -205,10 +206,10 @@ def bpe_cached(docs: Sequence[str], vocab_size: int, cache_dir: Path | None) -> 
 def build_tokenizer(kind: str, train_docs: Sequence[str], *, need_specials: bool,
                     tokenizer_path: str = "", bpe_vocab_size: int = 0,
                     cache_dir: Path | None = None):
-  """The tokenizer named by config 'data.tokenizer'.
+  """The tokenizer named by config 'data.tokenizer' (validated by `config.loading.validate`).
 
   char/byte get EOS/PAD/BOS appended only when `need_specials` (several documents or
-  packing), so a single-text run keeps exactly the spine's vocabulary.
+  packing), so a single-text run keeps the bare 256-byte (or corpus-character) vocabulary.
   """
   names = tuple(role for role, _ in LMOS_SPECIALS) if need_specials else ()
   if kind == "char":
@@ -216,16 +217,10 @@ def build_tokenizer(kind: str, train_docs: Sequence[str], *, need_specials: bool
   if kind == "byte":
     return SpecialByte(names)
   if kind == "bpe":
-    if bpe_vocab_size < 256 + len(LMOS_SPECIALS):
-      raise ValueError(f"config 'data.bpe_vocab_size'={bpe_vocab_size} must be at least "
-                       f"{256 + len(LMOS_SPECIALS)} (256 bytes + specials)")
     return bpe_cached(train_docs, bpe_vocab_size, cache_dir)
   if kind == "pretrained":
-    if not tokenizer_path:
-      raise ValueError("config 'data.tokenizer'='pretrained' needs 'data.tokenizer_path' (a "
-                       "tokenizer.json or a Hugging Face tokenizer directory)")
     return load_pretrained(tokenizer_path)
-  raise ValueError(f"config 'data.tokenizer'={kind!r}: expected byte, char, bpe or pretrained")
+  raise ConfigError(f"config 'data.tokenizer'={kind!r}: expected byte, char, bpe or pretrained")
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -254,6 +249,6 @@ def pad_id(tok) -> int:
 def check_vocab(tok, model_vocab_size: int) -> None:
   """Every id the tokenizer can emit must have an embedding row."""
   if model_vocab_size and tok.vocab_size > model_vocab_size:
-    raise ValueError(f"the tokenizer has {tok.vocab_size} ids but 'model.vocab_size'="
-                     f"{model_vocab_size}; raise model.vocab_size to at least "
-                     f"{tok.vocab_size} or set it to 0 (taken from the tokenizer)")
+    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but 'model.vocab_size'="
+                      f"{model_vocab_size}; raise model.vocab_size to at least "
+                      f"{tok.vocab_size} or set it to 0 (taken from the tokenizer)")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, make_blocks,
                                     normal, param, run_blocks)
 from lmos_jax.parallel.sharding import constrain
@@ -41,9 +42,9 @@ class BERT(nnx.Module):
     if head not in HEADS:
       raise ValueError(f"BERT head={head!r}: expected one of {', '.join(HEADS)}")
     if head == "cls" and cfg.num_labels <= 0:
-      raise ValueError("BERT head='cls' needs num_labels > 0 (config 'model.num_labels')")
-    if cfg.norm_position != "post" or cfg.causal:
-      raise ValueError("BERT needs norm_position='post' and causal=False in its "
+      raise ConfigError("BERT head='cls' needs num_labels > 0 (config 'model.num_labels')")
+    if cfg.norm_position != "post":
+      raise ValueError("BERT needs norm_position='post' in its "
                        "TransformerConfig (use bert_config_from)")
     self.cfg, self.head = cfg, head
     d, std = cfg.d_model, cfg.init_std
@@ -118,13 +119,13 @@ def bert_config_from(model_cfg, vocab_size: int) -> TransformerConfig:
   """TransformerConfig for BERT from the `model` block of an lmos config."""
   m = model_cfg
   if m.mlp not in ("gelu", "gelu_exact"):
-    raise ValueError(f"config 'model.mlp'={m.mlp!r}: BERT uses gelu_exact (BERT/MiniLM "
-                     "checkpoints) or gelu (tanh approximation)")
+    raise ConfigError(f"config 'model.mlp'={m.mlp!r}: BERT uses gelu_exact (BERT/MiniLM "
+                      "checkpoints) or gelu (tanh approximation)")
   return TransformerConfig(
       vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, num_heads=m.num_heads,
       d_model=m.d_model, d_ff=m.d_ff or 4 * m.d_model, max_seq_len=m.max_seq_len,
       pos_emb="learned", norm="layernorm", norm_eps=m.norm_eps, norm_position="post",
       mlp=m.mlp, use_bias=True, tie_embeddings=True,
       dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
-      attention_impl=m.attention_impl, init_std=m.init_std, causal=False,
+      attention_impl=m.attention_impl, init_std=m.init_std,
       type_vocab_size=m.get("type_vocab_size", 2), num_labels=m.get("num_labels", 0))

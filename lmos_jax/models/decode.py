@@ -253,7 +253,6 @@ class Generation:
 
   tokens: list[np.ndarray]
   status: list[str]
-  prompt_lengths: list[int]
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -322,4 +321,4 @@ class Decoder:
     buf, cur, n_gen, status = (np.asarray(x) for x in jax.device_get(out))
     rows = range(len(prompts))
     return Generation(tokens=[buf[i, lens[i]:lens[i] + n_gen[i]] for i in rows],
-                      status=[STATUS[int(status[i])] for i in rows], prompt_lengths=lens)
+                      status=[STATUS[int(status[i])] for i in rows])

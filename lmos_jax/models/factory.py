@@ -6,6 +6,8 @@ from typing import Callable
 
 from flax import nnx
 
+from lmos_jax.config.loading import ConfigError
+from lmos_jax.config.schema import CHOICES
 from lmos_jax.models.gpt import GPT, gpt_config_from
 
 
@@ -19,4 +21,5 @@ def model_factory(model_cfg, vocab_size: int) -> Callable[[nnx.Rngs], nnx.Module
     bcfg = bert_config_from(model_cfg, vocab_size)
     head = model_cfg.get("head", "auto")
     return lambda rngs: BERT(bcfg, head=None if head == "auto" else head, rngs=rngs)
-  raise ValueError(f"config 'model.arch'={model_cfg.arch!r}: expected one of gpt, bert")
+  raise ConfigError(f"config 'model.arch'={model_cfg.arch!r}: expected one of "
+                    f"{', '.join(CHOICES['model.arch'])}")

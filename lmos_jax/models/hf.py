@@ -156,7 +156,7 @@ def spec_from_hf(c: dict, shapes: dict[str, tuple[int, ...]] | None = None, *,
         d_ff=c["intermediate_size"], max_seq_len=c["max_position_embeddings"],
         pos_emb="learned", norm="layernorm", norm_eps=c.get("layer_norm_eps", 1e-12),
         norm_position="post", mlp="gelu_exact" if act == "gelu" else "gelu", use_bias=True,
-        tie_embeddings=True, scan_layers=scan_layers, causal=False,
+        tie_embeddings=True, scan_layers=scan_layers,
         init_std=c.get("initializer_range", 0.02), type_vocab_size=c.get("type_vocab_size", 2),
         num_labels=int(num_labels or 0))
     return HFSpec("bert", head, tcfg)

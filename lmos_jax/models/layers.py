@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lmos_jax.config.loading import ConfigError
+from lmos_jax.config.schema import CHOICES
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -46,7 +48,6 @@ class TransformerConfig:
   remat: str = "none"
   attention_impl: str = "auto"
   init_std: float = 0.02
-  causal: bool = True
   type_vocab_size: int = 0  # BERT token types; 0 for decoders
   num_labels: int = 0  # classification head width; 0 for none
 
@@ -311,7 +312,8 @@ def remat_policy(name: str):
       "save_attn_out": cp.save_only_these_names("attn_out"),
   }
   if name not in table:
-    raise ValueError(f"model.remat={name!r}: expected one of none, {', '.join(table)}")
+    raise ConfigError(f"config 'model.remat'={name!r}: expected one of "
+                      f"{', '.join(CHOICES['model.remat'])}")
   return table[name]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import Dense
 from lmos_jax.peft.lora import input_dropout, make_dropout_key
 from lmos_jax.peft.wrap import dense_layout, new_param, replace_dense
@@ -48,7 +49,7 @@ class SVDDense(Dense):
     lead, in_s, out_s, lead_n, in_n, out_n = dense_layout(base)
     n_in, n_out = int(np.prod(in_s)), int(np.prod(out_s))
     if rank > min(n_in, n_out):
-      raise ValueError(f"config 'peft.rank'={rank} exceeds the layer's size {in_s}->{out_s}")
+      raise ConfigError(f"config 'peft.rank'={rank} exceeds the layer's size {in_s}->{out_s}")
     p = orthonormal_columns(rngs.params(), (*lead, n_in, rank))
     q = jnp.swapaxes(orthonormal_columns(rngs.params(), (*lead, n_out, rank)), -1, -2)
     self.lora_p = new_param(p.reshape(*lead, *in_s, rank), (*lead_n, *in_n, "lora_rank"))
@@ -79,7 +80,7 @@ def apply_adalora(model: nnx.Module, target: str, rank: int, alpha: float, rate:
                   rngs: nnx.Rngs | int = 0) -> list[str]:
   """In place: SVD-form adapters on every Dense matching `target`."""
   if rank <= 0:
-    raise ValueError(f"config 'peft.rank'={rank} must be positive")
+    raise ConfigError(f"config 'peft.rank'={rank} must be positive")
   rngs = nnx.Rngs(params=rngs) if isinstance(rngs, int) else rngs
   return replace_dense(model, target, lambda d, _: SVDDense(d, rank, alpha, rate, rngs=rngs),
                        "peft.target_modules")
@@ -214,11 +215,6 @@ def adalora(inner: optax.GradientTransformation, sched: BudgetSchedule,
     return updates, AdaLoRAState(inner_state, ipt, unc, mask, t)
 
   return optax.GradientTransformation(init, update)
-
-
-def kept_ranks(opt_state: AdaLoRAState) -> dict[str, Array]:
-  """Singular values kept per module (summed over stacked layers)."""
-  return {k: jnp.sum(v) for k, v in opt_state.mask.items()}
 
 
 def svd_delta_kernel(m: SVDDense) -> Array:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import Dense
 from lmos_jax.peft.lora import input_dropout, make_dropout_key
 from lmos_jax.peft.wrap import dense_layout, new_param, replace_dense
@@ -54,7 +55,7 @@ def apply_adapters(model: nnx.Module, target: str, size: int, rate: float,
                    init_std: float = 1e-2, rngs: nnx.Rngs | int = 0) -> list[str]:
   """In place: an adapter after every Dense matching `target`; returns the wrapped paths."""
   if size <= 0:
-    raise ValueError(f"config 'peft.adapter_size'={size} must be positive")
+    raise ConfigError(f"config 'peft.adapter_size'={size} must be positive")
   rngs = nnx.Rngs(params=rngs) if isinstance(rngs, int) else rngs
   return replace_dense(model, target,
                        lambda d, _: AdapterDense(d, size, rate, init_std, rngs=rngs),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import Dense, dropout
 from lmos_jax.peft.wrap import dense_layout, new_param, replace_dense
 
@@ -88,9 +89,9 @@ def apply_lora(model: nnx.Module, target: str, rank: int, alpha: float, rate: fl
                rngs: nnx.Rngs | int = 0) -> list[str]:
   """In place: LoRA on every Dense whose path matches `target`; returns the wrapped paths."""
   if rank <= 0:
-    raise ValueError(f"config 'peft.rank'={rank} must be positive")
+    raise ConfigError(f"config 'peft.rank'={rank} must be positive")
   if not 0.0 <= rate < 1.0:
-    raise ValueError(f"config 'peft.dropout'={rate} must be in [0, 1)")
+    raise ConfigError(f"config 'peft.dropout'={rate} must be in [0, 1)")
   rngs = nnx.Rngs(params=rngs) if isinstance(rngs, int) else rngs
   return replace_dense(model, target, lambda d, _: LoRADense(d, rank, alpha, rate, rngs=rngs),
                        "peft.target_modules")

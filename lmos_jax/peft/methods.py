@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.config.schema import CHOICES, default_t_final
 from lmos_jax.peft.adalora import (BudgetSchedule, adalora, apply_adalora,
                                    orthogonality_penalty)
@@ -29,7 +30,7 @@ DEFAULT_TARGETS = {"lora": r"attn/(query|value)$", "adalora": r"attn/(query|key|
 
 def check_method(p) -> None:
   if p.method not in METHODS:
-    raise ValueError(f"config 'peft.method'={p.method!r}: expected one of {', '.join(METHODS)}")
+    raise ConfigError(f"config 'peft.method'={p.method!r}: expected one of {', '.join(METHODS)}")
 
 
 def target_of(p) -> str:

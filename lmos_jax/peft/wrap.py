@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import Dense
 from lmos_jax.parallel.sharding import variable_names
 from lmos_jax.tree import module_path, path_names
@@ -78,12 +79,12 @@ def replace_dense(model: nnx.Module, pattern: str, make: Callable[[Dense, str], 
   try:
     regex = re.compile(pattern)
   except re.error as e:
-    raise ValueError(f"config {field!r}={pattern!r} is not a valid regex: {e}") from None
+    raise ConfigError(f"config {field!r}={pattern!r} is not a valid regex: {e}") from None
   hits = [(p, m) for p, m in nnx.iter_modules(model)
           if isinstance(m, Dense) and type(m) is Dense and regex.search(module_path(p))]
   if not hits:
-    raise ValueError(f"config {field!r}={pattern!r} matched no Dense layer; the model's "
-                     f"Dense paths are: {', '.join(dense_paths(model))}")
+    raise ConfigError(f"config {field!r}={pattern!r} matched no Dense layer; the model's "
+                      f"Dense paths are: {', '.join(dense_paths(model))}")
   for path, dense in hits:
     _set_child(model, tuple(path), make(dense, module_path(path)))
   return [module_path(p) for p, _ in hits]

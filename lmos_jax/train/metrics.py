@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,48 @@ import jax.numpy as jnp
 
 from lmos_jax.models.layers import TransformerConfig
 
-# Dense bf16 peak FLOP/s per chip, by substrings of `device.device_kind`.
-PEAK_FLOPS = (
-    ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12), ("a100", 312e12),
-    ("l40s", 362e12), ("l4", 121e12), ("a10", 125e12), ("v100", 125e12), ("t4", 65e12),
-    ("b200", 2250e12), ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12), ("tpu v4", 275e12), ("tpu v3", 123e12), ("tpu v2", 45e12),
-)
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator's spec-sheet figures: the MFU denominator and what `lmos plan`'s
+  memory and step-time models need."""
+
+  name: str
+  kinds: tuple[str, ...]  # substrings of `device.device_kind` (lower case) naming this chip
+  bf16_flops: float  # dense peak FLOP/s (fp16 on chips without bf16)
+  f32_flops: float
+  memory: float  # bytes of device memory
+  link_bw: float | None  # bytes/s per device for collectives (one direction); None: unknown
+
+
+# The one table of chips. Spec-sheet figures, dense (no sparsity). f32 on GPUs since Ampere is
+# the TF32 tensor-core rate that JAX's default matmul precision uses; TPUs run f32 matmuls as
+# bf16 passes (~1/3 rate). GPUs without NVLink use the PCIe x16 rate.
+CHIPS = types.MappingProxyType({c.name: c for c in (
+    Chip("b200", ("b200",), 2250e12, 1100e12, 180e9, 900e9),
+    Chip("gh200", ("gh200",), 989e12, 494e12, 96e9, 450e9),
+    Chip("h200", ("h200",), 989e12, 494e12, 141e9, 450e9),
+    Chip("h100", ("h100",), 989e12, 494e12, 80e9, 450e9),
+    Chip("a100", ("a100",), 312e12, 156e12, 80e9, 300e9),
+    Chip("l40s", ("l40s",), 362e12, 183e12, 48e9, 32e9),
+    Chip("l4", ("l4",), 121e12, 60e12, 24e9, 32e9),
+    Chip("a10", ("a10",), 125e12, 62.5e12, 24e9, 32e9),
+    Chip("v100", ("v100",), 125e12, 15.7e12, 32e9, 150e9),
+    Chip("t4", ("t4",), 65e12, 8.1e12, 16e9, 16e9),
+    Chip("tpu-v6e", ("tpu v6",), 918e12, 306e12, 32e9, 400e9),
+    Chip("tpu-v5p", ("tpu v5p",), 459e12, 153e12, 95e9, 600e9),
+    Chip("tpu-v5e", ("tpu v5 lite", "tpu v5e"), 197e12, 66e12, 16e9, 200e9),
+    Chip("tpu-v4", ("tpu v4",), 275e12, 92e12, 32e9, 300e9),
+    Chip("tpu-v3", ("tpu v3",), 123e12, 41e12, 32e9, 330e9),
+    Chip("tpu-v2", ("tpu v2",), 45e12, 15e12, 16e9, None),
+)})
+
+
+def chip_of(device_kind: str) -> Chip | None:
+  """The table's chip for a `device.device_kind`: the longest matching substring wins, so
+  'gh200' is not read as 'h200' nor 'l40s' as 'l4'."""
+  kind = device_kind.lower()
+  hits = [(len(k), c) for c in CHIPS.values() for k in c.kinds if k in kind]
+  return max(hits, key=lambda h: h[0])[1] if hits else None
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, lm_head: bool = True) -> float:
@@ -78,9 +115,9 @@ def device_peak_flops(devices=None) -> tuple[float, str]:
     # 2048^2 (~0.3 s): the 1024^2 default once read 112 instead of ~200 GFLOP/s at the start
     # of a run (a short probe is easily caught by start-up work), doubling the logged MFU.
     return measure_cpu_peak(n=2048), "measured f32 matmul probe (whole host)"
-  for key, peak in PEAK_FLOPS:
-    if key in kind:
-      return peak * len(devices), f"spec sheet bf16 peak for {kind} x{len(devices)}"
+  chip = chip_of(kind)
+  if chip is not None:
+    return chip.bf16_flops * len(devices), f"spec sheet bf16 peak for {kind} x{len(devices)}"
   return float("nan"), f"unknown device kind {kind!r}: MFU not computed"
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.config.schema import CHOICES
 from lmos_jax.tree import path_names
 
@@ -40,7 +41,8 @@ def make_schedule(t) -> optax.Schedule:
     tail = optax.join_schedules(
         [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [stable])
   else:
-    raise ValueError(f"train.schedule={t.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    raise ConfigError(f"config 'train.schedule'={t.schedule!r}: expected one of "
+                      f"{', '.join(SCHEDULES)}")
   if warm == 0:
     return tail
   return optax.join_schedules([warmup, tail], [warm])
@@ -69,12 +71,18 @@ def decay_mask_fn(decay_embeddings: bool, decay_norms_and_biases: bool) -> Calla
   return mask
 
 
-def make_optimizer(t, trainable: PathFn | None = None) -> optax.GradientTransformation:
-  """Clip -> AdamW(schedule, decay mask); params where `trainable(path)` is False are frozen."""
+def make_optimizer(t, trainable: PathFn | None = None,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+  """Clip -> AdamW(schedule, decay mask); params where `trainable(path)` is False are frozen.
+
+  `schedule` is the run's lr schedule (`make_schedule(t)` when not given), so the step can
+  report the very lr the optimizer follows.
+  """
   parts = []
   if t.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(t.grad_clip))
-  parts.append(optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+  schedule = make_schedule(t) if schedule is None else schedule
+  parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps,
                            weight_decay=t.weight_decay,
                            mask=decay_mask_fn(t.decay_embeddings, t.decay_norms_and_biases)))
   tx = optax.chain(*parts)

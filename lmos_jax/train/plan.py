@@ -27,9 +27,21 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from lmos_jax.config.loading import ConfigError, validate
+from lmos_jax.config.schema import CHOICES
+from lmos_jax.data.layout import batch_spec, vocab_size
+from lmos_jax.models.factory import model_factory
+from lmos_jax.parallel.distributed import split_cpu_host_for
+from lmos_jax.parallel.sharding import batch_sharding, make_mesh
+from lmos_jax.train.assemble import assemble_step
+from lmos_jax.train.metrics import CHIPS, Chip, chip_of, flops_per_token, measure_cpu_peak
+from lmos_jax.train.precision import resolve_policy
+from lmos_jax.train.step import jit_train_step
 
 GiB = 1024 ** 3
-REMAT_CHOICES = ("none", "dots", "dots_no_batch", "save_attn_out", "full")
+REMAT_CHOICES = CHOICES["model.remat"]
 # Forward-recompute cost of each remat policy as a multiple of the no-remat step FLOPs
 # (the backward pass is 2x the forward; full remat adds one forward: 8/6).
 REMAT_FLOPS = {"none": 1.0, "dots": 1.02, "dots_no_batch": 1.05, "save_attn_out": 1.2,
@@ -51,31 +63,6 @@ class PlanError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Chip:
-  """What the step-time and memory models need to know about one accelerator."""
-
-  name: str
-  memory: float  # bytes of device memory
-  bf16_flops: float  # dense peak FLOP/s
-  f32_flops: float
-  hbm_bw: float  # bytes/s
-  link_bw: float  # bytes/s per device for collectives (one direction)
-
-
-# Spec-sheet figures (dense, no sparsity). f32 on GPUs is the TF32 tensor-core rate that
-# JAX's default matmul precision uses; TPUs run f32 matmuls as bf16 passes (~1/3 rate).
-CHIPS = {
-    "h200": Chip("h200", 141e9, 989e12, 494e12, 4.8e12, 450e9),
-    "h100": Chip("h100", 80e9, 989e12, 494e12, 3.35e12, 450e9),
-    "a100": Chip("a100", 80e9, 312e12, 156e12, 2.0e12, 300e9),
-    "tpu-v5e": Chip("tpu-v5e", 16e9, 197e12, 66e12, 819e9, 200e9),
-    "tpu-v5p": Chip("tpu-v5p", 95e9, 459e12, 153e12, 2.76e12, 600e9),
-    "tpu-v4": Chip("tpu-v4", 32e9, 275e12, 92e12, 1.2e12, 300e9),
-    "tpu-v6e": Chip("tpu-v6e", 32e9, 918e12, 306e12, 1.6e12, 400e9),
-}
-
-
-@dataclasses.dataclass(frozen=True)
 class Target:
   chip: Chip
   num_devices: int
@@ -84,11 +71,12 @@ class Target:
 
 def parse_target(spec: str) -> Target:
   """'h200x8', 'a100x4', 'tpu-v5e-8', 'tpu-v4-32' -> a described Target."""
+  plannable = {name: c for name, c in CHIPS.items() if c.link_bw is not None}
   m = re.fullmatch(r"([a-z0-9-]+?)(?:x|-)(\d+)", spec.strip().lower())
-  if not m or m.group(1) not in CHIPS or int(m.group(2)) <= 0:
-    known = ", ".join(f"{c}x8" if not c.startswith("tpu") else f"{c}-8" for c in CHIPS)
+  if not m or m.group(1) not in plannable or int(m.group(2)) <= 0:
+    known = ", ".join(target_name(c, 8) for c in plannable.values())
     raise PlanError(f"--target={spec!r}: expected CHIPxN or tpu-VERSION-N, one of: {known}")
-  return Target(CHIPS[m.group(1)], int(m.group(2)), described=True)
+  return Target(plannable[m.group(1)], int(m.group(2)), described=True)
 
 
 def target_name(chip: Chip, n: int) -> str:
@@ -109,11 +97,10 @@ def present_target(num_devices: int | None, peak_flops: float | None = None) -> 
   else:  # CPU: simulated devices share the host's memory
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / n
   kind = d.device_kind.lower()
-  chip = next((c for k, c in CHIPS.items() if k.replace("tpu-", "tpu ") in kind), None)
-  if chip is None or d.platform == "cpu":
-    from lmos_jax.train.metrics import measure_cpu_peak
+  chip = None if d.platform == "cpu" else chip_of(kind)
+  if chip is None or chip.link_bw is None:  # no spec sheet: a matmul probe, nominal links
     peak = (peak_flops or measure_cpu_peak()) / n  # simulated devices share the cores
-    chip = Chip(kind, memory, peak, peak, 10e9, 10e9)
+    chip = Chip(kind, (kind,), peak, peak, memory, 10e9)
   else:
     chip = dataclasses.replace(chip, memory=memory)
   return Target(chip, n, described=False)
@@ -161,17 +148,13 @@ class ModelShape:
 
 
 def model_shape(cfg, vocab: int, backend: str) -> ModelShape:
-  from flax import nnx
-  from lmos_jax.models.factory import model_factory
-  from lmos_jax.train.metrics import flops_per_token
-  from lmos_jax.train.precision import resolve_policy
   model = nnx.eval_shape(lambda: model_factory(cfg.model, vocab)(nnx.Rngs(0)))
   tcfg = model.cfg
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   policy = resolve_policy(cfg.train.precision, backend)
   return ModelShape(tcfg.num_layers, tcfg.d_model, tcfg.d_ff, tcfg.num_heads, tcfg.kv_heads,
                     tcfg.vocab_size, cfg.data.seq_len, cfg.train.batch_size, params,
-                    flops_per_token(tcfg, cfg.data.seq_len),
+                    flops_per_token(tcfg, cfg.data.seq_len, lm_head=cfg.task != "cls"),
                     jnp.dtype(policy.param_dtype).itemsize,
                     jnp.dtype(policy.compute_dtype).itemsize)
 
@@ -276,42 +259,35 @@ class StepBuild:
   abstract: Any
   shardings: dict
   step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
+  batch: dict  # the task's global batch: key -> ArraySpec(shape, dtype)
 
-  def abstract_inputs(self, batch: int, seq_len: int):
+  def abstract_inputs(self):
     """ShapeDtypeStructs with shardings for AOT `step_fn.lower(...)`."""
-    from lmos_jax.parallel.sharding import batch_sharding
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                          self.abstract, self.shardings)
-    tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
-                               sharding=batch_sharding(self.mesh, 2))
-    return state, {"inputs": tok, "targets": tok}
+    batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                     sharding=batch_sharding(self.mesh, len(a.shape)))
+             for k, a in self.batch.items()}
+    return state, batch
 
-  def compile(self, batch: int, seq_len: int):
+  def lower(self):
     with jax.set_mesh(self.mesh):
-      return self.step_fn.lower(*self.abstract_inputs(batch, seq_len)).compile()
+      return self.step_fn.lower(*self.abstract_inputs())
+
+  def compile(self):
+    return self.lower().compile()
 
 
 def build_step(cfg, vocab: int, devices: Sequence[Any]) -> StepBuild:
-  """The train step `lmos train` runs for `cfg` (mesh, remat, microbatches from cfg)."""
-  from lmos_jax.models.factory import model_factory
-  from lmos_jax.parallel.sharding import make_mesh
-  from lmos_jax.train.optim import make_optimizer, make_schedule
-  from lmos_jax.train.precision import resolve_policy
-  from lmos_jax.train.step import StepConfig, jit_train_step, train_state_layout
-  from lmos_jax.train.trainer import loss_for_task
-
+  """The train step `lmos train` runs for `cfg`, one optimizer step per call: the same
+  assembly (PEFT, task loss, optimizer, state layout) and the task's batch layout, with the
+  mesh, remat and microbatches of `cfg`."""
   mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
-  policy = resolve_policy(cfg.train.precision, devices[0].platform)
-  tx = make_optimizer(cfg.train)
-  graphdef, init_fn, abstract, shardings = train_state_layout(
-      model_factory(cfg.model, vocab), tx, policy, mesh)
-  step_cfg = StepConfig(graphdef=graphdef, tx=tx, loss_fn=loss_for_task(cfg.task),
-                        policy=policy, microbatches=cfg.train.microbatches, l2=cfg.train.l2,
-                        decay_embeddings=cfg.train.decay_embeddings,
-                        decay_norms_and_biases=cfg.train.decay_norms_and_biases,
-                        schedule=make_schedule(cfg.train))
-  fn = jit_train_step(step_cfg, shardings, mesh, {"inputs": 2, "targets": 2})
-  return StepBuild(mesh, init_fn, abstract, shardings, fn)
+  step = assemble_step(cfg, mesh, vocab)
+  spec = batch_spec(cfg)
+  fn = jit_train_step(step.step_cfg, step.shardings, mesh,
+                      {k: len(a.shape) for k, a in spec.items()})
+  return StepBuild(mesh, step.init_fn, step.abstract, step.shardings, fn, spec)
 
 
 def compiled_memory(compiled) -> float:
@@ -330,8 +306,8 @@ def compiled_flops(compiled) -> float:
 def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShape) -> Estimate:
   """Memory and FLOPs read from the AOT-compiled train step (abstract inputs only)."""
   c = apply_overrides(cfg, lay.overrides())
-  compiled = build_step(c, vocab, jax.devices()[:target.num_devices]).compile(s.batch,
-                                                                              s.seq_len)
+  validate(c, target.num_devices)  # what `lmos train` checks before building this step
+  compiled = build_step(c, vocab, jax.devices()[:target.num_devices]).compile()
   memory, flops = compiled_memory(compiled), compiled_flops(compiled)
   if flops <= 0:  # some backends report no FLOPs: the model count is used, and said so
     return Estimate(lay, memory, analytic_estimate(s, lay, target).step_s, 0.0,
@@ -352,13 +328,9 @@ def apply_overrides(cfg, overrides: dict[str, Any]):
 
 
 def vocab_of(cfg) -> int:
-  """The model's vocabulary without reading the corpus when the config pins it."""
-  if cfg.model.vocab_size:
-    return cfg.model.vocab_size
-  if cfg.data.tokenizer == "byte":
-    return 256
-  from lmos_jax.data.build import build_data
-  return build_data(cfg).tokenizer.vocab_size
+  """The model's vocabulary: `model.vocab_size`, else the tokenizer's (the corpus is read
+  only when the vocabulary depends on it: char, bpe)."""
+  return cfg.model.vocab_size or vocab_size(cfg)
 
 
 @dataclasses.dataclass
@@ -467,42 +439,60 @@ def override_flags(overrides: dict[str, Any]) -> str:
   return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]):
+  """`lmos plan`'s own flags (dashes, like the other commands) and the config.
+
+  `--config=FILE[:arg]` and `--config.FIELD=VALUE` overrides are read as `lmos train` reads
+  them, so the same command line plans and trains the same run.
+  """
+  import argparse
+
   from absl import flags
   from ml_collections import config_flags
 
-  from lmos_jax.config.loading import ConfigError
-
+  ap = argparse.ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0],
+                               epilog="--config=FILE[:arg] and --config.FIELD=VALUE as for "
+                                      "lmos train")
+  ap.add_argument("--devices", type=int, default=None,
+                  help="plan for the first N present devices")
+  ap.add_argument("--target", default=None,
+                  help="described target without devices: h200x8, tpu-v5e-8, a100x4 ...")
+  ap.add_argument("--remat", default="none,dots_no_batch,full",
+                  help="remat policies to search (comma separated)")
+  ap.add_argument("--max-microbatches", type=int, default=8,
+                  help="largest microbatch count searched")
+  ap.add_argument("--compile-top", type=int, default=6,
+                  help="present devices: AOT-compile this many of the analytically best layouts")
+  ap.add_argument("--memory-gib", type=float, default=None,
+                  help="override the per-device memory budget (GiB)")
+  ap.add_argument("--out", default=None, help="write the best layout's config overrides here "
+                  "(JSON)")
+  args, rest = ap.parse_known_args(argv[1:])
+  stray = [a for i, a in enumerate(rest) if not a.startswith("--config") and not (
+      i and rest[i - 1].startswith("--config") and "=" not in rest[i - 1])]  # --config FILE
+  if stray:
+    ap.error(f"unrecognized arguments: {' '.join(stray)}")
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", "configs/default.py", "config file[:arg]",
                                   flag_values=fv, lock_config=True)
-  flags.DEFINE_integer("devices", None, "plan for the first N present devices", flag_values=fv)
-  flags.DEFINE_string("target", None, "described target without devices: h200x8, "
-                      "tpu-v5e-8, a100x4 ...", flag_values=fv)
-  flags.DEFINE_string("remat", "none,dots_no_batch,full", "remat policies to search",
-                      flag_values=fv)
-  flags.DEFINE_integer("max_microbatches", 8, "largest microbatch count searched",
-                       flag_values=fv)
-  flags.DEFINE_integer("compile_top", 6, "present devices: AOT-compile this many of the "
-                       "analytically best layouts", flag_values=fv)
-  flags.DEFINE_float("memory_gib", None, "override the per-device memory budget (GiB)",
-                     flag_values=fv)
-  flags.DEFINE_string("out", None, "write the best layout's config overrides here (JSON)",
-                      flag_values=fv)
-  fv(argv)
+  fv([argv[0], *rest])
+  return args, fv.config
+
+
+def main(argv: list[str]) -> int:
+  args, cfg = parse(argv)
   try:
-    if fv.target and fv.devices:
+    if args.target and args.devices:
       raise PlanError("give --devices (present devices) or --target (described), not both")
     cpu_devices = None
-    if not fv.target:  # the devices `lmos train` would see: a CPU host split per core
-      from lmos_jax.parallel.distributed import split_cpu_host_for
-      cpu_devices = split_cpu_host_for(fv.config)
-    target = parse_target(fv.target) if fv.target else present_target(fv.devices)
-    if fv.memory_gib is not None:
+    if not args.target:  # the devices `lmos train` would see: a CPU host split per core
+      cpu_devices = split_cpu_host_for(cfg)
+    target = parse_target(args.target) if args.target else present_target(args.devices)
+    if args.memory_gib is not None:
       target = dataclasses.replace(
-          target, chip=dataclasses.replace(target.chip, memory=fv.memory_gib * GiB))
-    plan = make_plan(fv.config, target, remats=[r for r in fv.remat.split(",") if r],
-                     max_microbatches=fv.max_microbatches, compile_top=fv.compile_top)
+          target, chip=dataclasses.replace(target.chip, memory=args.memory_gib * GiB))
+    plan = make_plan(cfg, target, remats=[r for r in args.remat.split(",") if r],
+                     max_microbatches=args.max_microbatches, compile_top=args.compile_top)
   except (PlanError, ConfigError) as e:
     print(f"lmos plan: {e}", file=sys.stderr)
     return 1
@@ -511,8 +501,8 @@ def main(argv: list[str]) -> int:
   if cpu_devices and cpu_devices > 1:  # an explicit mesh would otherwise get one CPU device
     best["mesh.cpu_devices"] = cpu_devices
   print(f"\nbest: {_fmt_layout(plan.best.layout)}\noverrides: {override_flags(best)}")
-  if fv.out:
-    with open(fv.out, "w") as f:
+  if args.out:
+    with open(args.out, "w") as f:
       json.dump(best, f, indent=2)
-    print(f"wrote {fv.out}")
+    print(f"wrote {args.out}")
   return 0

@@ -66,7 +66,7 @@ class Tracker:
   """W&B logging (process 0) and the profiler window (every process) for one training run."""
 
   def __init__(self, cfg: Any, workdir: Path, process_index: int):
-    check_tracking(cfg.tracking)
+    """`cfg.tracking` is checked (`check_tracking`) when the run is set up."""
     self.tcfg = cfg.tracking
     self.workdir = Path(workdir)
     self.process_index = process_index

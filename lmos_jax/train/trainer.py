@@ -1,4 +1,10 @@
-"""`lmos train`: the training loop around the pure step, with eval, logging and checkpoints."""
+"""`lmos train`: the training loop around the pure step, with eval, logging and checkpoints.
+
+`train()` is a list of events: set up the host (`setup_host`), build the run (`build_run`:
+validation, data, mesh, `assemble_step`), restore or initialise the state, loop over jitted
+calls (`train_loop`: metrics through `MetricLog`, checkpoints through the `Checkpointer`),
+and finish (`finish`: the adapters file, the end-of-run sample).
+"""
 
 from __future__ import annotations
 
@@ -9,29 +15,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import numpy as np
+from flax import nnx
 
+import lmos_jax
 from lmos_jax.config.loading import ConfigError, validate
 from lmos_jax.data.build import build_data
+from lmos_jax.data.encoder import MLMData, build_cls_data
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
+from lmos_jax.data.tokenizer import check_vocab
 from lmos_jax.models.decode import Decoder, Sampling
-from lmos_jax.models.factory import model_factory
 from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
+from lmos_jax.peft.wrap import save_adapters, trainable_report
+from lmos_jax.train.assemble import assemble_step
 from lmos_jax.train.init_from import pretrained_train_state
 from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteError,
                                       NonFiniteMonitor, PreemptionGuard, abstract_like,
                                       check_writable, drop_metric_rows_after,
                                       restore_latest_good, state_nbytes)
-from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_token
-from lmos_jax.train.optim import make_optimizer, make_schedule
-from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
-                                 stacked_batch_sharding, train_state_layout)
+                                 stacked_batch_sharding)
 from lmos_jax.train.tracking import Tracker, check_tracking
 from lmos_jax.workdir import write_config, write_labels, write_tokenizer
 
@@ -52,48 +61,48 @@ class Run:
   trainable: Any = None  # PEFT: predicate on param paths (None: everything trains)
 
 
-def loss_for_task(task: str):
-  if task == "lm":
-    return lm_loss
-  if task == "mlm":
-    from lmos_jax.train.losses import mlm_loss
-    return mlm_loss
-  if task == "cls":
-    from lmos_jax.train.losses import cls_loss
-    return cls_loss
-  raise ValueError(f"config 'task'={task!r}: expected lm, mlm or cls")
+def setup_host(cfg) -> None:
+  """What every process does before JAX touches a device: split a CPU host into devices,
+  set the allocator policy, join the other hosts, and agree on the config."""
+  cpu_devices = distributed.split_cpu_host_for(cfg)
+  setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
+  distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
+  distributed.check_same_config(cfg)
+  check_tracking(cfg.tracking)
+
+
+def build_task_data(cfg, workdir=None):
+  """This host's data for `cfg.task`: LM windows, MLM-masked windows or TSV classes."""
+  if cfg.task == "cls":  # sentence(-pair) classification from TSV files
+    return build_cls_data(cfg, jax.process_index(), jax.process_count())
+  data = build_data(cfg, jax.process_index(), jax.process_count(), workdir)  # BPE cache
+  if cfg.task == "mlm":  # BERT masking over the pipeline's windows (adds [MASK] if needed)
+    data = MLMData(data, cfg.data.mlm_prob, cfg.seed)
+  return data
 
 
 def build_run(cfg, devices=None, workdir=None) -> Run:
   """Validates the config, builds data, mesh, model layout and step config (no compile)."""
   devices = jax.devices() if devices is None else devices
-  validate(cfg, len(devices))
-  if cfg.task == "cls":  # sentence(-pair) classification from TSV files
-    from lmos_jax.data.encoder import build_cls_data
-    data = build_cls_data(cfg, jax.process_index(), jax.process_count())
-  else:
-    data = build_data(cfg, jax.process_index(), jax.process_count(), workdir)  # BPE cache
-  if cfg.task == "mlm":  # BERT masking over the pipeline's windows (adds [MASK] if needed)
-    from lmos_jax.data.encoder import MLMData
-    data = MLMData(data, cfg.data.mlm_prob, cfg.seed)
-  if cfg.model.vocab_size and data.tokenizer.vocab_size > cfg.model.vocab_size:
-    raise ValueError(f"the tokenizer has {data.tokenizer.vocab_size} ids but "
-                     f"'model.vocab_size'={cfg.model.vocab_size}; raise it or set 0 (auto)")
+  validate(cfg, len(devices), jax.process_count())
+  data = build_task_data(cfg, workdir)
+  check_vocab(data.tokenizer, cfg.model.vocab_size)  # every id needs an embedding row
   mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
-  policy = resolve_policy(cfg.train.precision, devices[0].platform)
-  from lmos_jax.peft import methods as peft
-  make_model = peft.wrap_factory(model_factory(cfg.model, data.tokenizer.vocab_size), cfg.peft)
-  trainable = peft.trainable_for(cfg.peft)  # frozen params: no grads, no optimizer state
-  tx = peft.peft_optimizer(make_optimizer(cfg.train, trainable), cfg.peft, cfg.train.steps)
-  graphdef, init_fn, abstract, shardings = train_state_layout(make_model, tx, policy, mesh)
-  step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable,
-                        loss_fn=peft.peft_loss(loss_for_task(cfg.task), cfg.peft),
-                        policy=policy, microbatches=cfg.train.microbatches, l2=cfg.train.l2,
-                        decay_embeddings=cfg.train.decay_embeddings,
-                        decay_norms_and_biases=cfg.train.decay_norms_and_biases,
-                        schedule=make_schedule(cfg.train))
-  return Run(cfg, mesh, data, graphdef, init_fn, abstract, shardings, step_cfg,
-             count_params(abstract["params"]), trainable)
+  step = assemble_step(cfg, mesh, data.tokenizer.vocab_size)
+  return Run(cfg, mesh, data, step.graphdef, step.init_fn, step.abstract, step.shardings,
+             step.step_cfg, count_params(step.abstract["params"]), step.step_cfg.trainable)
+
+
+def jit_steps(run: Run):
+  """(train call, eval step), jitted for this run's batch layout; compiled at first use.
+
+  A train call runs `train.steps_per_call` optimizer steps.
+  """
+  ndims = {k: v.ndim for k, v in run.data.train_batch(0).items()}
+  train_fn = jit_train_step(run.step_cfg, run.shardings, run.mesh, ndims,
+                            steps_per_call=run.cfg.train.steps_per_call)
+  eval_fn = jit_eval_step(run.step_cfg, run.shardings["params"], run.mesh, ndims)
+  return train_fn, eval_fn
 
 
 def global_batch(run: Run, local: dict[str, np.ndarray],
@@ -153,6 +162,16 @@ def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
   return state, meta
 
 
+def first_step(state: dict, steps_per_call: int) -> int:
+  """The step the state is at; a resume must start on a call boundary."""
+  start = int(jax.device_get(state["step"]))
+  if start % steps_per_call:
+    raise ConfigError(f"the checkpoint restored at step {start} is not a multiple of "
+                      f"'train.steps_per_call'={steps_per_call}; resume with a steps_per_call "
+                      f"that divides {start} (metrics and checkpoints fall between calls)")
+  return start
+
+
 def evaluate(run: Run, eval_fn, params) -> dict[str, float]:
   loss_sum = weight = correct = 0.0
   for b in run.data.val_batches():
@@ -174,179 +193,229 @@ def save_side_files(run: Run, workdir: Path) -> None:
     write_labels(workdir, run.data.label_set)
 
 
+class MetricLog:
+  """The loop's metrics: what each call returns stays on the device until a log point, then
+  is fetched in one transfer; throughput, MFU and the input-wait share are computed there,
+  the eval runs at eval points, and the row goes to metrics.jsonl/TensorBoard and the tracker.
+
+  The non-finite monitor sees every step, in order, at each fetch (before any checkpoint).
+  """
+
+  def __init__(self, run: Run, workdir: Path, start: int, meta: dict, eval_fn,
+               monitor: NonFiniteMonitor):
+    from tqdm import tqdm
+    cfg, t = run.cfg, run.cfg.train
+    self.run, self.eval_fn, self.monitor = run, eval_fn, monitor
+    self.start, self.per_call = start, t.steps_per_call
+    is_main = jax.process_index() == 0
+    self.writer = MetricWriter(workdir, enabled=is_main)
+    self.tracker = Tracker(cfg, workdir, jax.process_index())
+    if start == 0:
+      self.writer.write_text("config", cfg.to_json(indent=2), 0)  # hyperparameters, once
+    self.tokens_per_step = t.batch_size * cfg.data.seq_len
+    self.flops_step = self.tokens_per_step * flops_per_token(
+        model_tcfg(run), cfg.data.seq_len, lm_head=cfg.task != "cls")
+    self.peak, self.peak_src = device_peak_flops()
+    self.tokens_seen = int(meta.get("tokens_seen", start * self.tokens_per_step))
+    self.wall0 = time.time() - float(meta.get("wall_time", 0.0))
+    self.pbar = tqdm(total=t.steps, initial=start, disable=not (t.progress and is_main),
+                     dynamic_ncols=True, file=sys.stderr)
+    self.pending: list[tuple[int, dict]] = []  # (last step of a call, device metrics)
+    self.last: dict[str, float] = {}  # the newest fetched metrics (+ eval)
+    self.mark_time: float | None = None  # the clock starts after the first call compiles
+    self.mark_step, self.mark_wait = start, 0.0
+
+  def record(self, step: int, metrics: dict) -> None:
+    """A call ending at `step` was dispatched; its metrics stay on the device for now."""
+    self.tokens_seen += self.tokens_per_step * self.per_call
+    self.pbar.update(self.per_call)
+    self.pending.append((step, metrics))
+    if len(self.pending) > 1:
+      # At most two calls in flight. Unbounded dispatch deadlocked XLA's CPU collectives
+      # (2 cores, 2+ devices: an all-reduce rendezvous never completes), and one call of
+      # look-ahead already keeps any device busy. Waiting fetches nothing.
+      jax.block_until_ready(self.pending[-2][1]["loss"])
+
+  def due(self, step: int) -> bool:
+    """Metrics are fetched at the first call (to start the clock after compiling), at log
+    points and at checkpoints (the monitor must have seen every step before a save)."""
+    t = self.run.cfg.train
+    return (step == self.start + self.per_call or step % t.log_every == 0
+            or step % t.ckpt_every == 0 or step == t.steps)
+
+  def flush(self, params, wait_seconds: float) -> None:
+    """Fetches every pending call's metrics at once; logs the newest step at log points.
+
+    `wait_seconds`: the input pipeline's total blocking time so far (`BatchStream`).
+    """
+    t = self.run.cfg.train
+    calls = jax.device_get([m for _, m in self.pending])
+    per_step = [sm for (s, _), m in zip(self.pending, calls)
+                for sm in unstack_metrics(s, m, self.per_call)]
+    self.pending.clear()
+    for i, (s, m) in enumerate(per_step):
+      self.monitor.update(s, float(m.get("nonfinite", 0.0)) > 0)
+      if self.monitor.exhausted:  # the run stops here: later steps are neither counted nor logged
+        per_step = per_step[:i + 1]
+        break
+    step, m = per_step[-1][0], {k: float(v) for k, v in per_step[-1][1].items()}
+    m.update(self.rates(step, wait_seconds))
+    m["skipped_steps"] = float(self.monitor.total)
+    self.last = m
+    self.pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:,.0f}")
+    if step % t.log_every == 0 or step == t.steps:
+      row = dict(m)
+      if step % t.eval_every == 0 or step == t.steps:
+        row.update(evaluate(self.run, self.eval_fn, params))
+        self.last.update(row)
+      self.writer.write(step, row)
+      self.tracker.log(step, row)
+      self.mark_time, self.mark_step, self.mark_wait = time.perf_counter(), step, wait_seconds
+
+  def rates(self, step: int, wait_seconds: float) -> dict[str, float]:
+    """Tokens/s, MFU and the share of time blocked on the input pipeline since the last
+    log point (NaN at the first fetch, whose time includes compiling)."""
+    now = time.perf_counter()
+    if self.mark_time is None:
+      self.mark_time, self.mark_step, self.mark_wait = now, step, wait_seconds
+      nan = float("nan")
+      return {"tokens_per_sec": nan, "data_wait_frac": nan, "mfu": nan}
+    elapsed = max(now - self.mark_time, 1e-9)
+    rate = (step - self.mark_step) * self.tokens_per_step / elapsed
+    return {"tokens_per_sec": rate,
+            "data_wait_frac": (wait_seconds - self.mark_wait) / elapsed,
+            "mfu": rate / self.tokens_per_step * self.flops_step / self.peak}
+
+  def wall_time(self) -> float:
+    return time.time() - self.wall0
+
+  def close(self, state) -> None:
+    self.pbar.close()
+    self.tracker.close(state)
+    self.writer.close()
+
+
+@dataclasses.dataclass
+class LoopEnd:
+  """Where the loop stopped."""
+
+  step: int  # the last step run
+  saved_step: int  # the newest checkpoint written (or restored from)
+  stopped_by: str | None = None  # the signal (SIGTERM, SIGINT, preemption) that stopped it
+
+
+def save_checkpoint(run: Run, ckpt: Checkpointer, step: int, state: dict, log: MetricLog,
+                    force: bool = False) -> int:
+  """Saves `state` with its metadata (tokens, wall time, data position); returns the step."""
+  t = run.cfg.train
+  best = {t.best_metric: log.last[t.best_metric]} if t.best_metric in log.last else None
+  meta = _meta(run.cfg, step, log.tokens_seen, log.wall_time(), log.monitor.total,
+               data_state(run.data, step))
+  ckpt.save(step, state, meta, metrics=best, force=force)
+  return step
+
+
+def train_loop(run: Run, state: dict, start: int, train_fn, log: MetricLog,
+               ckpt: Checkpointer) -> tuple[dict, LoopEnd]:
+  """Calls the step to train.steps: metrics at log points, checkpoints at ckpt points, a
+  last checkpoint and a clean exit on SIGTERM/SIGINT/preemption."""
+  t, k = run.cfg.train, run.cfg.train.steps_per_call
+  batches = batch_stream(run.data, start, t.steps, run.cfg.data.prefetch)
+  end = LoopEnd(start, start)
+  with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
+    while end.step < t.steps:
+      batch = next_call_batch(run, batches, k)  # prefetched: the batches from end.step
+      with log.tracker.step_context(end.step, k):
+        state, metrics = train_fn(state, batch)
+      end.step += k
+      log.tracker.after_step(end.step, state)
+      log.record(end.step, metrics)
+      if log.due(end.step):
+        log.flush(state["params"], batches.wait_seconds)
+      if log.monitor.exhausted:  # too many non-finite steps: stop before saving anything newer
+        break
+      if end.step % t.ckpt_every == 0 or end.step == t.steps:
+        end.saved_step = save_checkpoint(run, ckpt, end.step, state, log)
+      if guard.should_stop(end.step, ckpt, k):  # save, wait for the write, exit 0
+        if log.pending:
+          log.flush(state["params"], batches.wait_seconds)
+        if end.saved_step != end.step and not log.monitor.exhausted:
+          end.saved_step = save_checkpoint(run, ckpt, end.step, state, log, force=True)
+        end.stopped_by = guard.received
+        break
+  return state, end
+
+
+def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointer,
+           monitor: NonFiniteMonitor) -> None:
+  """After the loop: the adapters file (PEFT), the non-finite stop, the preemption notice,
+  or the end-of-run sample."""
+  cfg, is_main = run.cfg, jax.process_index() == 0
+  if run.trainable is not None and end.stopped_by is None:
+    host = distributed.host_params(state["params"])  # a collective: every process
+    if is_main:  # adapters (+ head) only: applied on top of model.init_from at load
+      save_adapters(str(workdir / "adapters.safetensors"), host, run.trainable,
+                    {"step": str(end.step), "peft.method": cfg.peft.method,
+                     "model.init_from": cfg.model.init_from})
+  if monitor.exhausted:
+    raise monitor.error(monitor.last_step)
+  if end.stopped_by is not None:
+    if is_main:
+      print(f"lmos train: stopped by {end.stopped_by} at step {end.step}; checkpoint saved in "
+            f"{ckpt.step_dir(end.saved_step)}. Rerun the same command to resume.", flush=True)
+    return
+  t = cfg.train
+  if t.sample_tokens > 0:
+    host_params = distributed.host_params(state["params"])  # a collective: every process
+    if is_main:
+      text = sample_text(run, host_params, t.sample_prompt, t.sample_tokens, cfg.seed)
+      print("--- sample ---\n" + text + "\n--------------", flush=True)
+
+
 def train(cfg, workdir: str | Path) -> dict[str, Any]:
   """Runs (or resumes) training to cfg.train.steps; returns the last logged metrics."""
-  from tqdm import tqdm
-
   workdir = Path(workdir)
-  cpu_devices = distributed.split_cpu_host_for(cfg)
-  setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
-  distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
-  distributed.check_same_config(cfg)
-  check_tracking(cfg.tracking)
+  setup_host(cfg)
   run = build_run(cfg, workdir=workdir)
   check_writable(workdir / "checkpoints", state_nbytes(run.abstract_state))
-  is_main = jax.process_index() == 0
   t = cfg.train
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint,
                       keep_best=t.keep_best, best_metric=t.best_metric, best_mode=t.best_mode)
   state, meta = init_or_restore(run, ckpt)
-  start = int(jax.device_get(state["step"]))
-  per_call = t.steps_per_call
-  if start % per_call:
-    raise ConfigError(f"the checkpoint restored at step {start} is not a multiple of "
-                      f"'train.steps_per_call'={per_call}; resume with a steps_per_call that "
-                      f"divides {start} (metrics and checkpoints fall between calls)")
-  if is_main:  # rows logged after the restored step are recomputed, bit for bit
+  start = first_step(state, t.steps_per_call)
+  if jax.process_index() == 0:  # rows logged after the restored step are recomputed, bit for bit
     drop_metric_rows_after(workdir / "metrics.jsonl", start)
   monitor = NonFiniteMonitor(t.nonfinite, t.max_bad_steps, int(meta.get("skipped_steps", 0)))
   save_side_files(run, workdir)
-  writer = MetricWriter(workdir, enabled=is_main)
-  tracker = Tracker(cfg, workdir, jax.process_index())
-  if start == 0:
-    writer.write_text("config", cfg.to_json(indent=2), 0)  # hyperparameters, once per run
-  ndims = {k: v.ndim for k, v in run.data.train_batch(0).items()}
-  train_fn = jit_train_step(run.step_cfg, run.shardings, run.mesh, ndims,
-                            steps_per_call=per_call)
-  eval_fn = jit_eval_step(run.step_cfg, run.shardings["params"], run.mesh, ndims)
-  tcfg = _model_tcfg(run)
-  tokens_per_step = t.batch_size * cfg.data.seq_len
-  flops_step = tokens_per_step * flops_per_token(tcfg, cfg.data.seq_len,
-                                                 lm_head=cfg.task != "cls")
-  peak, peak_src = device_peak_flops()
-  if is_main:
-    print(f"lmos train: {run.num_params:,} params, mesh {dict(run.mesh.shape)}, "
-          f"precision {run.step_cfg.policy.name}, peak {peak:.3g} FLOP/s ({peak_src}); "
-          f"{'resuming at step ' + str(start) if start else 'fresh start'}", flush=True)
-    from lmos_jax.peft.wrap import trainable_report
-    print(f"lmos train: peft.method={cfg.peft.method}: "
-          f"{trainable_report(run.abstract_state['params'], run.trainable)}", flush=True)
-  last: dict[str, Any] = {}
-  tokens_seen = int(meta.get("tokens_seen", start * tokens_per_step))
-  wall0 = time.time() - float(meta.get("wall_time", 0.0))
-  pbar = tqdm(total=t.steps, initial=start, disable=not (t.progress and is_main),
-              dynamic_ncols=True, file=sys.stderr)
-  pending: list[tuple[int, dict]] = []  # (last step of a call, device metrics) not fetched
-  mark_time, mark_step = None, start
-  batches = batch_stream(run.data, start, t.steps, cfg.data.prefetch)
-  mark_wait = 0.0
-
-  def flush() -> None:
-    """Fetches every pending step's metrics in one transfer; logs the newest at log points.
-
-    Steps between log points never wait on the device: their metrics stay on it until here.
-    The non-finite monitor still sees every step, in order, before any checkpoint is saved.
-    """
-    nonlocal last, mark_time, mark_step, mark_wait
-    calls = jax.device_get([m for _, m in pending])
-    per_step = [sm for (s, _), m in zip(pending, calls) for sm in unstack_metrics(s, m, per_call)]
-    steps, fetched = [s for s, _ in per_step], [m for _, m in per_step]
-    pending.clear()
-    for i, (s, m) in enumerate(zip(steps, fetched)):
-      monitor.update(s, float(m.get("nonfinite", 0.0)) > 0)
-      if monitor.exhausted:  # the run stops here: later steps are neither counted nor logged
-        steps, fetched = steps[:i + 1], fetched[:i + 1]
-        break
-    step, m = steps[-1], {k: float(v) for k, v in fetched[-1].items()}
-    now = time.perf_counter()
-    if mark_time is None:  # first step includes compilation: start the clock after it
-      mark_time, mark_step, mark_wait = now, step, batches.wait_seconds
-      rate = wait_frac = float("nan")
-    else:
-      rate = (step - mark_step) * tokens_per_step / max(now - mark_time, 1e-9)
-      wait_frac = (batches.wait_seconds - mark_wait) / max(now - mark_time, 1e-9)
-    m["tokens_per_sec"] = rate
-    m["data_wait_frac"] = wait_frac  # share of step time blocked on the input pipeline
-    m["mfu"] = rate / tokens_per_step * flops_step / peak if rate == rate else float("nan")
-    m["skipped_steps"] = float(monitor.total)
-    last = m
-    pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
-    if step % t.log_every == 0 or step == t.steps:
-      row = dict(m)
-      if step % t.eval_every == 0 or step == t.steps:
-        row.update(evaluate(run, eval_fn, state["params"]))
-        last.update(row)
-      writer.write(step, row)
-      tracker.log(step, row)
-      mark_time, mark_step, mark_wait = time.perf_counter(), step, batches.wait_seconds
-
-  def save(step: int, force: bool = False) -> None:
-    nonlocal saved_step
-    best = {t.best_metric: last[t.best_metric]} if t.best_metric in last else None
-    ckpt.save(step, state, _meta(cfg, step, tokens_seen, time.time() - wall0, monitor.total,
-                                 data_state(run.data, step)),
-              metrics=best, force=force)
-    saved_step = step
-
-  saved_step, stopped_by = start, None
-  with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
-    step = start
-    while step < t.steps:
-      batch = next_call_batch(run, batches, per_call)  # prefetched: the batches from `step`
-      with tracker.step_context(step, per_call):
-        state, metrics = train_fn(state, batch)
-      step += per_call
-      tracker.after_step(step, state)
-      tokens_seen += tokens_per_step * per_call
-      pbar.update(per_call)
-      pending.append((step, metrics))
-      if len(pending) > 1:
-        # At most two steps in flight. Unbounded dispatch deadlocked XLA's CPU collectives
-        # here (2 cores, 2+ devices: an all-reduce rendezvous never completes), and one step
-        # of look-ahead already keeps any device busy. Waiting fetches nothing.
-        jax.block_until_ready(pending[-2][1]["loss"])
-      # Metrics are fetched only at the first step (to start the clock after compiling), log
-      # points and checkpoints.
-      if (step == start + per_call or step % t.log_every == 0 or step % t.ckpt_every == 0
-          or step == t.steps):
-        flush()
-      if monitor.exhausted:  # too many non-finite steps: stop before saving anything newer
-        break
-      if step % t.ckpt_every == 0 or step == t.steps:
-        save(step)
-      if guard.should_stop(step, ckpt, per_call):  # SIGTERM/SIGINT/preemption: save, wait, exit 0
-        if pending:
-          flush()
-        if saved_step != step and not monitor.exhausted:
-          save(step, force=True)
-        stopped_by = guard.received
-        break
-  pbar.close()
-  tracker.close(state)
+  train_fn, eval_fn = jit_steps(run)
+  log = MetricLog(run, workdir, start, meta, eval_fn, monitor)
+  announce(run, start, log)
+  state, end = train_loop(run, state, start, train_fn, log, ckpt)
+  log.close(state)
   ckpt.close()  # waits: every save issued above is complete (or raised) from here on
-  writer.close()
-  if run.trainable is not None and stopped_by is None:
-    from lmos_jax.peft.wrap import save_adapters
-    host = distributed.host_params(state["params"])  # a collective: every process
-    if is_main:  # adapters (+ head) only: applied on top of model.init_from at load
-      save_adapters(str(workdir / "adapters.safetensors"), host, run.trainable,
-                    {"step": str(step), "peft.method": cfg.peft.method,
-                     "model.init_from": cfg.model.init_from})
-  if monitor.exhausted:
-    raise monitor.error(monitor.last_step)
-  if stopped_by is not None:
-    if is_main:
-      print(f"lmos train: stopped by {stopped_by} at step {step}; checkpoint saved in "
-            f"{ckpt.step_dir(saved_step)}. Rerun the same command to resume.", flush=True)
-    return last
-  if t.sample_tokens > 0:
-    host_params = distributed.host_params(state["params"])  # a collective: every process
-  if is_main and t.sample_tokens > 0:
-    text = sample_text(run, host_params, t.sample_prompt, t.sample_tokens, cfg.seed)
-    print("--- sample ---\n" + text + "\n--------------", flush=True)
-  return last
+  finish(run, workdir, state, end, ckpt, monitor)
+  return log.last
 
 
-def _model_tcfg(run: Run):
-  from flax import nnx
+def announce(run: Run, start: int, log: MetricLog) -> None:
+  """The run's one-line summary and its trainable share (process 0)."""
+  if jax.process_index() != 0:
+    return
+  print(f"lmos train: {run.num_params:,} params, mesh {dict(run.mesh.shape)}, "
+        f"precision {run.step_cfg.policy.name}, peak {log.peak:.3g} FLOP/s ({log.peak_src}); "
+        f"{'resuming at step ' + str(start) if start else 'fresh start'}", flush=True)
+  print(f"lmos train: peft.method={run.cfg.peft.method}: "
+        f"{trainable_report(run.abstract_state['params'], run.trainable)}", flush=True)
+
+
+def model_tcfg(run: Run):
+  """The model's TransformerConfig (shapes only: nothing is allocated)."""
   model = nnx.eval_shape(lambda: nnx.merge(run.graphdef, run.abstract_state["params"]))
   return model.cfg
 
 
 def _meta(cfg, step: int, tokens_seen: int, wall: float, skipped_steps: int = 0,
           data_state: dict | None = None) -> dict:
-  import flax
-  import lmos_jax
   return {"step": int(step), "tokens_seen": int(tokens_seen), "wall_time": float(wall),
           "skipped_steps": int(skipped_steps), "data_state": data_state or {},
           "config": cfg.to_json(), "versions": {"jax": jax.__version__, "flax": flax.__version__,

@@ -1,0 +1,61 @@
+"""From a validated config to the train step, without allocating anything.
+
+The (PEFT-wrapped) model recipe, the loss of the task, the optimizer around the one lr
+schedule, the precision policy and the sharded state layout. `lmos train`
+(`trainer.build_run`) and `lmos plan` (`plan.build_step`) both call `assemble_step`, so the
+step the planner compiles is the step training runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+from jax.sharding import Mesh
+
+from lmos_jax.config.loading import ConfigError
+from lmos_jax.config.schema import CHOICES
+from lmos_jax.models.factory import model_factory
+from lmos_jax.peft import methods as peft
+from lmos_jax.train.losses import cls_loss, lm_loss, mlm_loss
+from lmos_jax.train.optim import make_optimizer, make_schedule
+from lmos_jax.train.precision import resolve_policy
+from lmos_jax.train.step import LossFn, StepConfig, train_state_layout
+
+
+class StepAssembly(NamedTuple):
+  """A run's step and state layout; nothing is allocated or compiled."""
+
+  graphdef: Any
+  init_fn: Callable  # PRNGKey -> state; jit it with out_shardings=shardings
+  abstract: dict  # the state's shapes and dtypes
+  shardings: dict
+  step_cfg: StepConfig
+
+
+def loss_for_task(task: str) -> LossFn:
+  """The loss of config 'task': next-token, masked-token or sequence-classification."""
+  losses = {"lm": lm_loss, "mlm": mlm_loss, "cls": cls_loss}
+  if task not in losses:
+    raise ConfigError(f"config 'task'={task!r}: expected one of {', '.join(CHOICES['task'])}")
+  return losses[task]
+
+
+def assemble_step(cfg, mesh: Mesh, vocab_size: int) -> StepAssembly:
+  """The train step of `cfg` on `mesh` for a tokenizer of `vocab_size` ids.
+
+  Frozen params (PEFT) get no gradients and no optimizer state; the lr the step reports is
+  the schedule the optimizer follows (built once).
+  """
+  t = cfg.train
+  policy = resolve_policy(t.precision, mesh.devices.flat[0].platform)
+  make_model = peft.wrap_factory(model_factory(cfg.model, vocab_size), cfg.peft)
+  trainable = peft.trainable_for(cfg.peft)
+  schedule = make_schedule(t)
+  tx = peft.peft_optimizer(make_optimizer(t, trainable, schedule), cfg.peft, t.steps)
+  graphdef, init_fn, abstract, shardings = train_state_layout(make_model, tx, policy, mesh)
+  step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable,
+                        loss_fn=peft.peft_loss(loss_for_task(cfg.task), cfg.peft),
+                        policy=policy, microbatches=t.microbatches, l2=t.l2,
+                        decay_embeddings=t.decay_embeddings,
+                        decay_norms_and_biases=t.decay_norms_and_biases, schedule=schedule)
+  return StepAssembly(graphdef, init_fn, abstract, shardings, step_cfg)
