@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lmos_jax.config.datadir import missing_hint
+
 
 def mlm_mask(ids_BT: np.ndarray, rng: np.random.Generator, *, mask_id: int,
              vocab_size: int, prob: float = 0.15, special_ids: Sequence[int] = (),
@@ -128,7 +130,8 @@ class LabeledTexts:
   path: str
 
 
-def read_tsv(path: str, text_b_column: str = "", limit: int = 0) -> LabeledTexts:
+def read_tsv(path: str, text_b_column: str = "", limit: int = 0,
+             field: str = "data.train") -> LabeledTexts:
   """A TSV with a header row naming a `label` column and a text column (SST-2/GLUE style).
 
   The text column is the first of TEXT_COLUMNS present, or the only non-label column;
@@ -137,8 +140,7 @@ def read_tsv(path: str, text_b_column: str = "", limit: int = 0) -> LabeledTexts
   import csv
   p = Path(path)
   if not p.is_file():
-    raise FileNotFoundError(f"classification data {path!r}: no such file (config "
-                            "'data.train' / 'data.dev')")
+    raise FileNotFoundError(f"config '{field}'={path!r}: no such file; {missing_hint(field)}")
   with p.open(encoding="utf-8", newline="") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = [h.strip() for h in next(reader, [])]
@@ -307,7 +309,7 @@ def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> Class
                      "'data.tokenizer_path' (or 'model.init_from') holding a tokenizer.json")
   tok = load_pretrained(path)
   train = read_tsv(d.train, d.text_b, d.max_train)
-  dev = read_tsv(d.dev, d.text_b)
+  dev = read_tsv(d.dev, d.text_b, field="data.dev")
   label_set = resolve_label_set(d, train)
   if cfg.model.num_labels != len(label_set):
     raise ValueError(f"config 'model.num_labels'={cfg.model.num_labels} but the label set has "
