@@ -132,7 +132,8 @@ class HFTokenizer:
 
 
 def tokenizer_from_info(info: dict):
-  """Inverse of `describe()` (also reads the spine's {"kind": "CharTokenizer", ...} files)."""
+  """Inverse of `describe()` (also reads tokenizer.json files of the older
+  {"kind": "CharTokenizer", ...} / {"kind": "ByteTokenizer"} form)."""
   kind = info.get("kind", "")
   if kind in ("char", "CharTokenizer"):
     return SpecialChar(CharTokenizer(info["chars"]), tuple(info.get("specials", ())))
@@ -208,7 +209,8 @@ def build_tokenizer(kind: str, train_docs: Sequence[str], *, need_specials: bool
   """The tokenizer named by config 'data.tokenizer'.
 
   char/byte get EOS/PAD/BOS appended only when `need_specials` (several documents or
-  packing), so a single-text run keeps exactly the spine's vocabulary.
+  packing), so a single-text run keeps exactly the text's own vocabulary (nanoGPT's 65
+  characters for tinyshakespeare).
   """
   names = tuple(role for role, _ in LMOS_SPECIALS) if need_specials else ()
   if kind == "char":
