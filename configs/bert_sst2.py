@@ -3,14 +3,16 @@ SST-2 sentiment. The argument is the one switch: full | lora | adapters | adalor
 picks that method's learning rate and trainable extras); the default budget fits 2 CPU cores:
 the first 1500 training sentences, 1 epoch of batch 16, seq len 64, the whole dev set.
 
-Run: lmos train --config configs/bert_sst2.py:lora --workdir runs/sst2_lora \
-       --config.data.train=../shared/data/sst2/train.tsv \
-       --config.data.dev=../shared/data/sst2/dev.tsv
+The data are GLUE SST-2 as TSV files, $LMOS_DATA_DIR/sst2/{train,dev}.tsv (default data/sst2/);
+--config.data.train / --config.data.dev point elsewhere.
+
+Run: lmos train --config configs/bert_sst2.py:lora --workdir runs/sst2_lora
      lmos predict --workdir runs/sst2_lora "a gorgeous, witty, seductive movie"
 """
 
 import math
 
+from lmos_jax.config.datadir import data_file
 from lmos_jax.config.schema import base_config
 
 # method -> (learning rate, params trained besides the PEFT ones). Houlsby et al. also
@@ -37,8 +39,7 @@ def get_config(arg=None):
   apply_hf_model_config(hf_dir, m)  # architecture + model.init_from
   m.dropout = 0.1
   d.tokenizer, d.tokenizer_path = "pretrained", hf_dir
-  d.train = "../shared/data/sst2/train.tsv"
-  d.dev = "../shared/data/sst2/dev.tsv"
+  d.train, d.dev = data_file("sst2/train.tsv"), data_file("sst2/dev.tsv")
   d.labels = "0,1"
   d.seq_len = 64
   d.max_train = 1500

@@ -1,9 +1,12 @@
 """nanoGPT's shakespeare-char settings. Args: `cpu` (4L/4H/128d) or `baby` (6L/6H/384d).
 
-Run: lmos train --config configs/shakespeare_char.py:cpu \
-       --config.data.path=../shared/data/tinyshakespeare.txt --workdir runs/sc
+The corpus is $LMOS_DATA_DIR/tinyshakespeare.txt (default data/tinyshakespeare.txt); see the
+README's Data section for where it comes from, or point --config.data.path at another copy.
+
+Run: lmos train --config configs/shakespeare_char.py:cpu --workdir runs/sc
 """
 
+from lmos_jax.config.datadir import data_file
 from lmos_jax.config.schema import base_config
 
 
@@ -11,7 +14,7 @@ def get_config(arg=None):
   arg = arg or "cpu"
   c = base_config()
   c.data.source, c.data.tokenizer = "text", "char"
-  c.data.path = "../shared/data/tinyshakespeare.txt"
+  c.data.path = data_file("tinyshakespeare.txt")
   m, t = c.model, c.train
   m.use_bias, m.tie_embeddings = False, True  # nanoGPT: bias=False, tied wte/lm_head
   m.scan_layers = False  # 4-6 layers: unrolled is faster on CPU (experiments/bench_compile.py)
@@ -23,7 +26,7 @@ def get_config(arg=None):
     c.data.seq_len = m.max_seq_len = 64
     t.batch_size, t.steps, t.lr, t.warmup_steps = 12, 2000, 1e-3, 100
     t.eval_every, t.eval_batches, t.ckpt_every, t.log_every = 250, 20, 500, 50
-    t.steps_per_call = 5  # dispatch is ~1.7 ms of host CPU per call beside 35 ms steps
+    t.steps_per_call = 5  # per-call dispatch is host CPU time the 2 devices' cores also need
   elif arg == "baby":
     m.num_layers, m.num_heads, m.d_model, m.dropout = 6, 6, 384, 0.2
     c.data.seq_len = m.max_seq_len = 256

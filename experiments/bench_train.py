@@ -32,8 +32,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lmos_jax.config.datadir import data_file
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+DATA = data_file("tinyshakespeare.txt")  # --data overrides; $LMOS_DATA_DIR or data/
 
 # name -> (layers, heads, d_model, block, batch, windows, steps per window, warmup steps)
 SHAPES = {
@@ -289,7 +291,8 @@ def main(argv=None) -> int:
     return serve_side(args.shapes, args.side, args.data, args.windows, args.per_window,
                       retained)
   if not Path(args.data).is_file():
-    print(f"--data={args.data!r}: no such file (tinyshakespeare.txt)", file=sys.stderr)
+    print(f"--data={args.data!r}: no such file (tinyshakespeare.txt); set LMOS_DATA_DIR to "
+          "the folder holding it or pass --data", file=sys.stderr)
     return 2
   peers = [p for p in args.peers.split(",") if p]
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "

@@ -5,7 +5,8 @@ first data.max_train sentences, whole dev set), which reports its dev accuracy, 
 params, wall time and peak RSS (getrusage maxrss of that process). Prints a markdown table.
 
 Run: python3 experiments/finetune_sst2.py --out runs/sst2 [--methods full,lora] \
-       [--max_train 1500] [--data ../shared/data/sst2]
+       [--max_train 1500] [--data DIR]
+--data is a folder holding SST-2's train.tsv and dev.tsv; default $LMOS_DATA_DIR/sst2 (data/sst2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lmos_jax.config.datadir import data_dir
 
 # Published SST-2 dev accuracies of small encoders, quoted from memory of the papers
 # (not measured here): full finetuning on all 67k sentences, several epochs, seq len 128.
@@ -74,7 +77,8 @@ def main() -> int:
   ap.add_argument("--out", default="runs/sst2")
   ap.add_argument("--methods", default="lora,adapters,adalora,full")
   ap.add_argument("--max_train", type=int, default=1500)
-  ap.add_argument("--data", default="../shared/data/sst2")
+  ap.add_argument("--data", default=str(data_dir() / "sst2"),
+                  help="folder with train.tsv and dev.tsv (default: $LMOS_DATA_DIR/sst2)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # child mode
   args = ap.parse_args()
   if args.one:

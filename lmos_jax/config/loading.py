@@ -161,7 +161,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
 
 
 def _check_checkpointing(t) -> None:
-  """Checkpoint retention and non-finite handling (train.* keys of issue 4)."""
+  """Checkpoint retention and non-finite handling (the train.* checkpoint keys)."""
   _choice("train.nonfinite", t.nonfinite, CHOICES["train.nonfinite"])
   _choice("train.best_mode", t.best_mode, CHOICES["train.best_mode"])
   if t.ckpt_every <= 0 or t.keep_checkpoints <= 0:
@@ -191,7 +191,7 @@ def _check_checkpointing(t) -> None:
 
 
 def _check_data(d) -> None:
-  """The data pipeline's fields (issue 3): names, choices and mixture entries."""
+  """The data pipeline's fields: names, choices and mixture entries."""
   _choice("data.tokenizer", d.tokenizer, CHOICES["data.tokenizer"])
   _choice("data.batching", d.batching, CHOICES["data.batching"])
   if not 0.0 <= d.val_fraction < 1.0:
@@ -238,7 +238,7 @@ def _check_data(d) -> None:
 
 
 def _check_encoder(cfg) -> None:
-  """BERT / MLM / pretrained-start fields (issue 5)."""
+  """BERT / MLM / pretrained-start fields."""
   m = cfg.model
   _choice("model.arch", m.arch, CHOICES["model.arch"])
   _choice("model.head", m.head, CHOICES["model.head"])

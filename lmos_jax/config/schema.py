@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.mlm_prob = 0.15  # task mlm: share of tokens picked (80% [MASK], 10% random, 10% kept)
   d.max_chars = 4_000_000  # cap on the embedded corpus (deterministic prefix)
   # task=cls: TSV files with a header naming a text column and a label column
-  d.train = ""  # e.g. ../shared/data/sst2/train.tsv (header: sentence<TAB>label, any order)
+  d.train = ""  # e.g. data/sst2/train.tsv (header: sentence<TAB>label, any order)
   d.dev = ""  # evaluated in full at every eval step
   d.text_b = ""  # optional second-sentence column name for sentence pairs
   d.labels = ""  # comma-separated label set; empty: sorted distinct labels of data.train

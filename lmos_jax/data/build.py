@@ -7,7 +7,7 @@ run sees exactly the batches an uninterrupted one would; `val_batches()` a fixed
 `lmos_jax.data.stream.BatchStream` produces them ahead in a background thread (grain).
 
 Batching (config 'data.batching'):
-  random   random windows of the EOS-joined corpus (the spine's sampler; every host draws the
+  random   random windows of the EOS-joined corpus (`text.window_batch`; every host draws the
            same global batch and keeps its rows);
   windows  the EOS-joined stream cut into consecutive fixed windows, reshuffled every epoch;
   packed   documents packed first-fit into rows with segment ids and per-segment positions.
@@ -283,7 +283,7 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
   seq_len = d.seq_len
   if d.batching == "random" and len(specs) == 1:
     docs, val = splits[0]
-    if val is None:  # one text: head/tail token split
+    if val is None:  # one text: head/tail token split (the last val_fraction validates)
       train_ids, val_ids = split_train_val(tok.encode(docs[0]), d.val_fraction)
     else:
       eos = separator_id(tok)
@@ -354,7 +354,7 @@ def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
                 process_index: int, process_count: int, repairs: Repairs):
   """One source's train and validation rows on this host (see the module docstring)."""
   seq_len, where = d.seq_len, s.path or s.hf_name or s.kind
-  if val is None:  # a single text: split its tokens head/tail
+  if val is None:  # a single text: split its tokens head/tail, as in the branch above
     train_ids, val_ids = split_train_val(tok.encode(docs[0]), d.val_fraction)
   elif d.batching == "random":
     eos = separator_id(tok)

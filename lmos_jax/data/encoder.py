@@ -16,6 +16,7 @@ import numpy as np
 from lmos_jax.config.loading import ConfigError
 from lmos_jax.data.stream import check_state
 from lmos_jax.data.tokenizer import load_pretrained
+from lmos_jax.config.datadir import missing_hint
 
 
 def mlm_mask(ids_BT: np.ndarray, rng: np.random.Generator, *, mask_id: int,
@@ -126,7 +127,8 @@ class LabeledTexts:
   path: str
 
 
-def read_tsv(path: str, text_b_column: str = "", limit: int = 0) -> LabeledTexts:
+def read_tsv(path: str, text_b_column: str = "", limit: int = 0,
+             field: str = "data.train") -> LabeledTexts:
   """A TSV with a header row naming a `label` column and a text column (SST-2/GLUE style).
 
   The text column is the first of TEXT_COLUMNS present, or the only non-label column;
@@ -135,8 +137,7 @@ def read_tsv(path: str, text_b_column: str = "", limit: int = 0) -> LabeledTexts
   import csv
   p = Path(path)
   if not p.is_file():
-    raise ConfigError(f"classification data {path!r}: no such file (config 'data.train' / "
-                      "'data.dev')")
+    raise ConfigError(f"config '{field}'={path!r}: no such file; {missing_hint(field)}")
   with p.open(encoding="utf-8", newline="") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = [h.strip() for h in next(reader, [])]
@@ -316,8 +317,8 @@ def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> Class
   """Reads data.train/data.dev, tokenizes with the pretrained tokenizer, checks labels."""
   d = cfg.data
   tok = cls_tokenizer(cfg)
-  train = read_tsv(d.train, d.text_b, d.max_train)
-  dev = read_tsv(d.dev, d.text_b)
+  train = read_tsv(d.train, d.text_b, d.max_train, field="data.train")
+  dev = read_tsv(d.dev, d.text_b, field="data.dev")
   label_set = resolve_label_set(d, train)
   if cfg.model.num_labels != len(label_set):
     raise ConfigError(f"config 'model.num_labels'={cfg.model.num_labels} but the label set "

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmos_jax.config.datadir import missing_hint
 from lmos_jax.config.schema import CHOICES
 from lmos_jax.data.text import embedded_corpus
 
@@ -64,7 +65,7 @@ def expand_files(pattern: str, field: str) -> list[str]:
     matched = sorted(f for f in glob.glob(part, recursive=True) if os.path.isfile(f))
     if not matched:
       what = "glob matches no files" if glob.has_magic(part) else "no such file"
-      raise FileNotFoundError(f"config '{field}'={part!r}: {what}; check the path")
+      raise FileNotFoundError(f"config '{field}'={part!r}: {what}; {missing_hint(field)}")
     files += matched
   return files
 

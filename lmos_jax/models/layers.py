@@ -155,7 +155,7 @@ def blocked_attention(q_BNTH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Ar
 
   Query rows are cut into chunks of `block`; chunk i attends to keys [0, (i+1)*block) only,
   so about half the score matmuls of a long causal sequence are never computed. Heads-major
-  operands make every score/value product a plain batched matmul (BTNH einsums were 1.5x
+  operands make every score/value product a plain batched matmul (BTNH einsums were
   slower on CPU). Grouped-query heads are handled without repeating k and v. Dropout (on
   the probabilities, as in GPT-2) when `rate > 0` and a key is given. Returns (B, N, T, H).
   """

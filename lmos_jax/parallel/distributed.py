@@ -240,8 +240,8 @@ def split_cpu_host(mesh_cfg: Any, batch_size: int, microbatches: int,
   """Shows a CPU-only host to JAX as one device per core, before the backend starts.
 
   Data parallelism over per-core devices runs each op on one core, with no intra-op
-  hand-offs between threads; on 2 cores it trains nanoGPT's shakespeare shapes 1.3x faster
-  than one 2-thread device (experiments/bench_train.py). `mesh.cpu_devices`: 0 = auto (the
+  hand-offs between threads, which is faster for small models than one multi-threaded
+  device (experiments/bench_train.py measures it). `mesh.cpu_devices`: 0 = auto (the
   most devices, up to the core count, that split each microbatch evenly; only under the
   default all-data mesh), N = exactly N. Accelerator hosts are unaffected (only the CPU
   platform's device count changes). Returns the count set, or None when it was left alone:

@@ -1,11 +1,11 @@
 """Host malloc policy for CPU-only training: keep freed memory in the process.
 
 XLA:CPU allocates each step's temporaries afresh, and glibc hands every block over 32 MiB
-back to the kernel when it is freed (per-thread arenas always do). At nanoGPT's 6-layer/384d
-shape that is a 2.5 GB buffer per device per step, page-faulted and zeroed again every step:
-12% of the step in the kernel when the machine is idle, and 30-50% more step time when other
-processes hold memory (experiments/bench_train.py). One malloc arena with no mmap and no
-trimming keeps freed blocks for the next step. It costs lock traffic between XLA's threads,
+back to the kernel when it is freed (per-thread arenas always do). For a model with large
+activations that is gigabytes per device per step, page-faulted and zeroed again every step,
+and it costs more the more memory other processes hold (experiments/bench_train.py and
+experiments/README.md measure it). One malloc arena with no mmap and no trimming keeps freed
+blocks for the next step. It costs lock traffic between XLA's threads,
 which only pays off when the temporaries are large, hence the `auto` rule below.
 """
 

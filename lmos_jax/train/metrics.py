@@ -112,8 +112,8 @@ def device_peak_flops(devices=None) -> tuple[float, str]:
   devices = jax.devices() if devices is None else devices
   kind = devices[0].device_kind.lower()
   if devices[0].platform == "cpu":
-    # 2048^2 (~0.3 s): the 1024^2 default once read 112 instead of ~200 GFLOP/s at the start
-    # of a run (a short probe is easily caught by start-up work), doubling the logged MFU.
+    # 2048^2, not the 1024^2 default: a short probe is easily slowed by start-up work at the
+    # beginning of a run, and a low peak inflates the logged MFU.
     return measure_cpu_peak(n=2048), "measured f32 matmul probe (whole host)"
   chip = chip_of(kind)
   if chip is not None:
