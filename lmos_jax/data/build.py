@@ -7,8 +7,8 @@ run sees exactly the batches an uninterrupted one would; `val_batches()` a fixed
 `lmos_jax.data.stream.BatchStream` produces them ahead in a background thread (grain).
 
 Batching (config 'data.batching'):
-  random   random windows of the EOS-joined corpus (the spine's sampler; every host draws the
-           same global batch and keeps its rows);
+  random   random windows of the EOS-joined corpus (every host draws the same global batch
+           and keeps its rows);
   windows  the EOS-joined stream cut into consecutive fixed windows, reshuffled every epoch;
   packed   documents packed first-fit into rows with segment ids and per-segment positions.
 For windows/packed each host tokenizes and keeps only its shard of the documents
@@ -264,6 +264,10 @@ def make_rows(tok, docs: list[str], batching: str, seq_len: int, repairs: Repair
   return first_fit_pack(pieces, seq_len, pad)
 
 
+# (train documents, validation documents or None) per source
+Splits = list[tuple[list[str], list[str] | None]]
+
+
 def build_data(cfg, process_index: int = 0, process_count: int = 1,
                workdir: str | Path | None = None):
   """The data object for a validated `cfg`; errors name the data field to fix.
@@ -295,9 +299,6 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
   log_repairs(repairs)
   return MixtureData(tok, sources, cfg.train.batch_size // process_count, seq_len, cfg.seed,
                      cfg.train.eval_batches, d.batching, repairs)
-
-
-Splits = list[tuple[list[str], list[str] | None]]
 
 
 def read_splits(d, specs: list[SourceSpec], repairs: Repairs) -> Splits:
