@@ -63,11 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.d_model = 128
   m.d_ff = 0  # 0: 4 * d_model (gelu) or the Llama rule (swiglu)
   m.max_seq_len = 128
-  m.pos_emb = "learned"  # learned | rope
+  m.pos_emb = "learned"  # learned | rope | none
   m.rope_theta = 10000.0
   m.norm = "layernorm"  # layernorm | rmsnorm
   m.norm_eps = 1e-5
-  m.mlp = "gelu"  # gelu | swiglu
+  m.mlp = "gelu"  # gelu (tanh) | gelu_exact | swiglu
   m.use_bias = True
   m.tie_embeddings = True
   m.dropout = 0.0

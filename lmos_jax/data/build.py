@@ -264,6 +264,10 @@ def make_rows(tok, docs: list[str], batching: str, seq_len: int, repairs: Repair
   return first_fit_pack(pieces, seq_len, pad)
 
 
+# (train documents, validation documents or None) per source
+Splits = list[tuple[list[str], list[str] | None]]
+
+
 def build_data(cfg, process_index: int = 0, process_count: int = 1,
                workdir: str | Path | None = None, tokenizer=None):
   """The data object for a validated `cfg`; errors name the data field to fix.
@@ -298,9 +302,6 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
   log_repairs(repairs)
   return MixtureData(tok, sources, cfg.train.batch_size // process_count, seq_len, cfg.seed,
                      cfg.train.eval_batches, d.batching, repairs)
-
-
-Splits = list[tuple[list[str], list[str] | None]]
 
 
 def read_splits(d, specs: list[SourceSpec], repairs: Repairs) -> Splits:
