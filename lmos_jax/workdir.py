@@ -247,9 +247,9 @@ def _restore_args(tree_meta: Any, sharding) -> tuple[Any, Any]:
   if isinstance(sharding, jax.sharding.Sharding):
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                             tree_meta)
-  else:
+  else:  # the model's tree spells layer indices as ints, orbax's as strings
     abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                            tree_meta, sharding)
+                            tree_meta, str_keys(sharding))
   return abstract, ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
@@ -331,6 +331,13 @@ def int_keys(tree):
   if isinstance(tree, dict):
     return {(int(k) if isinstance(k, str) and k.isdigit() else k): int_keys(v)
             for k, v in tree.items()}
+  return tree
+
+
+def str_keys(tree):
+  """The inverse of `int_keys`: dict keys as orbax stores them."""
+  if isinstance(tree, dict):
+    return {str(k): str_keys(v) for k, v in tree.items()}
   return tree
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from lmos_jax.data.encoder import MLMData, mlm_mask
 from lmos_jax.convert import to_hf_from_workdir
+from lmos_jax.workdir import write_tokenizer
 from lmos_jax.models import hf
 from lmos_jax.models.bert import BERT
 from lmos_jax.models.layers import TransformerConfig
@@ -206,10 +207,15 @@ def test_trainer_init_from_hf_and_mlm_steps(tmp_path):
   ckpt.save(5, state, {"step": 5})
   ckpt.close()
   (wd / "config.json").write_text(run.cfg.to_json())
+  write_tokenizer(wd, run.data.tokenizer)  # bytes + the [MASK] id MLM appended
   to_hf_from_workdir(wd, tmp_path / "back")
   _, back = hf.load_hf_params(tmp_path / "back")
   for a, b in zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), b)
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(tmp_path / "back")
+  assert tok.mask_token_id == run.data.mask_id == 256
+  assert tok("héllo")["input_ids"] == list("héllo".encode())
 
 
 def test_init_from_shape_mismatch_names_tensor(tmp_path):

@@ -73,6 +73,9 @@ def to_hf_tokenizer(tok):
     out.no_padding()
     out.no_truncation()
     return out
+  if not isinstance(tok, (SpecialChar, SpecialByte)):
+    raise UserError(f"the lmos tokenizer {type(tok).__name__} has no Hugging Face "
+                    "equivalent; it cannot be exported with `lmos convert --to-hf`")
   specials = special_tokens(tok)
   if isinstance(tok, SpecialChar):
     if not tok.chars:
@@ -84,15 +87,12 @@ def to_hf_tokenizer(tok):
                                      unk_token=tok.chars[0]))  # unknown chars -> id 0
     out.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     out.decoder = decoders.Fuse()
-  elif isinstance(tok, SpecialByte):
+  else:
     vocab = {c: b for b, c in bytes_to_unicode().items()}
     out = Tokenizer(models.BPE({**vocab, **{specials[r]: i for r, i in tok.specials.items()}},
                                []))
     out.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     out.decoder = decoders.ByteLevel()
-  else:
-    raise UserError(f"the lmos tokenizer {type(tok).__name__} has no Hugging Face "
-                    "equivalent; it cannot be exported with `lmos convert --to-hf`")
   out.add_special_tokens([AddedToken(specials[r], special=True, normalized=False)
                           for r in sorted(tok.specials, key=tok.specials.get)])
   return out
