@@ -126,12 +126,13 @@ def test_plan_on_a_cpu_host_sees_the_devices_train_would(tmp_path):
     pytest.skip("needs a host with 2 cores to pin the plan to")
   out = tmp_path / "best.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  pinned = (f"import os, sys; os.sched_setaffinity(0, {cores[:2]}); "
+            "from lmos_jax.cli import main; sys.exit(main(sys.argv[1:]))")
   # configs/default.py: batch 16, one microbatch: 2 devices on this 2-core host
-  res = subprocess.run([sys.executable, "-m", "lmos_jax.cli", "plan",
+  res = subprocess.run([sys.executable, "-c", pinned, "plan",
                         "--config=configs/default.py", "--compile-top=1", "--remat=none",
                         "--max-microbatches=1", f"--out={out}"], env=env, text=True,
-                       capture_output=True, timeout=300,
-                       preexec_fn=lambda: os.sched_setaffinity(0, cores[:2]))
+                       capture_output=True, timeout=300)
   assert res.returncode == 0, res.stderr
   assert "plan for 2 x cpu" in res.stdout
   best = json.loads(out.read_text())
