@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lmos_jax.config.schema import base_config
+from lmos_jax.errors import ArgumentParser, number
 from lmos_jax.models.factory import model_factory
 from lmos_jax.models.hf import (HFConversionError, copy_tokenizer, load_hf_params,
                                 model_config_from_spec, read_hf_config, save_hf,
@@ -71,12 +71,12 @@ def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-  ap = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n\n")[0])
+  ap = ArgumentParser(prog=argv[0], description=__doc__.split("\n\n")[0])
   g = ap.add_mutually_exclusive_group(required=True)
   g.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face folder to read")
   g.add_argument("--to-hf", metavar="OUT_DIR", help="Hugging Face folder to write")
   ap.add_argument("--workdir", required=True, help="lmos workdir (written or read)")
-  ap.add_argument("--num-labels", type=int, default=0,
+  ap.add_argument("--num-labels", type=number(int, 0), default=0,
                   help="with --from-hf on a BERT encoder: add a fresh classifier head")
   args = ap.parse_args(argv[1:])
   try:

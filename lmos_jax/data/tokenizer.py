@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from lmos_jax.config.loading import ConfigError
+from lmos_jax.data.errors import DataError, DataFileNotFoundError
 from lmos_jax.data.text import ByteTokenizer, CharTokenizer
 
 log = logging.getLogger("lmos_jax.data")
@@ -56,6 +58,12 @@ class SpecialChar:
   @property
   def specials(self) -> dict[str, int]:
     return {n: self.base.vocab_size + i for i, n in enumerate(self.names)}
+
+  def unknown_chars(self, text: str) -> list[str]:
+    return self.base.unknown_chars(text)
+
+  def unknown_message(self, unknown: list[str]) -> str:
+    return self.base.unknown_message(unknown)
 
   def encode(self, text: str) -> np.ndarray:
     return self.base.encode(text)
@@ -151,10 +159,16 @@ def load_pretrained(path: str) -> HFTokenizer:
   if p.is_dir():
     p = p / "tokenizer.json"
   if not p.is_file():
-    raise FileNotFoundError(
+    raise DataFileNotFoundError(
         f"config 'data.tokenizer_path'={path!r}: no tokenizer.json there; give a tokenizer.json "
         "file or a Hugging Face tokenizer directory holding one")
-  return HFTokenizer(Tokenizer.from_file(str(p)), "pretrained")
+  try:
+    tok = Tokenizer.from_file(str(p))
+  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad files
+    raise DataError(f"config 'data.tokenizer_path'={path!r}: {p} is not a tokenizer.json "
+                    f"that `tokenizers` can read ({str(e)[:200]}); give the tokenizer.json a "
+                    "Hugging Face tokenizer saved") from None
+  return HFTokenizer(tok, "pretrained")
 
 
 def corpus_digest(docs: Iterable[str]) -> str:
@@ -217,15 +231,15 @@ def build_tokenizer(kind: str, train_docs: Sequence[str], *, need_specials: bool
     return SpecialByte(names)
   if kind == "bpe":
     if bpe_vocab_size < 256 + len(LMOS_SPECIALS):
-      raise ValueError(f"config 'data.bpe_vocab_size'={bpe_vocab_size} must be at least "
-                       f"{256 + len(LMOS_SPECIALS)} (256 bytes + specials)")
+      raise ConfigError(f"config 'data.bpe_vocab_size'={bpe_vocab_size} must be at least "
+                        f"{256 + len(LMOS_SPECIALS)} (256 bytes + specials)")
     return bpe_cached(train_docs, bpe_vocab_size, cache_dir)
   if kind == "pretrained":
     if not tokenizer_path:
-      raise ValueError("config 'data.tokenizer'='pretrained' needs 'data.tokenizer_path' (a "
-                       "tokenizer.json or a Hugging Face tokenizer directory)")
+      raise ConfigError("config 'data.tokenizer'='pretrained' needs 'data.tokenizer_path' (a "
+                        "tokenizer.json or a Hugging Face tokenizer directory)")
     return load_pretrained(tokenizer_path)
-  raise ValueError(f"config 'data.tokenizer'={kind!r}: expected byte, char, bpe or pretrained")
+  raise ConfigError(f"config 'data.tokenizer'={kind!r}: expected byte, char, bpe or pretrained")
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -243,8 +257,8 @@ def separator_id(tok) -> int:
     return sp["eos"]
   if "sep" in sp:
     return sp["sep"]
-  raise ValueError("the tokenizer has no EOS or SEP token to separate documents; use a "
-                   "tokenizer with one (data.tokenizer=bpe/byte/char add <|endoftext|>)")
+  raise DataError("the tokenizer has no EOS or SEP token to separate documents; use a "
+                  "tokenizer with one (data.tokenizer=bpe/byte/char add <|endoftext|>)")
 
 
 def pad_id(tok) -> int:
@@ -254,6 +268,6 @@ def pad_id(tok) -> int:
 def check_vocab(tok, model_vocab_size: int) -> None:
   """Every id the tokenizer can emit must have an embedding row."""
   if model_vocab_size and tok.vocab_size > model_vocab_size:
-    raise ValueError(f"the tokenizer has {tok.vocab_size} ids but 'model.vocab_size'="
-                     f"{model_vocab_size}; raise model.vocab_size to at least "
-                     f"{tok.vocab_size} or set it to 0 (taken from the tokenizer)")
+    raise ConfigError(f"the tokenizer has {tok.vocab_size} ids but 'model.vocab_size'="
+                      f"{model_vocab_size}; raise model.vocab_size to at least "
+                      f"{tok.vocab_size} or set it to 0 (taken from the tokenizer)")

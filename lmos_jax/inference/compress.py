@@ -11,7 +11,6 @@ KV-cache decoder on this machine. Writes report.md, report.json and compress.png
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lmos_jax.errors import ArgumentParser, existing_dir, number
 from lmos_jax.models.decode import Decoder
 from lmos_jax.compress.distill import distill_loss
 from lmos_jax.train.heal import finetune, lora_heal
@@ -233,23 +233,22 @@ def compress(workdir: str, recipes: list[str], out_dir: Path, opts: Options,
 
 
 def main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", required=True)
+  p = ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, type=existing_dir("config.json"))
   p.add_argument("--recipe", default=",".join(RECIPES),
                  help=f"comma-separated subset of {','.join(RECIPES)}")
   p.add_argument("--out", default=None, help="default: WORKDIR/compress")
-  p.add_argument("--heal-steps", type=int, default=Options.heal_steps)
-  p.add_argument("--distill-steps", type=int, default=Options.distill_steps)
-  p.add_argument("--int4-group", type=int, default=Options.int4_group)
-  p.add_argument("--decode-batch", type=int, default=Options.decode_batch)
+  p.add_argument("--heal-steps", type=number(int, 0), default=Options.heal_steps)
+  p.add_argument("--distill-steps", type=number(int, 1), default=Options.distill_steps)
+  p.add_argument("--int4-group", type=number(int, 0), default=Options.int4_group,
+                 help="int4 group size (0: per output channel)")
+  p.add_argument("--decode-batch", type=number(int, 1), default=Options.decode_batch)
   p.add_argument("--data-path", default=None, help="override data.path of the run")
   a = p.parse_args(argv[1:])
   recipes = [r.strip() for r in a.recipe.split(",") if r.strip()]
   bad = [r for r in recipes if r not in RECIPES]
   if bad or not recipes:
     p.error(f"--recipe: unknown {bad}; choose from {','.join(RECIPES)}")
-  if a.heal_steps < 0 or a.distill_steps < 1 or a.decode_batch < 1:
-    p.error("need --heal-steps >= 0, --distill-steps >= 1, --decode-batch >= 1")
   out = Path(a.out) if a.out else Path(a.workdir) / "compress"
   opts = Options(heal_steps=a.heal_steps, distill_steps=a.distill_steps,
                  int4_group=a.int4_group, decode_batch=a.decode_batch)

@@ -16,6 +16,7 @@ content fingerprint of every array). Why each piece:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,11 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lmos_jax.errors import UserError
+
 CORRUPT_DIR = "checkpoints_corrupt"
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be written or read; the message names the path and what to do."""
+
+
+class CheckpointReadError(CheckpointError, UserError):
+  """A checkpoint the user pointed at cannot be used (no such step, corrupt, truncated):
+  bad input, so `lmos` reports it as one line and exits 2."""
 
 
 class NonFiniteError(RuntimeError):
@@ -237,6 +245,31 @@ class Checkpointer:
     self.manager.close()
 
 
+@contextlib.contextmanager
+def abandoned_reads_quiet():
+  """While a restore may fail: drops the "Event loop is closed" errors of the reads it
+  abandoned, and nothing else.
+
+  Why: orbax runs a restore in a fresh asyncio loop and closes that loop as soon as one read
+  fails; tensorstore still completes the step's other reads, and each of their callbacks
+  hits the closed loop and prints an unraisable RuntimeError traceback (dozens per bad
+  step), burying the one line that names the bad checkpoint. Every other unraisable error
+  still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
 def restore_latest_good(ckpt: Checkpointer, abstract_state: Any,
                         check_meta: Callable[[int, dict], None] = lambda step, meta: None,
                         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
@@ -248,6 +281,13 @@ def restore_latest_good(ckpt: Checkpointer, abstract_state: Any,
   a user error, not corruption). Newer unreadable steps are moved aside only once an older
   good one has been restored; if none is good nothing moves and a CheckpointError names them.
   """
+  with abandoned_reads_quiet():
+    return _restore_latest_good(ckpt, abstract_state, check_meta, log)
+
+
+def _restore_latest_good(ckpt: Checkpointer, abstract_state: Any,
+                         check_meta: Callable[[int, dict], None],
+                         log: Callable[[str], None]) -> tuple[int | None, Any, dict]:
   bad: list[tuple[int, str]] = []
   for step in reversed(ckpt.all_steps()):
     try:

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, fingerprint,
-                                       fingerprint_mismatch)
+from lmos_jax.errors import UserError
+from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, CheckpointReadError,
+                                       abandoned_reads_quiet, fingerprint, fingerprint_mismatch)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "keep": None}
 
@@ -51,20 +52,27 @@ def read_train_params(workdir: Path, step: int | None = None, sharding=None
   if not steps or (step is not None and int(step) not in steps):
     ckpt.close()
   if not steps:
-    raise CheckpointError(f"no checkpoint under {ckpt.directory}; train first or pass the "
-                          "right --workdir")
+    raise CheckpointReadError(f"no checkpoint under {ckpt.directory}; train first or pass "
+                              "the right --workdir")
   step = steps[-1] if step is None else int(step)
   if step not in steps:
-    raise CheckpointError(f"--step={step}: {ckpt.directory} has steps {steps}")
+    raise CheckpointReadError(f"--step={step}: {ckpt.directory} has steps {steps}")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  meta = ckpt.restore_meta(step)
-  ckpt.close()
-  params = _restore_subtree(ckpt.step_dir(step) / "state", "params", sharding)
+  try:
+    with abandoned_reads_quiet():
+      meta = ckpt.restore_meta(step)
+      params = _restore_subtree(ckpt.step_dir(step) / "state", "params", sharding)
+  except Exception as e:  # noqa: BLE001 - any read failure: this step is unusable
+    raise CheckpointReadError(f"checkpoint {ckpt.step_dir(step)} cannot be read, it is corrupt "
+                              f"or truncated ({type(e).__name__}: {str(e)[:200]}); export an "
+                              f"earlier --step (steps: {steps})") from None
+  finally:
+    ckpt.close()
   expected = {k[len("['params']"):]: v for k, v in meta.get("fingerprint", {}).items()
               if k.startswith("['params']")}
   if expected and fingerprint_mismatch(expected, params):
-    raise CheckpointError(f"checkpoint {ckpt.step_dir(step)} is corrupt (params differ from "
-                          "their saved fingerprint); export an earlier --step")
+    raise CheckpointReadError(f"checkpoint {ckpt.step_dir(step)} is corrupt (params differ "
+                              "from their saved fingerprint); export an earlier --step")
   return step, params, meta
 
 
@@ -83,7 +91,8 @@ def export_params(workdir: str | Path, out: str | Path, step: int | None = None,
     raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
   workdir, out = Path(workdir).absolute(), Path(out).absolute()
   if (out / "params").exists():
-    raise FileExistsError(f"{out / 'params'} exists; pass a new --out directory")
+    raise UserError(f"--out={out}: {out / 'params'} exists; pass a new --out directory (an "
+                    "export is never overwritten)")
   step, params, meta = read_train_params(workdir, step)
   params = cast_params(params, DTYPES[dtype])
   out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +148,8 @@ def main(argv: list[str]) -> int:
     return 2
   try:
     out = export_params(fv.workdir, fv.out, fv.step, fv.dtype)
+  except UserError:
+    raise  # `lmos` prints it as one line and exits 2
   except (CheckpointError, FileExistsError, ValueError) as e:
     print(f"lmos export: {e}", file=sys.stderr)
     return 1

@@ -23,10 +23,13 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from lmos_jax.errors import UserError
 
 GiB = 1024 ** 3
 REMAT_CHOICES = ("none", "dots", "dots_no_batch", "save_attn_out", "full")
@@ -48,6 +51,11 @@ MEMORY_HEADROOM = 0.9
 
 class PlanError(ValueError):
   """No layout fits; the message says what would (devices, batch, remat)."""
+
+
+class PlanFlagError(PlanError, UserError):
+  """A `lmos plan` flag is wrong (exit 2, like every bad input); a bare PlanError is a
+  result, nothing fits (exit 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +95,8 @@ def parse_target(spec: str) -> Target:
   m = re.fullmatch(r"([a-z0-9-]+?)(?:x|-)(\d+)", spec.strip().lower())
   if not m or m.group(1) not in CHIPS or int(m.group(2)) <= 0:
     known = ", ".join(f"{c}x8" if not c.startswith("tpu") else f"{c}-8" for c in CHIPS)
-    raise PlanError(f"--target={spec!r}: expected CHIPxN or tpu-VERSION-N, one of: {known}")
+    raise PlanFlagError(f"--target={spec!r}: expected CHIPxN or tpu-VERSION-N, one of: "
+                        f"{known}")
   return Target(CHIPS[m.group(1)], int(m.group(2)), described=True)
 
 
@@ -100,8 +109,8 @@ def present_target(num_devices: int | None, peak_flops: float | None = None) -> 
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
-    raise PlanError(f"--devices={n}: only {len(devices)} {devices[0].platform} devices are "
-                    "present; use --target (e.g. h200x8) to plan for devices not here")
+    raise PlanFlagError(f"--devices={n}: only {len(devices)} {devices[0].platform} devices "
+                        "are present; use --target (e.g. h200x8) to plan for devices not here")
   d = devices[0]
   stats = d.memory_stats() if hasattr(d, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
@@ -377,7 +386,8 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
   """Enumerates layouts, estimates them, keeps those that fit, ranks by step time."""
   bad = [r for r in remats if r not in REMAT_CHOICES]
   if bad:
-    raise PlanError(f"--remat: unknown policies {bad}; choose from {', '.join(REMAT_CHOICES)}")
+    raise PlanFlagError(f"--remat: unknown policies {bad}; choose from "
+                        f"{', '.join(REMAT_CHOICES)}")
   backend = "gpu" if target.described and not target.chip.name.startswith("tpu") else (
       "tpu" if target.described else jax.devices()[0].platform)
   vocab = vocab_of(cfg)
@@ -467,15 +477,26 @@ def override_flags(overrides: dict[str, Any]) -> str:
   return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
 
 
+def check_flags(fv) -> None:
+  """The numeric flags' ranges, and --devices/--target given together."""
+  if fv.target and fv.devices:
+    raise PlanFlagError("give --devices (present devices) or --target (described), not both")
+  for name, low in (("devices", 1), ("max_microbatches", 1), ("compile_top", 0)):
+    value = getattr(fv, name)
+    if value is not None and value < low:
+      raise PlanFlagError(f"--{name}={value}: must be >= {low}")
+  if fv.memory_gib is not None and not fv.memory_gib > 0:
+    raise PlanFlagError(f"--memory_gib={fv.memory_gib}: must be a positive number of GiB")
+  if fv.out and not Path(fv.out).parent.is_dir():
+    raise PlanFlagError(f"--out={fv.out}: directory {Path(fv.out).parent} does not exist")
+
+
 def main(argv: list[str]) -> int:
   from absl import flags
-  from ml_collections import config_flags
 
-  from lmos_jax.config.loading import ConfigError
+  from lmos_jax.config.command_line import config_flag_values, parse_flags
 
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", "configs/default.py", "config file[:arg]",
-                                  flag_values=fv, lock_config=True)
+  fv, rest = config_flag_values(argv)
   flags.DEFINE_integer("devices", None, "plan for the first N present devices", flag_values=fv)
   flags.DEFINE_string("target", None, "described target without devices: h200x8, "
                       "tpu-v5e-8, a100x4 ...", flag_values=fv)
@@ -489,10 +510,9 @@ def main(argv: list[str]) -> int:
                      flag_values=fv)
   flags.DEFINE_string("out", None, "write the best layout's config overrides here (JSON)",
                       flag_values=fv)
-  fv(argv)
+  parse_flags(fv, rest)
+  check_flags(fv)
   try:
-    if fv.target and fv.devices:
-      raise PlanError("give --devices (present devices) or --target (described), not both")
     cpu_devices = None
     if not fv.target:  # the devices `lmos train` would see: a CPU host split per core
       from lmos_jax.parallel.distributed import split_cpu_host_for
@@ -503,7 +523,9 @@ def main(argv: list[str]) -> int:
           target, chip=dataclasses.replace(target.chip, memory=fv.memory_gib * GiB))
     plan = make_plan(fv.config, target, remats=[r for r in fv.remat.split(",") if r],
                      max_microbatches=fv.max_microbatches, compile_top=fv.compile_top)
-  except (PlanError, ConfigError) as e:
+  except PlanError as e:
+    if isinstance(e, UserError):
+      raise  # `lmos` prints it as one line and exits 2
     print(f"lmos plan: {e}", file=sys.stderr)
     return 1
   print(format_table(plan))
