@@ -9,6 +9,7 @@ Bad input fails with an error naming the field and the fix, or is repaired, coun
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -125,6 +126,21 @@ def check_utf8_files(files: list[str], field: str, fmt: str, repairs: Repairs) -
   return bad
 
 
+@contextlib.contextmanager
+def quiet_progress(datasets, quiet: bool):
+  """No `datasets` progress bars while `quiet`: for local files the "Generating train split"
+  bar is over at once and only adds lines to stderr beside lmos's own (a download from the
+  hub keeps its bar). The previous setting is restored."""
+  was_disabled = datasets.are_progress_bars_disabled()
+  if quiet:
+    datasets.disable_progress_bars()
+  try:
+    yield
+  finally:
+    if quiet and not was_disabled:
+      datasets.enable_progress_bars()
+
+
 def load_table(spec: SourceSpec, split: str, data_files: list[str] | None, fmt: str,
                replace_bad_utf8: bool):
   """`datasets.load_dataset` for a hub name/dir or a local builder (text/json/parquet/csv)."""
@@ -150,7 +166,8 @@ def load_table(spec: SourceSpec, split: str, data_files: list[str] | None, fmt: 
   if data_files:
     kwargs["data_files"] = data_files
   try:
-    ds = datasets.load_dataset(name, split=split, **kwargs)
+    with quiet_progress(datasets, spec.kind == "files"):
+      ds = datasets.load_dataset(name, split=split, **kwargs)
   except (OSError, ValueError) as e:  # not found, hub unreachable, unparsable file
     where = f"'{spec.name}.hf_name'={name!r}" if spec.kind == "hf" else f"'{spec.name}.path'"
     raise DataError(f"config {where}, split {split!r}: datasets could not load it ({e})"

@@ -94,14 +94,21 @@ def main(argv: list[str]) -> int:
   run, params = load_trained(args.workdir, args.data_path)
   tok = run.data.tokenizer
   prompts = args.prompt or ["\n"]
-  ids = [list(tok.encode(p)) for p in prompts]
+  try:
+    ids = [list(tok.encode(p)) for p in prompts]
+  except UserError as e:  # e.g. characters outside a char vocabulary
+    raise UserError(f"{'--prompt' if args.prompt else 'the default prompt (a newline)'}: {e}"
+                    ) from None
   if any(len(i) == 0 for i in ids):
     print("lmos generate: a prompt encodes to no tokens; give at least one character",
           file=sys.stderr)
     return 2
   stops = []
   for s in args.stop:
-    enc = list(tok.encode(s))
+    try:
+      enc = list(tok.encode(s))
+    except UserError as e:
+      raise UserError(f"--stop={s!r}: {e}") from None
     if len(enc) != 1:
       print(f"lmos generate: --stop={s!r} is {len(enc)} tokens; give one token's text",
             file=sys.stderr)
