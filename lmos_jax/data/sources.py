@@ -193,9 +193,11 @@ def table_texts(ds, spec: SourceSpec, where: str) -> list[str]:
 
 
 def drop_empty(docs: list[str], where: str, repairs: Repairs) -> list[str]:
-  """Empty or whitespace-only documents carry no tokens: dropped, counted and logged."""
+  """Empty or whitespace-only documents carry no tokens: dropped, counted and logged (not
+  when none is left: the caller then stops with one error saying so)."""
   kept = [d for d in docs if d.strip()]
-  repairs.note("empty documents skipped", len(docs) - len(kept), where)
+  if kept:
+    repairs.note("empty documents skipped", len(docs) - len(kept), where)
   return kept
 
 

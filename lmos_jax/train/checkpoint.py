@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -145,6 +146,20 @@ def drop_metric_rows_after(path: Path, step: int) -> int:
 # ---------------------------------------------------------------- the manager
 
 
+@contextlib.contextmanager
+def without_absl_warnings(*prefixes: str):
+  """Drops the absl log records (orbax logs through absl) whose message starts with one of
+  `prefixes`, for the duration of the block; every other record passes."""
+  logger = logging.getLogger("absl")
+  drop = logging.Filter()
+  drop.filter = lambda record: not record.getMessage().startswith(prefixes)
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 def preservation_policy(keep_last: int, keep_best: int, best_metric: str, best_mode: str):
   """Keep the newest `keep_last` steps plus the `keep_best` best by an eval metric."""
   cm = ocp.checkpoint_managers
@@ -164,14 +179,18 @@ class Checkpointer:
                read_only: bool = False):
     self.workdir = Path(workdir).absolute()
     self.directory = self.workdir / "checkpoints"
-    options = ocp.CheckpointManagerOptions(
-        create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,  # half-written steps from a killed run
-        preservation_policy=preservation_policy(keep, keep_best, best_metric, best_mode))
-    try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options)
-    except OSError as e:
-      raise CheckpointError(f"cannot open checkpoints in {self.directory}: {e}") from None
+    # read_only: orbax logs a warning per option it turns off and one that the directory is
+    # read only; they restate what was asked for and would sit beside every lmos message
+    with without_absl_warnings("CheckpointManagerOptions.read_only=True",
+                               "Given directory is read only"):
+      options = ocp.CheckpointManagerOptions(
+          create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=not read_only,  # half-written steps from a killed run
+          preservation_policy=preservation_policy(keep, keep_best, best_metric, best_mode))
+      try:
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+      except OSError as e:
+        raise CheckpointError(f"cannot open checkpoints in {self.directory}: {e}") from None
 
   def step_dir(self, step: int) -> Path:
     return self.directory / str(int(step))

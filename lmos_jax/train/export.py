@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 
 from lmos_jax.errors import UserError
 from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, CheckpointReadError,
-                                       abandoned_reads_quiet, fingerprint, fingerprint_mismatch)
+                                       abandoned_reads_quiet, fingerprint, fingerprint_mismatch,
+                                       without_absl_warnings)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "keep": None}
 
@@ -58,8 +59,9 @@ def read_train_params(workdir: Path, step: int | None = None, sharding=None
   if step not in steps:
     raise CheckpointReadError(f"--step={step}: {ckpt.directory} has steps {steps}")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  try:
-    with abandoned_reads_quiet():
+  try:  # orbax's notes on the item-level metadata a trainer checkpoint does not keep: noise
+    with abandoned_reads_quiet(), without_absl_warnings("Metadata file does not exist",
+                                                        "Failed to get item metadata"):
       meta = ckpt.restore_meta(step)
       params = _restore_subtree(ckpt.step_dir(step) / "state", "params", sharding)
   except Exception as e:  # noqa: BLE001 - any read failure: this step is unusable
