@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import re
 import sys
+
+from lmos_jax.errors import UserError
 
 # subcommand -> (module, one-line help). Modules are imported only when their command runs,
 # so `lmos --help` stays instant and a missing optional dependency breaks only its command.
@@ -32,10 +36,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   name = argv[0]
   if name not in COMMANDS:
-    print(f"lmos: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+    close = difflib.get_close_matches(name, COMMANDS, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    print(f"lmos: unknown command {name!r}; {hint}commands: {', '.join(COMMANDS)} "
+          "(`lmos --help` says what each does)", file=sys.stderr)
     return 2
   module = importlib.import_module(COMMANDS[name][0])
-  return int(module.main([f"lmos {name}", *argv[1:]]) or 0)
+  from absl.flags import Error as FlagError  # absl-parsed commands (export) raise these
+  try:
+    return int(module.main([f"lmos {name}", *argv[1:]]) or 0)
+  except (UserError, FlagError) as e:
+    print(f"lmos {name}: {one_line(str(e))}", file=sys.stderr, flush=True)
+    return 2
+
+
+def one_line(message: str) -> str:
+  """A message as one line: embedded line breaks (a wrapped library error) become spaces."""
+  return re.sub(r"\s*\n\s*", " ", message.strip()) or "invalid input"
 
 
 if __name__ == "__main__":

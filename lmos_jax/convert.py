@@ -13,7 +13,6 @@ run files it replaces into DIR/replaced-TIMESTAMP/ (checkpoints are never delete
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import orbax.checkpoint as ocp
 
 from lmos_jax.config.schema import base_config
 from lmos_jax.data.hf_tokenizer import write_hf_tokenizer
-from lmos_jax.errors import UserError
+from lmos_jax.errors import ArgumentParser, UserError, number
 from lmos_jax.models.factory import model_factory
 from lmos_jax.models.hf import (HFSpec, copy_tokenizer, load_hf_params,
                                 model_config_from_spec, read_hf_config, save_hf,
@@ -126,12 +125,12 @@ def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path, force: bool = F
 
 
 def main(argv: list[str]) -> int:
-  ap = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n\n")[0])
+  ap = ArgumentParser(prog=argv[0], description=__doc__.split("\n\n")[0])
   g = ap.add_mutually_exclusive_group(required=True)
   g.add_argument("--from-hf", metavar="HF_DIR", help="Hugging Face folder to read")
   g.add_argument("--to-hf", metavar="OUT_DIR", help="Hugging Face folder to write")
   ap.add_argument("--workdir", required=True, help="lmos workdir (written or read)")
-  ap.add_argument("--num-labels", type=int, default=0,
+  ap.add_argument("--num-labels", type=number(int, 0), default=0,
                   help="with --from-hf on a BERT encoder: add a fresh classifier head")
   ap.add_argument("--force", action="store_true",
                   help="--from-hf: move an existing run's files in --workdir aside to "

@@ -19,17 +19,46 @@ class ConfigError(UserError, ValueError):
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`configs/x.py` or `configs/x.py:arg` -> the ConfigDict its `get_config(arg)` returns."""
+  """`configs/x.py` or `configs/x.py:arg` -> the ConfigDict its `get_config(arg)` returns.
+
+  Every way the file can fail (missing, a syntax error, an exception while it runs, no
+  get_config, something other than a ConfigDict returned) is a ConfigError naming the file.
+  """
   path, _, arg = spec.partition(":")
-  p = Path(path)
+  p = Path(path).expanduser()
   if not p.is_file():
-    raise ConfigError(f"--config={spec!r}: no such file {path!r}")
+    raise ConfigError(f"--config={spec!r}: no such file {path!r}; give a config .py file "
+                      "(e.g. configs/default.py)")
   module_spec = importlib.util.spec_from_file_location(f"lmos_config_{p.stem}", p)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"--config={spec!r}: the file defines no get_config(arg=None)")
-  return module.get_config(arg or None)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config={spec!r}: syntax error at {e.filename}:{e.lineno}: "
+                      f"{e.msg}; fix the file") from None
+  except Exception as e:  # noqa: BLE001 - the user's file failed: say where, not a traceback
+    raise ConfigError(f"--config={spec!r}: running the file raised {_raised(e, p)}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"--config={spec!r}: the file defines no get_config(arg=None); a "
+                      "config file returns its ConfigDict from get_config")
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # noqa: BLE001
+    call = f"get_config({arg!r})" if arg else "get_config()"
+    raise ConfigError(f"--config={spec!r}: {call} raised {_raised(e, p)}") from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"--config={spec!r}: get_config returned {type(cfg).__name__}, not a "
+                      "ConfigDict; start from lmos_jax.config.schema.base_config()")
+  return cfg
+
+
+def _raised(e: Exception, path: Path) -> str:
+  """`TypeError: msg (at FILE:LINE)`: the innermost line of the config file that raised."""
+  import traceback
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if Path(f.filename).resolve() == path.resolve()]
+  where = f" (at {path}:{frames[-1].lineno})" if frames else ""
+  return f"{type(e).__name__}: {e}{where}"
 
 
 def _check_schema(cfg: Any, schema: Any, prefix: str) -> None:
@@ -261,7 +290,7 @@ def _check_encoder(cfg) -> None:
     if not 0.0 < cfg.data.mlm_prob < 1.0:
       raise ConfigError(f"config 'data.mlm_prob'={cfg.data.mlm_prob} must be in (0, 1)")
     if cfg.data.batching == "packed":
-      raise ConfigError("config 'task'='mlm' needs unpacked windows; set data.batching to "
+      raise ConfigError("config 'task'='mlm' needs unpacked windows: set 'data.batching' to "
                         "random or windows (packed rows would attend across documents)")
   if m.init_from and not (Path(m.init_from) / "config.json").is_file():
     raise ConfigError(f"config 'model.init_from'={m.init_from!r} has no config.json; give a "

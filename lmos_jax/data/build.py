@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from lmos_jax.config.loading import ConfigError
+from lmos_jax.data.errors import DataError
 from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, split_long
 from lmos_jax.data.stream import check_state
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents, split_documents
-from lmos_jax.data.text import split_train_val, window_batch
+from lmos_jax.data.text import check_long_enough, split_train_val, window_batch
 from lmos_jax.data.tokenizer import build_tokenizer, pad_id, separator_id, tokenizer_fingerprint
 
 log = logging.getLogger("lmos_jax.data")
@@ -284,6 +284,8 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
                            tokenizer)
   splits = read_splits(d, specs, repairs)
   tok = tokenizer or corpus_tokenizer(d, splits, workdir)
+  check_encodable(tok, {val_origin(s): val for (_, val), s in zip(splits, specs) if val},
+                  cfg.train.sample_prompt if cfg.train.sample_tokens > 0 else "")
   seq_len = d.seq_len
   if d.batching == "random" and len(specs) == 1:
     docs, val = splits[0]
@@ -293,6 +295,7 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
       eos = separator_id(tok)
       train_ids = join_with_eos(tok.encode_batch(docs), eos)
       val_ids = join_with_eos(tok.encode_batch(val), eos) if val else train_ids[:0]
+    check_long_enough(train_ids, seq_len, specs[0].name)
     log_repairs(repairs)
     return LMData(tok, train_ids, val_ids, cfg.train.batch_size, seq_len, cfg.seed,
                   cfg.train.eval_batches, process_index, process_count, repairs)
@@ -351,6 +354,31 @@ def data_tokenizer(cfg, workdir: str | Path | None = None):
   return corpus_tokenizer(d, read_splits(d, specs, Repairs()), workdir)
 
 
+def val_origin(s: SourceSpec) -> str:
+  """Where a source's validation documents come from, naming the config field."""
+  if s.val_path:
+    return f"config '{s.name}.val_path'"
+  if s.kind == "hf" and s.hf_val_split:
+    return f"config '{s.name}.hf_val_split'"
+  return f"the validation documents data.val_fraction holds out of config '{s.name}.path'"
+
+
+def check_encodable(tok, val_docs: dict[str, list[str]], sample_prompt: str) -> None:
+  """A char vocabulary is fitted on the training text: validation documents or the end-of-run
+  sample prompt with other characters cannot be encoded. Checked here, naming the field,
+  before anything compiles (the prompt would otherwise fail only after training)."""
+  unknown_chars = getattr(tok, "unknown_chars", None)
+  if unknown_chars is None:  # byte, BPE and pretrained tokenizers encode any text
+    return
+  for origin, docs in val_docs.items():
+    unknown = sorted({c for doc in docs for c in unknown_chars(doc)})
+    if unknown:
+      raise DataError(f"{origin}: {tok.unknown_message(unknown)}")
+  if unknown_chars(sample_prompt):
+    raise DataError(f"config 'train.sample_prompt'={sample_prompt!r}: "
+                    f"{tok.unknown_message(unknown_chars(sample_prompt))}")
+
+
 def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
                 process_index: int, process_count: int, repairs: Repairs):
   """One source's train and validation rows on this host (see the module docstring)."""
@@ -362,9 +390,7 @@ def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
     train_ids = join_with_eos(tok.encode_batch(docs), eos)
     val_ids = join_with_eos(tok.encode_batch(val), eos) if val else train_ids[:0]
   if d.batching == "random":
-    if len(train_ids) <= seq_len + 1:
-      raise ConfigError(f"config '{s.name}': {len(train_ids)} tokens is shorter than "
-                       f"data.seq_len+1={seq_len + 1}; give more text or shorten seq_len")
+    check_long_enough(train_ids, seq_len, s.name)
     vrows = rows_from_ids(val_ids, "windows", seq_len, tok)
     return RandomSource(s.name, train_ids, shard_val(vrows, process_index, process_count),
                         s.weight, seq_len)
@@ -382,8 +408,9 @@ def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
     vrows = (make_rows(tok, val, d.batching, seq_len, repairs, f"{where} (validation)")
              if val else rows_from_ids(np.zeros((0,), np.int32), d.batching, seq_len, tok))
   if not len(train["inputs"]):
-    raise ConfigError(f"config '{s.name}' gives this host (process {process_index} of "
-                     f"{process_count}) no training rows; give more data")
+    raise DataError(f"config '{s.name}' gives this host (process {process_index} of "
+                    f"{process_count}) no training rows; give more data or shorten "
+                    "data.seq_len")
   return RowSource(s.name, train, shard_val(vrows, process_index, process_count), s.weight)
 
 

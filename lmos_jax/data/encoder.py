@@ -17,6 +17,7 @@ from lmos_jax.config.loading import ConfigError
 from lmos_jax.data.stream import check_state
 from lmos_jax.data.tokenizer import load_pretrained
 from lmos_jax.config.datadir import missing_hint
+from lmos_jax.data.errors import DataError, DataFileNotFoundError
 
 
 def mlm_mask(ids_BT: np.ndarray, rng: np.random.Generator, *, mask_id: int,
@@ -132,43 +133,54 @@ def read_tsv(path: str, text_b_column: str = "", limit: int = 0,
   """A TSV with a header row naming a `label` column and a text column (SST-2/GLUE style).
 
   The text column is the first of TEXT_COLUMNS present, or the only non-label column;
-  `text_b_column` names a second-sentence column for pairs. Quotes are literal text.
+  `text_b_column` names a second-sentence column for pairs. Quotes are literal text. Every
+  problem with the file is a DataError naming `field` (the config field that gave the path).
   """
   import csv
+  import io
   p = Path(path)
+  where = f"config '{field}'={str(path)!r}"
   if not p.is_file():
-    raise ConfigError(f"config '{field}'={path!r}: no such file; {missing_hint(field)}")
-  with p.open(encoding="utf-8", newline="") as f:
-    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-    header = [h.strip() for h in next(reader, [])]
-    if "label" not in header:
-      raise ValueError(f"{path}: the header {header} has no 'label' column; the first row "
-                       "must name the columns, e.g. sentence<TAB>label")
-    others = [h for h in header if h != "label" and h != text_b_column]
-    text_col = next((c for c in TEXT_COLUMNS if c in others), others[0] if len(others) == 1
-                    else None)
-    if text_col is None:
-      raise ValueError(f"{path}: cannot tell the text column in header {header}; name it "
-                       f"one of {', '.join(TEXT_COLUMNS)}")
-    if text_b_column and text_b_column not in header:
-      raise ConfigError(f"config 'data.text_b'={text_b_column!r} is not a column of {path} "
-                        f"(header {header})")
-    ia, il = header.index(text_col), header.index("label")
-    ib = header.index(text_b_column) if text_b_column else None
-    a, b, labels = [], [] if ib is not None else None, []
-    for n, row in enumerate(reader, start=2):
-      if not row or all(not c.strip() for c in row):
-        continue
-      if len(row) != len(header):
-        raise ValueError(f"{path}:{n}: {len(row)} fields but the header has {len(header)}")
-      a.append(row[ia])
-      labels.append(row[il].strip())
-      if ib is not None:
-        b.append(row[ib])
-      if limit and len(a) >= limit:
-        break
+    raise DataFileNotFoundError(f"config '{field}'={path!r}: no such file; "
+                                f"{missing_hint(field)}")
+  try:
+    text = p.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8"
+                    ) from None
+  except OSError as e:
+    raise DataError(f"{where}: cannot read it ({e.strerror or e})") from None
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+  header = [h.strip() for h in next(reader, [])]
+  if "label" not in header:
+    raise DataError(f"{where}: the header {header} has no 'label' column; the first row "
+                    "must name the columns, e.g. sentence<TAB>label")
+  others = [h for h in header if h != "label" and h != text_b_column]
+  text_col = next((c for c in TEXT_COLUMNS if c in others), others[0] if len(others) == 1
+                  else None)
+  if text_col is None:
+    raise DataError(f"{where}: cannot tell the text column in header {header}; name it "
+                    f"one of {', '.join(TEXT_COLUMNS)}")
+  if text_b_column and text_b_column not in header:
+    raise DataError(f"config 'data.text_b'={text_b_column!r} is not a column of {path} "
+                    f"(header {header}); set data.text_b to one of them or leave it empty")
+  ia, il = header.index(text_col), header.index("label")
+  ib = header.index(text_b_column) if text_b_column else None
+  a, b, labels = [], [] if ib is not None else None, []
+  for n, row in enumerate(reader, start=2):
+    if not row or all(not c.strip() for c in row):
+      continue
+    if len(row) != len(header):
+      raise DataError(f"{path}:{n}: {len(row)} fields but the header has {len(header)} "
+                      f"(config '{field}'); fix the row (fields are separated by tabs)")
+    a.append(row[ia])
+    labels.append(row[il].strip())
+    if ib is not None:
+      b.append(row[ib])
+    if limit and len(a) >= limit:
+      break
   if not a:
-    raise ValueError(f"{path}: no data rows after the header")
+    raise DataError(f"{where}: no data rows after the header; give a file with examples")
   return LabeledTexts(a, b, labels, str(path))
 
 
@@ -178,8 +190,8 @@ def label_ids(labels: Sequence[str], label_set: Sequence[str], where: str) -> np
   out = np.empty(len(labels), np.int32)
   for n, l in enumerate(labels):
     if l not in index:
-      raise ConfigError(f"{where}: row {n + 1} has label {l!r}, which is not in the label "
-                        f"set {list(label_set)}; fix the row or set config 'data.labels'")
+      raise DataError(f"{where}: row {n + 1} has label {l!r}, which is not in the label set "
+                       f"{list(label_set)}; fix the row or set config 'data.labels'")
     out[n] = index[l]
   return out
 
@@ -210,8 +222,8 @@ def encode_for_classifier(tok, text_a: Sequence[str], text_b: Sequence[str] | No
   sp = getattr(tok, "specials", {}) or {}
   missing = [r for r in ("cls", "sep", "pad") if r not in sp]
   if missing:
-    raise ConfigError(f"the tokenizer has no {missing} tokens; classification needs a BERT "
-                      "tokenizer (config 'data.tokenizer'='pretrained' with tokenizer_path)")
+    raise DataError(f"the tokenizer has no {missing} tokens; classification needs a BERT "
+                    "tokenizer (config 'data.tokenizer'='pretrained' with tokenizer_path)")
   cls, sep, pad = sp["cls"], sp["sep"], sp["pad"]
   ids_a = tok.encode_batch(list(text_a))
   ids_b = tok.encode_batch(list(text_b)) if text_b is not None else None
@@ -316,6 +328,9 @@ def cls_tokenizer(cfg):
 def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> ClassificationData:
   """Reads data.train/data.dev, tokenizes with the pretrained tokenizer, checks labels."""
   d = cfg.data
+  if not d.train or not d.dev:
+    raise ConfigError("task 'cls' needs config 'data.train' and 'data.dev' (TSV files with a "
+                      "header row naming the text and label columns)")
   tok = cls_tokenizer(cfg)
   train = read_tsv(d.train, d.text_b, d.max_train, field="data.train")
   dev = read_tsv(d.dev, d.text_b, field="data.dev")

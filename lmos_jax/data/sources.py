@@ -9,6 +9,7 @@ Bad input fails with an error naming the field and the fix, or is repaired, coun
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from lmos_jax.config.datadir import missing_hint
+from lmos_jax.config.loading import ConfigError
 from lmos_jax.config.schema import CHOICES
+from lmos_jax.data.errors import DataError, DataFileNotFoundError
 from lmos_jax.data.text import embedded_corpus
 
 log = logging.getLogger("lmos_jax.data")
@@ -58,16 +61,25 @@ class Repairs(collections.Counter):
 def expand_files(pattern: str, field: str) -> list[str]:
   """Sorted files matching a path or glob (comma-separated allowed); errors name the field."""
   if not pattern:
-    raise ValueError(f"config '{field}' is empty; give a file path or glob")
+    raise ConfigError(f"config '{field}' is empty; give a file path or glob")
   files: list[str] = []
   for part in [p.strip() for p in pattern.split(",") if p.strip()]:
     part = os.path.expanduser(part)
     matched = sorted(f for f in glob.glob(part, recursive=True) if os.path.isfile(f))
     if not matched:
       what = "glob matches no files" if glob.has_magic(part) else "no such file"
-      raise FileNotFoundError(f"config '{field}'={part!r}: {what}; {missing_hint(field)}")
+      raise DataFileNotFoundError(f"config '{field}'={part!r}: {what}; {missing_hint(field)}")
     files += matched
   return files
+
+
+def read_bytes(path: str, field: str) -> bytes:
+  """A data file's bytes; an unreadable file (permissions, a special file) names the field."""
+  try:
+    return Path(path).read_bytes()
+  except OSError as e:
+    raise DataError(f"config '{field}': cannot read {path} ({e.strerror or e}); check the "
+                    "file and its permissions") from None
 
 
 def decode_utf8(data: bytes, where: str, repairs: Repairs) -> str:
@@ -87,7 +99,7 @@ def infer_format(files: list[str], fmt: str, field: str) -> str:
     return "json" if fmt == "jsonl" else fmt
   kinds = {EXTENSIONS.get(Path(f).suffix.lower()) for f in files}
   if None in kinds or len(kinds) != 1:
-    raise ValueError(f"config '{field}.format' is empty and the files' extensions "
+    raise ConfigError(f"config '{field}.format' is empty and the files' extensions "
                      f"{sorted({Path(f).suffix for f in files})} do not name one format; set "
                      f"{field}.format to one of {', '.join(FORMATS[1:])}")
   return kinds.pop()
@@ -103,16 +115,31 @@ def check_utf8_files(files: list[str], field: str, fmt: str, repairs: Repairs) -
     return False
   bad = False
   for f in files:
-    data = Path(f).read_bytes()
+    data = read_bytes(f, field)
     try:
       data.decode("utf-8")
     except UnicodeDecodeError as e:
       if fmt == "json":
-        raise ValueError(f"config '{field}': {f} is not valid UTF-8 (byte {e.start}); "
-                         "re-encode the file as UTF-8") from None
+        raise DataError(f"config '{field}': {f} is not valid UTF-8 (byte {e.start}); "
+                        "re-encode the file as UTF-8") from None
       decode_utf8(data, f, repairs)
       bad = True
   return bad
+
+
+@contextlib.contextmanager
+def quiet_progress(datasets, quiet: bool):
+  """No `datasets` progress bars while `quiet`: for local files the "Generating train split"
+  bar is over at once and only adds lines to stderr beside lmos's own (a download from the
+  hub keeps its bar). The previous setting is restored."""
+  was_disabled = datasets.are_progress_bars_disabled()
+  if quiet:
+    datasets.disable_progress_bars()
+  try:
+    yield
+  finally:
+    if quiet and not was_disabled:
+      datasets.enable_progress_bars()
 
 
 def load_table(spec: SourceSpec, split: str, data_files: list[str] | None, fmt: str,
@@ -123,8 +150,8 @@ def load_table(spec: SourceSpec, split: str, data_files: list[str] | None, fmt: 
   if spec.kind == "hf":
     name = spec.hf_name
     if not name:
-      raise ValueError(f"config '{spec.name}.hf_name' is empty; give a dataset name, a local "
-                       "dataset directory or a builder (json, parquet, csv, text)")
+      raise ConfigError(f"config '{spec.name}.hf_name' is empty; give a dataset name, a local "
+                        "dataset directory or a builder (json, parquet, csv, text)")
     if spec.hf_config:
       kwargs["name"] = spec.hf_config
   else:
@@ -140,11 +167,12 @@ def load_table(spec: SourceSpec, split: str, data_files: list[str] | None, fmt: 
   if data_files:
     kwargs["data_files"] = data_files
   try:
-    ds = datasets.load_dataset(name, split=split, **kwargs)
+    with quiet_progress(datasets, spec.kind == "files"):
+      ds = datasets.load_dataset(name, split=split, **kwargs)
   except (OSError, ValueError) as e:  # not found, hub unreachable, unparsable file
     where = f"'{spec.name}.hf_name'={name!r}" if spec.kind == "hf" else f"'{spec.name}.path'"
-    raise ValueError(f"config {where}, split {split!r}: datasets could not load it ({e})"
-                     ) from None
+    raise DataError(f"config {where}, split {split!r}: datasets could not load it ({e})"
+                    ) from None
   return ds
 
 
@@ -152,23 +180,25 @@ def table_texts(ds, spec: SourceSpec, where: str) -> list[str]:
   """The text column as a list; missing field names the columns there are."""
   cols = list(ds.column_names or [])
   if spec.text_field not in cols:
-    raise ValueError(f"config '{spec.name}.text_field'={spec.text_field!r} is not a column of "
-                     f"{where}; its columns are {cols}")
+    raise DataError(f"config '{spec.name}.text_field'={spec.text_field!r} is not a column of "
+                    f"{where}; its columns are {cols}; set text_field to one of them")
   out = []
   for i, t in enumerate(ds[spec.text_field]):
     if t is None:
       t = ""
     elif not isinstance(t, str):
-      raise ValueError(f"config '{spec.name}.text_field'={spec.text_field!r}: row {i} of "
-                       f"{where} is {type(t).__name__}, not text; choose a text column")
+      raise DataError(f"config '{spec.name}.text_field'={spec.text_field!r}: row {i} of "
+                      f"{where} is {type(t).__name__}, not text; choose a text column")
     out.append(t)
   return out
 
 
 def drop_empty(docs: list[str], where: str, repairs: Repairs) -> list[str]:
-  """Empty or whitespace-only documents carry no tokens: dropped, counted and logged."""
+  """Empty or whitespace-only documents carry no tokens: dropped, counted and logged (not
+  when none is left: the caller then stops with one error saying so)."""
   kept = [d for d in docs if d.strip()]
-  repairs.note("empty documents skipped", len(docs) - len(kept), where)
+  if kept:
+    repairs.note("empty documents skipped", len(docs) - len(kept), where)
   return kept
 
 
@@ -191,16 +221,16 @@ def read_documents(spec: SourceSpec, repairs: Repairs) -> tuple[list[str], list[
   if spec.kind == "embedded":
     return [embedded_corpus(spec.max_chars)], None
   if spec.kind == "text":
-    docs = [decode_utf8(Path(f).read_bytes(), f, repairs)
+    docs = [decode_utf8(read_bytes(f, f"{spec.name}.path"), f, repairs)
             for f in expand_files(spec.path, f"{spec.name}.path")]
     val = None
     if spec.val_path:
-      val = [decode_utf8(Path(f).read_bytes(), f, repairs)
+      val = [decode_utf8(read_bytes(f, f"{spec.name}.val_path"), f, repairs)
              for f in expand_files(spec.val_path, f"{spec.name}.val_path")]
   elif spec.kind in ("files", "hf"):
     if spec.kind == "files" and not spec.path:
-      raise ValueError(f"config '{spec.name}.path' is empty; give files (glob allowed) for "
-                       f"{spec.name}.source=files")
+      raise ConfigError(f"config '{spec.name}.path' is empty; give files (glob allowed) for "
+                        f"{spec.name}.source=files")
     split = spec.hf_split if spec.kind == "hf" else "train"
     docs = read_split(spec, split, spec.path, f"{spec.name}.path", repairs)
     val = None
@@ -209,18 +239,18 @@ def read_documents(spec: SourceSpec, repairs: Repairs) -> tuple[list[str], list[
     elif spec.val_path:
       val = read_split(spec, "train", spec.val_path, f"{spec.name}.val_path", repairs)
   else:
-    raise ValueError(f"config '{spec.name}.source'={spec.kind!r}: expected one of "
-                     f"{', '.join(KINDS)}")
+    raise ConfigError(f"config '{spec.name}.source'={spec.kind!r}: expected one of "
+                      f"{', '.join(KINDS)}")
   where = spec.path or spec.hf_name or spec.kind
   docs = drop_empty(docs, where, repairs)
   if not docs:
-    raise ValueError(f"config '{spec.name}' ({where}) holds no non-empty documents; give "
-                     "data with text in it (or check text_field)")
+    raise DataError(f"config '{spec.name}' ({where}) holds no non-empty documents; give "
+                    "data with text in it (or check text_field)")
   if val is not None:
     val = drop_empty(val, f"{where} (validation)", repairs)
     if not val:
-      raise ValueError(f"the validation split of '{spec.name}' ({where}) holds no non-empty "
-                       "documents; give a validation split with text or leave it unset")
+      raise DataError(f"the validation split of '{spec.name}' ({where}) holds no non-empty "
+                      "documents; give a validation split with text or leave it unset")
   return docs, val
 
 

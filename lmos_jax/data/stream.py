@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from lmos_jax.data.errors import DataError
+
 
 class BatchStream:
   """Batches start..end-1 produced ahead in a background thread (grain), in step order.
@@ -66,7 +68,7 @@ def check_state(mine: dict, saved: dict) -> None:
     return
   for key in ("kind", "seed", "fingerprint", "rows_consumed", "rows_per_epoch"):
     if key in saved and saved[key] != mine.get(key):
-      raise ValueError(f"the checkpoint's data state differs from this run's ({key}: saved "
-                       f"{saved[key]!r}, now {mine.get(key)!r}): the data, tokenizer, seed or "
-                       "batching changed; resume with the original data settings or use a "
-                       "fresh --workdir")
+      raise DataError(f"the checkpoint's data state differs from this run's ({key}: saved "
+                      f"{saved[key]!r}, now {mine.get(key)!r}): the data, tokenizer, seed or "
+                      "batching changed; resume with the original data settings or use a "
+                      "fresh --workdir")

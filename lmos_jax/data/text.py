@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmos_jax.data.errors import DataError
+
 
 def embedded_corpus(max_chars: int) -> str:
   """Concatenated stdlib `.py` sources (sorted paths), capped at `max_chars` characters."""
@@ -37,7 +39,11 @@ def embedded_corpus(max_chars: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CharTokenizer:
-  """Characters of the training text, sorted; unknown characters map to id 0."""
+  """Characters of the training text, sorted.
+
+  Text with other characters cannot be encoded: `encode` raises a DataError naming them
+  (mapping them to some id would silently train or prompt on the wrong characters).
+  """
 
   chars: str
 
@@ -49,9 +55,22 @@ class CharTokenizer:
   def vocab_size(self) -> int:
     return len(self.chars)
 
+  def unknown_chars(self, text: str) -> list[str]:
+    """The characters of `text` outside the vocabulary, sorted (empty: encodable)."""
+    return sorted(set(text) - set(self.chars))
+
+  def unknown_message(self, unknown: list[str]) -> str:
+    shown = ", ".join(repr(c) for c in unknown[:12]) + (" ..." if len(unknown) > 12 else "")
+    return (f"{len(unknown)} character(s) outside the char vocabulary (the "
+            f"{len(self.chars)} characters of the training text): {shown}; use text with "
+            "only those characters, or data.tokenizer=byte, which encodes any text")
+
   def encode(self, text: str) -> np.ndarray:
+    unknown = self.unknown_chars(text)
+    if unknown:
+      raise DataError(self.unknown_message(unknown))
     table = {c: i for i, c in enumerate(self.chars)}
-    return np.fromiter((table.get(c, 0) for c in text), dtype=np.int32, count=len(text))
+    return np.fromiter((table[c] for c in text), dtype=np.int32, count=len(text))
 
   def decode(self, ids) -> str:
     return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < len(self.chars))
@@ -78,12 +97,18 @@ def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
   return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
 
 
+def check_long_enough(ids: np.ndarray, seq_len: int, field: str) -> None:
+  """Random windows need more than seq_len+1 tokens; checked when the data is built, so a
+  short corpus fails before anything compiles rather than in the first batch."""
+  if len(ids) <= seq_len + 1:
+    raise DataError(f"config '{field}': {len(ids)} training tokens is not longer than "
+                    f"data.seq_len+1={seq_len + 1}; give more text or shorten data.seq_len")
+
+
 def window_batch(ids: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int
                  ) -> dict[str, np.ndarray]:
   """Random windows at step `step`: a pure function of (seed, step), so resume is exact."""
-  if len(ids) <= seq_len + 1:
-    raise ValueError(f"corpus of {len(ids)} tokens is shorter than data.seq_len+1="
-                     f"{seq_len + 1}; use a longer text or a shorter data.seq_len")
+  check_long_enough(ids, seq_len, "data")
   rng = np.random.default_rng([seed, step])
   starts = rng.integers(0, len(ids) - seq_len - 1, size=batch_size)
   idx = starts[:, None] + np.arange(seq_len + 1)[None, :]

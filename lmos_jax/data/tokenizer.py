@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from lmos_jax.config.loading import ConfigError
+from lmos_jax.data.errors import DataError, DataFileNotFoundError
 from lmos_jax.data.text import ByteTokenizer, CharTokenizer
 
 log = logging.getLogger("lmos_jax.data")
@@ -57,6 +58,12 @@ class SpecialChar:
   @property
   def specials(self) -> dict[str, int]:
     return {n: self.base.vocab_size + i for i, n in enumerate(self.names)}
+
+  def unknown_chars(self, text: str) -> list[str]:
+    return self.base.unknown_chars(text)
+
+  def unknown_message(self, unknown: list[str]) -> str:
+    return self.base.unknown_message(unknown)
 
   def encode(self, text: str) -> np.ndarray:
     return self.base.encode(text)
@@ -152,10 +159,16 @@ def load_pretrained(path: str) -> HFTokenizer:
   if p.is_dir():
     p = p / "tokenizer.json"
   if not p.is_file():
-    raise ConfigError(
+    raise DataFileNotFoundError(
         f"config 'data.tokenizer_path'={path!r}: no tokenizer.json there; give a tokenizer.json "
         "file or a Hugging Face tokenizer directory holding one")
-  return HFTokenizer(Tokenizer.from_file(str(p)), "pretrained")
+  try:
+    tok = Tokenizer.from_file(str(p))
+  except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad files
+    raise DataError(f"config 'data.tokenizer_path'={path!r}: {p} is not a tokenizer.json "
+                    f"that `tokenizers` can read ({str(e)[:200]}); give the tokenizer.json a "
+                    "Hugging Face tokenizer saved") from None
+  return HFTokenizer(tok, "pretrained")
 
 
 def corpus_digest(docs: Iterable[str]) -> str:
@@ -238,8 +251,8 @@ def separator_id(tok) -> int:
     return sp["eos"]
   if "sep" in sp:
     return sp["sep"]
-  raise ValueError("the tokenizer has no EOS or SEP token to separate documents; use a "
-                   "tokenizer with one (data.tokenizer=bpe/byte/char add <|endoftext|>)")
+  raise DataError("the tokenizer has no EOS or SEP token to separate documents; use a "
+                  "tokenizer with one (data.tokenizer=bpe/byte/char add <|endoftext|>)")
 
 
 def pad_id(tok) -> int:

@@ -15,7 +15,6 @@ or the file given by `--data`, tokenized with the run's tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lmos_jax.errors import ArgumentParser, UserError, existing_dir, number
 from lmos_jax.models.decode import Decoder
 from lmos_jax.compress.distill import distill_loss
 from lmos_jax.train.heal import finetune, lora_heal
@@ -38,7 +38,6 @@ from lmos_jax.compress.prune import (apply_masks, layerwise_masks, masked_prunin
 from lmos_jax.compress.quantize import count_weights, dequantize_params, quantize_params
 from lmos_jax.compress.store import save_params
 from lmos_jax.compress.trim import drop_layers, least_important_block
-from lmos_jax.errors import UserError
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.workdir import COMPRESSED
 
@@ -288,16 +287,17 @@ def compress(workdir: str, recipes: list[str], out_dir: Path, opts: Options,
 
 
 def main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", required=True)
+  p = ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, type=existing_dir("config.json"))
   p.add_argument("--recipe", default=",".join(RECIPES),
                  help=f"comma-separated subset of {','.join(RECIPES)}")
   p.add_argument("--out", default=None, help=f"default: WORKDIR/{COMPRESSED}")
   p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
-  p.add_argument("--heal-steps", type=int, default=Options.heal_steps)
-  p.add_argument("--distill-steps", type=int, default=Options.distill_steps)
-  p.add_argument("--int4-group", type=int, default=Options.int4_group)
-  p.add_argument("--decode-batch", type=int, default=Options.decode_batch)
+  p.add_argument("--heal-steps", type=number(int, 0), default=Options.heal_steps)
+  p.add_argument("--distill-steps", type=number(int, 1), default=Options.distill_steps)
+  p.add_argument("--int4-group", type=number(int, 0), default=Options.int4_group,
+                 help="int4 group size (0: per output channel)")
+  p.add_argument("--decode-batch", type=number(int, 1), default=Options.decode_batch)
   p.add_argument("--data", default=None, metavar="PATH",
                  help="text file(s) to measure validation loss on and to heal/distill with, "
                       "tokenized with the run's tokenizer; default: the run's own data block "
@@ -307,8 +307,6 @@ def main(argv: list[str]) -> int:
   bad = [r for r in recipes if r not in RECIPES]
   if bad or not recipes:
     p.error(f"--recipe: unknown {bad}; choose from {','.join(RECIPES)}")
-  if a.heal_steps < 0 or a.distill_steps < 1 or a.decode_batch < 1:
-    p.error("need --heal-steps >= 0, --distill-steps >= 1, --decode-batch >= 1")
   out = Path(a.out) if a.out else Path(a.workdir) / COMPRESSED
   opts = Options(heal_steps=a.heal_steps, distill_steps=a.distill_steps,
                  int4_group=a.int4_group, decode_batch=a.decode_batch)

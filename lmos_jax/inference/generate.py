@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmos_jax.errors import UserError
+from lmos_jax.errors import ArgumentParser, UserError, existing_dir, number
 from lmos_jax.models.decode import Decoder, Sampling
 from lmos_jax.workdir import (check_params_fit, latest_params, model_layout, read_config,
                               read_tokenizer)
@@ -45,23 +45,33 @@ def load_trained(workdir: str | Path) -> Trained:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", required=True)
+  p = ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, type=existing_dir("config.json"))
   p.add_argument("--prompt", action="append", default=None,
                  help="prompt text (repeat for a batch); default: a newline")
-  p.add_argument("--max-new-tokens", type=int, default=100)
-  p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-  p.add_argument("--top-k", type=int, default=0, help="0: off")
-  p.add_argument("--top-p", type=float, default=1.0, help="1: off")
-  p.add_argument("--min-p", type=float, default=0.0, help="0: off")
+  p.add_argument("--max-new-tokens", type=number(int, 0), default=100)
+  p.add_argument("--temperature", type=number(float, 0), default=0.8, help="0 means greedy")
+  p.add_argument("--top-k", type=number(int, 0), default=0, help="0: off")
+  p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0,
+                 help="1: off")
+  p.add_argument("--min-p", type=number(float, 0, 1), default=0.0, help="0: off")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stop", action="append", default=[], help="stop at this token's text")
-  p.add_argument("--cache-len", type=int, default=0, help="0: the model's max_seq_len")
-  args = p.parse_args(argv[1:])
-  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or \
-     not 0 <= args.min_p <= 1:
-    p.error("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, 0 <= --min-p <= 1")
-  return args
+  p.add_argument("--cache-len", type=number(int, 0), default=0,
+                 help="0: the model's max_seq_len")
+  return p.parse_args(argv[1:])
+
+
+def check_lengths(model_cfg, cache_len: int, longest_prompt: int) -> None:
+  """--cache-len within the model's learned positions, and the prompts within the cache:
+  refused before anything compiles."""
+  if model_cfg.pos_emb == "learned" and cache_len > model_cfg.max_seq_len:
+    raise UserError(f"--cache-len={cache_len} exceeds the model's learned positions "
+                    f"(model.max_seq_len={model_cfg.max_seq_len}); use at most "
+                    f"{model_cfg.max_seq_len}, or 0 for that")
+  if longest_prompt > cache_len:
+    raise UserError(f"--prompt: a prompt has {longest_prompt} tokens but the cache holds "
+                    f"{cache_len}; shorten it or raise --cache-len")
 
 
 def main(argv: list[str]) -> int:
@@ -78,20 +88,28 @@ def main(argv: list[str]) -> int:
     return 2
   tok = run.tokenizer
   prompts = args.prompt or ["\n"]
-  ids = [list(tok.encode(p)) for p in prompts]
+  try:
+    ids = [list(tok.encode(p)) for p in prompts]
+  except UserError as e:  # e.g. characters outside a char vocabulary
+    raise UserError(f"{'--prompt' if args.prompt else 'the default prompt (a newline)'}: {e}"
+                    ) from None
   if any(len(i) == 0 for i in ids):
     print("lmos generate: a prompt encodes to no tokens; give at least one character",
           file=sys.stderr)
     return 2
   stops = []
   for s in args.stop:
-    enc = list(tok.encode(s))
+    try:
+      enc = list(tok.encode(s))
+    except UserError as e:
+      raise UserError(f"--stop={s!r}: {e}") from None
     if len(enc) != 1:
       print(f"lmos generate: --stop={s!r} is {len(enc)} tokens; give one token's text",
             file=sys.stderr)
       return 2
     stops.append(enc[0])
   cache_len = args.cache_len or run.cfg.model.max_seq_len
+  check_lengths(run.cfg.model, cache_len, max(len(i) for i in ids))
   dec = Decoder(run.graphdef, cache_len)
   out = dec.generate(run.params, ids, args.max_new_tokens,
                      sampling=Sampling(args.temperature, args.top_k, args.top_p, args.min_p),

@@ -71,9 +71,10 @@ def build_classifier(workdir: str | Path):
 
 
 def main(argv: list[str]) -> int:
-  import argparse
-  ap = argparse.ArgumentParser(prog=argv[0], description=__doc__.split("\n\n")[0])
-  ap.add_argument("--workdir", required=True, help="workdir of a finetuned classifier")
+  from lmos_jax.errors import ArgumentParser, existing_dir
+  ap = ArgumentParser(prog=argv[0], description=__doc__.split("\n\n")[0])
+  ap.add_argument("--workdir", required=True, type=existing_dir("config.json"),
+                  help="workdir of a finetuned classifier")
   ap.add_argument("--pair", default=None,
                   help="second sentence for sentence-pair tasks (applied to every sentence)")
   ap.add_argument("sentences", nargs="+", help="sentences to classify")

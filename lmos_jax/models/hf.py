@@ -66,7 +66,23 @@ def read_hf_config(hf_dir: str | Path) -> dict:
   path = Path(hf_dir) / "config.json"
   if not path.is_file():
     raise HFConversionError(f"{hf_dir}: no config.json; give a Hugging Face model folder")
-  return json.loads(path.read_text())
+  return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+  """A JSON object from a model folder; a broken file is an error naming it and the spot."""
+  try:
+    obj = json.loads(path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise HFConversionError(f"{path}: not UTF-8 text (byte {e.start}); restore the file "
+                            "from the model's source") from None
+  except json.JSONDecodeError as e:
+    raise HFConversionError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column "
+                            f"{e.colno}); restore the file from the model's source") from None
+  if not isinstance(obj, dict):
+    raise HFConversionError(f"{path}: expected a JSON object {{...}}, got "
+                            f"{type(obj).__name__}; restore the file from the model's source")
+  return obj
 
 
 def safetensors_files(hf_dir: str | Path) -> list[Path]:
@@ -74,8 +90,11 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
   d = Path(hf_dir)
   index = d / "model.safetensors.index.json"
   if index.is_file():
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    files = [d / n for n in names]
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise HFConversionError(f"{index}: no \"weight_map\" object naming each tensor's file; "
+                              "restore the file from the model's source")
+    files = [d / n for n in sorted(set(weight_map.values()))]
   elif (d / "model.safetensors").is_file():
     files = [d / "model.safetensors"]
   else:
@@ -92,18 +111,24 @@ def read_tensors(hf_dir: str | Path) -> dict[str, np.ndarray]:
   """All tensors as float32 numpy arrays (bf16/f16 upcast), old gamma/beta names renamed."""
   from safetensors import safe_open
 
+  from safetensors import SafetensorError
+
   out = {}
   for f in safetensors_files(hf_dir):
-    with safe_open(str(f), framework="numpy") as st:
-      for k in st.keys():
-        try:
-          x = st.get_tensor(k)
-        except TypeError:  # bfloat16 has no numpy dtype: read it through jax (on the host)
-          x = _read_via_jax(f, k)
-        if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
-          x = x.astype(np.float32)
-        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
-        out[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)] = x
+    try:
+      with safe_open(str(f), framework="numpy") as st:
+        for k in st.keys():
+          try:
+            x = st.get_tensor(k)
+          except TypeError:  # bfloat16 has no numpy dtype: read it through jax (on the host)
+            x = _read_via_jax(f, k)
+          if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
+            x = x.astype(np.float32)
+          k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
+          out[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)] = x
+    except (SafetensorError, OSError) as e:
+      raise HFConversionError(f"{f}: not a readable safetensors file ({e}); it is corrupt or "
+                              "truncated: copy or download it again") from None
   return out
 
 
@@ -128,6 +153,28 @@ def _rope_theta(c: dict) -> float:
   return float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
+# The config.json sizes each family needs: positive integers.
+SIZE_FIELDS = {
+    "bert": ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size",
+             "intermediate_size", "max_position_embeddings"),
+    "gpt2": ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions"),
+    "llama": ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size",
+              "intermediate_size", "max_position_embeddings"),
+}
+
+
+def check_size_fields(c: dict, kind: str | None) -> None:
+  """The sizes `kind` needs are there and are positive integers (else a KeyError or a
+  shape error deep inside model building)."""
+  for name in SIZE_FIELDS.get(kind, ()):
+    if name not in c:
+      raise HFConversionError(f"config.json has no {name!r}, which model_type={kind!r} needs; "
+                              "restore the file from the model's source")
+    v = c[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+      raise HFConversionError(f"config.json {name}={v!r} must be a positive integer")
+
+
 def spec_from_hf(c: dict, shapes: dict[str, tuple[int, ...]] | None = None, *,
                  num_labels: int | None = None, scan_layers: bool = True) -> HFSpec:
   """Family, head and TransformerConfig from config.json (and which head tensors exist)."""
@@ -135,6 +182,7 @@ def spec_from_hf(c: dict, shapes: dict[str, tuple[int, ...]] | None = None, *,
 
   kind = c.get("model_type")
   names = set(shapes or ())
+  check_size_fields(c, kind)
   if kind == "bert":
     if c.get("position_embedding_type", "absolute") != "absolute":
       raise HFConversionError("config.json position_embedding_type="

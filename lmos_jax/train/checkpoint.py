@@ -16,7 +16,9 @@ content fingerprint of every array). Why each piece:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,8 +32,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lmos_jax.errors import UserError
 from lmos_jax.workdir import (CORRUPT_DIR, META_ITEM, STATE_ITEM, CheckpointError,
                               checkpoint_dir, fingerprint, fingerprint_mismatch, step_dir)
+
+
+class CheckpointReadError(CheckpointError, UserError):
+  """A checkpoint the user pointed at cannot be used (no such step, corrupt, truncated):
+  bad input, so `lmos` reports it as one line and exits 2."""
 
 
 class NonFiniteError(RuntimeError):
@@ -100,6 +108,20 @@ def drop_metric_rows_after(path: Path, step: int) -> int:
 # ---------------------------------------------------------------- the manager
 
 
+@contextlib.contextmanager
+def without_absl_warnings(*prefixes: str):
+  """Drops the absl log records (orbax logs through absl) whose message starts with one of
+  `prefixes`, for the duration of the block; every other record passes."""
+  logger = logging.getLogger("absl")
+  drop = logging.Filter()
+  drop.filter = lambda record: not record.getMessage().startswith(prefixes)
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 def preservation_policy(keep_last: int, keep_best: int, best_metric: str, best_mode: str):
   """Keep the newest `keep_last` steps plus the `keep_best` best by an eval metric."""
   cm = ocp.checkpoint_managers
@@ -119,14 +141,18 @@ class Checkpointer:
                read_only: bool = False):
     self.workdir = Path(workdir).absolute()
     self.directory = checkpoint_dir(self.workdir)
-    options = ocp.CheckpointManagerOptions(
-        create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,  # half-written steps from a killed run
-        preservation_policy=preservation_policy(keep, keep_best, best_metric, best_mode))
-    try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options)
-    except OSError as e:
-      raise CheckpointError(f"cannot open checkpoints in {self.directory}: {e}") from None
+    # read_only: orbax logs a warning per option it turns off and one that the directory is
+    # read only; they restate what was asked for and would sit beside every lmos message
+    with without_absl_warnings("CheckpointManagerOptions.read_only=True",
+                               "Given directory is read only"):
+      options = ocp.CheckpointManagerOptions(
+          create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=not read_only,  # half-written steps from a killed run
+          preservation_policy=preservation_policy(keep, keep_best, best_metric, best_mode))
+      try:
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+      except OSError as e:
+        raise CheckpointError(f"cannot open checkpoints in {self.directory}: {e}") from None
 
   def step_dir(self, step: int) -> Path:
     return step_dir(self.workdir, step)
@@ -202,6 +228,31 @@ class Checkpointer:
     self.manager.close()
 
 
+@contextlib.contextmanager
+def abandoned_reads_quiet():
+  """While a restore may fail: drops the "Event loop is closed" errors of the reads it
+  abandoned, and nothing else.
+
+  Why: orbax runs a restore in a fresh asyncio loop and closes that loop as soon as one read
+  fails; tensorstore still completes the step's other reads, and each of their callbacks
+  hits the closed loop and prints an unraisable RuntimeError traceback (dozens per bad
+  step), burying the one line that names the bad checkpoint. Every other unraisable error
+  still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
 def restore_latest_good(ckpt: Checkpointer, abstract_state: Any,
                         check_meta: Callable[[int, dict], None] = lambda step, meta: None,
                         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
@@ -213,6 +264,13 @@ def restore_latest_good(ckpt: Checkpointer, abstract_state: Any,
   a user error, not corruption). Newer unreadable steps are moved aside only once an older
   good one has been restored; if none is good nothing moves and a CheckpointError names them.
   """
+  with abandoned_reads_quiet():
+    return _restore_latest_good(ckpt, abstract_state, check_meta, log)
+
+
+def _restore_latest_good(ckpt: Checkpointer, abstract_state: Any,
+                         check_meta: Callable[[int, dict], None],
+                         log: Callable[[str], None]) -> tuple[int | None, Any, dict]:
   bad: list[tuple[int, str]] = []
   for step in reversed(ckpt.all_steps()):
     try:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from lmos_jax.errors import UserError
+from lmos_jax.train.checkpoint import (CheckpointReadError, abandoned_reads_quiet,
+                                       without_absl_warnings)
 from lmos_jax.workdir import (CONFIG, LABELS, PARAMS, TOKENIZER, CheckpointError,
                               checkpoint_params, fingerprint, fingerprint_mismatch, int_keys,
                               restore_tree)
@@ -45,9 +47,19 @@ def export_params(workdir: str | Path, out: str | Path, step: int | None = None,
     raise ValueError(f"--dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
   workdir, out = Path(workdir).absolute(), Path(out).absolute()
   if (out / PARAMS).exists():
-    raise FileExistsError(f"{out / PARAMS} exists; pass a new --out directory")
+    raise UserError(f"--out={out}: {out / PARAMS} exists; pass a new --out directory (an "
+                    "export is never overwritten)")
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  step, params, meta = checkpoint_params(workdir, step, sharding)
+  try:  # orbax's notes on the item-level metadata a trainer checkpoint does not keep: noise
+    with abandoned_reads_quiet(), without_absl_warnings("Metadata file does not exist",
+                                                        "Failed to get item metadata"):
+      step, params, meta = checkpoint_params(workdir, step, sharding)
+  except (UserError, CheckpointError):
+    raise
+  except Exception as e:  # noqa: BLE001 - any read failure: this step is unusable
+    raise CheckpointReadError(f"a checkpoint under {workdir} cannot be read, it is corrupt or "
+                              f"truncated ({type(e).__name__}: {str(e)[:200]}); export an "
+                              "earlier --step") from None
   params = cast_params(params, DTYPES[dtype])
   out.mkdir(parents=True, exist_ok=True)
   with ocp.PyTreeCheckpointer() as ckptr:
@@ -94,9 +106,8 @@ def main(argv: list[str]) -> int:
     return 2
   try:
     out = export_params(fv.workdir, fv.out, fv.step, fv.dtype)
-  except UserError as e:
-    print(f"lmos export: {e}", file=sys.stderr)
-    return 2
+  except UserError:
+    raise  # `lmos` prints it as one line and exits 2
   except (CheckpointError, FileExistsError, ValueError) as e:
     print(f"lmos export: {e}", file=sys.stderr)
     return 1

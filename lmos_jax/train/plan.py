@@ -23,14 +23,16 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmos_jax.config.loading import ConfigError, validate
+from lmos_jax.config.loading import validate
 from lmos_jax.config.schema import CHOICES
+from lmos_jax.errors import ArgumentParser, UserError, number
 from lmos_jax.data.layout import batch_spec, vocab_size
 from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.distributed import split_cpu_host_for
@@ -62,6 +64,11 @@ class PlanError(ValueError):
   """No layout fits; the message says what would (devices, batch, remat)."""
 
 
+class PlanFlagError(PlanError, UserError):
+  """A `lmos plan` flag is wrong (exit 2, like every bad input); a bare PlanError is a
+  result, nothing fits (exit 1)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
   chip: Chip
@@ -75,7 +82,7 @@ def parse_target(spec: str) -> Target:
   m = re.fullmatch(r"([a-z0-9-]+?)(?:x|-)(\d+)", spec.strip().lower())
   if not m or m.group(1) not in plannable or int(m.group(2)) <= 0:
     known = ", ".join(target_name(c, 8) for c in plannable.values())
-    raise PlanError(f"--target={spec!r}: expected CHIPxN or tpu-VERSION-N, one of: {known}")
+    raise PlanFlagError(f"--target={spec!r}: expected CHIPxN or tpu-VERSION-N, one of: {known}")
   return Target(plannable[m.group(1)], int(m.group(2)), described=True)
 
 
@@ -88,8 +95,8 @@ def present_target(num_devices: int | None, peak_flops: float | None = None) -> 
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
-    raise PlanError(f"--devices={n}: only {len(devices)} {devices[0].platform} devices are "
-                    "present; use --target (e.g. h200x8) to plan for devices not here")
+    raise PlanFlagError(f"--devices={n}: only {len(devices)} {devices[0].platform} devices "
+                        "are present; use --target (e.g. h200x8) to plan for devices not here")
   d = devices[0]
   stats = d.memory_stats() if hasattr(d, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
@@ -349,7 +356,8 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
   """Enumerates layouts, estimates them, keeps those that fit, ranks by step time."""
   bad = [r for r in remats if r not in REMAT_CHOICES]
   if bad:
-    raise PlanError(f"--remat: unknown policies {bad}; choose from {', '.join(REMAT_CHOICES)}")
+    raise PlanFlagError(f"--remat: unknown policies {bad}; choose from "
+                        f"{', '.join(REMAT_CHOICES)}")
   backend = "gpu" if target.described and not target.chip.name.startswith("tpu") else (
       "tpu" if target.described else jax.devices()[0].platform)
   vocab = vocab_of(cfg)
@@ -440,50 +448,42 @@ def override_flags(overrides: dict[str, Any]) -> str:
 
 
 def parse(argv: list[str]):
-  """`lmos plan`'s own flags (dashes, like the other commands) and the config.
+  """`lmos plan`'s own flags (dashes, like the other commands, range-checked as they are
+  parsed) and the config, read as `lmos train` reads `--config=FILE[:arg]` and
+  `--config.FIELD=VALUE`, so the same command line plans and trains the same run."""
+  from lmos_jax.config.command_line import config_flag_values, parse_flags
 
-  `--config=FILE[:arg]` and `--config.FIELD=VALUE` overrides are read as `lmos train` reads
-  them, so the same command line plans and trains the same run.
-  """
-  import argparse
-
-  from absl import flags
-  from ml_collections import config_flags
-
-  ap = argparse.ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0],
-                               epilog="--config=FILE[:arg] and --config.FIELD=VALUE as for "
-                                      "lmos train")
-  ap.add_argument("--devices", type=int, default=None,
+  ap = ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0],
+                      epilog="--config=FILE[:arg] and --config.FIELD=VALUE as for lmos train")
+  ap.add_argument("--devices", type=number(int, 1), default=None,
                   help="plan for the first N present devices")
   ap.add_argument("--target", default=None,
                   help="described target without devices: h200x8, tpu-v5e-8, a100x4 ...")
   ap.add_argument("--remat", default="none,dots_no_batch,full",
                   help="remat policies to search (comma separated)")
-  ap.add_argument("--max-microbatches", type=int, default=8,
+  ap.add_argument("--max-microbatches", type=number(int, 1), default=8,
                   help="largest microbatch count searched")
-  ap.add_argument("--compile-top", type=int, default=6,
+  ap.add_argument("--compile-top", type=number(int, 0), default=6,
                   help="present devices: AOT-compile this many of the analytically best layouts")
-  ap.add_argument("--memory-gib", type=float, default=None,
+  ap.add_argument("--memory-gib", type=number(float, 0.0), default=None,
                   help="override the per-device memory budget (GiB)")
   ap.add_argument("--out", default=None, help="write the best layout's config overrides here "
                   "(JSON)")
   args, rest = ap.parse_known_args(argv[1:])
-  stray = [a for i, a in enumerate(rest) if not a.startswith("--config") and not (
-      i and rest[i - 1].startswith("--config") and "=" not in rest[i - 1])]  # --config FILE
-  if stray:
-    ap.error(f"unrecognized arguments: {' '.join(stray)}")
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", "configs/default.py", "config file[:arg]",
-                                  flag_values=fv, lock_config=True)
-  fv([argv[0], *rest])
+  if args.target and args.devices:
+    raise PlanFlagError("give --devices (present devices) or --target (described), not both")
+  if args.memory_gib is not None and not args.memory_gib > 0:
+    raise PlanFlagError(f"--memory-gib={args.memory_gib}: must be a positive number of GiB")
+  if args.out and not Path(args.out).absolute().parent.is_dir():
+    raise PlanFlagError(f"--out={args.out}: directory {Path(args.out).parent} does not exist")
+  fv, config_argv = config_flag_values([argv[0], *rest])
+  parse_flags(fv, config_argv)
   return args, fv.config
 
 
 def main(argv: list[str]) -> int:
   args, cfg = parse(argv)
   try:
-    if args.target and args.devices:
-      raise PlanError("give --devices (present devices) or --target (described), not both")
     cpu_devices = None
     if not args.target:  # the devices `lmos train` would see: a CPU host split per core
       cpu_devices = split_cpu_host_for(cfg)
@@ -493,7 +493,9 @@ def main(argv: list[str]) -> int:
           target, chip=dataclasses.replace(target.chip, memory=args.memory_gib * GiB))
     plan = make_plan(cfg, target, remats=[r for r in args.remat.split(",") if r],
                      max_microbatches=args.max_microbatches, compile_top=args.compile_top)
-  except (PlanError, ConfigError) as e:
+  except PlanError as e:
+    if isinstance(e, UserError):
+      raise  # `lmos` prints it as one line and exits 2
     print(f"lmos plan: {e}", file=sys.stderr)
     return 1
   print(format_table(plan))

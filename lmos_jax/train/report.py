@@ -7,7 +7,6 @@ run) and report.html (the PNG, a summary table and the config keys that differ b
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import html
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lmos_jax.errors import ArgumentParser, UserError, number
 
 # (metric key in metrics.jsonl, panel title, y scale factor, log y axis)
 PANELS = (
@@ -30,7 +31,7 @@ PANELS = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
   """A workdir cannot be reported; the message names it and what is missing."""
 
 
@@ -48,7 +49,11 @@ class RunLog:
 def read_metrics(path: Path) -> tuple[list[dict[str, float]], list[str]]:
   """Rows sorted by step. A resumed run may re-log steps after an older checkpoint: the
   last row for a step wins. A torn final line (a killed writer) is dropped with a note."""
-  lines = path.read_text().splitlines()
+  try:
+    lines = path.read_bytes().decode("utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise ReportError(f"{path} is not UTF-8 text (byte {e.start}); is it a metrics.jsonl "
+                      "that `lmos train` wrote?") from None
   by_step: dict[int, dict[str, float]] = {}
   notes = []
   for i, line in enumerate(lines):
@@ -61,10 +66,21 @@ def read_metrics(path: Path) -> tuple[list[dict[str, float]], list[str]]:
         notes.append(f"{path}: dropped a torn last line ({line[:40]!r})")
         continue
       raise ReportError(f"{path} line {i + 1} is not JSON: {line[:80]!r}") from None
-    if "step" not in row:
-      raise ReportError(f"{path} line {i + 1} has no 'step' field")
+    if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+      raise ReportError(f"{path} line {i + 1} has no numeric 'step' field: {line[:80]!r}")
     by_step[int(row["step"])] = row
   return [by_step[s] for s in sorted(by_step)], notes
+
+
+def read_config(path: Path) -> dict:
+  try:
+    config = json.loads(path.read_bytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ReportError(f"{path} is not valid JSON ({e}); restore the file `lmos train` wrote "
+                      "or remove it (the report then shows no config)") from None
+  if not isinstance(config, dict):
+    raise ReportError(f"{path} is not a JSON object; restore the file `lmos train` wrote")
+  return config
 
 
 def load_run(workdir: str | Path, name: str | None = None) -> RunLog:
@@ -77,7 +93,7 @@ def load_run(workdir: str | Path, name: str | None = None) -> RunLog:
   if not rows:
     raise ReportError(f"{path} is empty: the run logged no step yet (train.log_every)")
   cfg_path = wd / "config.json"
-  config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+  config = read_config(cfg_path) if cfg_path.is_file() else None
   return RunLog(name or wd.resolve().name, wd, rows, config, notes)
 
 
@@ -256,12 +272,12 @@ def report(workdirs: list[str | Path], out_dir: str | Path, smooth: float = 0.0,
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
   parser.add_argument("workdirs", nargs="+", help="run directories from `lmos train`")
   parser.add_argument("--out", default=None,
                       help="output directory (default: WORKDIR/report for one run, "
                            "./lmos_report for several)")
-  parser.add_argument("--smooth", type=float, default=0.0,
+  parser.add_argument("--smooth", type=number(float, 0, 1, high_open=True), default=0.0,
                       help="EMA smoothing in [0, 1) for noisy curves (raw curve stays faint)")
   parser.add_argument("--labels", default="", help="comma-separated run names for the legend")
   args = parser.parse_args(argv[1:])

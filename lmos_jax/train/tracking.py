@@ -17,10 +17,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lmos_jax.config.loading import ConfigError
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-class TrackingError(ValueError):
+class TrackingError(ConfigError):
   """A tracking setting is wrong; the message names the field and the fix."""
 
 

@@ -26,6 +26,7 @@ from lmos_jax.data.build import build_data
 from lmos_jax.data.encoder import MLMData, build_cls_data
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.data.tokenizer import check_vocab
+from lmos_jax.errors import UserError
 from lmos_jax.models.decode import Decoder, Sampling
 from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
@@ -143,22 +144,28 @@ def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
   """Newest checkpoint that reads back intact (checked against this config), else fresh init.
 
   Corrupt or truncated newer steps are reported, moved aside, and an older good one is used.
+  A checkpoint of another model or other data is refused (a UserError naming the workdir)
+  from its metadata, before its arrays are read.
   """
-  def same_model(step: int, meta: dict) -> None:
+  def same_run(step: int, meta: dict) -> None:
     saved_model = json.loads(meta.get("config", "{}")).get("model")
-    if saved_model is not None and saved_model != json.loads(run.cfg.to_json())["model"]:
-      raise ValueError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different "
-                       "model config; use a fresh --workdir or the original model settings")
+    now_model = json.loads(run.cfg.to_json())["model"]
+    if saved_model is not None and saved_model != now_model:
+      changed = sorted(k for k in set(saved_model) | set(now_model)
+                       if saved_model.get(k) != now_model.get(k))
+      raise ConfigError(f"--workdir={ckpt.workdir} holds a checkpoint (step {step}) of a "
+                        f"different model (changed: {', '.join('model.' + k for k in changed)})"
+                        "; use a fresh --workdir or the original model settings")
+    restore_data_state(run.data, meta.get("data_state"), step)  # same data, same position
 
   step, state, meta = restore_latest_good(
-      ckpt, abstract_like(run.abstract_state, run.shardings), same_model)
+      ckpt, abstract_like(run.abstract_state, run.shardings), same_run)
   if step is None:
     with jax.set_mesh(run.mesh):
       state = jax.jit(run.init_fn, out_shardings=run.shardings)(jax.random.PRNGKey(run.cfg.seed))
     if run.cfg.model.init_from:  # pretrained weights (HF folder) into the fresh sharded state
       state = pretrained_train_state(run.cfg, state, run.shardings, run.step_cfg.tx, run.mesh)
     return state, {}
-  restore_data_state(run.data, meta.get("data_state"), step)  # same data, same position
   return state, meta
 
 
@@ -436,26 +443,27 @@ def sample_text(run: Run, params, prompt: str, num_tokens: int, seed: int) -> st
 
 
 def main(argv: list[str]) -> int:
-  from absl import flags
-  from ml_collections import config_flags
+  """`lmos train --config=FILE[:ARG] [--config.FIELD=VALUE ...] --workdir=DIR`.
 
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", "configs/default.py", "config file[:arg]",
-                                  flag_values=fv, lock_config=True)
+  Bad input (flags, config, data, an incompatible checkpoint) raises UserError, which `lmos`
+  prints as one line (exit 2); a checkpoint that cannot be written or read back exits 1,
+  a failed multi-host join 3.
+  """
+  from absl import flags
+  from lmos_jax.config.command_line import config_flag_values, parse_flags
+
+  fv, rest = config_flag_values(argv)
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, logs)",
                       flag_values=fv)
-  fv(argv)
+  parse_flags(fv, rest)
   if not fv.workdir:
-    print("lmos train: --workdir is required", file=sys.stderr)
-    return 2
-  from lmos_jax.config.loading import ConfigError
-  from lmos_jax.train.tracking import TrackingError
+    raise ConfigError("--workdir is required: the run directory for checkpoints, metrics "
+                      "and logs (an existing one resumes)")
   try:
     last = train(fv.config, fv.workdir)
-  except (ConfigError, TrackingError) as e:
-    print(f"lmos train: config error: {e}", file=sys.stderr)
-    return 2
   except (CheckpointError, NonFiniteError) as e:
+    if isinstance(e, UserError):
+      raise
     print(f"lmos train: {e}", file=sys.stderr)
     return 1
   except distributed.DistributedError as e:
