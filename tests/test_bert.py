@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import assert_trees_equal
 from lmos_jax.data.encoder import MLMData, mlm_mask
 from lmos_jax.convert import to_hf_from_workdir
 from lmos_jax.models import hf
@@ -187,8 +188,7 @@ def test_trainer_init_from_hf_and_mlm_steps(tmp_path):
   hf.save_hf(t, params, tmp_path / "hf")
   run = build_run(_tiny_mlm_config(str(tmp_path / "hf")))
   state, _ = init_or_restore(run, Checkpointer(tmp_path / "wd", keep=1))
-  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_equal(state["params"], params)
   moments = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state["opt_state"]))]
   assert all(not m.any() for m in moments if m.ndim > 0)  # fresh Adam moments
   batch = global_batch(run, run.data.train_batch(0))
@@ -208,8 +208,7 @@ def test_trainer_init_from_hf_and_mlm_steps(tmp_path):
   (wd / "config.json").write_text(run.cfg.to_json())
   to_hf_from_workdir(wd, tmp_path / "back")
   _, back = hf.load_hf_params(tmp_path / "back")
-  for a, b in zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(back)):
-    np.testing.assert_array_equal(np.asarray(a), b)
+  assert_trees_equal(jax.device_get(state["params"]), back)
 
 
 def test_init_from_shape_mismatch_names_tensor(tmp_path):
