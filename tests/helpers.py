@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+import numpy as np
+
 from lmos_jax.config.schema import base_config
 from lmos_jax.models.layers import TransformerConfig
+from lmos_jax.tree import path_str
 
 
 def tiny_tcfg(**overrides) -> TransformerConfig:
@@ -23,3 +29,31 @@ def tiny_config(**train_overrides):
   for k, v in train_overrides.items():
     c.train[k] = v
   return c
+
+
+def leaves_by_path(tree: Any) -> dict[str, np.ndarray]:
+  """{'blocks/0/attn/query/kernel': array}: the leaves named by path, whatever the containers
+  (nnx.State, dicts, lists), so two trees can be compared by name."""
+  return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def same_leaf_names(a: Any, b: Any) -> tuple[dict, dict]:
+  """Both trees' leaves by name, after checking the names agree (a dropped leaf fails)."""
+  la, lb = leaves_by_path(a), leaves_by_path(b)
+  assert la.keys() == lb.keys(), (f"leaves only in the first: {sorted(la.keys() - lb.keys())}; "
+                                  f"only in the second: {sorted(lb.keys() - la.keys())}")
+  return la, lb
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+  """Same leaf names, and every leaf bit-equal in shape and value."""
+  la, lb = same_leaf_names(a, b)
+  for name, x in la.items():
+    np.testing.assert_array_equal(x, lb[name], err_msg=name, strict=True)
+
+
+def assert_trees_close(a: Any, b: Any, **tol: float) -> None:
+  """Same leaf names, and every leaf equal within `tol` (np.testing.assert_allclose's)."""
+  la, lb = same_leaf_names(a, b)
+  for name, x in la.items():
+    np.testing.assert_allclose(x, lb[name], err_msg=name, **tol)

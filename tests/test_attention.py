@@ -1,5 +1,6 @@
-"""The CPU attention path (blocked causal, heads-major) and the fused q/k/v projection
-against jax.nn.dot_product_attention's XLA reference, values and gradients."""
+"""The CPU attention path (blocked causal, heads-major) against jax.nn.dot_product_attention's
+XLA reference, and the fused q/k/v projection against three separate ones; values and
+gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_tcfg
+from helpers import assert_trees_close, tiny_tcfg
 from lmos_jax.models.gpt import GPT
-from lmos_jax.models.layers import blocked_attention, resolve_attention_impl
+from lmos_jax.models.layers import Attention, blocked_attention, resolve_attention_impl
 
 TOL = dict(rtol=2e-5, atol=2e-5)  # f32: only the summation order differs
 
@@ -39,8 +40,7 @@ def test_blocked_causal_matches_reference_values_and_grads(block, kv):
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
   g_got = jax.grad(loss(lambda *a: _blocked_btnh(*a, None, True, block)), (0, 1, 2))(q, k, v)
   g_ref = jax.grad(loss(lambda *a: _reference(*a, None, True)), (0, 1, 2))(q, k, v)
-  for a, b in zip(g_got, g_ref):
-    np.testing.assert_allclose(a, b, **TOL)
+  assert_trees_close(g_got, g_ref, **TOL)
 
 
 def test_blocked_with_padding_mask_and_non_causal():
@@ -80,5 +80,33 @@ def test_model_blocked_equals_xla_path(extra):
     f = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)  # noqa: E731
     out[impl] = jax.value_and_grad(f)(params)
   np.testing.assert_allclose(out["blocked"][0], out["xla"][0], **TOL)
-  for a, b in zip(jax.tree.leaves(out["blocked"][1]), jax.tree.leaves(out["xla"][1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert_trees_close(out["blocked"][1], out["xla"][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_fused_qkv_projection_equals_separate(monkeypatch, use_bias):
+  """The one stacked (D, 3, N, H) matmul gives the q, k, v (rope included) and gradients of
+  the three separate Dense layers it replaces."""
+  model = GPT(tiny_tcfg(scan_layers=False, pos_emb="rope", use_bias=use_bias),
+              rngs=nnx.Rngs(0))
+  attn = model.blocks[0].attn
+  assert attn._fusable_qkv()
+  graphdef, params = nnx.split(attn)
+  if use_bias:  # zero-initialised biases would not show a wrong bias layout
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 * jnp.arange(x.size).reshape(x.shape) / x.size
+        if "bias" in jax.tree_util.keystr(p) else x, params)
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 32))
+  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+
+  def project(p):
+    return nnx.merge(graphdef, p).project_qkv(x, positions)
+
+  def loss(p):
+    return sum(jnp.sum(jnp.sin(a) * w) for a, w in zip(project(p), (1.0, 2.0, 3.0), strict=True))
+
+  fused, g_fused = project(params), jax.grad(loss)(params)
+  monkeypatch.setattr(Attention, "_fusable_qkv", lambda self: False)
+  separate, g_separate = project(params), jax.grad(loss)(params)
+  assert_trees_close(fused, separate, **TOL)
+  assert_trees_close(g_fused, g_separate, **TOL)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import assert_trees_equal
 from lmos_jax.data.encoder import MLMData, mlm_mask
 from lmos_jax.convert import to_hf_from_workdir
 from lmos_jax.workdir import write_tokenizer
@@ -188,8 +189,7 @@ def test_trainer_init_from_hf_and_mlm_steps(tmp_path):
   hf.save_hf(t, params, tmp_path / "hf")
   run = build_run(_tiny_mlm_config(str(tmp_path / "hf")))
   state, _ = init_or_restore(run, Checkpointer(tmp_path / "wd", keep=1))
-  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_equal(state["params"], params)
   moments = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state["opt_state"]))]
   assert all(not m.any() for m in moments if m.ndim > 0)  # fresh Adam moments
   batch = global_batch(run, run.data.train_batch(0))
@@ -210,8 +210,7 @@ def test_trainer_init_from_hf_and_mlm_steps(tmp_path):
   write_tokenizer(wd, run.data.tokenizer)  # bytes + the [MASK] id MLM appended
   to_hf_from_workdir(wd, tmp_path / "back")
   _, back = hf.load_hf_params(tmp_path / "back")
-  for a, b in zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(back)):
-    np.testing.assert_array_equal(np.asarray(a), b)
+  assert_trees_equal(jax.device_get(state["params"]), back)
   from transformers import AutoTokenizer
   tok = AutoTokenizer.from_pretrained(tmp_path / "back")
   assert tok.mask_token_id == run.data.mask_id == 256

@@ -1,15 +1,17 @@
 """The pipeline inside `lmos train`: data state in checkpoints, resume checks, input wait."""
 
 import json
+import time
 
 import pytest
 
 from helpers import tiny_config
+from lmos_jax.data.build import MixtureData
 from lmos_jax.train.checkpoint import Checkpointer
 from lmos_jax.train.trainer import build_run, init_or_restore, train
 
 
-def test_train_saves_data_state_reports_wait_and_checks_it_on_resume(tmp_path):
+def test_train_saves_data_state_reports_wait_and_checks_it_on_resume(tmp_path, monkeypatch):
   docs = [f"doc {i} " + "abc " * (i % 7) for i in range(60)]
   data = tmp_path / "docs.jsonl"
   data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -17,11 +19,23 @@ def test_train_saves_data_state_reports_wait_and_checks_it_on_resume(tmp_path):
   cfg.data.source, cfg.data.path, cfg.data.batching = "files", str(data), "packed"
   cfg.data.tokenizer = "bpe"
   cfg.data.bpe_vocab_size = 280
+  cfg.data.prefetch = 0  # batches made inline: every second the data takes is waited for
+  slow = 0.5
+  real = MixtureData.train_batch
+
+  def slow_batch(self, step):
+    time.sleep(slow)
+    return real(self, step)
+
+  monkeypatch.setattr(MixtureData, "train_batch", slow_batch)
   workdir = tmp_path / "run"
   train(cfg, workdir)
+  monkeypatch.undo()
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  waits = [r["data_wait_frac"] for r in rows if "data_wait_frac" in r and r["step"] == 4]
-  assert waits and 0.0 <= waits[0] <= 1.0
+  waits = [r["data_wait_frac"] for r in rows if r["step"] in (2, 4)]
+  # 0.5 s of waiting per batch against a tiny model's steps (and, in the second window, the
+  # step-2 checkpoint save): most of each window, and 0 if the wait went uncounted
+  assert len(waits) == 2 and all(0.2 < w <= 1.0 for w in waits), waits
   meta = json.loads((workdir / "checkpoints" / "4" / "meta" / "metadata").read_text())
   state = meta["data_state"]
   assert state["kind"] == "packed" and state["rows_consumed"] == [4 * 8]

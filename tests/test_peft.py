@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config, tiny_tcfg
+from helpers import leaves_by_path, tiny_config, tiny_tcfg
 from lmos_jax.config.schema import base_config
 from lmos_jax.models.gpt import GPT
 from lmos_jax.peft.adalora import SVDDense, orthogonality_penalty
@@ -21,7 +21,7 @@ from lmos_jax.peft.wrap import (count_trainable, load_adapters, overlay_params, 
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.optim import make_optimizer
 from lmos_jax.train.precision import resolve_policy
-from lmos_jax.train.step import StepConfig, loss_and_grads, train_step
+from lmos_jax.train.step import StepConfig, eval_step, loss_and_grads, train_step
 
 
 
@@ -146,6 +146,31 @@ def test_lora_dropout_only_in_training():
   eval_out = np.asarray(model(tokens()))
   set_dropout_keys(model, jax.random.PRNGKey(7))
   assert not np.allclose(np.asarray(model(tokens())), eval_out)
+
+
+def _without_dropout_keys(tree):
+  if isinstance(tree, dict):
+    return {k: _without_dropout_keys(v) for k, v in tree.items() if k != "dropout_key"}
+  return tree
+
+
+def test_lora_dropout_off_in_evaluation_after_a_jitted_train_step():
+  """The train step draws LoRA dropout from its key; the state it returns carries no key, so
+  evaluation afterwards is deterministic and equals the same params with dropout 0."""
+  cfg, st, _, _ = _step_setup("lora", dropout=0.5)
+  st["params"] = jax.tree_util.tree_map_with_path(  # B off zero: dropout changes the output
+      lambda p, x: x + 0.1 if "lora_b" in str(p) else x, st["params"])
+  loss = jax.jit(lambda p, k: loss_and_grads(cfg, p, batch(), k)[0])
+  assert float(loss(st["params"], jax.random.PRNGKey(1))) != float(loss(st["params"], None))
+  new, _ = jax.jit(lambda s, b: train_step(cfg, s, b))(st, batch())
+  keys = [x for name, x in leaves_by_path(new["params"]).items() if name.endswith("dropout_key")]
+  assert keys and not any(k.any() for k in keys)
+  evaluate = jax.jit(lambda p: eval_step(cfg, p, batch())["loss_sum"])
+  first, second = float(evaluate(new["params"])), float(evaluate(new["params"]))
+  no_dropout, _, _, _ = _step_setup("lora", dropout=0.0)
+  params0 = _without_dropout_keys(new["params"])
+  ref = float(jax.jit(lambda p: eval_step(no_dropout, p, batch())["loss_sum"])(params0))
+  assert first == second == ref
 
 
 def test_adalora_budget_reaches_target_rank():

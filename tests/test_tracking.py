@@ -1,10 +1,12 @@
 """Tracking: W&B in offline mode (records read back from the run file), hyperparameters sent
-once, and a jax.profiler trace of exactly the configured step range."""
+once, TensorBoard scalars equal to metrics.jsonl, and a jax.profiler trace of exactly the
+configured step range."""
 
 import gzip
 import json
 import struct
 
+import numpy as np
 import pytest
 
 from lmos_jax.config.schema import base_config
@@ -47,6 +49,34 @@ def read_wandb_records(path):
   return records
 
 
+def read_tensorboard_scalars(tb_dir):
+  """{tag: [(step, value)]} from TensorBoard event files: TFRecord framing (little-endian
+  uint64 length, masked crc32c of it, the Event proto, masked crc32c of it), checked."""
+  from tensorboardX.crc32c import crc32c
+  from tensorboardX.proto.event_pb2 import Event
+
+  def masked(data):
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+  scalars = {}
+  for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      header = data[pos:pos + 8]
+      (length,), (length_crc,) = struct.unpack("<Q", header), struct.unpack(
+          "<I", data[pos + 8:pos + 12])
+      body = data[pos + 12:pos + 12 + length]
+      (body_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+      assert masked(header) == length_crc and masked(body) == body_crc, f"{path} at {pos}"
+      pos += 16 + length
+      event = Event.FromString(body)
+      for v in event.summary.value:
+        if v.HasField("simple_value"):
+          scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return scalars
+
+
 def test_wandb_offline_hparams_once_and_profile_window(tmp_path, monkeypatch):
   from lmos_jax.train.trainer import train
   monkeypatch.setenv("WANDB_MODE", "offline")
@@ -81,6 +111,18 @@ def test_wandb_offline_hparams_once_and_profile_window(tmp_path, monkeypatch):
       hist.append(items)
   assert [h["_step"] for h in hist] == [1, 2, 3] and "history" in kinds
   assert [h["loss"] for h in hist] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+  # TensorBoard holds every scalar of every metrics.jsonl row, as float32
+  tb = read_tensorboard_scalars(wd / "tb")
+  want = {}
+  for row in logged:
+    for k, v in row.items():
+      if k != "step":
+        want.setdefault(k, []).append((row["step"], v))
+  assert sorted(tb) == sorted(want) and {"loss", "lr", "grad_norm"} <= set(tb)
+  for tag, points in want.items():
+    assert [s for s, _ in tb[tag]] == [s for s, _ in points], tag
+    np.testing.assert_array_equal(np.array([v for _, v in tb[tag]], np.float32),
+                                  np.array([v for _, v in points], np.float32), err_msg=tag)
 
   # the profiler covered exactly updates 1 and 2 (StepTraceAnnotation step numbers)
   (trace,) = (wd / "profile" / "process_0").rglob("*.trace.json.gz")

@@ -1,19 +1,25 @@
 """Train step: sharded == single device, grad accumulation == full batch, overfitting,
-weight-decay mask, L2, schedules."""
+weight-decay mask, L2, dropout only in training, bf16 compute, schedules."""
+
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
-from helpers import tiny_config
+from helpers import assert_trees_close, leaves_by_path, tiny_config
 from lmos_jax.models.factory import model_factory
+from lmos_jax.models.layers import logits_matmul
 from lmos_jax.parallel.sharding import make_mesh
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.optim import decay_mask_fn, make_optimizer, make_schedule
-from lmos_jax.tree import path_names
 from lmos_jax.train.precision import resolve_policy
-from lmos_jax.train.step import StepConfig, init_train_state, jit_train_step
+from lmos_jax.train.step import (StepConfig, abstract_model_state, eval_step, init_train_state,
+                                 jit_train_step, train_step)
 
 VOCAB = 64
 
@@ -55,9 +61,7 @@ def _run(cfg, mesh_shape, steps=2, batch=None, devices=None, flat_allreduce=True
 
 
 def _assert_close(a, b, atol):
-  for (p, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(a)[0],
-                            jax.tree_util.tree_flatten_with_path(b)[0]):
-    np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=str(path_names(p)))
+  assert_trees_close(a, b, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +94,6 @@ def test_grad_accumulation_sharded():
 
 
 def _all_reduce_operands(hlo_text):
-  import re
   """The result shape of each all-reduce in compiled HLO text (a tuple when combined)."""
   return re.findall(r"= ([^=\n]+?) all-reduce(?:-start)?\(", hlo_text)
 
@@ -149,6 +152,117 @@ def test_l2_penalty_adds_to_loss():
   assert with_l2 > base + 1e-4
 
 
+def _keep_grads() -> optax.GradientTransformation:
+  """An 'optimizer' that leaves params alone and keeps the step's gradients as its state."""
+  return optax.GradientTransformation(
+      init=lambda p: jax.tree.map(jnp.zeros_like, p),
+      update=lambda g, _, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def _step_grads(graphdef, state, batch, l2):
+  scfg = StepConfig(graphdef=graphdef, tx=_keep_grads(), loss_fn=lm_loss,
+                    policy=resolve_policy("fp32"), l2=l2)
+  new, _ = jax.jit(functools.partial(train_step, scfg))(state, batch)
+  return jax.device_get(new["opt_state"])
+
+
+def test_l2_changes_each_decayed_gradient_by_l2_times_the_weight():
+  """grad(loss + l2/2 |w|^2) - grad(loss) == l2 * w on the decayed params (kernels), and 0 on
+  embeddings, norms and biases (decay_embeddings = decay_norms_and_biases = False)."""
+  cfg = _cfg()
+  cfg.model.use_bias = True  # biases too, so their exclusion is checked
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  graphdef, state, _ = init_train_state(model_factory(cfg.model, VOCAB), _keep_grads(),
+                                        resolve_policy("fp32"), mesh, seed=0)
+  params = jax.device_get(state["params"])
+  l2 = 0.25
+  with jax.set_mesh(mesh):
+    plain = _step_grads(graphdef, state, _batch(), 0.0)
+    with_l2 = _step_grads(graphdef, state, _batch(), l2)
+  names = leaves_by_path(params)
+  kinds = {n: bool(d) for n, d in leaves_by_path(decay_mask_fn(False, False)(params)).items()}
+  assert any(kinds.values()) and not all(kinds.values())
+  assert any(n.endswith("bias") for n in names) and any("norm" in n for n in names)
+  g0, g1 = leaves_by_path(plain), leaves_by_path(with_l2)
+  eps = np.finfo(np.float32).eps
+  for name, w in names.items():
+    want = l2 * w if kinds[name] else np.zeros_like(w)
+    # f32 rounding only: one rounding of l2*w and one of the sum, each within eps/2 relative
+    bound = eps * (np.abs(g1[name]) + np.abs(want)) + np.finfo(np.float32).tiny
+    err = np.abs((g1[name] - g0[name]) - want)
+    assert (err <= bound).all(), (name, float(err.max()))
+    if not kinds[name]:
+      np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
+
+
+def test_dropout_only_in_training():
+  """model.dropout > 0: train-mode losses depend on the key; evaluation after a jitted train
+  step is deterministic and equals the same params run with dropout 0."""
+  cfg = _cfg(lr=1e-2, warmup_steps=0, schedule="constant")
+  cfg.model.dropout = 0.3
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  tx = make_optimizer(cfg.train)
+  graphdef, state, shardings = init_train_state(model_factory(cfg.model, VOCAB), tx,
+                                                resolve_policy("fp32"), mesh, seed=0)
+  scfg = StepConfig(graphdef=graphdef, tx=tx, loss_fn=lm_loss, policy=resolve_policy("fp32"))
+  batch = _batch()
+  train_loss = jax.jit(lambda p, k: lm_loss(nnx.merge(graphdef, p), batch, k)[0])
+  a = float(train_loss(state["params"], jax.random.PRNGKey(1)))
+  again = float(train_loss(state["params"], jax.random.PRNGKey(1)))
+  b = float(train_loss(state["params"], jax.random.PRNGKey(2)))
+  no_dropout = float(train_loss(state["params"], None))
+  assert a == again and a != b and no_dropout not in (a, b)
+  step = jit_train_step(scfg, shardings, mesh, {k: v.ndim for k, v in batch.items()})
+  with jax.set_mesh(mesh):
+    state, _ = step(state, batch)
+  evaluate = jax.jit(functools.partial(eval_step, scfg))
+  first, second = evaluate(state["params"], batch), evaluate(state["params"], batch)
+  cfg.model.dropout = 0.0
+  graphdef0, _ = abstract_model_state(model_factory(cfg.model, VOCAB))
+  ref = jax.jit(functools.partial(eval_step, StepConfig(
+      graphdef=graphdef0, tx=tx, loss_fn=lm_loss, policy=resolve_policy("fp32"))))(
+          state["params"], batch)
+  assert float(first["loss_sum"]) == float(second["loss_sum"])
+  np.testing.assert_array_equal(np.asarray(first["loss_sum"]), np.asarray(ref["loss_sum"]))
+
+
+def _dot_operand_types(stablehlo: str) -> list[tuple[str, ...]]:
+  """Element types of the operands of every dot_general in StableHLO text."""
+  out = []
+  for line in stablehlo.splitlines():
+    if "stablehlo.dot_general" in line:
+      operands = line.rsplit(" : (", 1)[1].split(") -> ", 1)[0]
+      out.append(tuple(re.findall(r"tensor<(?:[0-9]+x)*([a-z0-9]+)>", operands)))
+  return out
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", "bf16"), ("fp32", "f32")])
+def test_policy_sets_the_matmul_input_dtype(precision, dtype):
+  """Every matmul of the lowered train step (forward and backward) reads `dtype` operands,
+  while the params the step takes and returns stay float32."""
+  cfg = _cfg()
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  tx = make_optimizer(cfg.train)
+  policy = resolve_policy(precision)
+  graphdef, state, shardings = init_train_state(model_factory(cfg.model, VOCAB), tx, policy,
+                                                mesh, seed=0)
+  scfg = StepConfig(graphdef=graphdef, tx=tx, loss_fn=lm_loss, policy=policy)
+  batch = _batch()
+  step = jit_train_step(scfg, shardings, mesh, {k: v.ndim for k, v in batch.items()})
+  with jax.set_mesh(mesh):
+    lowered = step.lower(state, batch)
+  dots = _dot_operand_types(lowered.as_text())
+  # the layer body (scanned: traced once) has 7 projections and the LM head one more, each a
+  # forward and two backward dots; the LM head's backward is the one autodiff alone would
+  # run in float32 (see layers.logits_matmul)
+  assert len(dots) >= 3 * 8, len(dots)
+  assert all(t == (dtype, dtype) for t in dots), sorted(set(dots))
+  params_in = lowered.args_info[0][0]["params"]
+  assert {a.dtype for a in jax.tree.leaves(params_in)} == {jnp.dtype(jnp.float32)}
+  params_out = jax.eval_shape(step, state, batch)[0]["params"]
+  assert {a.dtype for a in jax.tree.leaves(params_out)} == {jnp.dtype(jnp.float32)}
+
+
 @pytest.mark.parametrize("kind", ["constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd"])
 def test_schedules(kind):
   c = _cfg(schedule=kind, lr=1.0, warmup_steps=10, steps=100, min_lr_ratio=0.1,
@@ -191,3 +305,21 @@ def test_bf16_policy_keeps_fp32_master_weights_and_loss():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
   assert metrics["loss"].dtype == jnp.float32
   assert 3.0 < float(metrics["loss"]) < 5.5
+
+
+def test_logits_matmul_gradients_equal_autodiff_in_f32():
+  """The LM head's custom backward (operand-dtype matmuls) is plain autodiff in float32."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x, w = jax.random.normal(kx, (2, 8, 16)), jax.random.normal(kw, (16, 24))
+  def loss(f):
+    return lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+  plain = lambda a, b: jnp.einsum("btd,dv->btv", a, b, preferred_element_type=jnp.float32)  # noqa: E731
+  got = jax.grad(loss(logits_matmul), (0, 1))(x, w)
+  want = jax.grad(loss(plain), (0, 1))(x, w)
+  np.testing.assert_array_equal(logits_matmul(x, w), plain(x, w))
+  # f32: the same products; only XLA's choice of summation order may differ
+  assert_trees_close(got, want, rtol=1e-6, atol=1e-6)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  gx, gw = jax.grad(loss(logits_matmul), (0, 1))(xb, wb)
+  assert logits_matmul(xb, wb).dtype == jnp.float32
+  assert gx.dtype == gw.dtype == jnp.bfloat16

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmos_jax.config.loading import ConfigError
-from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, make_blocks,
-                                    normal, param, run_blocks)
+from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, logits_matmul,
+                                    make_blocks, normal, param, run_blocks)
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -98,7 +98,7 @@ class BERT(nnx.Module):
     """Transform (dense, GELU, LayerNorm), then the tied decoder plus its bias; float32."""
     h_BTD = self.mlm_norm(self._act(self.mlm_dense(x_BTD)))
     w_DV = self.embed[...].astype(h_BTD.dtype).T
-    logits = jnp.einsum("btd,dv->btv", h_BTD, w_DV, preferred_element_type=jnp.float32)
+    logits = logits_matmul(h_BTD, w_DV)
     logits = logits + self.mlm_bias[...].astype(jnp.float32)
     return constrain(logits, ("batch", "length", "act_vocab"))
 

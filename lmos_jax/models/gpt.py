@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, attention_mask, dropout,
-                                    make_blocks, normal, param, run_blocks)
+                                    logits_matmul, make_blocks, normal, param, run_blocks)
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -42,7 +42,7 @@ class GPT(nnx.Module):
       w_DV = self.embed[...].astype(x_BTD.dtype).T
     else:
       w_DV = self.lm_head.kernel[...].astype(x_BTD.dtype)
-    logits = jnp.einsum("btd,dv->btv", x_BTD, w_DV, preferred_element_type=jnp.float32)
+    logits = logits_matmul(x_BTD, w_DV)
     return constrain(logits, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens_BT: Array, *, positions_BT: Array | None = None,
