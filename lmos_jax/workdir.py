@@ -8,14 +8,26 @@ compress, convert, export and serve read a run only through this module.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lmos_jax.errors import UserError
 from lmos_jax.models.hf import HFConversionError
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+  """The run config a workdir was made with (its config.json)."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise UserError(f"{workdir}: no config.json; not an lmos workdir (run `lmos train` or "
+                    "`lmos convert --from-hf` into it first)")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def workdir_params(workdir: str | Path) -> dict:

@@ -36,7 +36,7 @@ from lmos_jax.data.stream import BatchStream, check_state  # noqa: F401 (BatchSt
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents, split_documents
 from lmos_jax.data.text import split_train_val, window_batch
 from lmos_jax.data.tokenizer import (build_tokenizer, check_vocab, pad_id, separator_id,
-                                     tokenizer_fingerprint)
+                                     special_set, tokenizer_fingerprint)
 
 log = logging.getLogger("lmos_jax.data")
 
@@ -306,8 +306,9 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
   cache = Path(workdir) / "tokenizer" if workdir else None
   all_train = [t for docs, _ in splits for t in docs]
   tok = build_tokenizer(d.tokenizer, all_train, need_specials=need_specials,
-                        tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
-                        cache_dir=cache)
+                        tokenizer_path=d.tokenizer_path or cfg.model.init_from,
+                        bpe_vocab_size=d.bpe_vocab_size, cache_dir=cache,
+                        specials=special_set(d.specials, cfg.task))
   check_vocab(tok, cfg.model.vocab_size)
   seq_len = d.seq_len
   if d.batching == "random" and len(specs) == 1:
@@ -390,8 +391,10 @@ def build_streaming(cfg, specs: list[SourceSpec], process_index: int, process_co
   spec = specs[0]
   train_docs = first_texts(spec, BPE_STREAM_DOCS, Repairs()) if d.tokenizer == "bpe" else []
   tok = build_tokenizer(d.tokenizer, train_docs, need_specials=True,
-                        tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
-                        cache_dir=Path(workdir) / "tokenizer" if workdir else None)
+                        tokenizer_path=d.tokenizer_path or cfg.model.init_from,
+                        bpe_vocab_size=d.bpe_vocab_size,
+                        cache_dir=Path(workdir) / "tokenizer" if workdir else None,
+                        specials=special_set(d.specials, cfg.task))
   check_vocab(tok, cfg.model.vocab_size)
   return StreamingData(tok, spec, cfg.train.batch_size // process_count, d.seq_len, cfg.seed,
                        cfg.train.eval_batches, d.batching, d.val_fraction, d.shuffle_buffer,

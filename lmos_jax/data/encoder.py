@@ -87,13 +87,18 @@ class MLMData:
     specials = getattr(self.base.tokenizer, "specials", {}) or {}
     self.special_ids = tuple(sorted(set(int(i) for i in specials.values()) | {self.mask_id}))
     self.random_vocab = int(self.base.tokenizer.vocab_size)
+    self.cls_id = specials.get("cls")
 
   def _mask(self, batch: dict[str, np.ndarray], key: Sequence[int]) -> dict[str, np.ndarray]:
     if "segment_ids" in batch:
       raise ValueError("task 'mlm' needs unpacked windows; set data.batching to random or "
                        "windows (packed rows would attend across documents)")
+    ids_BT = batch["inputs"]
+    if self.cls_id is not None:  # BERT's framing: every row starts with [CLS], the token a
+      ids_BT = ids_BT.copy()  # classifier finetune pools, so its embedding is pretrained too
+      ids_BT[:, 0] = self.cls_id
     rng = np.random.default_rng(list(key))
-    return mlm_mask(batch["inputs"], rng, mask_id=self.mask_id, vocab_size=self.random_vocab,
+    return mlm_mask(ids_BT, rng, mask_id=self.mask_id, vocab_size=self.random_vocab,
                     prob=self.prob, special_ids=self.special_ids)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
