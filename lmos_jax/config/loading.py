@@ -301,7 +301,7 @@ def _check_same_architecture(m, source: dict) -> None:
   wrong = [f"model.{k}={m[k]!r} (source {src[k]!r})" for k in ARCH_FIELDS
            if k in src and src[k] != m[k]]
   kv, src_kv = m.num_kv_heads or m.num_heads, src.get("num_kv_heads") or src.get("num_heads")
-  if kv != src_kv:
+  if m.num_heads == src.get("num_heads") and kv != src_kv:  # 0 means num_heads
     wrong.append(f"model.num_kv_heads={m.num_kv_heads} (source {src.get('num_kv_heads')})")
   if wrong:
     raise ConfigError(f"config 'model.init_from'={m.init_from!r} trained another model: "
