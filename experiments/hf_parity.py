@@ -50,8 +50,8 @@ def torch_out(torch, model, ids, mask, types, is_bert):
 
 def lmos_out(model, ids, mask, types, is_bert):
   if is_bert:
-    return np.asarray(model(jnp.asarray(ids), None if types is None else jnp.asarray(types),
-                            jnp.asarray(mask)))
+    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                            token_type_ids=None if types is None else jnp.asarray(types)))
   return np.asarray(model(jnp.asarray(ids)))
 
 

@@ -86,7 +86,7 @@ def test_cls_loss_matches_numpy_reference():
   logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3], [5.0, 0.0, 0.0]], np.float32)
   labels = np.array([0, 2, 1])
   weights = np.array([1.0, 1.0, 0.0], np.float32)
-  model = lambda ids, types, mask, rng=None: jnp.asarray(logits)  # noqa: E731
+  model = lambda input_ids, rng=None, **inputs: jnp.asarray(logits)  # noqa: E731
   loss_sum, weight, aux = cls_loss(model, {"inputs": np.zeros((3, 4), np.int32),
                                            "labels": labels, "weights": weights}, None)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -214,7 +214,8 @@ def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys
   hf_model = load_hf(to_hf_from_workdir(wd, tmp_path / "hf_out"))
   enc = encode_for_classifier(load_pretrained(tiny_hf_dir), ["great film", "dull mess"], None,
                               16)
-  logits = hf_model(enc["inputs"], enc["token_type_ids"], enc["attention_mask"])
+  logits = hf_model(enc["inputs"], token_type_ids=enc["token_type_ids"],
+                    attention_mask=enc["attention_mask"])
   np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits, -1)), via_adapters, atol=1e-5)
   assert pred.main(["lmos predict", "--workdir", str(wd), "great film"]) == 0
   label, prob, text = capsys.readouterr().out.strip().splitlines()[-1].split("\t")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lmos_jax
 from lmos_jax.models import hf
 
 TOL = 1e-4
@@ -72,7 +73,8 @@ def ckpts(tmp_path_factory):
 def _lmos_out(model, name):
   ids, mask, types = _inputs()
   if name.startswith("bert"):
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(types), jnp.asarray(mask)))
+    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                            token_type_ids=jnp.asarray(types)))
   return np.asarray(model(jnp.asarray(ids)))
 
 
@@ -83,6 +85,44 @@ def test_logits_match_transformers(ckpts, name):
   assert out.shape == ref.shape
   assert np.abs(out - ref).max() <= TOL
   assert np.abs(ref).max() > 1e-2  # a meaningful comparison, not two near-zero arrays
+
+
+@pytest.mark.parametrize("name", ["bert_mlm", "bert_cls", "gpt2", "llama"])
+def test_hf_keywords_and_padding_match_transformers(ckpts, name):
+  """`load_hf(d)(input_ids, attention_mask=..., token_type_ids=...)` as a transformers user
+  calls it: real positions match transformers, and the tokens under the padding change
+  nothing. Decoders are padded on the left, where padding precedes real tokens."""
+  torch = pytest.importorskip("torch")
+  d, _, cls = ckpts[name]
+  ids, mask, types = _inputs()
+  is_bert = name.startswith("bert")
+  if not is_bert:
+    mask = np.ones_like(mask)
+    mask[1, :3] = 0  # left padding
+  kw = {"attention_mask": mask} | ({"token_type_ids": types} if is_bert else {})
+  with torch.no_grad():
+    ref = cls.from_pretrained(d).eval()(
+        input_ids=torch.tensor(ids), **{k: torch.tensor(v) for k, v in kw.items()}).logits
+  model = lmos_jax.load_hf(d)
+
+  def call(x, **extra):
+    return np.asarray(model(jnp.asarray(x), **{k: jnp.asarray(v) for k, v in extra.items()}))
+
+  real = mask.astype(bool)
+  pick = (lambda y: y) if name == "bert_cls" else (lambda y: y[real])  # (B, C) or real tokens
+  out = call(ids, **kw)
+  assert np.abs(pick(out) - pick(ref.numpy())).max() <= TOL
+  other = np.where(real, ids, (ids + 1 + np.arange(ids.shape[1])) % VOCAB)  # new pad tokens
+  np.testing.assert_allclose(pick(call(other, **kw)), pick(out), atol=1e-5)
+  unmasked = {k: v for k, v in kw.items() if k != "attention_mask"}
+  assert np.abs(pick(call(other, **unmasked)) - pick(call(ids, **unmasked))).max() > 1e-3
+
+
+def test_gpt_refuses_token_type_ids(ckpts):
+  model = lmos_jax.load_hf(ckpts["gpt2"][0])
+  ids, _, types = _inputs()
+  with pytest.raises(ValueError, match="token_type_ids"):
+    model(jnp.asarray(ids), token_type_ids=jnp.asarray(types))
 
 
 def test_llama_was_sharded_and_unscanned_layers_load(ckpts):
@@ -129,14 +169,13 @@ def test_real_minilm_matches_transformers():
     o = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
   # A bare BertModel called gives hidden states; num_labels adds a fresh classifier on top.
   assert hf.spec_from_hf(hf.read_hf_config(d), hf.tensor_shapes(d)).head == "none"
-  import lmos_jax
   clf = lmos_jax.load_hf(d, num_labels=2)
-  hidden = np.asarray(clf.encode(jnp.asarray(ids), None, jnp.asarray(mask)))
+  hidden = np.asarray(clf.encode(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
   assert hidden.shape == (2, ids.shape[1], 384)
   assert np.abs(hidden - o.last_hidden_state.numpy()).max() <= TOL
   pooled = np.asarray(clf.pool(jnp.asarray(hidden)))
   assert np.abs(pooled - o.pooler_output.numpy()).max() <= TOL
-  assert clf(jnp.asarray(ids), None, jnp.asarray(mask)).shape == (2, 2)
+  assert clf(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).shape == (2, 2)
 
 
 def test_convert_cli_round_trip(ckpts, tmp_path):

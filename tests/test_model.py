@@ -79,7 +79,7 @@ def test_segments_do_not_attend_across_documents():
   packed = jnp.concatenate([doc1, doc2])[None].astype(jnp.int32)
   seg = jnp.array([[1] * 6 + [2] * 10])
   pos = jnp.concatenate([jnp.arange(6), jnp.arange(10)])[None]
-  out = model(packed, positions_BT=pos, segment_ids_BT=seg)
+  out = model(packed, position_ids=pos, segment_ids=seg)
   alone1, alone2 = model(doc1[None].astype(jnp.int32)), model(doc2[None].astype(jnp.int32))
   np.testing.assert_allclose(out[0, :6], alone1[0], atol=1e-5)
   np.testing.assert_allclose(out[0, 6:], alone2[0], atol=1e-5)

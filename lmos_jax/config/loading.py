@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   if t.warmup_steps < 0 or math.isnan(t.lr) or t.lr <= 0:
     raise ConfigError("config 'train.lr' must be positive and 'train.warmup_steps' >= 0")
   _check_checkpointing(t)
-  _check_data(d)
+  _check_data(d, cfg.model.init_from)
   _check_encoder(cfg)
   _check_finetune(cfg)
 
@@ -219,9 +220,10 @@ def _check_checkpointing(t) -> None:
                       f"{t.eval_every} and 'train.log_every'={t.log_every}")
 
 
-def _check_data(d) -> None:
+def _check_data(d, init_from: str = "") -> None:
   """The data pipeline's fields: names, choices and mixture entries."""
   _choice("data.tokenizer", d.tokenizer, CHOICES["data.tokenizer"])
+  _choice("data.specials", d.specials, CHOICES["data.specials"])
   _choice("data.batching", d.batching, CHOICES["data.batching"])
   if not 0.0 <= d.val_fraction < 1.0:
     raise ConfigError(f"config 'data.val_fraction'={d.val_fraction} must be in [0, 1)")
@@ -238,9 +240,10 @@ def _check_data(d) -> None:
   if d.tokenizer == "bpe" and d.bpe_vocab_size < 259:
     raise ConfigError(f"config 'data.bpe_vocab_size'={d.bpe_vocab_size} must be at least 259 "
                       "(256 bytes + 3 special tokens)")
-  if d.tokenizer == "pretrained" and not d.tokenizer_path:
+  if d.tokenizer == "pretrained" and not (d.tokenizer_path or init_from):
     raise ConfigError("config 'data.tokenizer'='pretrained' needs 'data.tokenizer_path' (a "
-                      "tokenizer.json or a Hugging Face tokenizer directory)")
+                      "tokenizer.json, a Hugging Face tokenizer directory or an lmos workdir) "
+                      "or 'model.init_from' (its tokenizer is used)")
   entries = [("data", dict(d))] if not d.mixture else []
   for i, e in enumerate(d.mixture):
     if not isinstance(e, dict):
@@ -292,9 +295,55 @@ def _check_encoder(cfg) -> None:
     if cfg.data.batching == "packed":
       raise ConfigError("config 'task'='mlm' needs unpacked windows: set 'data.batching' to "
                         "random or windows (packed rows would attend across documents)")
-  if m.init_from and not (Path(m.init_from) / "config.json").is_file():
-    raise ConfigError(f"config 'model.init_from'={m.init_from!r} has no config.json; give a "
-                      "Hugging Face model folder (config.json + *.safetensors)")
+  if m.init_from and init_from_kind(m.init_from) == "workdir":
+    _check_same_architecture(m, json.loads((Path(m.init_from) / "config.json").read_text()))
+
+
+# Model fields that fix what a checkpoint computes (vocab_size and d_ff are checked by shape
+# when the weights load, since 0 means "derived").
+ARCH_FIELDS = ("arch", "num_layers", "num_heads", "d_model", "max_seq_len", "pos_emb",
+               "rope_theta", "norm", "norm_eps", "mlp", "use_bias", "tie_embeddings",
+               "type_vocab_size")
+
+
+def init_from_kind(path: str) -> str:
+  """'hf' for a Hugging Face model folder, 'workdir' for an lmos run directory.
+
+  Both hold a config.json: a Hugging Face one names its model_type, an lmos one is a run
+  config with a `model` block, and a workdir keeps its weights in checkpoints/ (`lmos
+  train`) or params/ (`lmos convert --from-hf`).
+  """
+  where = f"config 'model.init_from'={path!r}"
+  p = Path(path)
+  if not (p / "config.json").is_file():
+    raise ConfigError(f"{where} has no config.json; give a Hugging Face model folder "
+                      "(config.json + *.safetensors) or an lmos workdir")
+  try:
+    c = json.loads((p / "config.json").read_text())
+  except ValueError as e:
+    raise ConfigError(f"{where}: config.json is not JSON ({e})") from None
+  if isinstance(c, dict) and "model_type" in c:
+    return "hf"
+  if isinstance(c, dict) and isinstance(c.get("model"), dict):
+    if (p / "checkpoints").is_dir() or (p / "params").is_dir():
+      return "workdir"
+    raise ConfigError(f"{where} is an lmos workdir without weights (no checkpoints/ or "
+                      "params/); train it first or give another folder")
+  raise ConfigError(f"{where}: its config.json is neither a Hugging Face model config "
+                    "(model_type) nor an lmos run config (a model block)")
+
+
+def _check_same_architecture(m, source: dict) -> None:
+  """A run starting from an lmos workdir must build the model that workdir trained."""
+  src = source["model"]
+  wrong = [f"model.{k}={m[k]!r} (source {src[k]!r})" for k in ARCH_FIELDS
+           if k in src and src[k] != m[k]]
+  kv, src_kv = m.num_kv_heads or m.num_heads, src.get("num_kv_heads") or src.get("num_heads")
+  if m.num_heads == src.get("num_heads") and kv != src_kv:  # 0 means num_heads
+    wrong.append(f"model.num_kv_heads={m.num_kv_heads} (source {src.get('num_kv_heads')})")
+  if wrong:
+    raise ConfigError(f"config 'model.init_from'={m.init_from!r} trained another model: "
+                      f"{'; '.join(wrong)}; set these to the source run's values")
 
 
 def _check_finetune(cfg) -> None:

@@ -25,6 +25,7 @@ CHOICES = types.MappingProxyType({
     "data.source": ("embedded", "text", "files", "hf"),
     "data.format": ("", "text", "json", "jsonl", "parquet", "csv", "tsv"),
     "data.tokenizer": ("byte", "char", "bpe", "pretrained"),
+    "data.specials": ("auto", "lm", "bert"),
     "data.batching": ("random", "windows", "packed"),
     "train.schedule": ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd"),
     "train.precision": ("fp32", "bf16", "bf16_full", "auto"),
@@ -78,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.type_vocab_size = 2  # bert: token-type (segment) embeddings
   m.num_labels = 0  # bert: >0 adds the sequence-classification head instead of MLM
   m.head = "auto"  # bert: auto (cls if num_labels else mlm) | mlm | cls | none (encoder)
-  m.init_from = ""  # Hugging Face dir (config.json + *.safetensors) to start from
+  # Weights to start from: a Hugging Face dir (config.json + *.safetensors) or an lmos
+  # workdir (its latest params); heads the source lacks (pooler, classifier) start fresh
+  m.init_from = ""
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -93,7 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.val_path = ""  # text/files: validation files; empty: the tail val_fraction
   d.mixture = ()  # dicts of the source fields above + weight; empty: the single source
   d.tokenizer = "byte"  # byte | char | bpe (trained, cached in WORKDIR/tokenizer) | pretrained
-  d.tokenizer_path = ""  # pretrained: a tokenizer.json or a HF tokenizer directory
+  d.tokenizer_path = ""  # pretrained: tokenizer.json, HF tokenizer dir or lmos workdir;
+  # empty: the tokenizer of model.init_from (an HF folder or the workdir of an lmos run)
+  # Special tokens of the byte/char/bpe tokenizers lmos builds: lm (<|endoftext|> <|pad|>
+  # <|bos|>) | bert ([PAD] [UNK] [CLS] [SEP] [MASK]: masked-LM pretraining, and what a
+  # classifier finetune from the run needs) | auto (bert for task mlm, else lm)
+  d.specials = "auto"
   d.bpe_vocab_size = 4096
   d.batching = "random"  # random windows | windows (EOS-joined, per epoch) | packed (first-fit)
   d.prefetch = 4  # batches produced ahead in a background thread; 0: inline

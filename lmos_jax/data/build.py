@@ -35,7 +35,8 @@ from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, 
 from lmos_jax.data.stream import check_state
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents, split_documents
 from lmos_jax.data.text import check_long_enough, split_train_val, window_batch
-from lmos_jax.data.tokenizer import build_tokenizer, pad_id, separator_id, tokenizer_fingerprint
+from lmos_jax.data.tokenizer import (build_tokenizer, pad_id, separator_id, special_set,
+                                     tokenizer_fingerprint)
 
 log = logging.getLogger("lmos_jax.data")
 
@@ -283,7 +284,7 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
     return build_streaming(cfg, specs[0], process_index, process_count, workdir, repairs,
                            tokenizer)
   splits = read_splits(d, specs, repairs)
-  tok = tokenizer or corpus_tokenizer(d, splits, workdir)
+  tok = tokenizer or corpus_tokenizer(cfg, splits, workdir)
   check_encodable(tok, {val_origin(s): val for (_, val), s in zip(splits, specs) if val},
                   cfg.train.sample_prompt if cfg.train.sample_tokens > 0 else "")
   seq_len = d.seq_len
@@ -325,12 +326,16 @@ def needs_specials(d, splits: Splits) -> bool:
   return multi_doc or d.batching != "random" or len(splits) > 1
 
 
-def corpus_tokenizer(d, splits: Splits, workdir: str | Path | None):
-  """The tokenizer `data.tokenizer` names, fitted (char) or trained (bpe) on the train split."""
+def corpus_tokenizer(cfg, splits: Splits, workdir: str | Path | None):
+  """The tokenizer `data.tokenizer` names, fitted (char) or trained (bpe) on the train split,
+  with the special set the task needs (`data.specials`); a pretrained one without
+  `data.tokenizer_path` is the `model.init_from` source's."""
+  d = cfg.data
   return build_tokenizer(d.tokenizer, [t for docs, _ in splits for t in docs],
                          need_specials=needs_specials(d, splits),
-                         tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
-                         cache_dir=tokenizer_cache(workdir))
+                         tokenizer_path=d.tokenizer_path or cfg.model.init_from,
+                         bpe_vocab_size=d.bpe_vocab_size, cache_dir=tokenizer_cache(workdir),
+                         specials=special_set(d.specials, cfg.task))
 
 
 def tokenizer_cache(workdir: str | Path | None) -> Path | None:
@@ -344,14 +349,15 @@ def data_tokenizer(cfg, workdir: str | Path | None = None):
   d = cfg.data
   specs = source_specs(d)
   if d.streaming:
-    return streaming_tokenizer(d, specs[0], workdir)
+    return streaming_tokenizer(cfg, specs[0], workdir)
   if d.tokenizer == "pretrained" or (d.tokenizer == "byte" and (
       d.batching != "random" or len(specs) > 1 or specs[0].kind == "embedded")):
     # the embedded corpus is one text; joined, packed or mixed documents need the specials
     specials = d.batching != "random" or len(specs) > 1
     return build_tokenizer(d.tokenizer, [], need_specials=specials,
-                           tokenizer_path=d.tokenizer_path)
-  return corpus_tokenizer(d, read_splits(d, specs, Repairs()), workdir)
+                           tokenizer_path=d.tokenizer_path or cfg.model.init_from,
+                           specials=special_set(d.specials, cfg.task))
+  return corpus_tokenizer(cfg, read_splits(d, specs, Repairs()), workdir)
 
 
 def val_origin(s: SourceSpec) -> str:
@@ -427,19 +433,21 @@ def build_streaming(cfg, spec: SourceSpec, process_index: int, process_count: in
   """StreamingData for one files/hf source (see lmos_jax.data.streaming)."""
   from lmos_jax.data.streaming import StreamingData
   d = cfg.data
-  tok = tokenizer or streaming_tokenizer(d, spec, workdir)
+  tok = tokenizer or streaming_tokenizer(cfg, spec, workdir)
   return StreamingData(tok, spec, cfg.train.batch_size // process_count, d.seq_len, cfg.seed,
                        cfg.train.eval_batches, d.batching, d.val_fraction, d.shuffle_buffer,
                        process_index, process_count, repairs)
 
 
-def streaming_tokenizer(d, spec: SourceSpec, workdir):
+def streaming_tokenizer(cfg, spec: SourceSpec, workdir):
   """A streamed source's tokenizer: bpe trains on the first documents of the stream."""
   from lmos_jax.data.streaming import BPE_STREAM_DOCS, first_texts
+  d = cfg.data
   train_docs = first_texts(spec, BPE_STREAM_DOCS, Repairs()) if d.tokenizer == "bpe" else []
   return build_tokenizer(d.tokenizer, train_docs, need_specials=True,
-                         tokenizer_path=d.tokenizer_path, bpe_vocab_size=d.bpe_vocab_size,
-                         cache_dir=tokenizer_cache(workdir))
+                         tokenizer_path=d.tokenizer_path or cfg.model.init_from,
+                         bpe_vocab_size=d.bpe_vocab_size, cache_dir=tokenizer_cache(workdir),
+                         specials=special_set(d.specials, cfg.task))
 
 
 def rows_from_ids(ids: np.ndarray, batching: str, seq_len: int, tok) -> dict[str, np.ndarray]:

@@ -93,10 +93,15 @@ class MLMData:
     specials = getattr(self.base.tokenizer, "specials", {}) or {}
     self.special_ids = tuple(sorted(set(int(i) for i in specials.values()) | {self.mask_id}))
     self.random_vocab = int(self.base.tokenizer.vocab_size)
+    self.cls_id = specials.get("cls")
 
   def _mask(self, batch: dict[str, np.ndarray], key: Sequence[int]) -> dict[str, np.ndarray]:
+    ids_BT = batch["inputs"]
+    if self.cls_id is not None:  # BERT's framing: every row starts with [CLS], the token a
+      ids_BT = ids_BT.copy()  # classifier finetune pools, so its embedding is pretrained too
+      ids_BT[:, 0] = self.cls_id
     rng = np.random.default_rng(list(key))
-    return mlm_mask(batch["inputs"], rng, mask_id=self.mask_id, vocab_size=self.random_vocab,
+    return mlm_mask(ids_BT, rng, mask_id=self.mask_id, vocab_size=self.random_vocab,
                     prob=self.prob, special_ids=self.special_ids)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -321,8 +326,9 @@ def resolve_label_set(d, train: LabeledTexts) -> list[str]:
 
 
 def cls_tokenizer(cfg):
-  """Classification's pretrained tokenizer (config 'data.tokenizer_path')."""
-  return load_pretrained(cfg.data.tokenizer_path)
+  """Classification's pretrained tokenizer: config 'data.tokenizer_path', else the
+  `model.init_from` source's (a Hugging Face folder or an lmos workdir)."""
+  return load_pretrained(cfg.data.tokenizer_path or cfg.model.init_from)
 
 
 def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> ClassificationData:

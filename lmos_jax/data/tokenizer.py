@@ -27,6 +27,22 @@ log = logging.getLogger("lmos_jax.data")
 # The special tokens lmos adds to the tokenizers it builds (BPE, and char/byte when the data
 # has several documents): EOS joins documents, PAD fills packing gaps, BOS is reserved.
 LMOS_SPECIALS = (("eos", "<|endoftext|>"), ("pad", "<|pad|>"), ("bos", "<|bos|>"))
+# An encoder's set (config 'data.specials'='bert'), always added: [MASK] for masked-LM
+# pretraining and the [CLS] ... [SEP] [PAD] framing a classifier finetune of the same run
+# needs; [SEP] also joins documents.
+BERT_SPECIALS = (("pad", "[PAD]"), ("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]"),
+                 ("mask", "[MASK]"))
+SPECIAL_SETS = {"lm": LMOS_SPECIALS, "bert": BERT_SPECIALS}
+
+
+def special_set(choice: str, task: str) -> str:
+  """Config 'data.specials': 'auto' is 'bert' for masked-LM pretraining, else 'lm'."""
+  if choice == "auto":
+    return "bert" if task == "mlm" else "lm"
+  if choice not in SPECIAL_SETS:
+    raise ValueError(f"config 'data.specials'={choice!r}: expected auto, "
+                     f"{', '.join(SPECIAL_SETS)}")
+  return choice
 
 # How a pretrained tokenizer names each role (first match wins).
 ROLE_NAMES = {
@@ -152,8 +168,10 @@ def tokenizer_from_info(info: dict):
   raise ValueError(f"tokenizer info of kind {kind!r} is not one lmos_jax can rebuild")
 
 
-def load_pretrained(path: str) -> HFTokenizer:
-  """A `tokenizer.json`, or a Hugging Face tokenizer directory that contains one."""
+def load_pretrained(path: str):
+  """A `tokenizer.json`, or a directory holding one: a Hugging Face tokenizer folder, or an
+  lmos workdir, whose tokenizer.json is `describe()`'s record of the run's tokenizer (so a
+  run started from that workdir tokenizes exactly as it was trained)."""
   from tokenizers import Tokenizer
   p = Path(os.path.expanduser(path))
   if p.is_dir():
@@ -161,7 +179,13 @@ def load_pretrained(path: str) -> HFTokenizer:
   if not p.is_file():
     raise DataFileNotFoundError(
         f"config 'data.tokenizer_path'={path!r}: no tokenizer.json there; give a tokenizer.json "
-        "file or a Hugging Face tokenizer directory holding one")
+        "file, a Hugging Face tokenizer directory or an lmos workdir holding one")
+  try:
+    info = json.loads(p.read_text())
+  except ValueError:
+    info = None
+  if isinstance(info, dict) and "kind" in info and "model" not in info:  # lmos's record
+    return tokenizer_from_info(info)
   try:
     tok = Tokenizer.from_file(str(p))
   except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad files
@@ -181,33 +205,43 @@ def corpus_digest(docs: Iterable[str]) -> str:
   return h.hexdigest()[:16]
 
 
-def train_bpe(docs: Sequence[str], vocab_size: int) -> HFTokenizer:
-  """Byte-level BPE (GPT-2 style) trained on `docs`, with lmos's specials at ids 0, 1, 2."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_bpe(docs: Sequence[str], vocab_size: int, specials: str = "lm") -> HFTokenizer:
+  """Byte-level BPE (GPT-2 style) trained on `docs`, with the special set's tokens at ids
+  0, 1, ... For 'bert' the saved tokenizer also frames text as [CLS] a [SEP] (b [SEP]), as
+  BERT's does, for users of an exported tokenizer.json; lmos's pipeline adds specials itself."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                special_tokens=[name for _, name in LMOS_SPECIALS],
+  names = [name for _, name in SPECIAL_SETS[specials]]
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=names,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+  if specials == "bert":
+    ids = {n: tok.token_to_id(n) for n in ("[CLS]", "[SEP]")}
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=list(ids.items()))
   return HFTokenizer(tok, "bpe")
 
 
-def bpe_cached(docs: Sequence[str], vocab_size: int, cache_dir: Path | None) -> HFTokenizer:
+def bpe_cached(docs: Sequence[str], vocab_size: int, cache_dir: Path | None,
+               specials: str = "lm") -> HFTokenizer:
   """Loads the BPE for these docs and size from `cache_dir` if there, else trains and saves.
 
-  The file name carries the vocab size and a digest of the documents, so a resumed run
-  reuses exactly the tokenizer it started with and changed data never reuses a stale one.
+  The file name carries the special set, the vocab size and a digest of the documents, so a
+  resumed run reuses exactly the tokenizer it started with and changed data never reuses a
+  stale one.
   """
   from tokenizers import Tokenizer
   if cache_dir is None:
-    return train_bpe(docs, vocab_size)
-  path = Path(cache_dir) / f"bpe_v{vocab_size}_{corpus_digest(docs)}.json"
+    return train_bpe(docs, vocab_size, specials)
+  kind = "bpe" if specials == "lm" else f"bpe_{specials}"
+  path = Path(cache_dir) / f"{kind}_v{vocab_size}_{corpus_digest(docs)}.json"
   if path.is_file():
     return HFTokenizer(Tokenizer.from_file(str(path)), "bpe")
-  tok = train_bpe(docs, vocab_size)
+  tok = train_bpe(docs, vocab_size, specials)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(f".tmp{os.getpid()}")
   tok.tok.save(str(tmp))
@@ -218,19 +252,25 @@ def bpe_cached(docs: Sequence[str], vocab_size: int, cache_dir: Path | None) -> 
 
 def build_tokenizer(kind: str, train_docs: Sequence[str], *, need_specials: bool,
                     tokenizer_path: str = "", bpe_vocab_size: int = 0,
-                    cache_dir: Path | None = None):
-  """The tokenizer named by config 'data.tokenizer' (validated by `config.loading.validate`).
+                    cache_dir: Path | None = None, specials: str = "lm"):
+  """The tokenizer named by config 'data.tokenizer', with the special set `specials`
+  ('lm' or 'bert', see SPECIAL_SETS; a pretrained tokenizer keeps its own).
 
-  char/byte get EOS/PAD/BOS appended only when `need_specials` (several documents or
-  packing), so a single-text run keeps the bare 256-byte (or corpus-character) vocabulary.
+  char/byte get lm's EOS/PAD/BOS appended only when `need_specials` (several documents or
+  packing), so a single-text run keeps the bare 256-byte (or corpus-character) vocabulary; the 'bert' set is
+  always added (a classifier finetune needs it whatever the pretraining data was).
   """
-  names = tuple(role for role, _ in LMOS_SPECIALS) if need_specials else ()
+  table = SPECIAL_SETS[specials]
+  names = tuple(role for role, _ in table) if need_specials or specials != "lm" else ()
   if kind == "char":
     return SpecialChar(CharTokenizer.fit("".join(train_docs)), names)
   if kind == "byte":
     return SpecialByte(names)
   if kind == "bpe":
-    return bpe_cached(train_docs, bpe_vocab_size, cache_dir)
+    if bpe_vocab_size < 256 + len(table):
+      raise ConfigError(f"config 'data.bpe_vocab_size'={bpe_vocab_size} must be at least "
+                        f"{256 + len(table)} (256 bytes + the {specials} special tokens)")
+    return bpe_cached(train_docs, bpe_vocab_size, cache_dir, specials)
   if kind == "pretrained":
     return load_pretrained(tokenizer_path)
   raise ConfigError(f"config 'data.tokenizer'={kind!r}: expected byte, char, bpe or pretrained")

@@ -23,12 +23,12 @@ from lmos_jax.workdir import (ADAPTERS, label_names, model_layout, read_config, 
 
 def classifier_params(cfg, workdir: Path, abstract: dict) -> dict:
   """Full param tree: base + adapters for PEFT runs, else the latest params of the workdir."""
-  from lmos_jax.models.hf import hf_params_from_config
+  from lmos_jax.train.init_from import init_from_params
   from lmos_jax.peft.wrap import load_adapters, overlay_params, split_by
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   adapters = Path(workdir) / ADAPTERS
   if cfg.peft.method != "full" and adapters.is_file():
-    base = hf_params_from_config(cfg, cfg.model.init_from, abstract, seed=cfg.seed)
+    base, _ = init_from_params(cfg, abstract["embed"].shape[0])
     flat_base, _ = split_by(base, lambda _: True)
     params = overlay_params(zeros, flat_base, f"model.init_from={cfg.model.init_from}")
     flat, _ = load_adapters(str(adapters))
@@ -60,8 +60,8 @@ def build_classifier(workdir: str | Path):
 
   @jax.jit
   def probs(p, batch):
-    logits = nnx.merge(graphdef, p)(batch["inputs"], batch["token_type_ids"],
-                                    batch["attention_mask"])
+    logits = nnx.merge(graphdef, p)(batch["inputs"], token_type_ids=batch["token_type_ids"],
+                                    attention_mask=batch["attention_mask"])
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
   def predict(texts_a: Sequence[str], texts_b: Sequence[str] | None = None) -> np.ndarray:

@@ -11,27 +11,42 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, logits_matmul,
-                                    make_blocks, normal, param, run_blocks)
+                                    make_blocks, normal, padding_mask, param, run_blocks)
+from lmos_jax.models.layers import attention_mask as segment_mask
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
 HEADS = ("mlm", "cls", "none")
 
 
+# Heads a finetune may start fresh when its pretrained source lacks them.
+FRESH_HEADS = ("pooler", "classifier")
+
+
+def fresh_heads(cfg: TransformerConfig, heads, seed: int) -> dict:
+  """New pooler / classifier params as Hugging Face initialises them (N(0, init_std)
+  kernel, zero bias), drawn on the host from `seed`, so loading the same source again
+  (`lmos predict` rebuilding a PEFT run's base) gives the same values. Each head has its
+  own stream: the classifier does not depend on whether the pooler was fresh too."""
+  out = {}
+  widths = {"pooler": cfg.d_model, "classifier": cfg.num_labels}
+  for head in heads:
+    if head not in widths:
+      raise ValueError(f"fresh_heads: {head!r} is not one of {', '.join(FRESH_HEADS)}")
+    rng = np.random.default_rng(seed if head == "classifier" else [seed, 1])
+    kernel = rng.normal(0.0, cfg.init_std, (cfg.d_model, widths[head])).astype(np.float32)
+    out[head] = {"kernel": kernel, "bias": np.zeros((widths[head],), np.float32)}
+  return out
+
+
 def default_head(cfg: TransformerConfig) -> str:
   """A classifier when the config asks for labels, else the MLM pretraining head."""
   return "cls" if cfg.num_labels > 0 else "mlm"
-
-
-def padding_mask(attention_mask_BT: Array) -> Array:
-  """(B, T) of 1 (token) / 0 (padding) -> boolean (B, 1, T, T): every query sees real keys."""
-  b, t = attention_mask_BT.shape
-  keys_B11T = (attention_mask_BT > 0)[:, None, None, :]
-  return jnp.broadcast_to(keys_B11T, (b, 1, t, t))
 
 
 class BERT(nnx.Module):
@@ -68,25 +83,33 @@ class BERT(nnx.Module):
   def _act(self, x: Array) -> Array:
     return jax.nn.gelu(x, approximate=self.cfg.mlp != "gelu_exact")
 
-  def encode(self, input_ids_BT: Array, token_type_ids_BT: Array | None = None,
-             attention_mask_BT: Array | None = None, rng: Array | None = None) -> Array:
-    """Final hidden states (B, T, D). `rng` given means training mode (dropout on)."""
+  def encode(self, input_ids: Array, *, attention_mask: Array | None = None,
+             position_ids: Array | None = None, token_type_ids: Array | None = None,
+             segment_ids: Array | None = None, rng: Array | None = None) -> Array:
+    """Final hidden states (B, T, D); keywords as in `__call__`."""
     cfg = self.cfg
-    b, t = input_ids_BT.shape
+    tokens_BT = input_ids
+    b, t = tokens_BT.shape
     if t > cfg.max_seq_len:
       raise ValueError(f"BERT input length {t} exceeds max_seq_len={cfg.max_seq_len}")
-    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions_BT = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+                    if position_ids is None else position_ids)
     dtype = self.embed.dtype
-    x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(dtype)
-    x_BTD = x_BTD + self.pos_embed[...][:t].astype(dtype)[None]
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dtype)
     if self.type_embed is not None:
-      types_BT = (jnp.zeros_like(input_ids_BT) if token_type_ids_BT is None
-                  else token_type_ids_BT)
+      types_BT = jnp.zeros_like(tokens_BT) if token_type_ids is None else token_type_ids
       x_BTD = x_BTD + jnp.take(self.type_embed[...], types_BT, axis=0).astype(dtype)
+    elif token_type_ids is not None:
+      raise ValueError("this BERT has no token-type embeddings (type_vocab_size=0): call it "
+                       "without token_type_ids")
     k_emb, k_blocks = (None, None) if rng is None else jax.random.split(rng)
     x_BTD = dropout(self.embed_norm(x_BTD), cfg.dropout, k_emb)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-    mask = None if attention_mask_BT is None else padding_mask(attention_mask_BT)
+    mask = segment_mask(segment_ids, segment_ids, None, None)  # None without segments
+    if attention_mask is not None:
+      keys = padding_mask(attention_mask)
+      mask = keys if mask is None else mask & keys
     return run_blocks(self.blocks, cfg, x_BTD, positions_BT, mask, is_causal=False,
                       key=k_blocks)
 
@@ -102,10 +125,18 @@ class BERT(nnx.Module):
     logits = logits + self.mlm_bias[...].astype(jnp.float32)
     return constrain(logits, ("batch", "length", "act_vocab"))
 
-  def __call__(self, input_ids_BT: Array, token_type_ids_BT: Array | None = None,
-               attention_mask_BT: Array | None = None, rng: Array | None = None) -> Array:
-    """MLM logits (B, T, V), class logits (B, num_labels), or hidden states for 'none'."""
-    x_BTD = self.encode(input_ids_BT, token_type_ids_BT, attention_mask_BT, rng)
+  def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
+               position_ids: Array | None = None, token_type_ids: Array | None = None,
+               segment_ids: Array | None = None, rng: Array | None = None) -> Array:
+    """MLM logits (B, T, V), class logits (B, num_labels), or hidden states for 'none'.
+
+    Keywords as in Hugging Face's BertModel: `attention_mask` (1 token, 0 padding),
+    `token_type_ids` (sentence A/B, default 0), `position_ids` (default 0..T-1); plus
+    `segment_ids` (packed rows: no attention across segments) and `rng` (training mode:
+    dropout on), the same keyword set as GPT.
+    """
+    x_BTD = self.encode(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        token_type_ids=token_type_ids, segment_ids=segment_ids, rng=rng)
     if self.head == "mlm":
       return self.mlm_logits(x_BTD)
     if self.head == "none":

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, attention_mask, dropout,
-                                    logits_matmul, make_blocks, normal, param, run_blocks)
+from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, logits_matmul,
+                                    make_blocks, normal, padding_mask, param, run_blocks)
+from lmos_jax.models.layers import attention_mask as segment_mask
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -45,21 +46,35 @@ class GPT(nnx.Module):
     logits = logits_matmul(x_BTD, w_DV)
     return constrain(logits, ("batch", "length", "act_vocab"))
 
-  def __call__(self, tokens_BT: Array, *, positions_BT: Array | None = None,
-               segment_ids_BT: Array | None = None, rng: Array | None = None) -> Array:
-    """Logits (B, T, V) in float32. `rng` given means training mode (dropout on)."""
+  def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
+               position_ids: Array | None = None, token_type_ids: Array | None = None,
+               segment_ids: Array | None = None, rng: Array | None = None) -> Array:
+    """Logits (B, T, V) in float32 for int ids (B, T); `rng` given means training mode.
+
+    Keywords as in Hugging Face: `attention_mask` (1 attend, 0 padding) hides padded keys
+    on top of causality, `position_ids` default to 0..T-1. `segment_ids` (packed rows)
+    keep attention inside each document. A decoder has no token-type embeddings, so
+    `token_type_ids` is refused rather than ignored (GPT-2 in transformers adds them).
+    """
+    if token_type_ids is not None:
+      raise ValueError("GPT has no token-type embeddings: call it without token_type_ids")
     cfg = self.cfg
+    tokens_BT = input_ids
     b, t = tokens_BT.shape
     index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if positions_BT is None:
-      positions_BT = index_BT
+    positions_BT = index_BT if position_ids is None else position_ids
     k_emb, k_blocks = (None, None) if rng is None else jax.random.split(rng)
     x_BTD = dropout(self.embed_tokens(tokens_BT, positions_BT, self.embed.dtype), cfg.dropout,
                     k_emb)
-    if segment_ids_BT is None:
-      mask, is_causal = None, True
-    else:
-      mask = attention_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT)
+    if attention_mask is None and segment_ids is None:
+      mask, is_causal = None, True  # plain causal attention: the kernels' fast path
+    else:  # causal by index, within segments, padded keys hidden
+      mask = segment_mask(segment_ids, segment_ids, index_BT, index_BT)
+      if attention_mask is not None:
+        # A query left of all real tokens (left padding) would see no key at all; letting
+        # each query see itself keeps that unused output finite on every kernel and changes
+        # no real query (its own key is visible already).
+        mask = (mask & padding_mask(attention_mask)) | jnp.eye(t, dtype=bool)
       is_causal = False
     x_BTD = run_blocks(self.blocks, cfg, x_BTD, positions_BT, mask, is_causal=is_causal,
                        key=k_blocks)

@@ -515,7 +515,8 @@ def abstract_params(spec: HFSpec) -> dict:
 def params_from_tensors(spec: HFSpec, tensors: dict[str, np.ndarray],
                         init_params: dict | None = None, dtype=np.float32) -> dict:
   """lmos params (pure dict) from HF tensors. Params no tensor fills come from
-  `init_params` when given for the classifier head (a fresh head), else are an error."""
+  `init_params` for the heads it holds (a fresh pooler or classifier), else are an error;
+  BERT head tensors the model has no place for (an MLM head under a classifier) are unused."""
   import jax
   tensors = _normalise_names(spec, tensors)
   target = abstract_params(spec)
@@ -530,7 +531,7 @@ def params_from_tensors(spec: HFSpec, tensors: dict[str, np.ndarray],
                               " which this model does not have") from None
     shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
     if name not in tensors:
-      if init_params is not None and lpath[0] == "classifier":
+      if init_params is not None and lpath[0] in init_params:
         _set(out, lpath, np.asarray(_get(init_params, lpath)))
         continue
       raise HFConversionError(f"tensor {name!r} is missing from the checkpoint (needed for "
@@ -557,9 +558,8 @@ def params_from_tensors(spec: HFSpec, tensors: dict[str, np.ndarray],
                                                                      tensors[source]):
       raise HFConversionError(f"tensor {copy!r} differs from {source!r}: an untied output "
                               f"head is not supported for {spec.family} (lmos ties it)")
-  heads = ("cls.", "classifier.") if spec.family == "bert" else ()
   extra = [k for k in tensors if k not in used and k not in tied and not _IGNORED.search(k)
-           and not k.startswith(heads)]
+           and not (spec.family == "bert" and bert_head_of(k))]  # unused heads are dropped
   if extra:
     raise HFConversionError(f"unexpected tensor(s) in the checkpoint: {sorted(extra)[:5]} "
                             f"({len(extra)} in all); the architecture does not match the "
@@ -620,20 +620,22 @@ def build_model(spec: HFSpec, rngs):
 
 def load_hf_params(hf_dir: str | Path, *, num_labels: int | None = None,
                    scan_layers: bool = True, seed: int = 0) -> tuple[HFSpec, dict]:
-  """(spec, params) from a HF folder; a classifier missing from it starts fresh (seeded)."""
+  """(spec, params) from a HF folder; a pooler or classifier missing from it starts fresh
+  (seeded), e.g. a classifier (`num_labels`) on a BertForMaskedLM export."""
   tensors = read_tensors(hf_dir)
   shapes = {k: tuple(v.shape) for k, v in tensors.items()}
   spec = spec_from_hf(read_hf_config(hf_dir), shapes, num_labels=num_labels,
                       scan_layers=scan_layers)
-  init = fresh_classifier(spec, seed) if "classifier.weight" not in tensors else None
-  return spec, params_from_tensors(spec, tensors, init)
+  return spec, params_from_tensors(spec, tensors, _fresh_for(spec, tensors, seed))
 
 
 def load_hf(hf_dir: str | Path, *, num_labels: int | None = None, scan_layers: bool = True,
             seed: int = 0):
-  """An lmos model with HF weights: call it on int ids (B, T) for logits (B, T, V), or
-  (B, num_labels) for a classifier (`num_labels` adds a fresh head to a bare encoder); a
-  bare BertModel returns hidden states (B, T, D)."""
+  """An lmos model with HF weights, called as a transformers model is:
+  `model(input_ids, attention_mask=..., token_type_ids=..., position_ids=...)` on int ids
+  (B, T) gives logits (B, T, V), or (B, num_labels) for a classifier (`num_labels` adds a
+  fresh head to a bare encoder); a bare BertModel returns hidden states (B, T, D).
+  `attention_mask` is 1 for tokens and 0 for padding; decoders refuse token_type_ids."""
   from flax import nnx
   spec, params = load_hf_params(hf_dir, num_labels=num_labels, scan_layers=scan_layers,
                                 seed=seed)
@@ -733,19 +735,46 @@ def hf_params_from_config(cfg, hf_dir: str | Path, abstract: dict, seed: int = 0
   Shapes are checked tensor by tensor against the run's model, so a config that does not
   match the checkpoint fails naming the first tensor that differs.
   """
-  vocab = abstract["embed"].shape[0]
-  spec = spec_from_lmos_config(cfg.model, vocab)
+  return hf_params_for(cfg.model, hf_dir, abstract["embed"].shape[0], seed)[0]
+
+
+def hf_params_for(model_cfg, hf_dir: str | Path, vocab_size: int, seed: int = 0
+                  ) -> tuple[dict, list[str], list[str]]:
+  """(params of the lmos config's model from an HF folder, heads started fresh, heads
+  dropped); see `head_changes`."""
+  spec = spec_from_lmos_config(model_cfg, int(vocab_size))
   tensors = read_tensors(hf_dir)
-  init = fresh_classifier(spec, seed) if "classifier.weight" not in tensors else None
-  return params_from_tensors(spec, tensors, init)
+  fresh, dropped = head_changes(spec, tensors)
+  return params_from_tensors(spec, tensors, _fresh_for(spec, tensors, seed)), fresh, dropped
 
 
-def fresh_classifier(spec: HFSpec, seed: int) -> dict | None:
-  """A new classification head (N(0, init_std) kernel, zero bias) for an encoder checkpoint
-  without one; drawn on the host so no model has to be built."""
-  t = spec.tcfg
-  if spec.head != "cls":
-    return None
-  rng = np.random.default_rng(seed)
-  kernel = rng.normal(0.0, t.init_std, (t.d_model, t.num_labels)).astype(np.float32)
-  return {"classifier": {"kernel": kernel, "bias": np.zeros((t.num_labels,), np.float32)}}
+def bert_head_of(name: str) -> str | None:
+  """The BERT head an HF tensor belongs to (mlm, pooler, classifier); None for the encoder."""
+  base = name[5:] if name.startswith("bert.") else name
+  for prefix, head in (("cls.predictions.", "mlm"), ("pooler.", "pooler"),
+                       ("classifier.", "classifier")):
+    if base.startswith(prefix):
+      return head
+  return None
+
+
+def head_changes(spec: HFSpec, names) -> tuple[list[str], list[str]]:
+  """(heads the model needs that the checkpoint lacks, which start fresh; heads the
+  checkpoint holds that the model has no place for, which are dropped). Only a pooler and a
+  classifier can start fresh: a missing MLM head stays an error."""
+  from lmos_jax.models.bert import FRESH_HEADS
+  if spec.family != "bert":
+    return [], []
+  have = {bert_head_of(n) for n in names} - {None}
+  need = ({"mlm"} if spec.head == "mlm" else
+          {"pooler", "classifier"} if spec.head == "cls" else {"pooler"})
+  fresh = [h for h in FRESH_HEADS if h in need - have]
+  dropped = [h if h != "mlm" else "mlm head" for h in ("pooler", "classifier", "mlm")
+             if h in have - need]
+  return fresh, dropped
+
+
+def _fresh_for(spec: HFSpec, names, seed: int) -> dict | None:
+  from lmos_jax.models.bert import fresh_heads
+  fresh, _ = head_changes(spec, names)
+  return fresh_heads(spec.tcfg, fresh, seed) if fresh else None

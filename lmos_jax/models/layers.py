@@ -167,6 +167,14 @@ def attention_mask(q_segment_BT: Array | None, kv_segment_BS: Array | None,
   return None if mask is None else mask[:, None, :, :]
 
 
+def padding_mask(attention_mask_BT: Array) -> Array:
+  """Hugging Face `attention_mask` (B, T) of 1 (token) / 0 (padding) -> boolean (B, 1, T, T)
+  in which every query sees the real keys only (padded queries' outputs are don't-cares)."""
+  b, t = attention_mask_BT.shape
+  keys_B11T = (attention_mask_BT > 0)[:, None, None, :]
+  return jnp.broadcast_to(keys_B11T, (b, 1, t, t))
+
+
 def resolve_attention_impl(name: str) -> str:
   """'auto' -> 'blocked' on CPU (measured faster there), else the backend's fused kernel."""
   if name != "auto":

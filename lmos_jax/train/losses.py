@@ -12,11 +12,19 @@ import optax
 
 Array = jax.Array
 
+# Batch keys -> the model's keyword (Hugging Face names; GPT and BERT take the same set).
+MODEL_INPUTS = (("attention_mask", "attention_mask"), ("positions", "position_ids"),
+                ("token_type_ids", "token_type_ids"), ("segment_ids", "segment_ids"))
+
+
+def model_inputs(batch: dict[str, Array]) -> dict[str, Array]:
+  """The keyword inputs a batch carries besides `inputs` (absent keys are left out)."""
+  return {kw: batch[key] for key, kw in MODEL_INPUTS if key in batch}
+
 
 def lm_loss(model, batch: dict[str, Array], rng: Array | None):
   """Next-token cross-entropy; `weights` (optional) masks padding and packing gaps."""
-  logits_BTV = model(batch["inputs"], positions_BT=batch.get("positions"),
-                     segment_ids_BT=batch.get("segment_ids"), rng=rng)
+  logits_BTV = model(batch["inputs"], **model_inputs(batch), rng=rng)
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BTV.astype(jnp.float32), batch["targets"])
   weights_BT = batch.get("weights")
@@ -32,8 +40,7 @@ def mlm_loss(model, batch: dict[str, Array], rng: Array | None):
   Batch: `inputs` (masked ids), `targets` (original ids), `weights`, and optionally
   `token_type_ids` and `attention_mask` (1 token / 0 padding), as the MLM pipeline emits.
   """
-  logits_BTV = model(batch["inputs"], batch.get("token_type_ids"),
-                     batch.get("attention_mask"), rng=rng)
+  logits_BTV = model(batch["inputs"], **model_inputs(batch), rng=rng)
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BTV.astype(jnp.float32), batch["targets"])
   weights_BT = batch["weights"].astype(jnp.float32)
@@ -47,8 +54,7 @@ def cls_loss(model, batch: dict[str, Array], rng: Array | None):
   Batch: `inputs` (B, T) ids, `labels` (B,), optional `token_type_ids`, `attention_mask`,
   `weights`. Same contract as lm_loss: (loss sum, weight sum, {"correct": count}).
   """
-  logits_BC = model(batch["inputs"], batch.get("token_type_ids"),
-                    batch.get("attention_mask"), rng=rng)
+  logits_BC = model(batch["inputs"], **model_inputs(batch), rng=rng)
   losses_B = optax.softmax_cross_entropy_with_integer_labels(
       logits_BC.astype(jnp.float32), batch["labels"])
   weights_B = batch.get("weights")
