@@ -15,7 +15,9 @@ against the fingerprint saved with the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -232,8 +234,28 @@ def read_meta(workdir: str | Path, step: int) -> dict:
       step_dir(workdir, step) / META_ITEM)
 
 
+@contextlib.contextmanager
+def without_absl_warnings(*prefixes: str):
+  """Drops the absl log records (orbax logs through absl) whose message starts with one of
+  `prefixes`, for the duration of the block; every other record passes."""
+  logger = logging.getLogger("absl")
+  drop = logging.Filter()
+  drop.filter = lambda record: not record.getMessage().startswith(prefixes)
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
+# orbax's notes on the item-level metadata a trainer checkpoint does not keep: noise beside
+# the one line an lmos command prints
+METADATA_NOISE = ("Metadata file does not exist", "Failed to get item metadata")
+
+
 def _tree_metadata(item_dir: Path) -> Any:
-  meta = ocp.PyTreeCheckpointer().metadata(item_dir)
+  with without_absl_warnings(*METADATA_NOISE):
+    meta = ocp.PyTreeCheckpointer().metadata(item_dir)
   tree = getattr(meta, "item_metadata", meta)
   return getattr(tree, "tree", tree)
 
@@ -262,9 +284,10 @@ def restore_subtree(item_dir: Path, key: str, sharding=None) -> Any:
   if key not in tree:
     raise CheckpointError(f"{item_dir} has no {key!r} subtree (it holds {sorted(tree)})")
   item, args = _restore_args(tree[key], sharding)
-  restored = ocp.PyTreeCheckpointer().restore(
-      item_dir, args=ocp.args.PyTreeRestore(item={key: item}, restore_args={key: args},
-                                            partial_restore=True))
+  with without_absl_warnings(*METADATA_NOISE):
+    restored = ocp.PyTreeCheckpointer().restore(
+        item_dir, args=ocp.args.PyTreeRestore(item={key: item}, restore_args={key: args},
+                                              partial_restore=True))
   return restored[key]
 
 

@@ -297,12 +297,12 @@ ROWS = [
     row("plan-remat-unknown", lambda e: [
         "plan", f"--config={e.cfg}", "--target=h200x8", "--remat=fast"], "--remat", "fast"),
     row("plan-microbatches-zero", lambda e: [
-        "plan", f"--config={e.cfg}", "--target=h200x8", "--max_microbatches=0"],
-        "--max_microbatches=0"),
+        "plan", f"--config={e.cfg}", "--target=h200x8", "--max-microbatches=0"],
+        "--max-microbatches", "'0'"),
     row("plan-memory-negative", lambda e: [
-        "plan", f"--config={e.cfg}", "--target=h200x8", "--memory_gib=-1"], "--memory_gib"),
+        "plan", f"--config={e.cfg}", "--target=h200x8", "--memory-gib=-1"], "--memory-gib"),
     row("plan-devices-wrong-type", lambda e: ["plan", f"--config={e.cfg}", "--devices=abc"],
-        "--devices=abc"),
+        "--devices", "'abc'"),
     row("plan-config-value", lambda e: [
         "plan", f"--config={e.cfg}", "--config.mesh.cpu_devices=-1"],
         "'mesh.cpu_devices'=-1"),

@@ -109,10 +109,10 @@ def test_cli_writes_best_overrides(tmp_path, capsys):
   assert rc == 1 and "nothing fits" in capsys.readouterr().err
 
 
-def test_cli_flags_use_dashes_like_the_other_commands(capsys):
-  with pytest.raises(SystemExit) as e:
+def test_cli_flags_use_dashes_like_the_other_commands():
+  from lmos_jax.config.loading import ConfigError
+  with pytest.raises(ConfigError, match="unknown flag --memory_gib"):
     planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--memory_gib=1"])
-  assert e.value.code == 2 and "unrecognized arguments: --memory_gib=1" in capsys.readouterr().err
 
 
 def test_plan_on_a_cpu_host_sees_the_devices_train_would(tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -33,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lmos_jax.errors import UserError
-from lmos_jax.workdir import (CORRUPT_DIR, META_ITEM, STATE_ITEM, CheckpointError,
+from lmos_jax.workdir import (CORRUPT_DIR, without_absl_warnings, META_ITEM, STATE_ITEM, CheckpointError,
                               checkpoint_dir, fingerprint, fingerprint_mismatch, step_dir)
 
 
@@ -106,20 +105,6 @@ def drop_metric_rows_after(path: Path, step: int) -> int:
 
 
 # ---------------------------------------------------------------- the manager
-
-
-@contextlib.contextmanager
-def without_absl_warnings(*prefixes: str):
-  """Drops the absl log records (orbax logs through absl) whose message starts with one of
-  `prefixes`, for the duration of the block; every other record passes."""
-  logger = logging.getLogger("absl")
-  drop = logging.Filter()
-  drop.filter = lambda record: not record.getMessage().startswith(prefixes)
-  logger.addFilter(drop)
-  try:
-    yield
-  finally:
-    logger.removeFilter(drop)
 
 
 def preservation_policy(keep_last: int, keep_best: int, best_metric: str, best_mode: str):

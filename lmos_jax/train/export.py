@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from lmos_jax.errors import UserError
 from lmos_jax.train.checkpoint import (CheckpointReadError, abandoned_reads_quiet,
                                        without_absl_warnings)
-from lmos_jax.workdir import (CONFIG, LABELS, PARAMS, TOKENIZER, CheckpointError,
+from lmos_jax.workdir import (checkpoint_steps, step_dir, CONFIG, LABELS, PARAMS, TOKENIZER, CheckpointError,
                               checkpoint_params, fingerprint, fingerprint_mismatch, int_keys,
                               restore_tree)
 
@@ -57,9 +57,10 @@ def export_params(workdir: str | Path, out: str | Path, step: int | None = None,
   except (UserError, CheckpointError):
     raise
   except Exception as e:  # noqa: BLE001 - any read failure: this step is unusable
-    raise CheckpointReadError(f"a checkpoint under {workdir} cannot be read, it is corrupt or "
-                              f"truncated ({type(e).__name__}: {str(e)[:200]}); export an "
-                              "earlier --step") from None
+    where = step_dir(workdir, step if step is not None else checkpoint_steps(workdir)[-1])
+    raise CheckpointReadError(f"checkpoint {where} cannot be read, it is corrupt or truncated "
+                              f"({type(e).__name__}: {str(e)[:200]}); export an earlier "
+                              f"--step (steps: {checkpoint_steps(workdir)})") from None
   params = cast_params(params, DTYPES[dtype])
   out.mkdir(parents=True, exist_ok=True)
   with ocp.PyTreeCheckpointer() as ckptr:
