@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -26,24 +27,26 @@ class ArgumentParser(argparse.ArgumentParser):
   """argparse whose mistakes raise `UserError` (one line, exit 2 from `lmos`).
 
   Stock argparse prints the whole usage block and exits from inside the parser; here the
-  message names the flag, suggests the closest spelling of a mistyped one and points at
-  `--help` for the rest.
+  message names the flag, suggests the closest spelling of a mistyped one (also when argparse
+  first complains about the required flag it then misses) and points at `--help`.
   """
 
-  def error(self, message: str):
-    raise UserError(f"{message}{self._did_you_mean(message)}; see `{self.prog} --help`")
+  def parse_known_args(self, args=None, namespace=None):
+    self._given = list(sys.argv[1:] if args is None else args)
+    return super().parse_known_args(args, namespace)
 
-  def _did_you_mean(self, message: str) -> str:
-    prefix = "unrecognized arguments: "
-    if not message.startswith(prefix):
-      return ""
+  def error(self, message: str):
+    raise UserError(f"{message}{self._did_you_mean()}; see `{self.prog} --help`")
+
+  def _did_you_mean(self) -> str:
     known = [s for s in self._option_string_actions if s.startswith("--")]
     hints = []
-    for arg in message[len(prefix):].split():
-      if arg.startswith("-"):
-        close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
-        hints += [f"{arg.split('=', 1)[0]} -> {close[0]}"] if close else []
-    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+    for arg in getattr(self, "_given", []):
+      name = arg.split("=", 1)[0]
+      if name.startswith("--") and name != "--" and not any(k.startswith(name) for k in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return f"; unknown flag {', '.join(hints)}" if hints else ""
 
 
 def number(kind: type = float, low: float | None = None, high: float | None = None, *,

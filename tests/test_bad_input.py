@@ -1,9 +1,10 @@
 """Bad input to every `lmos` subcommand: one line on stderr naming the field or file, exit 2.
 
-Each row runs `lmos_jax.cli.main([...])` in this process (no subprocess, nothing compiles:
-every mistake is caught while parsing flags, loading the config, reading data or checkpoint
-metadata) and checks the return code, that stderr is exactly one line starting `lmos`, that
-it names what was wrong, and that no traceback was printed.
+Each row runs `lmos_jax.cli.main([...])` in this process (no subprocess; no train or decode
+step compiles: every mistake is caught while parsing flags, loading the config, reading data
+or checkpoint metadata) and checks the return code, that stderr (with any logged warning) is
+exactly one line starting `lmos`, that it names what was wrong, and that no traceback was
+printed.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def get_config(arg=None):
   c = base_config()
   c.task = "cls"
   m = c.model
-  m.arch, m.num_labels, m.num_layers, m.num_heads, m.d_model, m.max_seq_len = "bert", 2, 1, 2, 16, 16
+  m.arch, m.num_labels = "bert", 2
+  m.num_layers, m.num_heads, m.d_model, m.max_seq_len = 1, 2, 16, 16
   c.data.tokenizer, c.data.tokenizer_path, c.data.seq_len = "pretrained", {tok!r}, 16
   c.data.train = c.data.dev = {tsv!r}
   c.train.batch_size, c.train.steps, c.train.sample_tokens, c.train.progress = 8, 4, 0, False
@@ -312,6 +314,8 @@ ROWS = [
     row("predict-workdir-empty", lambda e: [
         "predict", f"--workdir={e.empty_dir}", "great film"], "has no config.json"),
     row("predict-no-sentences", lambda e: ["predict", f"--workdir={e.run}"], "sentences"),
+    row("predict-flag-misspelled", lambda e: [
+        "predict", f"--workdr={e.run}", "great film"], "--workdr", "did you mean --workdir"),
     row("predict-not-a-classifier", lambda e: [
         "predict", f"--workdir={e.run}", "great film"], "not a classifier"),
     # ---------------------------------------------------------------- generate
@@ -369,6 +373,9 @@ ROWS = [
     # ---------------------------------------------------------------- convert
     row("convert-no-direction", lambda e: ["convert", f"--workdir={e.run}"],
         "--from-hf", "--to-hf"),
+    row("convert-flag-misspelled", lambda e: [
+        "convert", f"--from_hf={e.hf}", f"--workdir={fresh(e, 'c0')}"], "--from_hf",
+        "did you mean --from-hf"),
     row("convert-num-labels-negative", lambda e: [
         "convert", f"--from-hf={e.hf}", f"--workdir={fresh(e, 'c1')}", "--num-labels=-1"],
         "--num-labels"),
@@ -431,6 +438,9 @@ ROWS = [
         e, "latin1", b'{"step": 1, "note": "caf\xe9"}\n')], "not UTF-8"),
     row("report-metrics-no-step", lambda e: ["report", metrics_dir(
         e, "nostep", b'{"loss": 1.0}\n{"step": 2}\n')], "line 1", "'step'"),
+    row("report-flag-misspelled", lambda e: [
+        "report", metrics_dir(e, "ok", b'{"step": 1, "loss": 2.0}\n'), "--smoth=0.5"],
+        "did you mean --smooth"),
     row("report-smooth-out-of-range", lambda e: [
         "report", metrics_dir(e, "ok", b'{"step": 1, "loss": 2.0}\n'), "--smooth=1.5"],
         "--smooth", "[0, 1)"),
