@@ -112,7 +112,11 @@ def test_grads_only_for_trainable_match_full_grads():
   t_sub, f_sub = split_by(g_sub, trainable)
   t_full, _ = split_by(g_full, trainable)
   for k in t_sub:
-    np.testing.assert_allclose(t_sub[k], t_full[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    # The same sums over the batch's tokens, fused differently by XLA in the two programs (and
+    # differently again by each jax release): float32 reassociation moves each element by a
+    # few ulps of the largest terms, so the bound scales with the gradient's magnitude.
+    atol = 64 * np.finfo(np.float32).eps * float(np.abs(t_full[k]).max())
+    np.testing.assert_allclose(t_sub[k], t_full[k], rtol=1e-5, atol=atol, err_msg=k)
   assert all(not np.any(np.asarray(v)) for v in f_sub.values())
   assert any(np.any(np.asarray(v)) for v in t_sub.values())
 
