@@ -86,24 +86,17 @@ def _write(cache_BSKH: Array, new_BTKH: Array, start_B: Array) -> Array:
 
 def _block_cached(block, x_BTD: Array, positions_BT: Array, mask_B1TS: Array, k_BSKH: Array,
                   v_BSKH: Array, start_B: Array):
-  """One layer (same math as `Block.__call__` without dropout) reading/writing the cache."""
+  """One layer (`Block.wire`, without dropout) whose attention reads and writes the cache."""
 
-  def attn(h_BTD):
+  def attend(h_BTD):
     q, k, v = block.attn.project_qkv(h_BTD, positions_BT)
     k_new, v_new = _write(k_BSKH, k, start_B), _write(v_BSKH, v, start_B)
     out = block.attn.attend(q, k_new.astype(q.dtype), v_new.astype(q.dtype), mask_B1TS,
                             is_causal=False, dropout_key=None)
-    return out, k_new, v_new
+    return out, (k_new, v_new)
 
-  if block.cfg.norm_position == "pre":
-    h, k_BSKH, v_BSKH = attn(block.attn_norm(x_BTD))
-    x_BTD = x_BTD + h
-    x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
-  else:
-    h, k_BSKH, v_BSKH = attn(x_BTD)
-    x_BTD = block.attn_norm(x_BTD + h)
-    x_BTD = block.mlp_norm(x_BTD + block.mlp(x_BTD))
-  return constrain(x_BTD, ("batch", "length", "act_embed")), k_BSKH, v_BSKH
+  x_BTD, (k_BSKH, v_BSKH) = block.wire(x_BTD, attend)
+  return x_BTD, k_BSKH, v_BSKH
 
 
 def forward_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array],

@@ -9,7 +9,7 @@ so a model can be split/merged and called under a plain `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -320,20 +320,33 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD: Array, positions_BT: Array, mask: Array | None, *,
                is_causal: bool, key: Array | None = None) -> Array:
-    cfg = self.cfg
     keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+
+    def attend(h_BTD: Array) -> tuple[Array, None]:
+      return self.attn(h_BTD, positions_BT, mask, is_causal=is_causal,
+                       dropout_key=keys[0]), None
+
+    return self.wire(x_BTD, attend, keys)[0]
+
+  def wire(self, x_BTD: Array, attend: Callable[[Array], tuple[Array, Any]],
+           keys: Sequence[Array | None] = (None, None, None)) -> tuple[Array, Any]:
+    """The layer's residuals, norms and MLP around `attend` (h_BTD -> (out_BTD, aux)).
+
+    Written once: training calls it with plain attention, the KV-cache decoder with an
+    attention that also reads and writes the cache (its aux), so the two cannot drift.
+    """
+    cfg = self.cfg
     if cfg.norm_position == "pre":
-      h = self.attn(self.attn_norm(x_BTD), positions_BT, mask, is_causal=is_causal,
-                    dropout_key=keys[0])
+      h, aux = attend(self.attn_norm(x_BTD))
       x_BTD = x_BTD + dropout(h, cfg.dropout, keys[1])
       h = self.mlp(self.mlp_norm(x_BTD))
       x_BTD = x_BTD + dropout(h, cfg.dropout, keys[2])
     else:
-      h = self.attn(x_BTD, positions_BT, mask, is_causal=is_causal, dropout_key=keys[0])
+      h, aux = attend(x_BTD)
       x_BTD = self.attn_norm(x_BTD + dropout(h, cfg.dropout, keys[1]))
       h = self.mlp(x_BTD)
       x_BTD = self.mlp_norm(x_BTD + dropout(h, cfg.dropout, keys[2]))
-    return constrain(x_BTD, ("batch", "length", "act_embed"))
+    return constrain(x_BTD, ("batch", "length", "act_embed")), aux
 
 
 def remat_policy(name: str):
