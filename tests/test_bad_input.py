@@ -273,11 +273,7 @@ ROWS = [
     row("train-cls-tsv-header-only", lambda e: cls_train(e, e.header_tsv), "header.tsv",
         "no data rows"),
     row("train-cls-vocab-too-small", lambda e: [
-        *cls_train(e, e.good_tsv), "--config.model.vocab_size=100"], "'model.vocab_size'=100",
-        marks=pytest.mark.xfail(strict=False, reason=(
-            "trainer.build_run raises ValueError when model.vocab_size is below the "
-            "tokenizer's (build_run's ValueErrors become ConfigErrors in the trainer "
-            "refactor)"))),
+        *cls_train(e, e.good_tsv), "--config.model.vocab_size=100"], "'model.vocab_size'=100"),
     # ---------------------------------------------------------------- train: resume refusals
     row("train-resume-other-model", lambda e: [
         "train", f"--config={e.cfg}", "--config.model.d_model=32",
@@ -326,9 +322,7 @@ ROWS = [
     row("generate-workdir-without-checkpoints", lambda e: [
         "generate", "--prompt=the",
         "--workdir=" + run_copy(e, "nockpt", lambda d: shutil.rmtree(d / "checkpoints"))],
-        "no checkpoint", marks=pytest.mark.xfail(strict=False, reason=(
-            "generate.load_trained raises FileNotFoundError (the workdir module's readers "
-            "raise UserErrors)"))),
+        "no checkpoint"),
     row("generate-max-new-tokens-negative", lambda e: [
         "generate", f"--workdir={e.run}", "--max-new-tokens=-1"], "--max-new-tokens",
         "integer >= 0"),
@@ -409,7 +403,7 @@ ROWS = [
         "convert", f"--to-hf={e.root}/out_hf", f"--workdir={e.root}/nope"], "no config.json"),
     row("convert-from-hf-over-a-trained-run", lambda e: [
         "convert", f"--from-hf={e.hf}", f"--workdir={run_copy(e, 'convert_over')}"],
-        "--force", marks=pytest.mark.xfail(strict=False, reason="needs --force")),
+        "--force"),
     # ---------------------------------------------------------------- export
     row("export-no-out", lambda e: ["export", f"--workdir={e.run}"], "--out"),
     row("export-workdir-missing", lambda e: [
