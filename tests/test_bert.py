@@ -212,14 +212,15 @@ def test_trainer_init_from_hf_and_mlm_steps(tmp_path):
   ckpt.save(5, state, {"step": 5})
   ckpt.close()
   (wd / "config.json").write_text(run.cfg.to_json())
-  write_tokenizer(wd, run.data.tokenizer)  # bytes + the [MASK] id MLM appended
+  write_tokenizer(wd, run.data.tokenizer)  # the BPE with BERT's specials, [MASK] among them
   to_hf_from_workdir(wd, tmp_path / "back")
   _, back = hf.load_hf_params(tmp_path / "back")
   assert_trees_equal(jax.device_get(state["params"]), back)
   from transformers import AutoTokenizer
   tok = AutoTokenizer.from_pretrained(tmp_path / "back")
-  assert tok.mask_token_id == run.data.mask_id == 256
-  assert tok("héllo")["input_ids"] == list("héllo".encode())
+  assert tok.mask_token_id == run.data.mask_id == run.data.tokenizer.specials["mask"]
+  text = "To be, or not to be"
+  assert tok(text, add_special_tokens=False)["input_ids"] == list(run.data.tokenizer.encode(text))
 
 
 def test_init_from_shape_mismatch_names_tensor(tmp_path):

@@ -85,7 +85,7 @@ def test_vocab_of_byte_windows_needs_no_corpus(tmp_path):
   cfg = cfg_with(tmp_path, batching="windows", source="text", path=str(tmp_path / "none.txt"))
   assert vocab_size(cfg) == 256 + 3
   cfg.task, cfg.model.arch = "mlm", "bert"
-  assert vocab_size(cfg) == 256 + 3 + 1  # [MASK] appended
+  assert vocab_size(cfg) == 256 + 5  # BERT's five specials, [MASK] among them
   with pytest.raises(FileNotFoundError):  # building the pipeline does read them
     build_task_data(cfg)
 

@@ -49,7 +49,7 @@ def test_colab_quickstart_executes_small(tmp_path, monkeypatch):
   images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) >= 2  # the loss plot and the report figure
   assert (tmp_path / "runs/colab_lm/report/report.png").is_file()
-  sample = next(t for t in texts if "--- sample after 6 steps ---" in t)
+  sample = next(t for t in texts if "--- sample after 6 steps (" in t)
   assert len(sample.split("---\n", 1)[1].strip()) > 0
   preds = next(t for t in texts if "label " in t and "p=" in t).strip().splitlines()
   assert len(preds) == 2 and all(p.split()[1] in ("0", "1") for p in preds)

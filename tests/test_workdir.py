@@ -18,6 +18,7 @@ from flax import nnx
 from helpers import tiny_config
 from lmos_jax import workdir as W
 from lmos_jax.config.schema import base_config
+from lmos_jax.data.errors import DataError
 from lmos_jax.errors import UserError
 
 LABELS = ["negative", "positive"]
@@ -180,11 +181,21 @@ def test_tokenizer_export_gives_lmos_ids(kind):
   hf = _exported(tok)
   assert len(hf) == tok.vocab_size
   for text in TEXTS:
+    if base == "char" and tok_base(tok).unknown_chars(text):  # lmos refuses unseen characters
+      with pytest.raises(DataError, match="outside the char vocabulary"):
+        tok.encode(text)
+      continue
     assert hf(text)["input_ids"] == [int(i) for i in tok.encode(text)], (kind, text)
   for role, i in tok.specials.items():
     assert hf.convert_tokens_to_ids(getattr(hf, f"{role}_token")) == i
-  if base != "char":  # a char vocabulary maps unseen characters to id 0: decode is lossy
-    assert hf.decode(tok.encode(TEXTS[2])) == TEXTS[2]
+  assert hf.decode(tok.encode(DOCS[1])) == DOCS[1]  # non-ASCII, in every vocabulary
+
+
+def tok_base(tok):
+  """The char/byte/BPE tokenizer under lmos's [MASK] and specials wrappers."""
+  while hasattr(tok, "base"):
+    tok = tok.base
+  return tok
 
 
 def test_pretrained_tokenizer_export_adds_classifier_specials_like_lmos():
@@ -228,8 +239,10 @@ def test_generate_and_lm_export_need_no_data_file(lm_run, tmp_path, capsys):
   assert out.startswith("the ") and "[5 tokens, max_new_tokens]" in out
   run = load_trained(lm_run)
   hf = AutoTokenizer.from_pretrained(to_hf_from_workdir(lm_run, tmp_path / "hf"))
-  for text in ("the lazy fox", "jumps over?! ü"):
+  for text in ("the lazy fox", "jumps over\nthe dog."):
     assert hf(text)["input_ids"] == [int(i) for i in run.tokenizer.encode(text)]
+  with pytest.raises(DataError, match="outside the char vocabulary"):  # no silent id 0
+    run.tokenizer.encode("jumps?! ü")
   config = json.loads((tmp_path / "hf" / "config.json").read_text())
   assert config["architectures"] == ["GPT2LMHeadModel"] and config["vocab_size"] == \
       run.tokenizer.vocab_size
@@ -241,7 +254,7 @@ def test_compress_reads_text_only_for_measuring(lm_run, tmp_path):
   from lmos_jax.inference.compress import load_source
   with pytest.raises(UserError, match="data block of .*config.json"):
     load_source(str(lm_run))
-  other = write(tmp_path / "other.txt", "zzz the lazy dog, ZZZ! " * 40)
+  other = write(tmp_path / "other.txt", "the lazy dog. " * 40)  # fewer characters than the run's
   source, params = load_source(str(lm_run), other)
   assert source.data.tokenizer.describe() == W.read_tokenizer(lm_run).describe()
   assert source.data.val_batches() and "embed" in params
