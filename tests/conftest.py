@@ -5,9 +5,15 @@ in milliseconds, while optimizing them took most of the suite's time (about 2x o
 The HLO-level passes (fusion, sharding, layout) still run, and floating-point semantics do not
 depend on the LLVM level (XLA's CPU fast-math is off either way). Subprocesses the tests start
 inherit the flags through the environment. Speed is measured in experiments/, never here.
+
+One persistent compilation cache (`LMOS_COMPILE_CACHE`), made fresh for each pytest run and
+shared by its workers and the `lmos` processes tests start, so a program several tests compile
+is compiled once; it never touches the user's own cache.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
@@ -15,7 +21,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" not in os.environ:  # the controller (or a plain run) makes it
+  os.environ["LMOS_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="lmos-test-compile-cache-")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+
+from lmos_jax.parallel.compile_cache import enable_compile_cache  # noqa: E402
+
+enable_compile_cache("auto")  # in-process compiles too: LMOS_COMPILE_CACHE above
+
+
+def pytest_unconfigure(config):
+  if "PYTEST_XDIST_WORKER" not in os.environ:  # workers are done: drop the run's cache
+    shutil.rmtree(os.environ["LMOS_COMPILE_CACHE"], ignore_errors=True)
+

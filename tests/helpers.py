@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -57,3 +58,14 @@ def assert_trees_close(a: Any, b: Any, **tol: float) -> None:
   la, lb = same_leaf_names(a, b)
   for name, x in la.items():
     np.testing.assert_allclose(x, lb[name], err_msg=name, **tol)
+
+
+def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """This process's environment for a child process, with conftest's XLA flags kept but the
+  forced CPU device count replaced by `devices` (None: no count, JAX's or lmos's own)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if devices is not None:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
+

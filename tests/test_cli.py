@@ -1,19 +1,20 @@
-"""`lmos train` end to end in a subprocess: checkpoint, metrics.jsonl, resume, config errors."""
+"""`lmos train` end to end in a subprocess: checkpoint, metrics.jsonl, a second run of the same
+config compiling nothing (persistent compilation cache), resume, config errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lmos(*args, timeout=300):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = subprocess_env(2, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "lmos_jax.cli", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -28,9 +29,17 @@ TINY = ["--config=configs/default.py", "--config.model.num_layers=1",
 
 @pytest.mark.slow
 def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
-  wd = tmp_path / "run"
-  first = _lmos("train", *TINY, "--config.train.steps=4", f"--workdir={wd}")
+  wd, cache = tmp_path / "run", tmp_path / "cache"
+  # a run directory of its own for the compilation cache; constant LR so that the resume
+  # below (more steps) keeps the same train step
+  own_cache = f"--config.train.compile_cache={cache}"
+  constant = "--config.train.schedule=constant"
+  first = _lmos("train", *TINY, "--config.train.steps=4", own_cache, constant, f"--workdir={wd}")
   assert first.returncode == 0, first.stderr[-3000:]
+  assert f"compile cache {cache} (train.compile_cache)" in first.stdout
+  assert "first step done" in first.stdout
+  compiled = sorted(p.name for p in cache.iterdir())
+  assert compiled
   rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [2, 4]
   for key in ("loss", "eval_loss", "lr", "tokens_per_sec", "mfu"):
@@ -40,7 +49,13 @@ def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
   assert "--- sample ---" in first.stdout
   assert (wd / "tb").is_dir() and any((wd / "tb").iterdir())
 
-  second = _lmos("train", *TINY, "--config.train.steps=6", f"--workdir={wd}")
+  again = _lmos("train", *TINY, "--config.train.steps=4", own_cache, constant,
+                f"--workdir={tmp_path / 'again'}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert sorted(p.name for p in cache.iterdir()) == compiled  # the same config compiled nothing
+
+  second = _lmos("train", *TINY, "--config.train.steps=6", own_cache, constant,
+                 f"--workdir={wd}")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resuming at step 4" in second.stdout
   rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]

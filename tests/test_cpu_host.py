@@ -1,12 +1,12 @@
 """CPU-only hosts split into one XLA device per core (mesh.cpu_devices), before JAX starts."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import subprocess_env
 from lmos_jax.config.loading import ConfigError, check_cpu_devices
 from lmos_jax.config.schema import base_config
 from lmos_jax.parallel.distributed import cpu_device_count
@@ -56,9 +56,9 @@ print("set", split_cpu_host(base_config().mesh, 12, 1, cores=2), "devices", len(
     ("jax.devices()", "", "set None devices 1"),  # backend already started: left alone
 ])
 def test_split_cpu_host_in_a_fresh_process(before, xla_flags, want):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   if xla_flags:
-    env["XLA_FLAGS"] = xla_flags
+    env["XLA_FLAGS"] += " " + xla_flags
   out = subprocess.run([sys.executable, "-c", SCRIPT.format(before=before)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -83,7 +83,7 @@ print("devices", len(jax.devices()), "loss", last["loss"])
 def test_train_on_two_cpu_devices_never_deadlocks(tmp_path):
   """400 steps with no metric fetch in between on 2 CPU devices: with unbounded dispatch,
   XLA's CPU all-reduce rendezvous deadlocked here (and aborted the process after 40 s)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   script = TRAIN.format(tests=str(REPO / "tests"), workdir=str(tmp_path / "run"))
   out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)

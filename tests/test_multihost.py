@@ -3,7 +3,6 @@ with 4 simulated devices, train, checkpoint, restart and resume; the losses must
 single-process run on the same 8-device global mesh. Plus the start-up errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import portpicker
 import pytest
 
+from helpers import subprocess_env
 from lmos_jax.config.schema import base_config
 from lmos_jax.parallel import distributed
 from lmos_jax.parallel.distributed import DistributedError, resolve_cluster
@@ -36,8 +36,7 @@ def get_config(arg=None):
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = subprocess_env(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["TOKENIZERS_PARALLELISM"] = "false"
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID"):

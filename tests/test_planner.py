@@ -6,7 +6,7 @@ import json
 import jax
 import pytest
 
-from helpers import tiny_config
+from helpers import subprocess_env, tiny_config
 from lmos_jax.config.loading import load_config_file, validate
 from lmos_jax.config.schema import base_config
 from lmos_jax.models.hf import minilm_dir
@@ -125,7 +125,7 @@ def test_plan_on_a_cpu_host_sees_the_devices_train_would(tmp_path):
   if len(cores) < 2:
     pytest.skip("needs a host with 2 cores to pin the plan to")
   out = tmp_path / "best.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   pinned = (f"import os, sys; os.sched_setaffinity(0, {cores[:2]}); "
             "from lmos_jax.cli import main; sys.exit(main(sys.argv[1:]))")
   # configs/default.py: batch 16, one microbatch: 2 devices on this 2-core host

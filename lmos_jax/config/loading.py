@@ -185,6 +185,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   if t.warmup_steps < 0 or math.isnan(t.lr) or t.lr <= 0:
     raise ConfigError("config 'train.lr' must be positive and 'train.warmup_steps' >= 0")
   _check_checkpointing(t)
+  if not str(t.compile_cache).strip():
+    raise ConfigError("config 'train.compile_cache' is empty; use auto, off or a directory")
   _check_data(d, cfg.model.init_from)
   _check_encoder(cfg)
   _check_finetune(cfg)

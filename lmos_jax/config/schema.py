@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.sample_tokens = 200
   t.sample_prompt = ""
   t.progress = True
+  # JAX's persistent compilation cache: auto ($LMOS_COMPILE_CACHE, else ~/.cache/lmos_jax/jax),
+  # off, or a directory. A second run of the same config then compiles nothing.
+  t.compile_cache = "auto"
 
   # Finetuning method (any task): one switch, method-specific knobs below.
   c.peft = ml_collections.ConfigDict()

@@ -30,6 +30,7 @@ from lmos_jax.errors import UserError
 from lmos_jax.models.decode import Decoder, Sampling
 from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
+from lmos_jax.parallel.compile_cache import enable_compile_cache
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
 from lmos_jax.peft.wrap import save_adapters, trainable_report
@@ -64,12 +65,16 @@ class Run:
 
 def setup_host(cfg) -> None:
   """What every process does before JAX touches a device: split a CPU host into devices,
-  set the allocator policy, join the other hosts, and agree on the config."""
+  set the allocator policy, join the other hosts, agree on the config, and point JAX at the
+  persistent compilation cache."""
   cpu_devices = distributed.split_cpu_host_for(cfg)
   setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
   distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
   distributed.check_same_config(cfg)
   check_tracking(cfg.tracking)
+  cache = enable_compile_cache(cfg.train.compile_cache)
+  if jax.process_index() == 0:
+    print(f"lmos train: {cache}", flush=True)
 
 
 def build_task_data(cfg, workdir=None):
@@ -209,7 +214,7 @@ class MetricLog:
   """
 
   def __init__(self, run: Run, workdir: Path, start: int, meta: dict, eval_fn,
-               monitor: NonFiniteMonitor):
+               monitor: NonFiniteMonitor, started: float | None = None):
     from tqdm import tqdm
     cfg, t = run.cfg, run.cfg.train
     self.run, self.eval_fn, self.monitor = run, eval_fn, monitor
@@ -230,6 +235,7 @@ class MetricLog:
     self.pending: list[tuple[int, dict]] = []  # (last step of a call, device metrics)
     self.last: dict[str, float] = {}  # the newest fetched metrics (+ eval)
     self.mark_time: float | None = None  # the clock starts after the first call compiles
+    self.started = time.perf_counter() if started is None else started  # train() entered
     self.mark_step, self.mark_wait = start, 0.0
 
   def record(self, step: int, metrics: dict) -> None:
@@ -285,6 +291,9 @@ class MetricLog:
     now = time.perf_counter()
     if self.mark_time is None:
       self.mark_time, self.mark_step, self.mark_wait = now, step, wait_seconds
+      if jax.process_index() == 0:
+        print(f"lmos train: first step done {now - self.started:.1f} s after start "
+              "(set-up, data, restore, compile)", flush=True)
       nan = float("nan")
       return {"tokens_per_sec": nan, "data_wait_frac": nan, "mfu": nan}
     elapsed = max(now - self.mark_time, 1e-9)
@@ -381,6 +390,7 @@ def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointe
 
 def train(cfg, workdir: str | Path) -> dict[str, Any]:
   """Runs (or resumes) training to cfg.train.steps; returns the last logged metrics."""
+  started = time.perf_counter()
   workdir = Path(workdir)
   setup_host(cfg)
   run = build_run(cfg, workdir=workdir)
@@ -395,7 +405,7 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   monitor = NonFiniteMonitor(t.nonfinite, t.max_bad_steps, int(meta.get("skipped_steps", 0)))
   save_side_files(run, workdir)
   train_fn, eval_fn = jit_steps(run)
-  log = MetricLog(run, workdir, start, meta, eval_fn, monitor)
+  log = MetricLog(run, workdir, start, meta, eval_fn, monitor, started)
   announce(run, start, log)
   state, end = train_loop(run, state, start, train_fn, log, ckpt)
   log.close(state)
