@@ -5,8 +5,9 @@ A workdir holds `config.json` (the run's config), `tokenizer.json` (the tokenize
 `checkpoints/STEP/{state,meta}` (orbax train states and their JSON record); a PEFT run adds
 `adapters.safetensors`, `lmos compress` adds `compress/VARIANT.safetensors`, and
 `lmos convert --from-hf` writes `params/`, `hf_config.json` and `hf_tokenizer/` instead of
-checkpoints. Generate, predict, compress, convert and export read a run only through this
-module, so none of them rebuilds the data pipeline (or needs the training text) to load one.
+checkpoints. `metrics.jsonl`, `tb/` and `wall_time.jsonl` are training's logs. Generate,
+predict, compress, convert and export read a run only through this module, so none of them
+rebuilds the data pipeline (or needs the training text) to load one.
 
 Why params are read partially: a train state also holds the optimizer moments (2x the params
 for Adam); inference needs only `params`, so only that subtree is read, and it is checked
@@ -44,6 +45,7 @@ COMPRESSED = "compress"
 PARAMS = "params"  # params-only orbax tree (lmos convert --from-hf, lmos export)
 HF_CONFIG = "hf_config.json"
 HF_TOKENIZER = "hf_tokenizer"
+WALL_TIME = "wall_time.jsonl"  # one row per `lmos train` invocation: where its wall time went
 # What makes a directory a run: `lmos convert --from-hf` refuses to write over any of these.
 RUN_FILES = (CONFIG, TOKENIZER, LABELS, CHECKPOINTS, ADAPTERS, PARAMS, HF_CONFIG, HF_TOKENIZER)
 

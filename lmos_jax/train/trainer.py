@@ -44,7 +44,9 @@ from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_to
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
                                  stacked_batch_sharding)
 from lmos_jax.train.tracking import Tracker, check_tracking
-from lmos_jax.workdir import write_config, write_labels, write_tokenizer
+from lmos_jax.train.wallclock import WallClock
+from lmos_jax.train.wallclock import describe as describe_wall
+from lmos_jax.workdir import WALL_TIME, write_config, write_labels, write_tokenizer
 
 
 @dataclasses.dataclass
@@ -214,7 +216,7 @@ class MetricLog:
   """
 
   def __init__(self, run: Run, workdir: Path, start: int, meta: dict, eval_fn,
-               monitor: NonFiniteMonitor, started: float | None = None):
+               monitor: NonFiniteMonitor, clock: WallClock | None = None):
     from tqdm import tqdm
     cfg, t = run.cfg, run.cfg.train
     self.run, self.eval_fn, self.monitor = run, eval_fn, monitor
@@ -235,7 +237,7 @@ class MetricLog:
     self.pending: list[tuple[int, dict]] = []  # (last step of a call, device metrics)
     self.last: dict[str, float] = {}  # the newest fetched metrics (+ eval)
     self.mark_time: float | None = None  # the clock starts after the first call compiles
-    self.started = time.perf_counter() if started is None else started  # train() entered
+    self.clock = clock or WallClock()  # where the run's wall time goes
     self.mark_step, self.mark_wait = start, 0.0
 
   def record(self, step: int, metrics: dict) -> None:
@@ -279,7 +281,8 @@ class MetricLog:
     if step % t.log_every == 0 or step == t.steps:
       row = dict(m)
       if step % t.eval_every == 0 or step == t.steps:
-        row.update(evaluate(self.run, self.eval_fn, params))
+        with self.clock.measure("eval"):
+          row.update(evaluate(self.run, self.eval_fn, params))
         self.last.update(row)
       self.writer.write(step, row)
       self.tracker.log(step, row)
@@ -292,8 +295,9 @@ class MetricLog:
     if self.mark_time is None:
       self.mark_time, self.mark_step, self.mark_wait = now, step, wait_seconds
       if jax.process_index() == 0:
-        print(f"lmos train: first step done {now - self.started:.1f} s after start "
+        print(f"lmos train: first step done {self.clock.elapsed():.1f} s after start "
               "(set-up, data, restore, compile)", flush=True)
+      self.clock.switch("steps")
       nan = float("nan")
       return {"tokens_per_sec": nan, "data_wait_frac": nan, "mfu": nan}
     elapsed = max(now - self.mark_time, 1e-9)
@@ -327,7 +331,8 @@ def save_checkpoint(run: Run, ckpt: Checkpointer, step: int, state: dict, log: M
   best = {t.best_metric: log.last[t.best_metric]} if t.best_metric in log.last else None
   meta = _meta(run.cfg, step, log.tokens_seen, log.wall_time(), log.monitor.total,
                data_state(run.data, step))
-  ckpt.save(step, state, meta, metrics=best, force=force)
+  with log.clock.measure("checkpoint"):
+    ckpt.save(step, state, meta, metrics=best, force=force)
   return step
 
 
@@ -338,6 +343,7 @@ def train_loop(run: Run, state: dict, start: int, train_fn, log: MetricLog,
   t, k = run.cfg.train, run.cfg.train.steps_per_call
   batches = batch_stream(run.data, start, t.steps, run.cfg.data.prefetch)
   end = LoopEnd(start, start)
+  log.clock.switch("first_step")  # until the first call's metrics are fetched: compile + run
   with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
     while end.step < t.steps:
       batch = next_call_batch(run, batches, k)  # prefetched: the batches from end.step
@@ -359,11 +365,12 @@ def train_loop(run: Run, state: dict, start: int, train_fn, log: MetricLog,
           end.saved_step = save_checkpoint(run, ckpt, end.step, state, log, force=True)
         end.stopped_by = guard.received
         break
+  log.clock.switch("finish")
   return state, end
 
 
 def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointer,
-           monitor: NonFiniteMonitor) -> None:
+           monitor: NonFiniteMonitor, clock: WallClock) -> None:
   """After the loop: the adapters file (PEFT), the non-finite stop, the preemption notice,
   or the end-of-run sample."""
   cfg, is_main = run.cfg, jax.process_index() == 0
@@ -382,15 +389,16 @@ def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointe
     return
   t = cfg.train
   if t.sample_tokens > 0:
-    host_params = distributed.host_params(state["params"])  # a collective: every process
-    if is_main:
-      text = sample_text(run, host_params, t.sample_prompt, t.sample_tokens, cfg.seed)
-      print("--- sample ---\n" + text + "\n--------------", flush=True)
+    with clock.measure("sample"):
+      host_params = distributed.host_params(state["params"])  # a collective: every process
+      if is_main:
+        text = sample_text(run, host_params, t.sample_prompt, t.sample_tokens, cfg.seed)
+        print("--- sample ---\n" + text + "\n--------------", flush=True)
 
 
 def train(cfg, workdir: str | Path) -> dict[str, Any]:
   """Runs (or resumes) training to cfg.train.steps; returns the last logged metrics."""
-  started = time.perf_counter()
+  clock = WallClock()
   workdir = Path(workdir)
   setup_host(cfg)
   run = build_run(cfg, workdir=workdir)
@@ -405,13 +413,28 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   monitor = NonFiniteMonitor(t.nonfinite, t.max_bad_steps, int(meta.get("skipped_steps", 0)))
   save_side_files(run, workdir)
   train_fn, eval_fn = jit_steps(run)
-  log = MetricLog(run, workdir, start, meta, eval_fn, monitor, started)
+  log = MetricLog(run, workdir, start, meta, eval_fn, monitor, clock)
   announce(run, start, log)
   state, end = train_loop(run, state, start, train_fn, log, ckpt)
   log.close(state)
-  ckpt.close()  # waits: every save issued above is complete (or raised) from here on
-  finish(run, workdir, state, end, ckpt, monitor)
+  with clock.measure("checkpoint"):
+    ckpt.close()  # waits: every save issued above is complete (or raised) from here on
+  try:
+    finish(run, workdir, state, end, ckpt, monitor, clock)
+  finally:
+    report_wall_time(workdir, clock, end.step)
   return log.last
+
+
+def report_wall_time(workdir: Path, clock: WallClock, step: int) -> None:
+  """Prints where this invocation's wall time went and appends it to wall_time.jsonl
+  (one row per `lmos train`, resumes included), on process 0."""
+  if jax.process_index() != 0:
+    return
+  parts = clock.breakdown()
+  print(f"lmos train: {describe_wall(parts)}", flush=True)
+  with open(workdir / WALL_TIME, "a") as f:
+    f.write(json.dumps({"step": int(step), **{k: round(v, 4) for k, v in parts.items()}}) + "\n")
 
 
 def announce(run: Run, start: int, log: MetricLog) -> None:

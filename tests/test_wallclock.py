@@ -1,0 +1,46 @@
+"""A run's wall time split into parts (lmos_jax.train.wallclock): the parts add up to the wall
+time measured around `train()`, and each part gets the time of what it names."""
+
+import json
+import time
+
+import pytest
+
+from helpers import tiny_config
+from lmos_jax.train.wallclock import PARTS, WallClock, describe
+
+
+def test_parts_partition_the_time_with_nothing_counted_twice():
+  clock = WallClock()
+  time.sleep(0.02)
+  clock.switch("steps")
+  with clock.measure("eval"):
+    time.sleep(0.03)
+    with clock.measure("checkpoint"):
+      time.sleep(0.02)
+  time.sleep(0.01)
+  parts = clock.breakdown()
+  assert parts["startup"] >= 0.02 and parts["eval"] >= 0.03 and parts["checkpoint"] >= 0.02
+  assert 0.01 <= parts["steps"] < 0.03  # the nested blocks are not in steps
+  assert parts["wall"] == pytest.approx(sum(parts[p] for p in PARTS))
+  assert parts["wall"] == pytest.approx(clock.elapsed(), rel=0.01)
+  assert describe(parts).startswith(f"wall {parts['wall']:.1f} s = start-up ")
+
+
+def test_train_breakdown_sums_to_the_measured_wall(tmp_path, capsys):
+  from lmos_jax.train.trainer import train
+  c = tiny_config(steps=6, log_every=2, eval_every=2, ckpt_every=3)
+  c.train.sample_tokens = 4
+  t0 = time.perf_counter()
+  train(c, tmp_path)
+  wall = time.perf_counter() - t0
+  rows = [json.loads(x) for x in (tmp_path / "wall_time.jsonl").read_text().splitlines()]
+  assert len(rows) == 1 and rows[0]["step"] == 6
+  parts = rows[0]
+  assert parts["wall"] == pytest.approx(wall, rel=0.05)  # nothing lost, nothing counted twice
+  assert parts["wall"] == pytest.approx(sum(parts[p] for p in PARTS), abs=1e-3)
+  for p in PARTS:  # 3 evals, 2 checkpoints (+ the close wait), a sample: each part took time
+    assert parts[p] > 0, p
+  assert parts["first_step"] > parts["steps"] / 5  # the first call compiles; 5 more do not
+  out = capsys.readouterr().out
+  assert "lmos train: first step done" in out and "lmos train: wall " in out
