@@ -72,6 +72,8 @@ def test_padding_does_not_change_real_tokens(mlm_model):
   padded_ids = np.concatenate([ids, np.zeros((1, 4), np.int64)], axis=1)
   mask = np.concatenate([np.ones((1, 6)), np.zeros((1, 4))], axis=1)
   padded = run(mlm_model, jnp.asarray(padded_ids), attention_mask=jnp.asarray(mask))
+  # f32: 6 keys, or 10 with 4 masked to exactly-zero weight: same sums, other blocking and
+  # order; logits are O(1) (ulp 1.2e-7), so 1e-5 is ~80 ulp and 100x below the mask's effect
   np.testing.assert_allclose(padded[:, :6], short, atol=1e-5)
   unmasked = run(mlm_model, jnp.asarray(padded_ids))
   assert np.abs(np.asarray(unmasked[:, :6] - short)).max() > 1e-3  # the mask matters
@@ -81,8 +83,10 @@ def test_token_types_change_outputs(mlm_model):
   ids = jnp.arange(8)[None] % 53
   a = run(mlm_model, ids, token_type_ids=jnp.zeros((1, 8), jnp.int32))
   b = run(mlm_model, ids, token_type_ids=jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1]]))
-  assert np.abs(np.asarray(a - b)).max() > 1e-3
-  np.testing.assert_allclose(run(mlm_model, ids), a, atol=1e-6)  # None means all type 0
+  assert np.abs(np.asarray(a - b)).max() > 1e-3  # a real change, 1e4x f32 noise on O(1)
+  # None means all type 0: the same row-0 lookup and sums, expected bit-equal; 1e-6 leaves a
+  # few ulp of the O(1) logits should XLA fuse the constant ids differently
+  np.testing.assert_allclose(run(mlm_model, ids), a, atol=1e-6)
 
 
 def test_scan_and_unrolled_layers_agree():
@@ -95,6 +99,8 @@ def test_scan_and_unrolled_layers_agree():
   q["blocks"] = {i: jax.tree.map(lambda x: x[i], p["blocks"]) for i in range(2)}
   nnx.replace_by_pure_dict(state, q)
   ids = jnp.asarray([[3, 5, 7, 9, 11]])
+  # f32, the same ops in a loop over stacked layers or unrolled: XLA may fuse and order the
+  # reductions differently; O(1) logits, so 1e-5 is ~80 ulp
   np.testing.assert_allclose(run(nnx.merge(g, state), ids), run(scanned, ids), atol=1e-5)
 
 
@@ -113,6 +119,8 @@ def test_mlm_loss_matches_numpy_reference(mlm_model):
   tgt = np.asarray(batch["targets"])
   nll = -np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
   w = np.asarray(batch["weights"])
+  # the loss's own compiled forward (logits ~1e-7 relative from `run`'s) against a float64
+  # reference over ~8 picked tokens: a few eps; rtol 1e-5 ~ 80 eps
   np.testing.assert_allclose(float(loss_sum), (nll * w).sum(), rtol=1e-5)
   assert float(weight) == w.sum()
   assert float(aux["correct"]) == ((logits.argmax(-1) == tgt) * w).sum()
@@ -126,9 +134,12 @@ def test_mlm_mask_proportions_and_specials():
                  special_ids=(1, 2))
   picked = out["weights"] > 0
   assert not picked[:, 0].any()
+  # seeded draws, so deterministic; the bounds are in sigmas of the sampling noise: the mean
+  # of 32704 Bernoulli(0.15) has sigma 0.002 (0.005 = 2.5 sigma)
   assert abs(picked.mean() - 0.15 * 511 / 512) < 0.005
   masked = (out["inputs"] == 2) & picked
   kept = (out["inputs"] == ids) & picked
+  # of ~4900 picked: sigma 0.006 for the 80% share (0.02 = 3.5 sigma), 0.004 for the 10%
   assert abs(masked.sum() / picked.sum() - 0.8) < 0.02
   assert abs(kept.sum() / picked.sum() - 0.1) < 0.02  # (random draws rarely hit the same id)
   assert np.array_equal(out["targets"], ids)
@@ -252,4 +263,6 @@ def test_bert_shards_by_the_one_rule_table(mlm_model):
   ids = jnp.asarray(np.random.default_rng(2).integers(0, 53, (4, 8)), jnp.int32)
   with jax.set_mesh(mesh):
     out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids)
+  # f32, reductions split over the 2x2x2 mesh's shards and re-summed vs one device: O(1)
+  # logits, 1e-5 is ~80 ulp
   np.testing.assert_allclose(out, run(mlm_model, ids), atol=1e-5)

@@ -2,7 +2,6 @@
 that it is really written to and switched off; test_cli shows a second `lmos train` of the
 same config compiling nothing."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -44,10 +44,14 @@ def test_trim_drops_the_asked_layers_and_runs(scan):
     for part, name in (("attn", "out"), ("mlp", "down")):
       params["blocks"][2][part][name] = jax.tree.map(zero, params["blocks"][2][part][name])
   start, dists = least_important_block(graphdef, params, TOKENS, 1)
+  # an identity layer's distance is f32 noise magnified by arccos near 1: cos = 1 - k eps gives
+  # sqrt(2 k eps) / pi ~ 1.6e-4 sqrt(k), so 1e-3 admits k ~ 40; real layers sit above 0.1
   assert start == 2 and dists[2] < 1e-3 < dists.min(initial=1.0, where=np.arange(4) != 2)
   gd2, p2 = drop_layers(graphdef, params, [start])
   assert nnx.merge(gd2, p2).cfg.num_layers == 3
   # dropping an identity layer leaves the logits unchanged; the kept layers are the others
+  # (x + 0 is exact: the same values, through a program one layer shorter that XLA may fuse
+  # and order differently; O(1) logits, 1e-5 ~ 80 ulp)
   np.testing.assert_allclose(forward(gd2, p2), forward(graphdef, params), atol=1e-5)
   gd3, p3 = drop_layers(graphdef, params, [0, 3])
   np.testing.assert_array_equal(
@@ -66,6 +70,8 @@ def test_distillation_loss_zero_when_student_equals_teacher():
   # independent reference: T^2 * sum p_t log(p_t / p_s) at temperature T
   pt = np.exp(np.asarray(logits) / 2) / np.exp(np.asarray(logits) / 2).sum(-1, keepdims=True)
   ps = np.exp(np.asarray(other) / 2) / np.exp(np.asarray(other) / 2).sum(-1, keepdims=True)
+  # f32 on both sides by different formulas (log-softmax vs log of a ratio of exps); KL sums
+  # terms of both signs, so cancellation magnifies their ~eps errors: rtol 1e-4 (~1e3 eps)
   np.testing.assert_allclose(np.asarray(kd), 4 * (pt * np.log(pt / ps)).sum(-1), rtol=1e-4)
   # the task loss sees a "model" that is any callable tokens -> logits
   student = lambda inputs, rng=None: logits  # noqa: E731
@@ -75,5 +81,7 @@ def test_distillation_loss_zero_when_student_equals_teacher():
   assert float(total) == 0.0 and float(aux1["kd"]) == 0.0 and float(weight) == 10
   total_half, _, aux = distill_loss(2.0, 0.5)(student, batch, None)
   assert float(aux["ce"]) > 0
+  # kd is exactly 0 and halving is exact: only the order of the 10-term sum may differ,
+  # ~sqrt(10) eps = 4e-7 relative; rtol 1e-6
   np.testing.assert_allclose(float(total_half), 0.5 * float(aux["ce"]), rtol=1e-6)
 

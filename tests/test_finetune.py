@@ -91,6 +91,8 @@ def test_cls_loss_matches_numpy_reference():
                                            "labels": labels, "weights": weights}, None)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   want = -(logp[np.arange(3), labels] * weights).sum()
+  # f32 on both sides, log-softmax of 3 logits by two formulas, 2 weighted terms: a few
+  # roundings (~eps = 1.2e-7 each); rtol 1e-6 ~ 8 eps
   np.testing.assert_allclose(float(loss_sum), want, rtol=1e-6)
   assert float(weight) == 2.0 and float(aux["correct"]) == 2.0  # row 2 has weight 0
 
@@ -195,7 +197,8 @@ def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys
   predict, labels, cfg = pred.build_classifier(wd)
   via_adapters = predict(["great film", "dull mess"])
   # the trainer's dev metrics are those of the saved model on the two dev rows (labels 1, 0);
-  # rtol: f32 logits of the same params, only the padding of the batch differs
+  # rtol: f32 logits of the same params, only the batch's padding and size differ (~1e-6
+  # relative on a loss of ~0.7); 1e-4 also admits the eval's own reduction order
   probs, dev_ids = np.asarray(via_adapters), [labels.index("1"), labels.index("0")]
   assert last["eval_accuracy"] == np.mean(probs.argmax(-1) == dev_ids)
   np.testing.assert_allclose(last["eval_loss"], -np.mean(np.log(probs[[0, 1], dev_ids])),
@@ -206,6 +209,7 @@ def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys
   cfg.peft.method = "full"  # read the same workdir through its full checkpoint instead
   from_ckpt = pred.classifier_params(cfg, wd, abstract)
   assert_trees_equal(from_adapters, from_ckpt)
+  # f32 softmax over 2 classes: each row sums to 1 within a couple of eps (~2e-7); 1e-5 ~ 80 eps
   np.testing.assert_allclose(via_adapters.sum(-1), 1.0, rtol=1e-5)
   # HF export folds LoRA into the kernels: the exported classifier predicts the same
   from lmos_jax.convert import to_hf_from_workdir
@@ -216,8 +220,10 @@ def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys
                               16)
   logits = hf_model(enc["inputs"], token_type_ids=enc["token_type_ids"],
                     attention_mask=enc["attention_mask"])
+  # probabilities in [0, 1]: kernels with LoRA folded in (W + s A B, one rounding per weight)
+  # vs adapters applied beside them, through 2 layers: ~1e-7; 1e-5 leaves 100x
   np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits, -1)), via_adapters, atol=1e-5)
   assert pred.main(["lmos predict", "--workdir", str(wd), "great film"]) == 0
   label, prob, text = capsys.readouterr().out.strip().splitlines()[-1].split("\t")
   assert label in labels and text == "great film"
-  np.testing.assert_allclose(float(prob), via_adapters[0].max(), atol=1e-4)
+  np.testing.assert_allclose(float(prob), via_adapters[0].max(), atol=1e-4)  # printed .4f: 5e-5

@@ -25,7 +25,8 @@ def test_estimate_separates_nanogpt_shapes():
   baby = activation_bytes_estimate(_model(6, 6, 384), 256, 64, 1, 2)
   assert 5 * MiB < small < 64 * MiB
   assert 1024 * MiB < baby < 4096 * MiB
-  # microbatches and devices divide the tokens each device holds at once
+  # microbatches and devices divide the tokens each device holds at once (float64 products of
+  # integers below 2^53 and divisions by 2 and 4: exact; approx's rel 1e-6 spares the order)
   assert activation_bytes_estimate(_model(6, 6, 384), 256, 64, 4, 2) == pytest.approx(baby / 4)
 
 
@@ -77,4 +78,6 @@ def test_retained_memory_is_not_faulted_again():
     applied, faults = res.stdout.split()
     out[mode] = (applied == "True", int(faults))
   assert out["system"][1] > 8000, out
+  # page-fault counts: a fresh 64 MiB mapping costs 16384; reused pages leave only the
+  # interpreter's own incidental faults, well under 1000
   assert out["retain"] == (True, pytest.approx(0, abs=1000)), out

@@ -133,11 +133,15 @@ def test_merged_lora_equals_unmerged(scan):
   unmerged = np.asarray(model(tokens()))
   merge_lora(model)
   merged = np.asarray(model(tokens()))
+  # x (W + s A B) vs x W + s (x A) B: the merged kernel rounds once per weight (eps |W|) and the
+  # dots sum in other orders: ~1e-7 on logits ~0.5; atol 1e-5 ~ 160 ulp, rtol is spare
   np.testing.assert_allclose(merged, unmerged, rtol=1e-4, atol=1e-5)
   q = model.blocks.attn.query if scan else model.blocks[0].attn.query
+  # the merge moves the kernel by s A B (~0.05, as large as W), far outside allclose's defaults
   assert q.merged and not np.allclose(np.asarray(q.kernel[...])[0 if scan else ...], kernel0[0]
                                       if scan else kernel0)
   unmerge_lora(model)
+  # (W + s A B) - s A B: two roundings of values <= ~0.4 (ulp 3e-8); atol 1e-6 ~ 30 ulp
   np.testing.assert_allclose(np.asarray(q.kernel[...]), kernel0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(model(tokens())), unmerged, rtol=1e-4, atol=1e-5)
 
@@ -148,7 +152,7 @@ def test_lora_dropout_only_in_training():
   q = model.blocks.attn.query
   q.lora_b[...] = jnp.ones(q.lora_b.shape)
   eval_out = np.asarray(model(tokens()))
-  set_dropout_keys(model, jax.random.PRNGKey(7))
+  set_dropout_keys(model, jax.random.PRNGKey(7))  # half of the inputs of a B = 1 adapter
   assert not np.allclose(np.asarray(model(tokens())), eval_out)
 
 
@@ -174,7 +178,10 @@ def test_lora_dropout_off_in_evaluation_after_a_jitted_train_step():
   no_dropout, _, _, _ = _step_setup("lora", dropout=0.0)
   params0 = _without_dropout_keys(new["params"])
   ref = float(jax.jit(lambda p: eval_step(no_dropout, p, batch())["loss_sum"])(params0))
-  assert first == second == ref
+  assert first == second  # bitwise: the same program on the same inputs
+  # ref's program has no select around the adapter input: the same values, but XLA may fuse
+  # and order the 64-token sum differently (<= 64 eps ~ 8e-6); live dropout moves it ~4e-4
+  np.testing.assert_allclose(second, ref, rtol=1e-5)
 
 
 def test_adalora_budget_reaches_target_rank():
@@ -215,6 +222,8 @@ def test_orthogonality_penalty_matches_reference():
   """Orthonormal at init (penalty 0); against a numpy reference after a perturbation."""
   model = GPT(tiny_tcfg(), rngs=nnx.Rngs(0))
   apply_peft(model, peft_cfg("adalora"), rngs=1)
+  # orthonormal up to f32 rounding: Gram entries are <= 32-term dot products, off by ~eps
+  # each; the Frobenius norm of a 4x4 error is ~1e-6 at most
   assert float(orthogonality_penalty(model)) < 1e-5
   mods = [m for _, m in nnx.iter_modules(model) if isinstance(m, SVDDense)]
   terms = []
@@ -228,6 +237,8 @@ def test_orthogonality_penalty_matches_reference():
     for pl, ql in zip(p, q):
       terms.append(np.linalg.norm(pl.T @ pl - np.eye(r)))
       terms.append(np.linalg.norm(ql @ ql.T - np.eye(r)))
+  # f32 against a float64 reference: Gram matrices of <= 32-term sums and square roots, a few
+  # eps relative; rtol 1e-5 ~ 80 eps
   np.testing.assert_allclose(float(orthogonality_penalty(model)), np.mean(terms), rtol=1e-5)
 
 
@@ -246,6 +257,8 @@ def test_adapter_only_checkpoint_applies_on_base(tmp_path):
   fresh = wrap_factory(lambda rngs: GPT(tiny_tcfg(), rngs=rngs), p)(nnx.Rngs(params=0))
   graphdef, state = nnx.split(fresh)
   restored = overlay_params(nnx.to_pure_dict(state), flat, "adapters.safetensors")
+  # the same params bit for bit (f32 safetensors) through the same model: expected bit-equal;
+  # the tolerance is a few ulp of O(0.5) logits, far below a lost or stale adapter
   np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, restored)(tokens())), want,
                              rtol=1e-5, atol=1e-6)
   bad = {"blocks/attn/query/lora_a": np.zeros((1, 2, 3), np.float32)}
@@ -271,6 +284,8 @@ def test_merge_and_unload_gives_base_tree_with_same_outputs(method):
   assert set(split_by(merged, lambda _: True)[0]) == base_keys
   graphdef, state = nnx.split(make(nnx.Rngs(0)))
   nnx.replace_by_pure_dict(state, merged)
+  # merged kernels (one rounding per weight) vs adapters beside them: ~1e-7 on logits ~0.6,
+  # as in test_merged_lora_equals_unmerged
   np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, state)(tokens())), want,
                              rtol=1e-4, atol=1e-5)
   assert merge_and_unload(model) > 0
@@ -298,7 +313,10 @@ def test_adalora_classification_loss_falls():
     if i == 0:  # Adam's first step is lr * g / (|g| + eps) <= lr, times lambda_lr_scale
       lam = np.abs(np.concatenate([np.ravel(v) for k, v in split_by(
           st["params"], trainable)[0].items() if k.endswith("lora_lambda")]))
+      # |g| / (|g| + eps) with Adam's eps = 1e-8: the largest step is short of lr by eps/|g|;
+      # rtol 1e-3 holds for the largest lambda gradient down to 1e-5 (here ~1e-4)
       np.testing.assert_allclose(lam.max(), c.train.lr * p.lambda_lr_scale, rtol=1e-3)
+      # never above it: 1 + 1e-6 (~8 eps) absorbs the f32 rounding of lr * lambda_lr_scale
       assert (lam > 0).all() and lam.max() <= c.train.lr * p.lambda_lr_scale * (1 + 1e-6)
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert first > 0.65 and last < 0.6, (first, last)  # chance level is ln 2 = 0.69

@@ -27,7 +27,7 @@ def test_layerwise_global_and_alpha_rules():
   p = params()
   rows = sparsity_report(apply_masks(p, layerwise_masks(p, LAYOUTS, 0.5)), LAYOUTS)
   assert [r[0] for r in rows] == ["blocks.0.up", "blocks.1.up", "blocks.2.up", "head"]
-  assert all(s == 0.5 for _, _, s in rows)
+  assert all(s == 0.5 for _, _, s in rows)  # exact: half of an even count, as a ratio
   g = apply_masks(p, global_masks(p, LAYOUTS, 0.5))
   assert total_sparsity(g, LAYOUTS) == 0.5
   head_sparsity = dict((r[0], r[2]) for r in sparsity_report(g, LAYOUTS))["head"]
@@ -75,12 +75,15 @@ def test_pruned_weights_stay_zero_under_adamw_with_weight_decay():
     m = np.broadcast_to(np.asarray(m), leaf.shape)
     assert np.all(np.asarray(leaf)[~m] == 0.0)
     assert np.all(np.asarray(leaf)[m] != np.asarray(s)[m])  # the kept ones did train
+  # each layer drops round(0.6 n) of its n weights: within half a weight's share of 0.6
   assert all(abs(s - 0.6) <= 0.5 / n for _, n, s in sparsity_report(p, LAYOUTS))
 
 
 def test_cubic_schedule_reaches_target_at_end_step():
   begin, end, final = 2, 12, 0.75
   sched = lambda t: cubic_sparsity(t, final, begin, end)  # noqa: E731
+  # f32 schedule vs float64 expectations: a few roundings at most (these values are even
+  # exact in binary); approx's default rel 1e-6 ~ 8 eps
   assert float(sched(begin)) == 0.0 and float(sched(end)) == pytest.approx(final)
   assert float(sched(7)) == pytest.approx(final * (1 - 0.5 ** 3))
   p = params(3)
@@ -96,4 +99,6 @@ def test_cubic_schedule_reaches_target_at_end_step():
     seen.append(total_sparsity(p, LAYOUTS))
   assert seen == sorted(seen) and seen[begin - 1] == 0.0
   assert 0 < seen[begin + 3] < final
+  # a whole count of 96 or 128 weights: 1e-2 is under one weight of the head (1/96) and
+  # about one of a 128-weight layer (1/128)
   assert all(abs(s - final) < 1e-2 for _, _, s in sparsity_report(p, LAYOUTS))

@@ -43,6 +43,8 @@ def test_two_runs_png_html_and_summary(tmp_path):
   assert "<td>train.lr</td><td>0.001</td><td>0.003</td>" in page  # only differing keys
   assert "train.steps" in page and "model.d_model" not in page
 
+  # float64 values that JSON carries exactly; approx's default rel 1e-6 only spares the order
+  # of float64 operations (~1e-16), e.g. 100 * median(x) vs median(100 * x)
   s = rp.summarize(rp.load_run(a))
   assert s["last step"] == 6 and s["final loss"] == pytest.approx(5.0 / 6)
   assert s["best eval loss"] == pytest.approx(1.0) and s["at step"] == 6
@@ -55,6 +57,8 @@ def test_figure_lines_hold_the_logged_values(tmp_path):
   run = rp.load_run(tmp_path / "r")
   fig = rp.make_figure([run])
   by_title = {ax.get_title(): ax for ax in fig.axes}
+  # float64 data drawn as given (MFU at most one multiplication by 100 apart): the default
+  # rtol 1e-7 is far above float64 rounding (1e-16)
   (loss_line,) = by_title["train loss"].get_lines()
   np.testing.assert_allclose(loss_line.get_xdata(), [1, 2, 3, 4, 5])
   np.testing.assert_allclose(loss_line.get_ydata(), [5.0 / s for s in range(1, 6)])
@@ -72,7 +76,7 @@ def test_smoothing_is_an_ema():
   for v in x:
     acc = alpha * acc + (1 - alpha) * v
     ref.append(acc)
-  np.testing.assert_allclose(rp.ema(x, alpha), ref)
+  np.testing.assert_allclose(rp.ema(x, alpha), ref)  # the same float64 recurrence: bit-equal
   np.testing.assert_array_equal(rp.ema(x, 0.0), x)
 
 
@@ -102,5 +106,6 @@ def test_single_run_default_out_dir(tmp_path, capsys):
   assert rp.main(["lmos report", str(tmp_path / "r"), "--smooth", "0.5"]) == 0
   assert (tmp_path / "r" / "report" / "report.png").is_file()
   out = capsys.readouterr().out
+  # the table prints 4 significant digits ('.4g'): rounding is < 5e-4 relative
   assert "final loss" in out and math.isclose(float(out.split("\n")[1].split()[2]), 5 / 3,
                                               rel_tol=1e-3)

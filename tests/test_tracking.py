@@ -110,6 +110,8 @@ def test_wandb_offline_hparams_once_and_profile_window(tmp_path, monkeypatch):
       items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
       hist.append(items)
   assert [h["_step"] for h in hist] == [1, 2, 3] and "history" in kinds
+  # f32 losses widened to float64 in metrics.jsonl: wandb's JSON copy is exact, and rel 1e-6
+  # would also admit a float32 copy (2^-24 = 6e-8)
   assert [h["loss"] for h in hist] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
   # TensorBoard holds every scalar of every metrics.jsonl row, as float32
   tb = read_tensorboard_scalars(wd / "tb")

@@ -70,13 +70,29 @@ def setup_host(cfg) -> None:
   set the allocator policy, join the other hosts, agree on the config, and point JAX at the
   persistent compilation cache."""
   cpu_devices = distributed.split_cpu_host_for(cfg)
-  setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
+  retained = setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
   distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
   distributed.check_same_config(cfg)
   check_tracking(cfg.tracking)
   cache = enable_compile_cache(cfg.train.compile_cache)
   if jax.process_index() == 0:
-    print(f"lmos train: {cache}", flush=True)
+    print(f"lmos train: {host_setup_line(cfg, cpu_devices, retained)}; {cache}", flush=True)
+
+
+def host_setup_line(cfg, cpu_devices: int | None, retained: bool) -> str:
+  """What the host set-up chose and why, in one line (the choices themselves are made by
+  parallel.distributed.split_cpu_host and parallel.host_memory)."""
+  devices = jax.local_devices()
+  kind = f"{len(devices)} {devices[0].platform} device(s) on this process"
+  if devices[0].platform != "cpu":
+    why = "the accelerator's own"
+  elif cpu_devices:
+    why = (f"this host's cores split by mesh.cpu_devices={cfg.mesh.cpu_devices or 'auto'}")
+  else:
+    why = "as XLA_FLAGS or an earlier JAX start set them"
+  malloc = ("malloc keeps freed memory" if retained else "default malloc") + \
+      f" (mesh.cpu_allocator={cfg.mesh.get('cpu_allocator', 'auto')})"
+  return f"host: {kind}, {why}; {malloc}"
 
 
 def build_task_data(cfg, workdir=None):
