@@ -243,10 +243,8 @@ def _dot_operand_types(stablehlo: str) -> list[tuple[str, ...]]:
   return out
 
 
-@pytest.mark.parametrize("precision,dtype", [("bf16", "bf16"), ("fp32", "f32")])
-def test_policy_sets_the_matmul_input_dtype(precision, dtype):
-  """Every matmul of the lowered train step (forward and backward) reads `dtype` operands,
-  while the params the step takes and returns stay float32."""
+def _one_device_step(precision: str):
+  """(mesh, initial state, batch, jitted train step) of the tiny LM on one device."""
   cfg = _cfg()
   mesh = make_mesh((1, 1, 1), jax.devices()[:1])
   tx = make_optimizer(cfg.train)
@@ -255,7 +253,15 @@ def test_policy_sets_the_matmul_input_dtype(precision, dtype):
                                                 mesh, seed=0)
   scfg = StepConfig(graphdef=graphdef, tx=tx, loss_fn=lm_loss, policy=policy)
   batch = _batch()
-  step = jit_train_step(scfg, shardings, mesh, {k: v.ndim for k, v in batch.items()})
+  return mesh, state, batch, jit_train_step(scfg, shardings, mesh,
+                                            {k: v.ndim for k, v in batch.items()})
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", "bf16"), ("fp32", "f32")])
+def test_policy_sets_the_matmul_input_dtype(precision, dtype):
+  """Every matmul of the lowered train step (forward and backward) reads `dtype` operands,
+  while the params the step takes and returns stay float32."""
+  mesh, state, batch, step = _one_device_step(precision)
   with jax.set_mesh(mesh):
     lowered = step.lower(state, batch)
   dots = _dot_operand_types(lowered.as_text())
@@ -300,15 +306,7 @@ def test_precision_policies():
 
 
 def test_bf16_policy_keeps_fp32_master_weights_and_loss():
-  cfg = _cfg()
-  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-  tx = make_optimizer(cfg.train)
-  policy = resolve_policy("bf16")
-  graphdef, state, shardings = init_train_state(model_factory(cfg.model, VOCAB), tx, policy,
-                                                mesh, seed=0)
-  scfg = StepConfig(graphdef=graphdef, tx=tx, loss_fn=lm_loss, policy=policy)
-  batch = _batch()
-  step = jit_train_step(scfg, shardings, mesh, {k: v.ndim for k, v in batch.items()})
+  mesh, state, batch, step = _one_device_step("bf16")
   with jax.set_mesh(mesh):
     state, metrics = step(state, batch)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))

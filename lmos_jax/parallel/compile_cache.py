@@ -45,15 +45,13 @@ def enable_compile_cache(setting: str, environ: Mapping[str, str] | None = None)
   second) would leave a restart compiling the many small ones (eval, init, sampling).
   """
   path, why = cache_dir(setting, os.environ if environ is None else environ)
-  line = f"compile cache {path} ({why})"
-  if path is None:
-    line = f"compile cache off ({why})"
-  else:
-    try:
+  line = f"compile cache {path} ({why})" if path else f"compile cache off ({why})"
+  try:
+    if path:
       path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a read-only home must not stop training: say so and compile
-      path, line = None, (f"compile cache off: cannot create {path} ({e.strerror}); set {ENV}"
-                          " to move it")
+  except OSError as e:  # a read-only home must not stop training: say so and compile
+    path, line = None, (f"compile cache off: cannot create {path} ({e.strerror}); set {ENV}"
+                        " to move it")
   jax.config.update("jax_enable_compilation_cache", path is not None)
   jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

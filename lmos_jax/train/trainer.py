@@ -232,7 +232,7 @@ class MetricLog:
   """
 
   def __init__(self, run: Run, workdir: Path, start: int, meta: dict, eval_fn,
-               monitor: NonFiniteMonitor, clock: WallClock | None = None):
+               monitor: NonFiniteMonitor, clock: WallClock):
     from tqdm import tqdm
     cfg, t = run.cfg, run.cfg.train
     self.run, self.eval_fn, self.monitor = run, eval_fn, monitor
@@ -253,7 +253,7 @@ class MetricLog:
     self.pending: list[tuple[int, dict]] = []  # (last step of a call, device metrics)
     self.last: dict[str, float] = {}  # the newest fetched metrics (+ eval)
     self.mark_time: float | None = None  # the clock starts after the first call compiles
-    self.clock = clock or WallClock()  # where the run's wall time goes
+    self.clock = clock  # where the run's wall time goes (train() started it)
     self.mark_step, self.mark_wait = start, 0.0
 
   def record(self, step: int, metrics: dict) -> None:
