@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
                       "or raise model.max_seq_len")
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f"config 'model.dropout'={m.dropout} must be in [0, 1)")
+  if t.epochs < 0 or (t.epochs > 0 and cfg.task != "cls"):
+    raise ConfigError(f"config 'train.epochs'={t.epochs}: must be >= 0, and > 0 only for task "
+                      "'cls' (steps from the TSV train file); otherwise set train.steps")
   if t.steps <= 0 or t.batch_size <= 0 or t.microbatches <= 0:
     raise ConfigError("config 'train.steps', 'train.batch_size' and 'train.microbatches' "
                       "must be positive")
@@ -233,6 +237,11 @@ def _check_data(d, init_from: str = "") -> None:
     raise ConfigError(f"config 'data.prefetch'={d.prefetch} must be >= 0 (0: no prefetch)")
   if d.shuffle_buffer < 0:
     raise ConfigError(f"config 'data.shuffle_buffer'={d.shuffle_buffer} must be >= 0")
+  if not re.fullmatch(r"\s*(auto|off|\d+(\s*,\s*\d+)*)\s*", str(d.buckets).lower()):
+    raise ConfigError(f"config 'data.buckets'={d.buckets!r}: expected auto, off or "
+                      "comma-separated widths such as 16,32,64")
+  if d.sort_window < 0:
+    raise ConfigError(f"config 'data.sort_window'={d.sort_window} must be >= 0 (0: off)")
   if d.streaming and (d.mixture or d.source not in ("files", "hf")
                       or d.batching not in ("windows", "packed") or d.tokenizer == "char"):
     raise ConfigError("config 'data.streaming'=True needs data.source files or hf (no "

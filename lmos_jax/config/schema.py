@@ -117,6 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.text_b = ""  # optional second-sentence column name for sentence pairs
   d.labels = ""  # comma-separated label set; empty: sorted distinct labels of data.train
   d.max_train = 0  # use the first N training rows (0: all)
+  # cls: batches are cut to the narrowest of these widths holding their longest row (exact:
+  # only padding is cut). auto (16, 24, 32, 48, 64, 96, ... up to seq_len) | off | '16,32,64'
+  d.buckets = "auto"
+  d.sort_window = 64  # cls: rows grouped by length within windows of this many batches; 0: off
 
   c.train = ml_collections.ConfigDict()
   t = c.train
@@ -124,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.microbatches = 1  # gradient accumulation inside one step
   t.steps_per_call = 1  # optimizer steps per jitted call (lax.scan): less dispatch per step
   t.steps = 300
+  t.epochs = 0.0  # cls: > 0 sets train.steps to this many passes over data.train
   t.lr = 3e-3
   t.schedule = "warmup_cosine"  # constant | warmup_cosine | warmup_linear | rsqrt | wsd
   t.warmup_steps = 30

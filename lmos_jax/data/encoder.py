@@ -256,9 +256,110 @@ def classifier_rows(tok, texts: LabeledTexts, label_set: Sequence[str], seq_len:
   return rows
 
 
+# ------------------------------------------------------------------ length buckets
+# Rows are stored padded to seq_len; a batch is cut to the narrowest bucket width that holds
+# its longest row. Every cut column is padding (attention_mask 0: never attended to, never
+# pooled), so a cut batch computes what the padded one does, on a few fixed shapes (one
+# compiled program per width) instead of seq_len for every sentence.
+
+
+def bucket_widths(spec: str, seq_len: int) -> list[int]:
+  """The padded widths batches may take, ascending, always ending at seq_len.
+
+  spec: 'auto' (16, 24, 32, 48, 64, 96, ...: steps of at most 50%, so a batch carries at most
+  ~1/3 padding beyond its longest row, with one compile per width), 'off' (seq_len only), or
+  comma-separated widths such as '16,32,64'.
+  """
+  spec = str(spec).strip().lower()
+  if spec == "off":
+    return [seq_len]
+  if spec == "auto":
+    widths, w = [], 16
+    while w < seq_len:
+      widths.append(w)
+      w = w + w // 2 if (w & (w - 1)) == 0 else w // 3 * 4  # 16, 24, 32, 48, 64, 96, ...
+    return widths + [seq_len]
+  try:
+    widths = sorted({int(x) for x in spec.split(",") if x.strip()})
+  except ValueError:
+    widths = []
+  if not widths or widths[0] <= 0:
+    raise ConfigError(f"config 'data.buckets'={spec!r}: expected auto, off or comma-separated "
+                      "positive widths such as 16,32,64")
+  return [w for w in widths if w < seq_len] + [seq_len]
+
+
+def fit_width(longest: int, widths: Sequence[int]) -> int:
+  """The narrowest width holding a row of `longest` tokens (widths ascending)."""
+  return next((w for w in widths if w >= longest), widths[-1])
+
+
+def row_lengths(rows: dict[str, np.ndarray]) -> np.ndarray:
+  """Tokens per row (special tokens included): the attention mask's count."""
+  return rows["attention_mask"].sum(axis=1).astype(np.int32)
+
+
+def cut_to_width(batch: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+  """The batch with its token columns cut to `width` (per-row arrays kept)."""
+  return {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+
+
+def sorted_windows(order: np.ndarray, lengths: np.ndarray, batch_size: int, window: int,
+                   rng: np.random.Generator) -> np.ndarray:
+  """`order` with each run of window*batch_size rows sorted by length and its batches shuffled.
+
+  Rows of similar length land in the same batch (little padding), while which batch comes
+  when stays random, so training sees no short-to-long curriculum within a window.
+  """
+  if window <= 1:
+    return order
+  out = order.copy()
+  span = window * batch_size
+  for lo in range(0, len(order), span):
+    chunk = order[lo:lo + span]
+    chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+    blocks = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    out[lo:lo + len(chunk)] = np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
+  return out
+
+
+def count_tsv_rows(path: str, field: str = "data.train") -> int:
+  """Data rows of a TSV file as `read_tsv` counts them (non-blank lines after the header),
+  without parsing: `train.epochs` turns into steps before the data are built."""
+  p = Path(path)
+  if not p.is_file():
+    raise DataFileNotFoundError(f"config '{field}'={path!r}: no such file; "
+                                f"{missing_hint(field)}")
+  with p.open("rb") as f:
+    next(f, None)
+    return sum(1 for line in f if line.strip())
+
+
+def resolve_epochs(cfg) -> None:
+  """`train.epochs` > 0 (task cls): sets train.steps to that many passes over data.train
+  (capped by data.max_train), and eval_every / ckpt_every left at 0 to the last step.
+  Run before `validate`, so the steps it derives are checked like given ones."""
+  t, d = cfg.train, cfg.data
+  if t.epochs <= 0 or cfg.task != "cls":  # validate refuses epochs for other tasks
+    return
+  rows = count_tsv_rows(d.train)
+  rows = min(rows, d.max_train) if d.max_train else rows
+  k = max(1, t.steps_per_call)
+  steps = -(-int(np.ceil(t.epochs * rows / t.batch_size)) // k) * k
+  t.steps = max(steps, k)
+  for name in ("eval_every", "ckpt_every"):
+    if t[name] == 0:
+      t[name] = t.steps
+
+
 @dataclasses.dataclass
 class ClassificationData:
-  """Shuffled-per-epoch training batches and the whole dev set (padded, weight 0)."""
+  """Shuffled-per-epoch training batches and the whole dev set (padded, weight 0).
+
+  Batches are cut to the narrowest of `widths` that holds their longest row; with
+  `sort_window` > 1 the rows of each window of that many batches are grouped by length first
+  (`sorted_windows`). Both are pure functions of (seed, step), so resuming is exact.
+  """
 
   tokenizer: Any
   label_set: list[str]
@@ -268,6 +369,13 @@ class ClassificationData:
   seed: int
   process_index: int = 0
   process_count: int = 1
+  widths: tuple[int, ...] = ()  # empty: the stored width (seq_len) only
+  sort_window: int = 0
+
+  def __post_init__(self):
+    self.train_lengths = row_lengths(self.train)
+    self.dev_lengths = row_lengths(self.dev)
+    self._epoch_cache: dict[int, np.ndarray] = {}
 
   @property
   def num_train(self) -> int:
@@ -278,39 +386,60 @@ class ClassificationData:
     lo = self.process_index * per
     return {k: v[lo:lo + per] for k, v in batch.items()}
 
+  def _cut(self, batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Every process cuts the global batch to the same width (from all its rows' lengths)."""
+    if not self.widths:
+      return batch
+    return cut_to_width(batch, fit_width(int(lengths.max()), self.widths))
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """Epoch `epoch`'s row order: a fresh permutation seeded by (seed, epoch), grouped by
+    length within sort windows."""
+    if epoch not in self._epoch_cache:
+      rng = np.random.default_rng([self.seed, epoch, 0x636C73])
+      order = rng.permutation(self.num_train)
+      order = sorted_windows(order, self.train_lengths, self.batch_size, self.sort_window, rng)
+      self._epoch_cache = {epoch: order}  # steps run forward: one epoch cached at a time
+    return self._epoch_cache[epoch]
+
   def rows_for_step(self, step: int) -> np.ndarray:
-    """Global row indices of step's batch: epochs are fresh permutations seeded by (seed, epoch)."""
+    """Global row indices of step's batch (a batch may straddle two epochs)."""
     n = self.num_train
     pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
     epochs = pos // n
     out = np.empty_like(pos)
     for e in np.unique(epochs):
-      perm = np.random.default_rng([self.seed, int(e), 0x636C73]).permutation(n)
       sel = epochs == e
-      out[sel] = perm[pos[sel] % n]
+      out[sel] = self.epoch_order(int(e))[pos[sel] % n]
     return out
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     idx = self.rows_for_step(step)
-    return self._local({k: v[idx] for k, v in self.train.items()})
+    batch = self._cut({k: v[idx] for k, v in self.train.items()}, self.train_lengths[idx])
+    return self._local(batch)
 
   def val_batches(self) -> list[dict[str, np.ndarray]]:
-    """Every dev row once; the last batch is filled with copies of row 0 at weight 0."""
+    """Every dev row once, shortest first when cutting to widths (less padding); the last
+    batch is filled with copies of its first row at weight 0."""
     n, b = len(self.dev["labels"]), self.batch_size
+    order = (np.argsort(self.dev_lengths, kind="stable") if self.widths
+             else np.arange(n))
     out = []
     for lo in range(0, n, b):
-      idx = np.arange(lo, lo + b)
-      real = idx < n
-      batch = {k: v[np.where(real, idx, 0)] for k, v in self.dev.items()}
+      idx = order[lo:lo + b]
+      real = np.arange(b) < len(idx)
+      idx = np.concatenate([idx, np.full(b - len(idx), idx[0], idx.dtype)])
+      batch = {k: v[idx] for k, v in self.dev.items()}
       batch["weights"] = batch["weights"] * real
-      out.append(self._local(batch))
+      out.append(self._local(self._cut(batch, self.dev_lengths[idx])))
     return out
 
   def state(self, step: int = 0) -> dict:
     import hashlib
     h = hashlib.sha256(np.ascontiguousarray(self.train["inputs"]).tobytes()).hexdigest()[:16]
     return {"kind": "cls", "seed": self.seed, "fingerprint": h,
-            "rows_per_epoch": [self.num_train], "step": int(step)}
+            "rows_per_epoch": [self.num_train], "step": int(step),
+            "widths": list(self.widths), "sort_window": int(self.sort_window)}
 
   def restore(self, state: dict, step: int) -> None:
     check_state(self.state(step), state)
@@ -347,4 +476,5 @@ def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> Class
                       f"{len(label_set)}")
   return ClassificationData(tok, label_set, classifier_rows(tok, train, label_set, d.seq_len),
                             classifier_rows(tok, dev, label_set, d.seq_len),
-                            cfg.train.batch_size, cfg.seed, process_index, process_count)
+                            cfg.train.batch_size, cfg.seed, process_index, process_count,
+                            tuple(bucket_widths(d.buckets, d.seq_len)), d.sort_window)

@@ -66,7 +66,7 @@ def check_state(mine: dict, saved: dict) -> None:
   """A checkpoint's data state must match the stream rebuilt now, or the resume is not exact."""
   if not saved:
     return
-  for key in ("kind", "seed", "fingerprint", "rows_consumed", "rows_per_epoch"):
+  for key in ("kind", "seed", "fingerprint", "rows_consumed", "rows_per_epoch", "sort_window"):
     if key in saved and saved[key] != mine.get(key):
       raise DataError(f"the checkpoint's data state differs from this run's ({key}: saved "
                       f"{saved[key]!r}, now {mine.get(key)!r}): the data, tokenizer, seed or "

@@ -23,7 +23,7 @@ from flax import nnx
 import lmos_jax
 from lmos_jax.config.loading import ConfigError, validate
 from lmos_jax.data.build import build_data
-from lmos_jax.data.encoder import MLMData, build_cls_data
+from lmos_jax.data.encoder import MLMData, build_cls_data, resolve_epochs
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.data.tokenizer import check_vocab
 from lmos_jax.errors import UserError
@@ -108,6 +108,7 @@ def build_task_data(cfg, workdir=None):
 def build_run(cfg, devices=None, workdir=None) -> Run:
   """Validates the config, builds data, mesh, model layout and step config (no compile)."""
   devices = jax.devices() if devices is None else devices
+  resolve_epochs(cfg)  # cls: train.epochs -> train.steps, checked by validate like given steps
   validate(cfg, len(devices), jax.process_count())
   data = build_task_data(cfg, workdir)
   check_vocab(data.tokenizer, cfg.model.vocab_size)  # every id needs an embedding row
@@ -152,8 +153,17 @@ def next_call_batch(run: Run, batches, k: int) -> dict[str, jax.Array]:
   if k == 1:
     return global_batch(run, next(batches))
   local = [next(batches) for _ in range(k)]
-  return global_batch(run, {key: np.stack([b[key] for b in local]) for key in local[0]},
-                      stacked=True)
+  width = max(b["inputs"].shape[1] for b in local)  # length buckets: widths may differ
+  return global_batch(run, {key: np.stack([pad_columns(b[key], width) for b in local])
+                            for key in local[0]}, stacked=True)
+
+
+def pad_columns(v: np.ndarray, width: int) -> np.ndarray:
+  """A (rows, T) token array zero-padded to `width` columns (per-row arrays unchanged). The
+  added columns have attention_mask 0, so they change nothing the step computes."""
+  if v.ndim != 2 or v.shape[1] == width:
+    return v
+  return np.pad(v, ((0, 0), (0, width - v.shape[1])))
 
 
 def unstack_metrics(last_step: int, metrics: dict, k: int) -> list[tuple[int, dict]]:
@@ -242,9 +252,9 @@ class MetricLog:
     self.tracker = Tracker(cfg, workdir, jax.process_index())
     if start == 0:
       self.writer.write_text("config", cfg.to_json(indent=2), 0)  # hyperparameters, once
-    self.tokens_per_step = t.batch_size * cfg.data.seq_len
-    self.flops_step = self.tokens_per_step * flops_per_token(
-        model_tcfg(run), cfg.data.seq_len, lm_head=cfg.task != "cls")
+    self.tokens_per_step = t.batch_size * cfg.data.seq_len  # at full width (no buckets)
+    self.flops_token = flops_per_token(model_tcfg(run), cfg.data.seq_len,
+                                       lm_head=cfg.task != "cls")
     self.peak, self.peak_src = device_peak_flops()
     self.tokens_seen = int(meta.get("tokens_seen", start * self.tokens_per_step))
     self.wall0 = time.time() - float(meta.get("wall_time", 0.0))
@@ -254,11 +264,14 @@ class MetricLog:
     self.last: dict[str, float] = {}  # the newest fetched metrics (+ eval)
     self.mark_time: float | None = None  # the clock starts after the first call compiles
     self.clock = clock  # where the run's wall time goes (train() started it)
-    self.mark_step, self.mark_wait = start, 0.0
+    self.mark_step, self.mark_wait, self.mark_tokens = start, 0.0, self.tokens_seen
 
-  def record(self, step: int, metrics: dict) -> None:
-    """A call ending at `step` was dispatched; its metrics stay on the device for now."""
-    self.tokens_seen += self.tokens_per_step * self.per_call
+  def record(self, step: int, metrics: dict, tokens: int) -> None:
+    """A call ending at `step` was dispatched; its metrics stay on the device for now.
+
+    tokens: positions the call computed (its batches' padded width, which length buckets
+    make vary), so tokens/s and MFU count the work really done."""
+    self.tokens_seen += tokens
     self.pbar.update(self.per_call)
     self.pending.append((step, metrics))
     if len(self.pending) > 1:
@@ -303,6 +316,7 @@ class MetricLog:
       self.writer.write(step, row)
       self.tracker.log(step, row)
       self.mark_time, self.mark_step, self.mark_wait = time.perf_counter(), step, wait_seconds
+      self.mark_tokens = self.tokens_seen
 
   def rates(self, step: int, wait_seconds: float) -> dict[str, float]:
     """Tokens/s, MFU and the share of time blocked on the input pipeline since the last
@@ -310,6 +324,7 @@ class MetricLog:
     now = time.perf_counter()
     if self.mark_time is None:
       self.mark_time, self.mark_step, self.mark_wait = now, step, wait_seconds
+      self.mark_tokens = self.tokens_seen
       if jax.process_index() == 0:
         print(f"lmos train: first step done {self.clock.elapsed():.1f} s after start "
               "(set-up, data, restore, compile)", flush=True)
@@ -317,10 +332,10 @@ class MetricLog:
       nan = float("nan")
       return {"tokens_per_sec": nan, "data_wait_frac": nan, "mfu": nan}
     elapsed = max(now - self.mark_time, 1e-9)
-    rate = (step - self.mark_step) * self.tokens_per_step / elapsed
+    rate = (self.tokens_seen - self.mark_tokens) / elapsed
     return {"tokens_per_sec": rate,
             "data_wait_frac": (wait_seconds - self.mark_wait) / elapsed,
-            "mfu": rate / self.tokens_per_step * self.flops_step / self.peak}
+            "mfu": rate * self.flops_token / self.peak}
 
   def wall_time(self) -> float:
     return time.time() - self.wall0
@@ -367,7 +382,7 @@ def train_loop(run: Run, state: dict, start: int, train_fn, log: MetricLog,
         state, metrics = train_fn(state, batch)
       end.step += k
       log.tracker.after_step(end.step, state)
-      log.record(end.step, metrics)
+      log.record(end.step, metrics, int(np.prod(batch["inputs"].shape)))
       if log.due(end.step):
         log.flush(state["params"], batches.wait_seconds)
       if log.monitor.exhausted:  # too many non-finite steps: stop before saving anything newer

@@ -1,0 +1,128 @@
+"""Length buckets for classification: batches cut to a few widths compute exactly what the
+padded batches do, every row is still seen once per epoch, and `train.epochs` becomes steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmos_jax.config.loading import ConfigError, validate
+from lmos_jax.config.schema import base_config
+from lmos_jax.data.encoder import (ClassificationData, bucket_widths, cut_to_width, fit_width,
+                                   resolve_epochs, row_lengths)
+from lmos_jax.data.errors import DataError
+from lmos_jax.models.bert import BERT
+from lmos_jax.train.losses import cls_loss
+from test_finetune import tiny_bert_cfg
+
+
+def synthetic_rows(n: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """n rows of random lengths 3..seq_len, padded with 0 like `encode_for_classifier`."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, seq_len + 1, n)
+  lengths[rng.random(n) < 0.7] //= 4  # mostly short rows, as in SST-2
+  lengths = np.maximum(lengths, 3)
+  cols = np.arange(seq_len)[None, :]
+  mask = (cols < lengths[:, None]).astype(np.int32)
+  inputs = rng.integers(5, 60, (n, seq_len)).astype(np.int32) * mask
+  inputs[:, 0] = 2
+  return {"inputs": inputs, "token_type_ids": np.zeros_like(inputs), "attention_mask": mask,
+          "labels": rng.integers(0, 2, n).astype(np.int32), "weights": np.ones(n, np.float32)}
+
+
+def test_bucket_widths_specs():
+  assert bucket_widths("auto", 64) == [16, 24, 32, 48, 64]
+  assert bucket_widths("auto", 128) == [16, 24, 32, 48, 64, 96, 128]
+  assert bucket_widths("auto", 40) == [16, 24, 32, 40]
+  assert bucket_widths("off", 64) == [64]
+  assert bucket_widths("32, 16,200", 64) == [16, 32, 64]  # sorted, capped at seq_len
+  assert [fit_width(n, [16, 32, 64]) for n in (1, 16, 17, 64)] == [16, 16, 32, 64]
+  with pytest.raises(ConfigError, match="data.buckets"):
+    bucket_widths("16,x", 64)
+  c = base_config()
+  c.data.buckets = "sixteen"
+  with pytest.raises(ConfigError, match="data.buckets"):
+    validate(c, 1)
+
+
+def test_epoch_sees_every_row_once_in_bucketed_batches():
+  rows = synthetic_rows(96, 64)
+  widths = (16, 24, 32, 48, 64)
+  data = ClassificationData(None, ["0", "1"], rows, rows, batch_size=8, seed=3,
+                            widths=widths, sort_window=4)
+  lengths = row_lengths(rows)
+  seen, padded = [], 0
+  for step in range(12):  # one epoch
+    idx = data.rows_for_step(step)
+    b = data.train_batch(step)
+    width = b["inputs"].shape[1]
+    assert width == fit_width(int(lengths[idx].max()), widths)
+    np.testing.assert_array_equal(b["inputs"], rows["inputs"][idx, :width])
+    assert (rows["attention_mask"][idx, width:] == 0).all()  # only padding was cut
+    seen.extend(idx.tolist())
+    padded += width * 8
+  assert sorted(seen) == list(range(96))
+  # grouping by length within windows pads less than random batches cut to the same widths
+  plain = ClassificationData(None, ["0", "1"], rows, rows, batch_size=8, seed=3, widths=widths)
+  assert padded < sum(plain.train_batch(s)["inputs"].shape[1] * 8 for s in range(12))
+  # a pure function of (seed, step): a rebuilt object (a resumed run) gives the same batches
+  again = ClassificationData(None, ["0", "1"], rows, rows, batch_size=8, seed=3,
+                             widths=widths, sort_window=4)
+  np.testing.assert_array_equal(again.train_batch(7)["inputs"], data.train_batch(7)["inputs"])
+  with pytest.raises(DataError, match="sort_window"):
+    plain.restore(data.state(5), 5)
+
+
+def test_dev_batches_bucketed_cover_every_row_once():
+  rows = synthetic_rows(21, 32, seed=1)
+  data = ClassificationData(None, ["0", "1"], rows, rows, batch_size=4, seed=0,
+                            widths=(16, 32))
+  vb = data.val_batches()
+  assert sum(float(b["weights"].sum()) for b in vb) == 21
+  got = sorted(int(x) for b in vb for x in (b["labels"] * 100 + b["inputs"][:, 1])[
+      b["weights"] > 0])
+  want = sorted((rows["labels"] * 100 + rows["inputs"][:, 1]).tolist())
+  assert got == want
+  assert {b["inputs"].shape[1] for b in vb} <= {16, 32}
+
+
+def test_cut_batch_gives_the_padded_batch_logits_and_loss():
+  model = BERT(tiny_bert_cfg(max_seq_len=32), head="cls", rngs=nnx.Rngs(0))
+  rows = synthetic_rows(8, 32, seed=2)
+  rows["attention_mask"][:, 10:] = 0  # every row fits width 16
+  rows["inputs"] *= rows["attention_mask"]
+  cut = cut_to_width(rows, fit_width(int(row_lengths(rows).max()), [16, 32]))
+  assert cut["inputs"].shape[1] == 16
+
+  def run(b, rng=None):  # dropout is 0 in the tiny config: deterministic
+    return model(b["inputs"], token_type_ids=b["token_type_ids"],
+                 attention_mask=b["attention_mask"])
+  # masked keys get exactly zero attention weight; what differs is only the length of the
+  # softmax/matmul reductions over zeros, so f32 results agree to a few ulps of O(1) logits
+  np.testing.assert_allclose(np.asarray(run(cut)), np.asarray(run(rows)), atol=1e-5)
+  fwd = lambda input_ids, rng=None, **kw: model(input_ids, **kw)  # noqa: E731
+  full_loss = cls_loss(fwd, rows, None)[0]
+  cut_loss = cls_loss(fwd, cut, None)[0]
+  np.testing.assert_allclose(float(cut_loss), float(full_loss), rtol=1e-5)
+
+
+def test_epochs_become_steps(tmp_path):
+  train = tmp_path / "train.tsv"
+  train.write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(70)) + "\n")
+  c = base_config()
+  c.task, c.data.train = "cls", str(train)
+  c.train.batch_size, c.train.steps, c.train.epochs = 16, 0, 2.0
+  c.train.eval_every, c.train.ckpt_every = 0, 3
+  resolve_epochs(c)
+  assert c.train.steps == 9 and c.train.eval_every == 9 and c.train.ckpt_every == 3  # 140/16
+  c.data.max_train, c.train.steps, c.train.epochs = 32, 0, 1.0
+  resolve_epochs(c)
+  assert c.train.steps == 2
+  c.data.train = str(tmp_path / "missing.tsv")
+  with pytest.raises(DataError, match="data.train"):
+    resolve_epochs(c)
+  lm = base_config()
+  lm.train.epochs = 1.0
+  with pytest.raises(ConfigError, match="train.epochs"):
+    validate(lm, 1)
