@@ -204,7 +204,8 @@ def run_lmos(k: int, args, workdir: Path, inp: Path, out: Path) -> dict | int:
   records = out / f"lmos_{k}.jsonl"
   log = out / f"lmos_{k}.log"
   cmd = lmos_command() + ["predict", "--workdir", str(workdir), "--input", str(inp),
-                          "--output", str(records), "--batch-size", str(args.batch_size)]
+                          "--output", str(records), "--force",
+                          "--batch-size", str(args.batch_size)]
   wall, rc = timed(cmd, log)
   found = SUMMARY.findall(log.read_text(errors="replace"))
   if rc or not found:

@@ -252,6 +252,15 @@ def test_bad_files_fail_before_the_model_loads(workdir, capsys, tmp_path, monkey
   assert stdout == "" and not out.exists()  # nothing written, no output file clobbered
 
 
+def test_existing_output_is_kept_without_force(workdir, capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(pred, "load_classifier", lambda wd: pytest.fail("model loaded"))
+  txt = write(tmp_path / "in.txt", "great\n")
+  out = write(tmp_path / "out.jsonl", "earlier results\n")
+  rc, _, err = run_main(capsys, "--workdir", workdir, "--input", txt, "--output", out)
+  assert rc == 2 and "already exists" in err and "--force" in err
+  assert Path(out).read_text() == "earlier results\n"
+
+
 def test_stdin_is_streamed(workdir, clf):
   """A result comes back while stdin is still open; closing stdin ends the run (exit 0)."""
   proc = subprocess.Popen(
