@@ -104,7 +104,7 @@ def lm_run(tmp_path_factory):
 
 def test_classifier_export_predicts_like_lmos_in_transformers(cls_run, tmp_path):
   """transformers' AutoTokenizer + AutoModelForSequenceClassification on OUT alone give
-  lmos predict's labels; probabilities agree to 2e-5 (f32, two implementations)."""
+  lmos predict's labels; probabilities agree to 1e-4 (f32, two implementations)."""
   import torch
   from transformers import AutoModelForSequenceClassification, AutoTokenizer
   from lmos_jax.cli import main
@@ -134,9 +134,10 @@ def test_classifier_export_predicts_like_lmos_in_transformers(cls_run, tmp_path)
       logits = model(**hf_tok(a, b, padding=True, truncation=True, return_tensors="pt")).logits
     hf_probs = torch.softmax(logits, -1).numpy()
     lmos_probs = predict(a, b)
-    # torch vs XLA, the same f32 classifier: probabilities in [0, 1] differ by f32 rounding
-    # through 2 layers (~1e-7); 2e-5 leaves 100x
-    np.testing.assert_allclose(hf_probs, lmos_probs, atol=2e-5)
+    # torch vs XLA, the same f32 classifier, different reduction orders in every matmul and
+    # norm: up to 2.2e-5 measured on this trained head near p = 0.5; a wrong weight, mask or
+    # token moves probabilities by > 1e-2, far above 1e-4
+    np.testing.assert_allclose(hf_probs, lmos_probs, atol=1e-4)
     assert [model.config.id2label[int(i)] for i in hf_probs.argmax(-1)] == \
         [labels[int(i)] for i in lmos_probs.argmax(-1)]
   # the finetuned head is not constant: the comparison above covers both labels
