@@ -264,7 +264,7 @@ class MetricLog:
     self.last: dict[str, float] = {}  # the newest fetched metrics (+ eval)
     self.mark_time: float | None = None  # the clock starts after the first call compiles
     self.clock = clock  # where the run's wall time goes (train() started it)
-    self.mark_step, self.mark_wait, self.mark_tokens = start, 0.0, self.tokens_seen
+    self.mark_wait, self.mark_tokens = 0.0, self.tokens_seen
 
   def record(self, step: int, metrics: dict, tokens: int) -> None:
     """A call ending at `step` was dispatched; its metrics stay on the device for now.
@@ -315,7 +315,7 @@ class MetricLog:
         self.last.update(row)
       self.writer.write(step, row)
       self.tracker.log(step, row)
-      self.mark_time, self.mark_step, self.mark_wait = time.perf_counter(), step, wait_seconds
+      self.mark_time, self.mark_wait = time.perf_counter(), wait_seconds
       self.mark_tokens = self.tokens_seen
 
   def rates(self, step: int, wait_seconds: float) -> dict[str, float]:
@@ -323,7 +323,7 @@ class MetricLog:
     log point (NaN at the first fetch, whose time includes compiling)."""
     now = time.perf_counter()
     if self.mark_time is None:
-      self.mark_time, self.mark_step, self.mark_wait = now, step, wait_seconds
+      self.mark_time, self.mark_wait = now, wait_seconds
       self.mark_tokens = self.tokens_seen
       if jax.process_index() == 0:
         print(f"lmos train: first step done {self.clock.elapsed():.1f} s after start "
