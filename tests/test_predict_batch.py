@@ -288,3 +288,25 @@ def test_stdin_is_streamed(workdir, clf):
       proc.wait()
   check_predictions(got, ["great film", "dull mess"], clf)
   assert "lmos predict: 2 lines (0 errors)" in err, err
+
+
+def test_sentence_embeddings_match_transformers_mean_pooling(workdir, clf):
+  """classify_embed_rows: the probs of classify_rows, and embeddings equal to the masked
+  mean of transformers' BertModel last_hidden_state, L2-normalised (atol 1e-5, float32)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  widths = pred.batch_widths(clf.cfg)
+  probs, emb = pred.classify_embed_rows(clf, SENTENCES, None, BATCH, widths)
+  np.testing.assert_allclose(probs, pred.classify_rows(clf, SENTENCES, None, BATCH, widths),
+                             atol=1e-6)
+  model = transformers.BertModel.from_pretrained(workdir.parent / "hf").eval()
+  enc = clf.encode(SENTENCES)
+  with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(enc["inputs"]),
+                attention_mask=torch.as_tensor(enc["attention_mask"]),
+                token_type_ids=torch.as_tensor(enc["token_type_ids"])).last_hidden_state.numpy()
+  m = enc["attention_mask"][..., None].astype(np.float32)
+  ref = (out * m).sum(1) / m.sum(1)
+  ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+  np.testing.assert_allclose(emb, ref, atol=1e-5)
+  assert np.allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)

@@ -67,12 +67,17 @@ def classifier_config(workdir: str | Path):
 @dataclasses.dataclass
 class Classifier:
   """A loaded classifier: `forward(batch) -> probs (B, C)` is the one jitted forward, on an
-  encoded batch dict (inputs, token_type_ids, attention_mask; any width <= seq_len)."""
+  encoded batch dict (inputs, token_type_ids, attention_mask; any width <= seq_len).
+  `forward_embed(batch) -> (probs (B, C), embeddings (B, D))` runs the same encoder once
+  for both: the sentence embedding is the attention-masked mean of the final hidden states,
+  L2-normalised (sentence-transformers' pooling for MiniLM), so retrieval and topic
+  clustering use cosine similarity as a plain dot product."""
 
   cfg: Any
   tokenizer: Any
   labels: list[str]
   forward: Callable[[dict[str, np.ndarray]], np.ndarray]
+  forward_embed: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]] | None = None
 
   def encode(self, texts_a: Sequence[str], texts_b: Sequence[str] | None = None
              ) -> dict[str, np.ndarray]:
@@ -109,10 +114,31 @@ def load_classifier(workdir: str | Path) -> Classifier:
                                     attention_mask=batch["attention_mask"])
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
+  @jax.jit
+  def probs_embed(p, batch):
+    model = nnx.merge(graphdef, p)
+    x_BTD = model.encode(batch["inputs"], token_type_ids=batch["token_type_ids"],
+                         attention_mask=batch["attention_mask"])
+    logits = model.classifier(model.pool(x_BTD))
+    return (jax.nn.softmax(logits.astype(jnp.float32), axis=-1),
+            mean_pool(x_BTD.astype(jnp.float32), batch["attention_mask"]))
+
+  keys = ("inputs", "token_type_ids", "attention_mask")
+
   def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
-    keys = ("inputs", "token_type_ids", "attention_mask")
     return np.asarray(probs(params, {k: batch[k] for k in keys}))
-  return Classifier(cfg, tok, labels, forward)
+
+  def forward_embed(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    pr, emb = probs_embed(params, {k: batch[k] for k in keys})
+    return np.asarray(pr), np.asarray(emb)
+  return Classifier(cfg, tok, labels, forward, forward_embed)
+
+
+def mean_pool(x_BTD: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+  """L2-normalised mean of the hidden states over the real (mask 1) positions: (B, D)."""
+  m_BT1 = attention_mask_BT.astype(jnp.float32)[..., None]
+  mean_BD = (x_BTD * m_BT1).sum(1) / jnp.maximum(m_BT1.sum(1), 1.0)
+  return mean_BD / jnp.maximum(jnp.linalg.norm(mean_BD, axis=-1, keepdims=True), 1e-12)
 
 
 def build_classifier(workdir: str | Path):
@@ -136,11 +162,25 @@ def classify_rows(clf: Classifier, texts_a: Sequence[str], texts_b: Sequence[str
   """probs (N, C) in input order, batched like training's dev set: rows sorted by length,
   batches of `batch_size` (the last filled with copies of its first row, whose outputs are
   dropped) each cut to the narrowest of `widths` holding its longest row."""
+  return _batched(clf, texts_a, texts_b, batch_size, widths, embed=False)[0]
+
+
+def classify_embed_rows(clf: Classifier, texts_a: Sequence[str],
+                        texts_b: Sequence[str] | None, batch_size: int,
+                        widths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(probs (N, C), sentence embeddings (N, D)) in input order, batched as `classify_rows`."""
+  return _batched(clf, texts_a, texts_b, batch_size, widths, embed=True)
+
+
+def _batched(clf: Classifier, texts_a: Sequence[str], texts_b: Sequence[str] | None,
+             batch_size: int, widths: Sequence[int], embed: bool
+             ) -> tuple[np.ndarray, np.ndarray | None]:
   from lmos_jax.data.encoder import cut_to_width, fit_width, row_lengths
   n = len(texts_a)
-  out = np.zeros((n, len(clf.labels)), np.float32)
+  probs = np.zeros((n, len(clf.labels)), np.float32)
+  emb = np.zeros((n, clf.cfg.model.d_model), np.float32) if embed else None
   if n == 0:
-    return out
+    return probs, emb
   rows = clf.encode(texts_a, texts_b)
   lengths = row_lengths(rows)
   order = np.argsort(lengths, kind="stable")
@@ -149,8 +189,12 @@ def classify_rows(clf: Classifier, texts_a: Sequence[str], texts_b: Sequence[str
     full = np.concatenate([idx, np.full(batch_size - len(idx), idx[0], idx.dtype)])
     batch = cut_to_width({k: v[full] for k, v in rows.items()},
                          fit_width(int(lengths[idx].max()), widths))
-    out[idx] = clf.forward(batch)[:len(idx)]
-  return out
+    if embed:
+      p, e = clf.forward_embed(batch)
+      probs[idx], emb[idx] = p[:len(idx)], e[:len(idx)]
+    else:
+      probs[idx] = clf.forward(batch)[:len(idx)]
+  return probs, emb
 
 
 # ----------------------------------------------------------------- writing the output
