@@ -15,6 +15,9 @@ Bottom to top:
   workdir     the run directory: what a run writes and how it is read back
   train       optimizer, step, loop, checkpoints, planning
   inference   generate, predict and the compression report
+  apps        applications on a finetuned model: opinion monitoring, customer-service
+              answers and retrieval
+  serve       `lmos serve`: the HTTP server
   convert     `lmos convert`: workdirs to and from Hugging Face folders
   cli         the `lmos` command
 """

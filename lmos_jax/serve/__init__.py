@@ -1,0 +1,1 @@
+"""`lmos serve`: an HTTP JSON server over a workdir, with dynamic batching."""
