@@ -39,17 +39,15 @@ import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from lmos_jax.config.datadir import data_dir  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from side_by_side import ROOT, fail, lmos_command, machine, timed  # noqa: E402
+
 CONFIG = ROOT / "configs" / "bert_sst2.py"
 CONFIG_BATCH = 32  # configs/bert_sst2.py with a budget
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP, DROPOUT, SEQ_LEN = 1e-4, (0.9, 0.999), 1e-8, 0.01, 1.0, 0.1, 64
@@ -177,30 +175,6 @@ def peer_worker(args) -> int:
 
 # ------------------------------------------------------------------------------ the parent
 
-def lmos_command() -> list[str]:
-  """The `lmos` console script of this Python (not a version-manager shim), else -m."""
-  here = Path(sys.executable).parent / "lmos"
-  if here.is_file():
-    return [str(here)]
-  found = shutil.which("lmos")
-  return [found] if found else [sys.executable, "-m", "lmos_jax.cli"]
-
-
-def timed(cmd: list[str], log: Path) -> tuple[float, int]:
-  """Wall seconds of one subprocess from launch to exit, its output to `log`."""
-  with open(log, "w") as f:
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    return time.perf_counter() - t0, rc
-
-
-def fail(side: str, log: Path, rc: int) -> int:
-  text = log.read_text(errors="replace").splitlines()
-  print("\n".join(text[-30:]), file=sys.stderr)
-  print(f"bench_finetune: the {side} run failed (exit {rc}); its output is in {log}",
-        file=sys.stderr)
-  return 1
-
 
 def last_row(path: Path, key: str) -> dict:
   rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() \
@@ -226,7 +200,7 @@ def run_lmos(k: int, args, data: Path, out: Path) -> dict | int:
   log = out / f"lmos_{k}.log"
   wall, rc = timed(cmd, log)
   if rc:
-    return fail("lmos", log, rc)
+    return fail("bench_finetune", "the lmos run", log, rc)
   ev = last_row(wd / "metrics.jsonl", "eval_accuracy")
   parts = last_row(wd / "wall_time.jsonl", "steps")
   if not ev or not parts:
@@ -248,29 +222,9 @@ def run_peer(k: int, args, data: Path, out: Path) -> dict | int:
   wall, rc = timed(cmd, log)
   lines = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("RESULT ")]
   if rc or not lines:
-    return fail("peer", log, rc)
+    return fail("bench_finetune", "the peer run", log, rc)
   res = json.loads(lines[-1][len("RESULT "):])
   return {"side": "peer", "repeat": k, "wall_s": wall, **res}
-
-
-def machine() -> dict:
-  model = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  versions = {}
-  for pkg in ("torch", "transformers", "jax", "jaxlib", "flax"):
-    try:
-      versions[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      versions[pkg] = "absent"
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"cpu_count": os.cpu_count(), "cores_available": cores, "cpu": model or "unknown",
-          "platform": platform.platform(), "python": platform.python_version(), **versions}
 
 
 NAMES = {"lmos": "lmos train (configs/bert_sst2.py:full)", "peer": "transformers + torch"}

@@ -42,16 +42,13 @@ T0 = time.perf_counter()  # the worker's own clock starts before its heavy impor
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from side_by_side import fail, lmos_command, machine, timed  # noqa: E402
+
 TEXT_COLUMNS = ("sentence", "text", "content", "sentence1", "question", "review")  # lmos's
 TIE = 1e-6  # lmos's probabilities carry 6 decimals: a closer top two is a tie
 SUMMARY = re.compile(r"lmos predict: (\d+) lines \((\d+) errors\) in ([0-9.]+) s, "
@@ -137,29 +134,6 @@ def hf_worker(args) -> int:
 
 # ------------------------------------------------------------------------------ the parent
 
-def lmos_command() -> list[str]:
-  """The `lmos` console script of this Python (not a version-manager shim), else -m."""
-  here = Path(sys.executable).parent / "lmos"
-  if here.is_file():
-    return [str(here)]
-  found = shutil.which("lmos")
-  return [found] if found else [sys.executable, "-m", "lmos_jax.cli"]
-
-
-def timed(cmd: list[str], log: Path) -> tuple[float, int]:
-  """Wall seconds of one subprocess from launch to exit, its output to `log`."""
-  with open(log, "w") as f:
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    return time.perf_counter() - t0, rc
-
-
-def fail(what: str, log: Path, rc: int) -> int:
-  text = log.read_text(errors="replace").splitlines()
-  print("\n".join(text[-30:]), file=sys.stderr)
-  print(f"bench_predict: {what} failed (exit {rc}); its output is in {log}", file=sys.stderr)
-  return 1
-
 
 def classifier_workdir(workdir: Path) -> tuple[dict, list[str]]:
   """(config.json, label names) of a classifier workdir, read as plain JSON."""
@@ -196,7 +170,7 @@ def export(workdir: Path, hf_dir: Path, out: Path) -> dict | int:
   wall, rc = timed(lmos_command() + ["convert", "--to-hf", str(hf_dir), "--workdir",
                                      str(workdir), "--force"], log)
   if rc:
-    return fail("lmos convert --to-hf", log, rc)
+    return fail("bench_predict", "lmos convert --to-hf", log, rc)
   return {"wall_s": wall, **json.loads((hf_dir / "config.json").read_text())}
 
 
@@ -209,7 +183,7 @@ def run_lmos(k: int, args, workdir: Path, inp: Path, out: Path) -> dict | int:
   wall, rc = timed(cmd, log)
   found = SUMMARY.findall(log.read_text(errors="replace"))
   if rc or not found:
-    return fail("lmos predict", log, rc)
+    return fail("bench_predict", "lmos predict", log, rc)
   lines, errors, loop_s, rate = found[-1]
   return {"side": "lmos", "repeat": k, "wall_s": wall, "loop_s": float(loop_s),
           "texts": int(lines) - int(errors), "lines": int(lines), "errors": int(errors),
@@ -225,7 +199,7 @@ def run_hf(k: int, args, hf_dir: Path, inp: Path, max_length: int, out: Path) ->
   wall, rc = timed(cmd, log)
   lines = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("RESULT ")]
   if rc or not lines:
-    return fail("the transformers pipeline worker", log, rc)
+    return fail("bench_predict", "the transformers pipeline worker", log, rc)
   return {"side": "hf", "repeat": k, "wall_s": wall, **json.loads(lines[-1][len("RESULT "):]),
           "records": str(records)}
 
@@ -269,26 +243,6 @@ def parity(lmos_path: Path, hf_path: Path, labels: list[str], hf_to_lmos: dict[s
           "text_mismatches": text_mismatch, "labelled": labelled,
           "lmos_accuracy": right["lmos"] / labelled if labelled else None,
           "hf_accuracy": right["hf"] / labelled if labelled else None}
-
-
-def machine() -> dict:
-  model = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  versions = {}
-  for pkg in ("torch", "transformers", "jax", "jaxlib", "flax"):
-    try:
-      versions[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      versions[pkg] = "absent"
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"cpu_count": os.cpu_count(), "cores_available": cores, "cpu": model or "unknown",
-          "platform": platform.platform(), "python": platform.python_version(), **versions}
 
 
 NAMES = {"lmos": "lmos predict", "hf": "transformers pipeline (lmos convert --to-hf)"}
