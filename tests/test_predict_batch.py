@@ -310,3 +310,12 @@ def test_sentence_embeddings_match_transformers_mean_pooling(workdir, clf):
   ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
   np.testing.assert_allclose(emb, ref, atol=1e-5)
   assert np.allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
+
+
+def test_classifier_uses_the_runs_compile_cache(clf):
+  """Loading a classifier points JAX's persistent cache at the run's cache (here the test
+  session's LMOS_COMPILE_CACHE), so a second `lmos predict` reads its programs back."""
+  import os
+  import jax
+  assert jax.config.jax_enable_compilation_cache
+  assert jax.config.jax_compilation_cache_dir == os.environ["LMOS_COMPILE_CACHE"]

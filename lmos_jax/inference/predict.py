@@ -33,6 +33,7 @@ import numpy as np
 
 from lmos_jax.errors import UserError
 from lmos_jax.inference.inputs import InputSpec, Row, check_gold, read_rows, stdin_groups
+from lmos_jax.parallel.compile_cache import enable_compile_cache
 from lmos_jax.workdir import (ADAPTERS, label_names, model_layout, read_config, read_tokenizer,
                               workdir_params)
 
@@ -99,6 +100,9 @@ def load_classifier(workdir: str | Path) -> Classifier:
   cfg = classifier_config(wd)
   tok = read_tokenizer(wd)
   labels = label_names(wd)
+  # the run's compile cache: a second `lmos predict` (or a server restart) reads its few
+  # bucket-width programs back instead of compiling each one again
+  enable_compile_cache(str(cfg.train.get("compile_cache", "auto")))
   graphdef, abstract = model_layout(cfg, tok.vocab_size)
   if len(labels) != cfg.model.num_labels:
     raise UserError(f"--workdir {wd}: {len(labels)} label names for "
