@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -317,13 +318,15 @@ def checkpoint_params(workdir: str | Path, step: int | None = None, sharding=Non
   if step not in steps:
     raise UserError(f"--step={step}: {where} has steps {steps}")
   meta = read_meta(workdir, step)
-  params = restore_subtree(step_dir(workdir, step) / STATE_ITEM, "params", sharding)
-  expected = subtree_fingerprint(meta.get("fingerprint", {}), "params")
+  params = int_keys(restore_subtree(step_dir(workdir, step) / STATE_ITEM, "params", sharding))
+  # the fingerprint was taken of the live state, where unscanned layers have int keys
+  expected = {re.sub(r"\['(\d+)'\]", r"[\1]", k): v for k, v in
+              subtree_fingerprint(meta.get("fingerprint", {}), "params").items()}
   bad = fingerprint_mismatch(expected, params) if expected else []
   if bad:
     raise CheckpointError(f"checkpoint {step_dir(workdir, step)} is corrupt ({', '.join(bad[:3])} "
                           "differ from the saved fingerprint); use an earlier step")
-  return step, int_keys(params), meta
+  return step, params, meta
 
 
 def latest_params(workdir: str | Path, sharding=None) -> Any:

@@ -87,10 +87,13 @@ def cls_run(tiny_hf_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-  """A tiny char-level GPT trained by `lmos train` on a text file that is deleted after."""
+  """A tiny char-level GPT trained by `lmos train` on a text file that is deleted after.
+  Its layers are unscanned (as configs/shakespeare_char.py has them): layer keys are ints
+  in the live state and strings in orbax's files, and reading back must agree on both."""
   from lmos_jax.train.trainer import train
   tmp = tmp_path_factory.mktemp("lm")
   c = tiny_config()
+  c.model.scan_layers = False
   c.data.source, c.data.tokenizer = "text", "char"
   c.data.path = write(tmp / "text.txt", "the quick brown fox jumps over the lazy dog.\n" * 60)
   wd = tmp / "wd"
