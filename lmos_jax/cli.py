@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": ("lmos_jax.inference.generate", "generate text from a trained workdir"),
     "compress": ("lmos_jax.inference.compress", "quantize/prune/trim/distill and report"),
     "plan": ("lmos_jax.train.plan", "choose mesh, microbatches and remat for a config"),
+    "tune": ("lmos_jax.train.tune", "measure the learning rate and batch size for a config"),
     "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
 }

@@ -188,6 +188,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
         f"{shards * t.microbatches}")
   if t.warmup_steps < 0 or math.isnan(t.lr) or t.lr <= 0:
     raise ConfigError("config 'train.lr' must be positive and 'train.warmup_steps' >= 0")
+  if t.schedule == "lr_range" and not 0 < t.min_lr_ratio < 1:
+    raise ConfigError(f"config 'train.min_lr_ratio'={t.min_lr_ratio}: train.schedule=lr_range "
+                      "sweeps from lr * min_lr_ratio up to lr; use a ratio in (0, 1), e.g. 1e-6")
   _check_checkpointing(t)
   if not str(t.compile_cache).strip():
     raise ConfigError("config 'train.compile_cache' is empty; use auto, off or a directory")

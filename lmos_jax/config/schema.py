@@ -27,7 +27,8 @@ CHOICES = types.MappingProxyType({
     "data.tokenizer": ("byte", "char", "bpe", "pretrained"),
     "data.specials": ("auto", "lm", "bert"),
     "data.batching": ("random", "windows", "packed"),
-    "train.schedule": ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd"),
+    "train.schedule": ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd",
+                       "lr_range"),
     "train.precision": ("fp32", "bf16", "bf16_full", "auto"),
     "train.nonfinite": ("skip", "stop"),
     "train.best_mode": ("min", "max"),
@@ -131,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.epochs = 0.0  # cls: > 0 sets train.steps to this many passes over data.train
   t.lr = 3e-3
   t.schedule = "warmup_cosine"  # constant | warmup_cosine | warmup_linear | rsqrt | wsd
+  # | lr_range (exponential from lr * min_lr_ratio up to lr: the range test of `lmos tune`)
   t.warmup_steps = 30
   t.min_lr_ratio = 0.1
   t.decay_fraction = 0.2  # wsd: share of steps spent decaying at the end

@@ -35,6 +35,9 @@ def make_schedule(t) -> optax.Schedule:
   elif t.schedule == "rsqrt":
     base = max(warm, 1)
     tail = lambda s: lr * jax.numpy.sqrt(base / (jax.numpy.maximum(s, 0) + base))  # noqa: E731
+  elif t.schedule == "lr_range":  # a sweep, not a training schedule: no warmup of its own
+    lo = lr * t.min_lr_ratio
+    return lambda s: lo * (lr / lo) ** (jax.numpy.minimum(s, steps - 1) / max(steps - 1, 1))
   elif t.schedule == "wsd":
     decay = max(int(round(t.decay_fraction * steps)), 1)
     stable = max(rest - decay, 0)
