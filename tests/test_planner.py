@@ -48,8 +48,18 @@ def test_fsdp_divides_state_in_compiled_memory(cpu8):
 def test_present_plan_ranks_fitting_layouts_and_overrides_validate(cpu8):
   cfg = tiny_cfg()
   plan = planner.make_plan(cfg, cpu8, remats=("none", "full"), max_microbatches=2,
-                           compile_top=1)
+                           compile_top=1, measure_steps=1)
   assert plan.best.source == "compiled" and plan.best.fits
+  # --measure ran the compiled candidate (only it): a real step time; XLA:CPU keeps no
+  # allocator statistics, so its peak is reported as unknown rather than guessed
+  assert plan.best.measured_step_s > 0 and plan.best.measured_peak is None
+  assert all(e.measured_step_s is None for e in plan.estimates if e.source == "analytic")
+  rows = planner.plan_json(plan, plan.best)
+  assert [r["chosen"] for r in rows].count(True) == 1 and rows[0]["chosen"]
+  assert rows[0]["measured_step_s"] == plan.best.measured_step_s
+  assert set(rows[0]) >= {"overrides", "predicted_step_s", "measured_step_s",
+                          "predicted_peak_bytes", "measured_peak_bytes", "chosen"}
+  assert "measured / est" in planner.format_table(plan)
   fitting = [e for e in plan.estimates if e.fits]
   analytic = [e.step_s for e in fitting if e.source == "analytic"]
   assert analytic == sorted(analytic)
@@ -176,6 +186,20 @@ def train_program(cfg, devices) -> str:
 def plan_program(cfg, devices) -> str:
   """The train step `lmos plan` compiles for `cfg`, from the config alone."""
   return planner.build_step(cfg, planner.vocab_of(cfg), devices).lower().as_text()
+
+
+def test_synthetic_batches_hold_valid_values():
+  from lmos_jax.data.layout import ArraySpec
+  import numpy as np
+  ids = ArraySpec((4, 8), np.dtype(np.int32))
+  spec = {"inputs": ids, "token_type_ids": ids, "attention_mask": ids, "positions": ids,
+          "labels": ArraySpec((4,), np.dtype(np.int32))}
+  b = planner.synthetic_batch(spec, vocab=50, num_labels=3)
+  assert b["inputs"].min() >= 0 and b["inputs"].max() < 50
+  assert set(np.unique(b["labels"])) <= {0, 1, 2}
+  assert (b["attention_mask"] == 1).all() and (b["token_type_ids"] == 0).all()
+  assert (b["positions"][2] == np.arange(8)).all()
+  assert all(b[k].shape == spec[k].shape and b[k].dtype == spec[k].dtype for k in spec)
 
 
 @pytest.mark.parametrize("name", ["lm", "packed", "lora", "mlm", "cls"])

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmos_jax.config.loading import validate
@@ -134,6 +135,8 @@ class Estimate:
   flops: float  # per device per step
   source: str  # analytic | compiled
   fits: bool = True
+  measured_step_s: float | None = None  # --measure: median seconds per step, run here
+  measured_peak: float | None = None  # --measure: peak bytes per device (None: not reported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +325,53 @@ def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShap
   return Estimate(lay, memory, step_time(s, lay, target, flops), flops, "compiled")
 
 
+def synthetic_batch(spec: dict, vocab: int, num_labels: int, seed: int = 0) -> dict:
+  """A batch of the task's layout with valid values (ids in the vocabulary, one segment,
+  full attention, labels in range): step time depends on shapes, not on the text."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, a in spec.items():
+    if k in ("inputs", "targets"):
+      out[k] = rng.integers(0, vocab, a.shape, dtype=np.int32)
+    elif k == "labels":
+      out[k] = rng.integers(0, max(num_labels, 1), a.shape, dtype=np.int32)
+    elif k == "positions":
+      out[k] = np.broadcast_to(np.arange(a.shape[1], dtype=np.int32), a.shape).copy()
+    elif k == "token_type_ids":
+      out[k] = np.zeros(a.shape, np.int32)
+    else:  # weights, attention_mask, segment_ids: every position real, one segment
+      out[k] = np.ones(a.shape, a.dtype)
+  return out
+
+
+def peak_bytes(devices: Sequence[Any]) -> float | None:
+  """Largest `peak_bytes_in_use` over the devices, or None where the backend keeps no
+  allocator statistics (XLA:CPU)."""
+  stats = [d.memory_stats() if hasattr(d, "memory_stats") else None for d in devices]
+  peaks = [st.get("peak_bytes_in_use") for st in stats if st]
+  return float(max(peaks)) if peaks and all(p is not None for p in peaks) else None
+
+
+def measure_estimate(cfg, vocab: int, est: Estimate, target: Target, steps: int) -> Estimate:
+  """Runs the layout's real train step (the step `lmos train` compiles) on the present
+  devices: two warm-up steps, then the median of 3 rounds of `steps` steps."""
+  from lmos_jax.train.metrics import median_step_seconds
+  c = apply_overrides(cfg, est.layout.overrides())
+  devices = jax.devices()[:target.num_devices]
+  build = build_step(c, vocab, devices)
+  compiled = build.compile()
+  batch = synthetic_batch(build.batch, vocab, int(c.model.get("num_labels", 0) or 0))
+  with jax.set_mesh(build.mesh):
+    state = jax.jit(build.init_fn, out_shardings=build.shardings)(jax.random.PRNGKey(0))
+    batch = {k: jax.device_put(v, batch_sharding(build.mesh, v.ndim)) for k, v in batch.items()}
+    for _ in range(2):
+      state, _ = compiled(state, batch)
+    state, step_s = median_step_seconds(compiled, state, batch, steps, 3)
+  peak = peak_bytes(devices)
+  del state
+  return dataclasses.replace(est, measured_step_s=step_s, measured_peak=peak)
+
+
 def apply_overrides(cfg, overrides: dict[str, Any]):
   """A copy of `cfg` with dotted keys set ('mesh.fsdp': 8)."""
   c = cfg.copy_and_resolve_references()
@@ -352,8 +402,12 @@ class Plan:
 
 
 def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_batch", "full"),
-              max_microbatches: int = 8, compile_top: int = 6) -> Plan:
-  """Enumerates layouts, estimates them, keeps those that fit, ranks by step time."""
+              max_microbatches: int = 8, compile_top: int = 6, measure_steps: int = 0) -> Plan:
+  """Enumerates layouts, estimates them, keeps those that fit, ranks by step time.
+
+  measure_steps > 0 (present devices): the compiled candidates that fit are also run, and
+  their measured step time and peak memory are kept beside the prediction; the ranking
+  stays the prediction's, so the table shows whether the first choice was the fastest."""
   bad = [r for r in remats if r not in REMAT_CHOICES]
   if bad:
     raise PlanFlagError(f"--remat: unknown policies {bad}; choose from "
@@ -381,6 +435,9 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
   if not fitting:
     raise PlanError(nothing_fits_message(cfg, target, s, ests, remats, max_microbatches))
   rest = sorted((e for e in ests if not e.fits), key=lambda e: e.memory)
+  if measure_steps and not target.described:
+    fitting = [measure_estimate(cfg, vocab, e, target, measure_steps)
+               if e.source != "analytic" else e for e in fitting]
   return Plan(target, fitting + rest, s)
 
 
@@ -430,17 +487,40 @@ def format_table(plan: Plan, limit: int = 20) -> str:
           f"{'described target: analytic estimates' if t.described else 'present devices'})"
           f"; {plan.shape.params / 1e6:.1f}M params, batch {plan.shape.batch} x "
           f"{plan.shape.seq_len}")
+  measured = any(e.measured_step_s is not None for e in plan.estimates)
+  extra = " measured step ms | measured / est | measured peak GiB |" if measured else ""
   rows = [head, "| rank | data | fsdp | tensor | micro | remat | GiB/device | fits | "
-          "est step ms | est tokens/s | source |", "|" + "---|" * 11]
+          "est step ms | est tokens/s | source |" + extra,
+          "|" + "---|" * (14 if measured else 11)]
   for i, e in enumerate(plan.estimates[:limit]):
     l = e.layout
-    rows.append(f"| {i + 1 if e.fits else '-'} | {l.data} | {l.fsdp} | {l.tensor} | "
-                f"{l.microbatches} | {l.remat} | {e.memory / GiB:.3f} | "
-                f"{'yes' if e.fits else 'no'} | {1e3 * e.step_s:.2f} | "
-                f"{tokens / e.step_s:,.0f} | {e.source} |")
+    row = (f"| {i + 1 if e.fits else '-'} | {l.data} | {l.fsdp} | {l.tensor} | "
+           f"{l.microbatches} | {l.remat} | {e.memory / GiB:.3f} | "
+           f"{'yes' if e.fits else 'no'} | {1e3 * e.step_s:.2f} | "
+           f"{tokens / e.step_s:,.0f} | {e.source} |")
+    if measured:
+      m = e.measured_step_s
+      peak = "-" if e.measured_peak is None else f"{e.measured_peak / GiB:.3f}"
+      row += (f" {1e3 * m:.2f} | {m / e.step_s:.2f} | {peak} |" if m is not None
+              else " - | - | - |")
+    rows.append(row)
   if len(plan.estimates) > limit:
     rows.append(f"... {len(plan.estimates) - limit} more layouts")
   return "\n".join(rows)
+
+
+def measured_best(plan: Plan) -> Estimate | None:
+  """The measured fastest candidate (None when nothing was measured)."""
+  ran = [e for e in plan.estimates if e.measured_step_s is not None]
+  return min(ran, key=lambda e: e.measured_step_s) if ran else None
+
+
+def plan_json(plan: Plan, chosen: Estimate) -> list[dict]:
+  """`lmos plan --json`: one object per candidate, predicted and (with --measure) measured."""
+  return [{"overrides": e.layout.overrides(), "fits": e.fits, "source": e.source,
+           "predicted_step_s": e.step_s, "measured_step_s": e.measured_step_s,
+           "predicted_peak_bytes": e.memory, "measured_peak_bytes": e.measured_peak,
+           "chosen": e is chosen} for e in plan.estimates]
 
 
 def override_flags(overrides: dict[str, Any]) -> str:
@@ -469,9 +549,19 @@ def parse(argv: list[str]):
                   help="override the per-device memory budget (GiB)")
   ap.add_argument("--out", default=None, help="write the best layout's config overrides here "
                   "(JSON)")
+  ap.add_argument("--measure", action="store_true",
+                  help="present devices: also run each compiled candidate and print measured "
+                       "against predicted step time and peak memory")
+  ap.add_argument("--steps", type=number(int, 1), default=5,
+                  help="with --measure: timed steps per round (3 rounds, median; default 5)")
+  ap.add_argument("--json", action="store_true",
+                  help="print one JSON list of candidates on stdout instead of the table")
   args, rest = ap.parse_known_args(argv[1:])
   if args.target and args.devices:
     raise PlanFlagError("give --devices (present devices) or --target (described), not both")
+  if args.measure and args.target:
+    raise PlanFlagError("--measure runs the step on present devices; it cannot measure a "
+                        "described --target")
   if args.memory_gib is not None and not args.memory_gib > 0:
     raise PlanFlagError(f"--memory-gib={args.memory_gib}: must be a positive number of GiB")
   if args.out and not Path(args.out).absolute().parent.is_dir():
@@ -492,19 +582,29 @@ def main(argv: list[str]) -> int:
       target = dataclasses.replace(
           target, chip=dataclasses.replace(target.chip, memory=args.memory_gib * GiB))
     plan = make_plan(cfg, target, remats=[r for r in args.remat.split(",") if r],
-                     max_microbatches=args.max_microbatches, compile_top=args.compile_top)
+                     max_microbatches=args.max_microbatches, compile_top=args.compile_top,
+                     measure_steps=args.steps if args.measure else 0)
   except PlanError as e:
     if isinstance(e, UserError):
       raise  # `lmos` prints it as one line and exits 2
     print(f"lmos plan: {e}", file=sys.stderr)
     return 1
-  print(format_table(plan))
+  if args.json:
+    print(json.dumps(plan_json(plan, plan.best)))
+  else:
+    print(format_table(plan))
+    fastest = measured_best(plan)
+    if fastest is not None and plan.best.measured_step_s is not None:
+      ratio = plan.best.measured_step_s / fastest.measured_step_s
+      print(f"\nmeasured: the first choice runs at {ratio:.2f}x the measured fastest's step "
+            f"time {1e3 * fastest.measured_step_s:.2f} ms {_fmt_layout(fastest.layout)}")
   best = plan.best.layout.overrides()
   if cpu_devices and cpu_devices > 1:  # an explicit mesh would otherwise get one CPU device
     best["mesh.cpu_devices"] = cpu_devices
-  print(f"\nbest: {_fmt_layout(plan.best.layout)}\noverrides: {override_flags(best)}")
+  if not args.json:
+    print(f"\nbest: {_fmt_layout(plan.best.layout)}\noverrides: {override_flags(best)}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(best, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
   return 0
