@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "lm"  # lm (decoder pretraining) | cls (sequence classification) | mlm
   c.seed = 0
+  c.plan = ""  # a plan.json of `lmos plan/tune --write`: its overrides apply at the start
 
   c.model = ml_collections.ConfigDict()
   m = c.model

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from lmos_jax.config.loading import validate
+from lmos_jax.config.plan_file import write_plan
 from lmos_jax.config.schema import CHOICES
 from lmos_jax.errors import ArgumentParser, UserError, number
 from lmos_jax.data.layout import batch_spec, vocab_size
@@ -554,6 +555,9 @@ def parse(argv: list[str]):
                        "against predicted step time and peak memory")
   ap.add_argument("--steps", type=number(int, 1), default=5,
                   help="with --measure: timed steps per round (3 rounds, median; default 5)")
+  ap.add_argument("--write", default=None, metavar="WORKDIR",
+                  help="merge the best layout into WORKDIR/plan.json, for `lmos train "
+                       "--config.plan=WORKDIR/plan.json`")
   ap.add_argument("--json", action="store_true",
                   help="print one JSON list of candidates on stdout instead of the table")
   args, rest = ap.parse_known_args(argv[1:])
@@ -607,4 +611,7 @@ def main(argv: list[str]) -> int:
     with open(args.out, "w") as f:
       json.dump(best, f, indent=2)
     print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)
+  if args.write:
+    path = write_plan(args.write, best, "lmos plan")
+    print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
   return 0

@@ -22,6 +22,7 @@ from flax import nnx
 
 import lmos_jax
 from lmos_jax.config.loading import ConfigError, validate
+from lmos_jax.config.plan_file import apply_plan
 from lmos_jax.data.build import build_data
 from lmos_jax.data.encoder import MLMData, build_cls_data, resolve_epochs
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
@@ -431,6 +432,8 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   """Runs (or resumes) training to cfg.train.steps; returns the last logged metrics."""
   clock = WallClock()
   workdir = Path(workdir)
+  for line in apply_plan(cfg):  # before the host set-up: a plan may set mesh.cpu_devices
+    print(f"lmos train: plan sets {line}", flush=True)
   setup_host(cfg)
   run = build_run(cfg, workdir=workdir)
   check_writable(workdir / "checkpoints", state_nbytes(run.abstract_state))

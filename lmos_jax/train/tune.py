@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from lmos_jax.config.plan_file import apply_plan, write_plan
 from lmos_jax.errors import ArgumentParser, UserError, number
 
 DIVERGE = 4.0  # the range test stops where the smoothed loss exceeds 4x its minimum so far
@@ -233,6 +234,9 @@ def parse(argv: list[str]):
                   help="microbatches per batch for the small-batch gradients (default: the "
                        "largest divisor of train.batch_size up to 8)")
   ap.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+  ap.add_argument("--write", default=None, metavar="WORKDIR",
+                  help="merge the recommendation into WORKDIR/plan.json, for `lmos train "
+                       "--config.plan=WORKDIR/plan.json`")
   ap.add_argument("--keep", default=None,
                   help="keep the short runs' workdirs under this directory (default: a "
                        "temporary one, removed)")
@@ -242,6 +246,9 @@ def parse(argv: list[str]):
   fv, config_argv = config_flag_values([argv[0], *rest])
   parse_flags(fv, config_argv)
   cfg = fv.config
+  for line in apply_plan(cfg):  # tune the planned layout; the short runs must not re-apply it
+    print(f"lmos tune: plan sets {line}", file=sys.stderr)
+  cfg.plan = ""
   b = cfg.train.batch_size
   if args.split is None:
     args.split = max([k for k in range(2, 9) if b % k == 0], default=b)
@@ -324,4 +331,8 @@ def main(argv: list[str]) -> int:
     print(json.dumps(result))
   else:
     print(format_report(result, cfg.train.batch_size))
+  if args.write:
+    keys = ("lr", "warmup_steps", "batch_size")
+    path = write_plan(args.write, {f"train.{k}": result[k] for k in keys}, "lmos tune")
+    print(f"wrote {path}", file=sys.stderr)
   return 0
