@@ -4,8 +4,9 @@ Both sides train the identical model (GPT-2 block: learned positions, pre-LN wit
 tanh-GELU MLP 4x, tied embeddings, no dropout) with the identical optimizer (AdamW,
 b1=0.9, b2=0.99, eps=1e-8, weight decay 0.1 on matmul weights only, global-norm clip 1.0,
 the same warmup-cosine LR evaluated by the same optax schedule) on the identical batches.
-The peer is `transformers`' GPT2LMHeadModel with torch AdamW, eager and (when it works)
-`torch.compile`. Each side runs in its own worker process (their thread pools interfere
+The peers are nanoGPT's own model (written out in this file: fused qkv, PyTorch's
+`scaled_dot_product_attention`, fused/foreach AdamW), eager or `torch.compile`d, and
+`transformers`' GPT2LMHeadModel with torch AdamW, eager and (when it works) `torch.compile`. Each side runs in its own worker process (their thread pools interfere
 when they share one); windows of steps alternate between the workers so a change in machine
 load hits all of them; step times are medians over windows. Model FLOP/s use the PaLM convention
 (6 x matmul params + attention per token) and are compared with the f32 matmul peak
@@ -14,7 +15,7 @@ core, `mesh.cpu_allocator=auto`); `--peer-allocator retain` gives the PyTorch wo
 retained malloc, for a like-for-like comparison (the default allocator costs every framework
 page faults per step, more so when the other workers hold memory).
 
-  python3 experiments/bench_train.py                      # both shapes, eager + compile
+  python3 experiments/bench_train.py                      # both shapes, nanogpt + eager + compile
   python3 experiments/bench_train.py --peer-allocator retain
   python3 experiments/bench_train.py --shapes small --peers eager
 """
@@ -166,6 +167,93 @@ class TorchSide:
     return float(np.mean(vals))
 
 
+def nanogpt_model(torch, vocab: int, layers: int, heads: int, d: int, block: int,
+                  init_std: float, eps: float):
+  """nanoGPT's model.py GPT, written out here: pre-LN blocks with biases, one fused qkv
+  Linear, `scaled_dot_product_attention(is_causal=True)`, a 4x MLP, tied token embedding
+  and LM head, N(0, 0.02) init with the residual projections scaled by 1/sqrt(2 L). Its GELU
+  is the tanh form, as this benchmark's lmos model has it (nanoGPT's own uses erf; the cost
+  is the same)."""
+  nn, F = torch.nn, torch.nn.functional
+
+  class Block(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+      self.c_attn, self.attn_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+      self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+      b, t, _ = x.shape
+      q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+      q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+      y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+      x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, d))
+      return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+  class GPT(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+      self.h = nn.ModuleList(Block() for _ in range(layers))
+      self.ln_f = nn.LayerNorm(d, eps=eps)
+      for name, prm in self.named_parameters():
+        if name.endswith("bias"):
+          nn.init.zeros_(prm)
+        elif prm.dim() >= 2:
+          std = init_std / math.sqrt(2 * layers) if name.endswith("proj.weight") else init_std
+          nn.init.normal_(prm, 0.0, std)
+
+    def forward(self, idx):
+      pos = torch.arange(idx.shape[1], device=idx.device)
+      x = self.wte(idx) + self.wpe(pos)
+      for blk in self.h:
+        x = blk(x)
+      return self.ln_f(x) @ self.wte.weight.T  # tied head
+
+  return GPT()
+
+
+class NanoGPTSide:
+  """nanoGPT's model (above) with torch AdamW (foreach, nanoGPT's CPU choice; fused where
+  torch has it for CPU), the same hyperparameters and LR values per step as lmos."""
+
+  def __init__(self, cfg, vocab: int, compiled: bool):
+    import torch
+    from lmos_jax.train.optim import make_schedule
+    torch.manual_seed(cfg.seed)
+    m, t = cfg.model, cfg.train
+    self.torch = torch
+    self.model = nanogpt_model(torch, vocab, m.num_layers, m.num_heads, m.d_model,
+                               m.max_seq_len, m.init_std, m.norm_eps).train()
+    params = list(self.model.named_parameters())
+    decay = [p for n, p in params if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
+    rest = [p for n, p in params if not (p.dim() >= 2 and not n.startswith(("wte", "wpe")))]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    try:  # fused AdamW on CPU exists in recent torch builds; else foreach
+      self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.b1, t.b2), eps=t.eps, fused=True)
+      kind = "fused"
+    except (RuntimeError, TypeError):
+      self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.b1, t.b2), eps=t.eps,
+                                   foreach=True)
+      kind = "foreach"
+    self.schedule = make_schedule(t)
+    self.clip = t.grad_clip
+    self.name = f"nanoGPT model, torch {'compile' if compiled else 'eager'} ({kind} AdamW)"
+    self.loss_fn = torch.compile(self._loss) if compiled else self._loss
+    self.losses: list = []
+    self.step_count = 0
+
+  def _loss(self, x, y):
+    logits = self.model(x)
+    return self.torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+  steps = TorchSide.steps
+  loss_history = TorchSide.loss_history
+  eval_loss = TorchSide.eval_loss
+
+
 def matmul_peak() -> float:
   """f32 matmul FLOP/s of this host through XLA (2048^2, best of 3 probes)."""
   from lmos_jax.train.metrics import measure_cpu_peak
@@ -190,7 +278,8 @@ def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: 
   else:
     from lmos_jax.train.trainer import build_run
     data = build_run(cfg, jax.devices()[:1]).data  # the identical batches, no JAX compile
-    runner = TorchSide(cfg, data.tokenizer.vocab_size, compiled=(side == "compile"))
+    peer = NanoGPTSide if side.startswith("nanogpt") else TorchSide
+    runner = peer(cfg, data.tokenizer.vocab_size, compiled=side.endswith("compile"))
   batches = [data.train_batch(s) for s in range(total)]
   runner.steps(batches[:warm])  # compile / warm up before timing
   ready = {"ready": runner.name + (" [malloc retained]" if retained else "")}
@@ -262,7 +351,9 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shapes", default="small,baby")
-  ap.add_argument("--peers", default="eager,compile", help="comma list of eager, compile")
+  ap.add_argument("--peers", default="nanogpt,eager,compile",
+                  help="comma list of nanogpt, nanogpt_compile (nanoGPT's model in torch), "
+                       "eager, compile (transformers' GPT2LMHeadModel)")
   ap.add_argument("--data", default=str(DATA))
   ap.add_argument("--windows", type=int, default=0, help="timed windows (0: per-shape default)")
   ap.add_argument("--per-window", type=int, default=0,
@@ -305,12 +396,13 @@ def main(argv=None) -> int:
   peak = statistics.median([peak0, matmul_peak()])
   print(f"\nf32 matmul peak (2048^2, XLA, median of start/end probes): {peak / 1e9:.1f} GFLOP/s;"
         f" load at end {os.getloadavg()}")
-  hdr = ("| shape | impl | steps | step ms (median) | spread | tokens/s | vs eager | "
+  base = "nanoGPT model, torch eager" if "nanogpt" in peers else "torch eager"
+  hdr = (f"| shape | impl | steps | step ms (median) | spread | tokens/s | vs {base} | "
          "model GFLOP/s | % of peak | train loss (last 10%) | val loss |")
   print(hdr + "\n|" + "---|" * 11)
   for r in rows:
     ref = next((q for q in rows
-                if q["shape"] == r["shape"] and q["impl"].startswith("torch eager")),
+                if q["shape"] == r["shape"] and q["impl"].startswith(base)),
                None)
     ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "n/a"
     print(f"| {r['shape']} | {r['impl']} | {r['steps']} | {r['step_ms']:.1f} | "
