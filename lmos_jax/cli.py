@@ -20,6 +20,7 @@ COMMANDS = {
     "plan": ("lmos_jax.train.plan", "choose mesh, microbatches and remat for a config"),
     "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
+    "serve": ("lmos_jax.serve.server", "serve a workdir over HTTP (classify, answer, generate)"),
 }
 
 
