@@ -71,7 +71,8 @@ def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
 
 
 
-def tiny_classifier_workdir(root, labels: list[str], seq_len: int = 48, seed: int = 3):
+def tiny_classifier_workdir(root, labels: list[str], seq_len: int = 48, buckets: str = "auto",
+                            seed: int = 3):
   """A tiny random BERT classifier (MiniLM's tokenizer, 2 layers of width 32) made a workdir
   by `lmos convert --from-hf`, with `labels` as its label names: ~1 s, no training. Weights
   drawn wide (init_std 0.5) so probabilities spread over the labels."""
@@ -95,6 +96,6 @@ def tiny_classifier_workdir(root, labels: list[str], seq_len: int = 48, seed: in
   wd, _ = from_hf_to_workdir(hf, root / "wd")
   (wd / "labels.json").write_text(json.dumps(labels))
   saved = json.loads((wd / "config.json").read_text())
-  saved["data"]["seq_len"] = seq_len
+  saved["data"]["seq_len"], saved["data"]["buckets"] = seq_len, buckets
   (wd / "config.json").write_text(json.dumps(saved))
   return wd

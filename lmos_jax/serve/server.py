@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -460,6 +461,8 @@ def main(argv: list[str]) -> int:
   import uvicorn
   args = parse(argv)
   setup_logging(args.log_level.upper())
+  from lmos_jax.parallel.compile_cache import enable_compile_cache
+  log.info(enable_compile_cache("auto"))  # a restart's warm-up reads its programs back
   engine = load_engine(args)
   start = time.perf_counter()
   engine.warmup()
@@ -470,5 +473,11 @@ def main(argv: list[str]) -> int:
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=False, timeout_graceful_shutdown=60,
                           log_config=None)
-  uvicorn.Server(config).run()
+  # uvicorn drains on SIGTERM, then raises the signal again once its own handler is
+  # restored: a no-op handler makes that second one end the run normally (exit 0)
+  signal.signal(signal.SIGTERM, lambda signum, frame: None)
+  try:
+    uvicorn.Server(config).run()
+  except KeyboardInterrupt:  # Ctrl-C: drained the same way, exits as interrupted
+    return 130
   return 0
