@@ -12,6 +12,7 @@ Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -241,32 +242,74 @@ def test_full_queue_answers_503_with_retry_after(files):
   engine = ClassifierEngine(dataclasses.replace(clf, forward_embed=slow),
                             batch_widths(clf.cfg), 1, AnswerPolicy({}, 0.5, 0.5))
   app = create_app(engine, model_name="slow", max_batch=1, max_wait_s=0.0, queue_size=2)
-  port = portpicker.pick_unused_port()
-  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                      access_log=False))
-  thread = threading.Thread(target=srv.run, daemon=True)
-  thread.start()
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.monotonic() + HTTP_TIMEOUT_S
-    while not srv.started and time.monotonic() < deadline:
-      time.sleep(0.05)
-    assert srv.started
-
+  with serving(app) as url:
     async def burst():
       async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
         return await asyncio.gather(*[
             client.post(f"{url}/v1/classify", json={"texts": ["where is my card"]})
             for _ in range(10)])
     responses = asyncio.run(burst())
-    codes = [r.status_code for r in responses]
-    busy = [r for r in responses if r.status_code == 503]
-    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
-    assert busy and busy[0].headers["retry-after"] == "1" and "busy" in busy[0].json()["error"]
+  codes = [r.status_code for r in responses]
+  busy = [r for r in responses if r.status_code == 503]
+  assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+  assert busy[0].headers["retry-after"] == "1" and "busy" in busy[0].json()["error"]
+
+
+@contextlib.contextmanager
+def serving(app):
+  """`app` under uvicorn on a thread of this process, on a free port; stopped after."""
+  import uvicorn
+  port = portpicker.pick_unused_port()
+  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                      access_log=False))
+  thread = threading.Thread(target=srv.run, daemon=True)
+  thread.start()
+  try:
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    while not srv.started and time.monotonic() < deadline and thread.is_alive():
+      time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
   finally:
     srv.should_exit = True
     thread.join(HTTP_TIMEOUT_S)
   assert not thread.is_alive()
+
+
+@pytest.mark.slow  # trains its tiny model: ~30 s on 2 idle cores, mostly compiling
+def test_generate_serves_a_decoder_workdir(tmp_path):
+  """A tiny char GPT trained for 4 steps: /v1/generate answers, its bad requests are 422,
+  and the classifier endpoints say which workdir they need."""
+  from helpers import tiny_config
+  from lmos_jax.inference.generate import load_trained
+  from lmos_jax.models.decode import Decoder
+  from lmos_jax.serve.server import GeneratorEngine, create_app
+  from lmos_jax.train.trainer import train
+  c = tiny_config()
+  c.data.source, c.data.tokenizer = "text", "char"
+  text = tmp_path / "text.txt"
+  text.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
+  c.data.path = str(text)
+  train(c, tmp_path / "wd")
+  run = load_trained(tmp_path / "wd")
+  app = create_app(GeneratorEngine(run, Decoder(run.graphdef, run.cfg.model.max_seq_len)),
+                   model_name="lm", max_batch=8, max_wait_s=0.0, queue_size=4)
+  with serving(app) as url:
+    r = httpx.post(f"{url}/v1/generate", json={"prompt": "the ", "max_new_tokens": 5,
+                                               "temperature": 0}, timeout=HTTP_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    g = r.json()
+    assert 1 <= g["tokens"] <= 5 and g["status"] in ("max_new_tokens", "stop_token")
+    assert len(g["text"]) == g["tokens"]  # a char model: one character per token
+    bad = httpx.post(f"{url}/v1/generate", json={"prompt": "the ", "max_new_tokens": -1},
+                     timeout=HTTP_TIMEOUT_S)
+    assert bad.status_code == 422 and "max_new_tokens" in bad.json()["error"]
+    unknown = httpx.post(f"{url}/v1/generate", json={"prompt": "\u00e9t\u00e9"},
+                         timeout=HTTP_TIMEOUT_S)
+    assert unknown.status_code == 422 and "prompt" in unknown.json()["error"]
+    cls = httpx.post(f"{url}/v1/classify", json={"texts": ["x"]}, timeout=HTTP_TIMEOUT_S)
+    assert cls.status_code == 404 and "classifier workdir" in cls.json()["error"]
+    assert httpx.get(f"{url}/healthz", timeout=HTTP_TIMEOUT_S).json()["task"] == "lm"
 
 
 # ----------------------------------------------------------------- the answer logic

@@ -197,19 +197,26 @@ class GeneratorEngine:
   def warmup(self) -> None:
     pass
 
-  def run(self, payloads: list[dict]) -> list[dict]:
-    from lmos_jax.models.decode import STATUS, Sampling
+  def run(self, payloads: list[dict]) -> list[dict | RequestError]:
+    """One result per payload: the generation, or the RequestError of a prompt the model
+    cannot take (characters outside its vocabulary, longer than its cache)."""
+    from lmos_jax.models.decode import Sampling
     tok = self.trained.tokenizer
-    out = []
+    out: list[dict | RequestError] = []
     for p in payloads:
-      ids = list(tok.encode(p["prompt"]))
+      try:
+        ids = list(tok.encode(p["prompt"]))
+        if len(ids) > self.decoder.cache_len:
+          raise UserError(f"the prompt has {len(ids)} tokens; the model holds "
+                          f"{self.decoder.cache_len}")
+      except UserError as e:
+        out.append(RequestError(422, f"\"prompt\": {e}"))
+        continue
       gen = self.decoder.generate(self.trained.params, [ids], p["max_new_tokens"],
-                                  sampling=Sampling(p["temperature"], p["top_k"], p["top_p"],
-                                                    0.0), seed=p["seed"])
-      toks = list(gen.tokens[0])
-      status = gen.status[0]
-      out.append({"text": tok.decode(toks), "tokens": len(toks),
-                  "status": status if isinstance(status, str) else STATUS[int(status)]})
+                                  sampling=Sampling(p["temperature"], p["top_k"], p["top_p"]),
+                                  seed=p["seed"])
+      out.append({"text": tok.decode(gen.tokens[0]), "tokens": len(gen.tokens[0]),
+                  "status": gen.status[0]})
     return out
 
 
@@ -319,7 +326,10 @@ def create_app(engine: ClassifierEngine | GeneratorEngine, *, model_name: str,
     return engine.policy.decide(engine.clf.labels[k], float(probs_NC[0][k]), matches[0])
 
   async def generate(request: Request) -> dict:
-    return await batcher.submit(parse_generate(await body_of(request), limits))
+    result = await batcher.submit(parse_generate(await body_of(request), limits))
+    if isinstance(result, RequestError):
+      raise result
+    return result
 
   async def metrics_text(request: Request) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
