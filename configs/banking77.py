@@ -4,8 +4,9 @@ BANKING77 intent detection: 77 intents of online-banking customer questions. The
   method: full | lora (it also picks that method's learning rate and trainable extras);
   shots:  Nshot (e.g. 10shot): N training questions per intent, drawn with a fixed seed
           (data.per_label), the few-shot setting of Casanueva et al. 2020.
-Full data: 3 epochs over the 9,000 training questions at batch 32 (844 steps, ~15 minutes on
-2 CPU cores), evaluated on the 1,003 dev questions after each epoch. Seq len 64 (the longest
+Full data: 3 epochs over the 9,000 training questions at batch 32 (844 steps; ~15 minutes on
+2 idle CPU cores at the ~31 sentences/s measured finetuning MiniLM on SST-2, see
+experiments/README.md), evaluated on the 1,003 dev questions after each epoch. Seq len 64 (the longest
 question is 79 words, the mean 12: nearly every batch is cut to the 16 or 24 bucket).
 
 The data are TSV files `text<TAB>label`, $LMOS_DATA_DIR/apps/banking77/{train,dev}.tsv
