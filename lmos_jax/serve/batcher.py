@@ -120,7 +120,10 @@ class Batcher:
     stats = BatchStats(len(batch), sum(j.rows for j in batch), start - batch[0].enqueued,
                        done - start)
     for job, (ok, value) in zip(batch, outcome):
-      job.loop.call_soon_threadsafe(_resolve, job.future, ok, value)
+      try:
+        job.loop.call_soon_threadsafe(_resolve, job.future, ok, value)
+      except RuntimeError:  # its event loop is closed: nobody waits for the answer
+        pass
     log.info("batch: %d requests, %d rows, waited %.1f ms, ran %.1f ms", stats.jobs,
              stats.rows, 1e3 * stats.wait_s, 1e3 * stats.run_s)
     self.on_batch(stats)
