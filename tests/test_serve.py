@@ -422,3 +422,31 @@ def test_per_label_rows_draws_n_per_label_deterministically():
   assert sorted(picked) == ["a", "a", "b", "b", "c"]  # c has only one row
   np.testing.assert_array_equal(idx, per_label_rows(labels, 2, seed=7))
   assert list(idx) == sorted(idx)
+
+
+def test_batcher_fills_batches_up_to_max_batch_and_refuses_when_full():
+  from lmos_jax.serve.batcher import Batcher, QueueFull
+  seen = []
+
+  def run(payloads):
+    seen.append(list(payloads))
+    if "boom" in payloads:
+      raise ValueError("model failed")
+    return [p * 10 for p in payloads]
+
+  async def scenario():
+    b = Batcher(run, max_batch=4, max_wait_s=1.0, queue_size=16)
+    futures = [b.submit(i) for i in range(10)]  # all queued before the worker starts
+    b.start()
+    results = await asyncio.wait_for(asyncio.gather(*futures), HTTP_TIMEOUT_S)
+    failing = b.submit("boom")
+    with pytest.raises(ValueError, match="model failed"):
+      await asyncio.wait_for(failing, HTTP_TIMEOUT_S)
+    b.stop()
+    full = Batcher(run, max_batch=4, max_wait_s=0.0, queue_size=2)  # never started
+    full.submit(1), full.submit(2)
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+      full.submit(3)
+    return results
+  assert asyncio.run(scenario()) == [i * 10 for i in range(10)]
+  assert seen[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and seen[3] == ["boom"]
