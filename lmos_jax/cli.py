@@ -21,6 +21,7 @@ COMMANDS = {
     "tune": ("lmos_jax.train.tune", "measure the learning rate and batch size for a config"),
     "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
+    "serve": ("lmos_jax.serve.server", "serve a workdir over HTTP (classify, answer, generate)"),
 }
 
 

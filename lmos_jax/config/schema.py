@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.text_b = ""  # optional second-sentence column name for sentence pairs
   d.labels = ""  # comma-separated label set; empty: sorted distinct labels of data.train
   d.max_train = 0  # use the first N training rows (0: all)
+  d.per_label = 0  # cls: N training rows per label, drawn with config 'seed' (0: all)
   # cls: batches are cut to the narrowest of these widths holding their longest row (exact:
   # only padding is cut). auto (16, 24, 32, 48, 64, 96, ... up to seq_len) | off | '16,32,64'
   d.buckets = "auto"

