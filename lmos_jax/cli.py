@@ -20,6 +20,7 @@ COMMANDS = {
     "plan": ("lmos_jax.train.plan", "choose mesh, microbatches and remat for a config"),
     "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
+    "monitor": ("lmos_jax.apps.monitor", "opinion trends and negative surges in a text stream"),
 }
 
 
