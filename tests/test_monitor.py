@@ -69,14 +69,14 @@ def stats(k: int, n: int) -> trends.WindowStats:
 
 def test_surge_statistic_matches_a_hand_computed_example():
   # baseline windows with 2, 3, 1 negatives of 20: K = 6, N = 60 -> p0 = 6.5 / 61
-  # window 12 of 20: p = 0.6, z = (0.6 - p0) / sqrt(p0 (1 - p0) / 20) = 7.151984 (by hand)
+  # window 12 of 20: p = 0.6, z = (0.6 - p0) / sqrt(p0 (1 - p0) (1/20 + 1/60)) = 6.193800
   rule = trends.SurgeRule(baseline=3, min_count=10, threshold=4.0, min_rise=0.2)
   history = [stats(9, 10), stats(2, 20), None, stats(3, 20), stats(1, 20)]  # first: too old
   hist = history[:2] + history[3:]  # None (a window without records) is skipped
   t = trends.check_surge(stats(12, 20), hist, rule)
   assert t.tested and t.alert
   assert t.baseline == pytest.approx(0.10655737704918032, abs=1e-12)
-  assert t.score == pytest.approx(7.151984490012375, abs=1e-9)
+  assert t.score == pytest.approx(6.1938002558230085, abs=1e-9)
   assert t.baseline_count == 60 and t.negative_share == 0.6
   # with the empty window in the trailing three, only two windows (40 records) pool
   t2 = trends.check_surge(stats(12, 20), history, rule)

@@ -128,12 +128,12 @@ def pooled_baseline(k_negative: int, n: int) -> float:
   return (k_negative + 0.5) / (n + 1.0)
 
 
-def surge_z(k: int, n: int, p0: float) -> float:
-  """One-sided z of k negatives among n records against a baseline share p0:
-  (k/n - p0) / sqrt(p0 (1 - p0) / n)."""
-  if n <= 0:
+def surge_z(k: int, n: int, p0: float, big_n: int) -> float:
+  """One-sided z of k negatives among n records against a baseline share p0 estimated from
+  big_n records: (k/n - p0) / sqrt(p0 (1 - p0) (1/n + 1/big_n))."""
+  if n <= 0 or big_n <= 0:
     return 0.0
-  return (k / n - p0) / math.sqrt(p0 * (1.0 - p0) / n)
+  return (k / n - p0) / math.sqrt(p0 * (1.0 - p0) * (1.0 / n + 1.0 / big_n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +160,6 @@ def check_surge(window: WindowStats, history: Sequence[WindowStats | None],
   k, n = window.labels.get(NEGATIVE, 0), window.count
   p = k / n if n else 0.0
   tested = n >= rule.min_count and big_n >= rule.min_count
-  z = surge_z(k, n, p0) if tested else 0.0
+  z = surge_z(k, n, p0, big_n) if tested else 0.0
   alert = tested and z >= rule.threshold and p - p0 >= rule.min_rise
   return SurgeTest(p, p0, big_n, z, tested, alert)
