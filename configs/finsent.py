@@ -66,7 +66,8 @@ def get_config(arg=None):
   t.schedule, t.min_lr_ratio = "warmup_linear", 0.0
   t.warmup_steps = steps_per_epoch // 2
   t.weight_decay, t.b1, t.b2, t.grad_clip = 0.01, 0.9, 0.999, 1.0
-  t.eval_every = t.ckpt_every = steps_per_epoch
-  t.log_every, t.keep_checkpoints = 20, 1
+  # the dev set is evaluated at log steps that are eval steps: log once per epoch as well
+  t.eval_every = t.ckpt_every = t.log_every = steps_per_epoch
+  t.keep_checkpoints = 1
   t.sample_tokens = 0  # an encoder does not generate
   return c
