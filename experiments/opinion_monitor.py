@@ -2,9 +2,10 @@
 injected surge of negative opinion, quickly, in the right topic, and stay quiet otherwise?
 
 PhraseBank has no timestamps or entities, so the streams are made here from the labelled dev
-sentences (--dev, default $LMOS_DATA_DIR/apps/finphrasebank/75agree/dev.tsv): every hour,
-each topic gets Poisson(--rate) texts at uniform times within the hour, each drawn (with
-replacement) from the dev sentences of a gold label picked with the topic's label mix
+sentences (--dev, default $LMOS_DATA_DIR/apps/finphrasebank/allagree/dev.tsv, the subset the
+configs/finsent.py:allagree classifier was trained and evaluated on): every hour, each topic
+gets a count of texts drawn uniformly from --rate +-15% (20 to 28 at the default 24), at
+uniform times within the hour, each drawn (with replacement) from the dev sentences of a gold label picked with the topic's label mix
 (negative 15%, neutral 60%, positive 25%). The records carry `time`, `text`, `topic`, `id`.
 
   surge    --days days of --topics topics; in one topic, from hour --surge-start for
@@ -67,7 +68,7 @@ def make_stream(texts: dict[str, list[str]], hours: int, topics: list[str], rate
     for topic in topics:
       hot = surge is not None and topic == surge[0] and surge[1] <= h < surge[1] + surge[2]
       mix = SURGE_MIX if hot else BASE_MIX
-      for _ in range(rng.poisson(rate)):
+      for _ in range(int(rng.integers(math.ceil(0.85 * rate), math.floor(1.15 * rate) + 1))):
         label = labels[rng.choice(3, p=[mix[k] for k in labels])]
         pool = texts[label]
         recs.append({"time": START + h * 3600 + float(rng.uniform(0, 3600)),
@@ -168,7 +169,7 @@ def main() -> int:
   ap.add_argument("--control-days", type=float, default=7.0)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args()
-  dev = Path(args.dev or data_file("apps/finphrasebank/75agree/dev.tsv"))
+  dev = Path(args.dev or data_file("apps/finphrasebank/allagree/dev.tsv"))
   if not dev.is_file():
     sys.exit(f"--dev {dev}: no such file (set LMOS_DATA_DIR or give --dev)")
   out = Path(args.out)
@@ -184,7 +185,7 @@ def main() -> int:
           "control": (make_stream(texts, round(args.control_days * 24), topics, args.rate, None,
                                   rng), None, args.control_days)}
   from lmos_jax.train.metrics import measure_cpu_peak
-  peak = measure_cpu_peak(n=2048)
+  peak = measure_cpu_peak(n=2048, repeats=5)  # best of 5: other jobs on the cores lower it
   results = {"dev": str(dev.name), "topics": topics, "rate_per_topic_hour": args.rate,
              "peak_flops": peak, "cpus": os.cpu_count()}
   for name, (recs, surge_spec, days) in runs.items():

@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence, TextIO
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
