@@ -22,6 +22,7 @@ COMMANDS = {
     "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
     "serve": ("lmos_jax.serve.server", "serve a workdir over HTTP (classify, answer, generate)"),
+    "monitor": ("lmos_jax.apps.monitor", "opinion trends and negative surges in a text stream"),
 }
 
 
