@@ -450,3 +450,11 @@ def test_batcher_fills_batches_up_to_max_batch_and_refuses_when_full():
     return results
   assert asyncio.run(scenario()) == [i * 10 for i in range(10)]
   assert seen[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and seen[3] == ["boom"]
+
+
+def test_batch_buckets():
+  from lmos_jax.serve.server import batch_buckets
+  assert batch_buckets(32) == [1, 4, 16, 32]
+  assert batch_buckets(16) == [1, 4, 16]
+  assert batch_buckets(1) == [1]
+  assert batch_buckets(5) == [1, 4, 5]

@@ -130,6 +130,16 @@ def parse_generate(obj: dict, limits: Limits) -> dict:
 # ----------------------------------------------------------------- engines
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+  """The batch sizes a batch is padded to: powers of 4 below max_batch, and max_batch. A
+  lone request runs as 1 row, not max_batch (at most 4x padding), at a handful of shapes."""
+  sizes, b = [], 1
+  while b < max_batch:
+    sizes.append(b)
+    b *= 4
+  return sizes + [max_batch]
+
+
 @dataclasses.dataclass
 class ClassifierEngine:
   """A classifier and its answer policy: `run` takes ("classify" | "answer", texts) payloads
@@ -144,17 +154,22 @@ class ClassifierEngine:
   task = "cls"
 
   def embed_rows(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (N, C), embeddings (N, D)), in batches padded to the smallest batch bucket that
+    holds them (max_batch rows at most)."""
     from lmos_jax.inference.predict import classify_embed_rows
-    return classify_embed_rows(self.clf, list(texts), None, self.max_batch, self.widths)
+    sizes = batch_buckets(self.max_batch)
+    size = next((b for b in sizes if b >= len(texts)), self.max_batch)
+    return classify_embed_rows(self.clf, list(texts), None, size, self.widths)
 
   def warmup(self) -> None:
-    """Compiles the forward at (max_batch, width) for every bucket width and the top-k
-    search at (max_batch, D), so that no request waits on a compile."""
-    for w in self.widths:
-      batch = {"inputs": np.zeros((self.max_batch, w), np.int32),
-               "token_type_ids": np.zeros((self.max_batch, w), np.int32),
-               "attention_mask": np.ones((self.max_batch, w), np.int32)}
-      self.clf.forward_embed(batch)
+    """Compiles the forward at every (batch bucket, width bucket) and the top-k search at
+    (max_batch, D), so that no request waits on a compile."""
+    for b in batch_buckets(self.max_batch):
+      for w in self.widths:
+        batch = {"inputs": np.zeros((b, w), np.int32),
+                 "token_type_ids": np.zeros((b, w), np.int32),
+                 "attention_mask": np.ones((b, w), np.int32)}
+        self.clf.forward_embed(batch)
     if self.index is not None:
       self.index.search(np.zeros((self.max_batch, self.clf.cfg.model.d_model), np.float32),
                         self.top_k)
