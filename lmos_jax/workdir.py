@@ -378,6 +378,23 @@ def compressed_params(workdir: str | Path, variant: str) -> tuple[dict, dict]:
   return load_compressed(path)
 
 
+def write_params_run(workdir: str | Path, cfg: ml_collections.ConfigDict, tok, params: Any
+                     ) -> Path:
+  """A params-only run (config.json, tokenizer.json, params/) that `latest_params` reads like
+  an export: e.g. a trimmed model to draft for its source in speculative decoding. Refuses a
+  directory that already holds run files."""
+  wd = Path(workdir).absolute()
+  if existing_run_files(wd):
+    raise UserError(f"{wd} already holds {', '.join(existing_run_files(wd))}; pick a new "
+                    "directory (a run is never overwritten)")
+  wd.mkdir(parents=True, exist_ok=True)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(wd / PARAMS, args=ocp.args.PyTreeSave(str_keys(jax.device_get(params))))
+  write_config(wd, cfg)
+  write_tokenizer(wd, tok)
+  return wd
+
+
 # ---------------------------------------------------------------- writing over a run
 
 
