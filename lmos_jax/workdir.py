@@ -317,13 +317,15 @@ def checkpoint_params(workdir: str | Path, step: int | None = None, sharding=Non
   if step not in steps:
     raise UserError(f"--step={step}: {where} has steps {steps}")
   meta = read_meta(workdir, step)
-  params = restore_subtree(step_dir(workdir, step) / STATE_ITEM, "params", sharding)
+  # int layer keys before hashing: the trainer fingerprinted its state with them, and orbax
+  # gives unscanned layers back as '0', '1'... (a different tree path, not different data)
+  params = int_keys(restore_subtree(step_dir(workdir, step) / STATE_ITEM, "params", sharding))
   expected = subtree_fingerprint(meta.get("fingerprint", {}), "params")
   bad = fingerprint_mismatch(expected, params) if expected else []
   if bad:
     raise CheckpointError(f"checkpoint {step_dir(workdir, step)} is corrupt ({', '.join(bad[:3])} "
                           "differ from the saved fingerprint); use an earlier step")
-  return step, int_keys(params), meta
+  return step, params, meta
 
 
 def latest_params(workdir: str | Path, sharding=None) -> Any:

@@ -109,7 +109,12 @@ def hidden_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Arra
   s = cache["k"].shape[2]
   positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   mask_B1TS = (jnp.arange(s)[None, None, :] <= positions_BT[:, :, None])[:, None]
-  x_BTD = model.embed_tokens(tokens_BT, positions_BT, model.embed.dtype)
+  # A slot past the learned position table (only a speculative chunk near the end of the
+  # cache writes one, for tokens never kept) reads the last row instead of take's NaN fill:
+  # its K/V must stay finite, as a masked slot's zero weight times NaN is NaN.
+  table_BT = (jnp.minimum(positions_BT, cfg.max_seq_len - 1) if cfg.pos_emb == "learned"
+              else positions_BT)
+  x_BTD = model.embed_tokens(tokens_BT, table_BT, model.embed.dtype)
   if cfg.scan_layers:
     graphdef, state = nnx.split(model.blocks)
 

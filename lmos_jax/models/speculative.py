@@ -89,20 +89,28 @@ def draft_tokens(model, buf_BS: Array, cur_B: Array, cache: dict[str, Array], k:
   pair_B2 = jnp.take_along_axis(buf_BS, start_B[:, None] + jnp.arange(2)[None], axis=1)
   logits_BV, cache = forward_cached(model, pair_B2, start_B, cache, cur_B - 1 - start_B)
   keys = jax.random.split(key, k)
-  tok_B = sample_next(logits_BV, keys[0], *sampling)
   v = logits_BV.shape[-1]
+
+  def choose(logits_BV, key):
+    """(token, q): greedy skips the sort-based filtering, which only sampling needs."""
+    return jax.lax.cond(sampling[0] > 0,
+                        lambda: (sample_next(logits_BV, key, *sampling),
+                                 filtered_probs(logits_BV, *sampling)),
+                        lambda: (jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+                                 jnp.zeros((b, v), jnp.float32)))
+
+  tok_B, q_BV = choose(logits_BV, keys[0])
   toks_BK = jnp.zeros((b, k), jnp.int32).at[:, 0].set(tok_B)
-  q_BKV = jnp.zeros((b, k, v), jnp.float32).at[:, 0].set(filtered_probs(logits_BV, *sampling))
+  q_BKV = jnp.zeros((b, k, v), jnp.float32).at[:, 0].set(q_BV)
   zeros_B = jnp.zeros((b,), jnp.int32)
 
   def step(i, carry):
     toks_BK, q_BKV, cache = carry
     prev_B = jax.lax.dynamic_index_in_dim(toks_BK, i - 1, axis=1, keepdims=False)
     logits_BV, cache = forward_cached(model, prev_B[:, None], cur_B + i - 1, cache, zeros_B)
-    tok_B = sample_next(logits_BV, keys[i], *sampling)
+    tok_B, q_BV = choose(logits_BV, keys[i])
     toks_BK = jax.lax.dynamic_update_index_in_dim(toks_BK, tok_B, i, axis=1)
-    q_BKV = jax.lax.dynamic_update_index_in_dim(q_BKV, filtered_probs(logits_BV, *sampling),
-                                                i, axis=1)
+    q_BKV = jax.lax.dynamic_update_index_in_dim(q_BKV, q_BV, i, axis=1)
     return toks_BK, q_BKV, cache
 
   return jax.lax.fori_loop(1, k, step, (toks_BK, q_BKV, cache))
@@ -144,7 +152,8 @@ def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_param
     last_B = jnp.take_along_axis(buf, jnp.maximum(cur - 1, 0)[:, None], axis=1)
     chunk_BK1 = jnp.concatenate([last_B, draft_BK], axis=1)
     logits_BKV, t_cache = forward_cached_all(t_model, chunk_BK1, cur - 1, t_cache)
-    p_BKV = filtered_probs(logits_BKV, *sampling)
+    p_BKV = jax.lax.cond(sampling[0] > 0, lambda: filtered_probs(logits_BKV, *sampling),
+                         lambda: jnp.zeros(logits_BKV.shape, jnp.float32))  # greedy: unused
     n_B, next_B = accept_drafts(p_BKV, q_BKV, draft_BK, logits_BKV, k_accept, sampling[0])
     active_B = ~done
     drafted = drafted + k * active_B
