@@ -357,3 +357,16 @@ def test_from_hf_into_a_run_refuses_without_force(lm_run, tiny_hf_dir, tmp_path,
   (tmp_path / "out" / "config.json").write_text("{}")
   assert main(["convert", "--to-hf", str(tmp_path / "out"), "--workdir", str(wd)]) == 2
   assert (tmp_path / "out" / "config.json").read_text() == "{}"
+
+
+def test_unrolled_layers_checkpoint_reads_back(tmp_path):
+  """Unscanned layers are saved under int keys and come back from orbax as '0', '1'...: the
+  fingerprint check compares the same tree paths, so an intact checkpoint is accepted."""
+  from lmos_jax.train.trainer import train
+  c = tiny_config()
+  c.model.scan_layers = False
+  c.data.source, c.data.tokenizer = "text", "char"
+  c.data.path = write(tmp_path / "text.txt", "the quick brown fox jumps over the lazy dog.\n" * 60)
+  train(c, tmp_path / "wd")
+  params = W.workdir_params(tmp_path / "wd")
+  assert sorted(params["blocks"]) == list(range(c.model.num_layers))
