@@ -100,6 +100,8 @@ def check_lengths(model_cfg, cache_len: int, longest_prompt: int) -> None:
 
 def main(argv: list[str]) -> int:
   args = parse(argv)
+  if args.draft_workdir is not None:  # refused before any params are read
+    check_draft_tokenizer(args.workdir, args.draft_workdir)
   try:
     run = load_trained(args.workdir)
   except UserError as e:
@@ -162,7 +164,7 @@ def main(argv: list[str]) -> int:
 
 def load_draft(workdir: str, draft_workdir: str) -> Trained:
   """The draft run, refused in one line unless it is a GPT with the target's tokenizer."""
-  check_draft_tokenizer(workdir, draft_workdir)
+  check_draft_tokenizer(workdir, draft_workdir)  # here too for callers other than main
   draft = load_trained(draft_workdir)
   if draft.cfg.model.arch != "gpt":
     raise UserError(f"--draft-workdir {draft_workdir} holds a {draft.cfg.model.arch} model; "
