@@ -1,12 +1,19 @@
-"""Decode tokens/s: lmos KV cache vs lmos full recompute vs transformers' GPT2 generate.
+"""Decode tokens/s: lmos KV cache vs lmos full recompute vs transformers' GPT2 generate,
+and speculative decoding against plain KV-cache decoding on a trained run.
 
 All three run the same GPT-2-shaped weights (learned positions, pre-LayerNorm, tanh GELU,
 biases, tied embeddings), copied from an lmos GPT into `GPT2LMHeadModel`; the script first
 checks that the two frameworks' logits agree, then times greedy generation from a one-token
 prompt (best of --repeats, after a warm-up/compile call) and prints a table.
 
+With --spec-workdir RUN, it also times greedy batch-1 generation of that trained GPT plainly
+and speculatively, the draft being RUN's first --draft-layers layers (compress.trim
+.drop_layers, no retraining), for each --draft-tokens k: tokens/s, the draft acceptance
+rate, whether the output equals the plain greedy output token for token, and the speed-up.
+
   python3 experiments/bench_decode.py                    # small GPT-2 shape, CPU-friendly
   python3 experiments/bench_decode.py --preset gpt2      # GPT-2 124M shape (random weights)
+  python3 experiments/bench_decode.py --spec-workdir runs/sc6 --skip-hf   # speculative only
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lmos_jax.compress.trim import drop_layers
 from lmos_jax.models.decode import Decoder
+from lmos_jax.models.speculative import SpeculativeDecoder
 from lmos_jax.models.gpt import GPT, count_params
 from lmos_jax.models.layers import TransformerConfig
 
@@ -100,7 +109,63 @@ def main() -> None:
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--skip-no-cache", action="store_true")
+  ap.add_argument("--skip-hf", action="store_true",
+                  help="skip the lmos vs transformers rows (only the speculative ones)")
+  ap.add_argument("--spec-workdir", default=None, help="a trained GPT run: speculative rows")
+  ap.add_argument("--draft-layers", type=int, default=2)
+  ap.add_argument("--draft-tokens", default="2,3,4")
+  ap.add_argument("--spec-prompt", default="\n")
+  ap.add_argument("--write-draft", default=None,
+                  help="also save the trimmed draft as a params-only run here, for "
+                       "`lmos generate --draft-workdir`")
   args = ap.parse_args()
+  if not args.skip_hf:
+    hf_rows(args)
+  if args.spec_workdir:
+    speculative_rows(args)
+
+
+def speculative_rows(args) -> None:
+  """Plain vs speculative greedy decoding at batch 1 on a trained run, in this process."""
+  from lmos_jax.inference.generate import load_trained
+  from lmos_jax.workdir import write_params_run
+
+  run = load_trained(args.spec_workdir)
+  n_layers = run.cfg.model.num_layers
+  keep = args.draft_layers
+  dgd, dparams = drop_layers(run.graphdef, run.params, list(range(keep, n_layers)))
+  if args.write_draft:
+    dcfg = run.cfg.copy_and_resolve_references()
+    dcfg.model.num_layers = keep
+    write_params_run(args.write_draft, dcfg, run.tokenizer, dparams)
+  prompt = [list(run.tokenizer.encode(args.spec_prompt))]
+  cache_len = run.cfg.model.max_seq_len
+  n = cache_len - len(prompt[0])
+  plain = Decoder(run.graphdef, cache_len)
+  ref = plain.generate(run.params, prompt, n).tokens[0]
+  t_plain = best_time(lambda: plain.generate(run.params, prompt, n), args.repeats)
+  print(f"\nspeculative: target {args.spec_workdir} ({n_layers} layers, "
+        f"{count_params(run.params):,} params), draft = its first {keep} layers "
+        f"({count_params(dparams):,} params); greedy, batch 1, prompt {args.spec_prompt!r}, "
+        f"{n} new tokens, best of {args.repeats}")
+  print("\n| decoder | draft tokens k | acceptance | tokens/s | speed-up | same greedy output |"
+        "\n|---|---:|---:|---:|---:|---|")
+  print(f"| plain KV cache ({n_layers} layers) | - | - | {n / t_plain:,.0f} | 1.00x | - |")
+  draft_plain = Decoder(dgd, cache_len)
+  t_draft = best_time(lambda: draft_plain.generate(dparams, prompt, n), args.repeats)
+  print(f"| draft alone, plain KV cache ({keep} layers) | - | - | {n / t_draft:,.0f} | "
+        f"{t_plain / t_draft:.2f}x | - |")
+  for k in [int(x) for x in args.draft_tokens.split(",")]:
+    spec = SpeculativeDecoder(run.graphdef, dgd, cache_len, k)
+    out = spec.generate(run.params, dparams, prompt, n)
+    t_spec = best_time(lambda: spec.generate(run.params, dparams, prompt, n), args.repeats)
+    same = np.array_equal(out.tokens[0], ref)
+    print(f"| speculative | {k} | {out.acceptance_rate:.1%} | {n / t_spec:,.0f} | "
+          f"{t_plain / t_spec:.2f}x | {'yes' if same else 'NO'} |")
+
+
+def hf_rows(args) -> None:
+  """lmos KV cache / full recompute vs transformers on the same random GPT-2 weights."""
   import torch
 
   cfg, graphdef, params = lmos_model(args.preset)

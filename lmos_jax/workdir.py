@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -318,10 +317,10 @@ def checkpoint_params(workdir: str | Path, step: int | None = None, sharding=Non
   if step not in steps:
     raise UserError(f"--step={step}: {where} has steps {steps}")
   meta = read_meta(workdir, step)
+  # int layer keys before hashing: the trainer fingerprinted its state with them, and orbax
+  # gives unscanned layers back as '0', '1'... (a different tree path, not different data)
   params = int_keys(restore_subtree(step_dir(workdir, step) / STATE_ITEM, "params", sharding))
-  # the fingerprint was taken of the live state, where unscanned layers have int keys
-  expected = {re.sub(r"\['(\d+)'\]", r"[\1]", k): v for k, v in
-              subtree_fingerprint(meta.get("fingerprint", {}), "params").items()}
+  expected = subtree_fingerprint(meta.get("fingerprint", {}), "params")
   bad = fingerprint_mismatch(expected, params) if expected else []
   if bad:
     raise CheckpointError(f"checkpoint {step_dir(workdir, step)} is corrupt ({', '.join(bad[:3])} "
@@ -379,6 +378,23 @@ def compressed_params(workdir: str | Path, variant: str) -> tuple[dict, dict]:
     raise UserError(f"{path}: no such compressed variant (have: {have or 'none'}); run "
                     f"`lmos compress --workdir {workdir} --recipe {variant}` first")
   return load_compressed(path)
+
+
+def write_params_run(workdir: str | Path, cfg: ml_collections.ConfigDict, tok, params: Any
+                     ) -> Path:
+  """A params-only run (config.json, tokenizer.json, params/) that `latest_params` reads like
+  an export: e.g. a trimmed model to draft for its source in speculative decoding. Refuses a
+  directory that already holds run files."""
+  wd = Path(workdir).absolute()
+  if existing_run_files(wd):
+    raise UserError(f"{wd} already holds {', '.join(existing_run_files(wd))}; pick a new "
+                    "directory (a run is never overwritten)")
+  wd.mkdir(parents=True, exist_ok=True)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(wd / PARAMS, args=ocp.args.PyTreeSave(str_keys(jax.device_get(params))))
+  write_config(wd, cfg)
+  write_tokenizer(wd, tok)
+  return wd
 
 
 # ---------------------------------------------------------------- writing over a run

@@ -360,3 +360,4 @@ def test_from_hf_into_a_run_refuses_without_force(lm_run, tiny_hf_dir, tmp_path,
   (tmp_path / "out" / "config.json").write_text("{}")
   assert main(["convert", "--to-hf", str(tmp_path / "out"), "--workdir", str(wd)]) == 2
   assert (tmp_path / "out" / "config.json").read_text() == "{}"
+

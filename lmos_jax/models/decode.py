@@ -99,15 +99,22 @@ def _block_cached(block, x_BTD: Array, positions_BT: Array, mask_B1TS: Array, k_
   return x_BTD, k_BSKH, v_BSKH
 
 
-def forward_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array],
-                   last_B: Array) -> tuple[Array, dict[str, Array]]:
-  """Runs T new tokens per row at slots start_B.. and returns logits at index last_B only."""
+def hidden_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array]
+                  ) -> tuple[Array, dict[str, Array]]:
+  """Runs T new tokens per row at slots start_B.. : final hidden states (B, T, D) and the
+  cache with their K/V written. Slots past a row's valid length are never read before they
+  are rewritten, so moving a row's length back is all a rollback needs."""
   cfg = model.cfg
   b, t = tokens_BT.shape
   s = cache["k"].shape[2]
   positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   mask_B1TS = (jnp.arange(s)[None, None, :] <= positions_BT[:, :, None])[:, None]
-  x_BTD = model.embed_tokens(tokens_BT, positions_BT, model.embed.dtype)
+  # A slot past the learned position table (only a speculative chunk near the end of the
+  # cache writes one, for tokens never kept) reads the last row instead of take's NaN fill:
+  # its K/V must stay finite, as a masked slot's zero weight times NaN is NaN.
+  table_BT = (jnp.minimum(positions_BT, cfg.max_seq_len - 1) if cfg.pos_emb == "learned"
+              else positions_BT)
+  x_BTD = model.embed_tokens(tokens_BT, table_BT, model.embed.dtype)
   if cfg.scan_layers:
     graphdef, state = nnx.split(model.blocks)
 
@@ -126,9 +133,22 @@ def forward_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Arr
       ks.append(k_c)
       vs.append(v_c)
     k, v = jnp.stack(ks), jnp.stack(vs)
+  return x_BTD, {"k": constrain(k, CACHE_NAMES), "v": constrain(v, CACHE_NAMES)}
+
+
+def forward_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array],
+                   last_B: Array) -> tuple[Array, dict[str, Array]]:
+  """Runs T new tokens per row at slots start_B.. and returns logits at index last_B only."""
+  x_BTD, cache = hidden_cached(model, tokens_BT, start_B, cache)
   x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
-  cache = {"k": constrain(k, CACHE_NAMES), "v": constrain(v, CACHE_NAMES)}
   return model.logits(x_B1D)[:, 0], cache
+
+
+def forward_cached_all(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array]
+                       ) -> tuple[Array, dict[str, Array]]:
+  """Like `forward_cached`, with the logits of all T new tokens (B, T, V): a verify chunk."""
+  x_BTD, cache = hidden_cached(model, tokens_BT, start_B, cache)
+  return model.logits(x_BTD), cache
 
 
 # ----------------------------------------------------------------------------- decode loop
@@ -284,34 +304,51 @@ class Decoder:
                sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
                seed: int = 0) -> Generation:
     """Generates for a batch of token-id prompts of any lengths (each at least 1 token)."""
-    lens = [len(p) for p in prompts]
-    if not prompts or min(lens) < 1:
-      raise ValueError("generate: every prompt needs at least one token (e.g. a BOS/newline)")
-    if max(lens) > self.cache_len:
-      raise ValueError(f"generate: a prompt has {max(lens)} tokens but the cache holds "
-                       f"{self.cache_len}; shorten it or raise cache_len")
-    if max_new_tokens < 0:
-      raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
     split = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    b = -(-bucket(len(prompts), 1) // split) * split  # a power of two, then whole shards
-    p = bucket(max(lens), 8, self.cache_len)
-    tokens = np.zeros((b, p), np.int32)
-    for i, row in enumerate(prompts):
-      tokens[i, :len(row)] = row
-    lengths = np.ones((b,), np.int32)
-    lengths[:len(prompts)] = lens
-    max_new = np.zeros((b,), np.int32)
-    max_new[:len(prompts)] = max_new_tokens
-    stop = np.full((bucket(len(stop_tokens), 4),), -1, np.int32)
-    stop[:len(stop_tokens)] = list(stop_tokens)
-    args = (tokens, lengths, max_new)
+    args = pack_prompts(prompts, max_new_tokens, stop_tokens, self.cache_len, split)
+    rows = args[:3]
     if self.mesh is not None:
-      args = tuple(jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in args)
+      rows = tuple(jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in rows)
       with jax.set_mesh(self.mesh):
-        out = self._fn(params, *args, stop, sampling.arrays(), jax.random.PRNGKey(seed))
+        out = self._fn(params, *rows, args[3], sampling.arrays(), jax.random.PRNGKey(seed))
     else:
-      out = self._fn(params, *args, stop, sampling.arrays(), jax.random.PRNGKey(seed))
-    buf, cur, n_gen, status = (np.asarray(x) for x in jax.device_get(out))
-    rows = range(len(prompts))
-    return Generation(tokens=[buf[i, lens[i]:lens[i] + n_gen[i]] for i in rows],
-                      status=[STATUS[int(status[i])] for i in rows])
+      out = self._fn(params, *rows, args[3], sampling.arrays(), jax.random.PRNGKey(seed))
+    return unpack(prompts, *jax.device_get(out))
+
+
+def pack_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 stop_tokens: Sequence[int], cache_len: int, split: int = 1
+                 ) -> tuple[np.ndarray, ...]:
+  """(tokens (B, P), lengths, max_new, stop) padded to the compile buckets; bad sizes raise.
+
+  Batch rows past the prompts get one token and a zero budget, so they finish at once.
+  """
+  lens = [len(p) for p in prompts]
+  if not prompts or min(lens) < 1:
+    raise ValueError("generate: every prompt needs at least one token (e.g. a BOS/newline)")
+  if max(lens) > cache_len:
+    raise ValueError(f"generate: a prompt has {max(lens)} tokens but the cache holds "
+                     f"{cache_len}; shorten it or raise cache_len")
+  if max_new_tokens < 0:
+    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
+  b = -(-bucket(len(prompts), 1) // split) * split  # a power of two, then whole shards
+  p = bucket(max(lens), 8, cache_len)
+  tokens = np.zeros((b, p), np.int32)
+  for i, row in enumerate(prompts):
+    tokens[i, :len(row)] = row
+  lengths = np.ones((b,), np.int32)
+  lengths[:len(prompts)] = lens
+  max_new = np.zeros((b,), np.int32)
+  max_new[:len(prompts)] = max_new_tokens
+  stop = np.full((bucket(len(stop_tokens), 4),), -1, np.int32)
+  stop[:len(stop_tokens)] = list(stop_tokens)
+  return tokens, lengths, max_new, stop
+
+
+def unpack(prompts: Sequence[Sequence[int]], buf_BS, cur_B, n_gen_B, status_B) -> Generation:
+  """Each prompt's new tokens and status out of the padded device buffers."""
+  buf, n_gen, status = np.asarray(buf_BS), np.asarray(n_gen_B), np.asarray(status_B)
+  lens = [len(p) for p in prompts]
+  rows = range(len(prompts))
+  return Generation(tokens=[buf[i, lens[i]:lens[i] + n_gen[i]] for i in rows],
+                    status=[STATUS[int(status[i])] for i in rows])
