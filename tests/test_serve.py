@@ -230,7 +230,6 @@ def test_sigterm_finishes_the_request_in_flight(files):
 def test_full_queue_answers_503_with_retry_after(files):
   """A model slowed to 0.3 s per batch, 1 row per batch and 2 queue places: of 10 requests
   sent together one runs, two wait, the rest are refused at once."""
-  import uvicorn
   from lmos_jax.inference.predict import batch_widths, load_classifier
   from lmos_jax.serve.server import ClassifierEngine, create_app
   clf = load_classifier(files[0])
