@@ -314,7 +314,7 @@ def test_sentence_embeddings_match_transformers_mean_pooling(workdir, clf):
 
 def test_classifier_uses_the_runs_compile_cache(clf):
   """Loading a classifier points JAX's persistent cache at the run's cache (here the test
-  session's LMOS_COMPILE_CACHE), so a second `lmos predict` reads its programs back."""
+  run's LMOS_COMPILE_CACHE), so a second `lmos predict` reads its programs back."""
   import os
   import jax
   assert jax.config.jax_enable_compilation_cache
