@@ -99,3 +99,25 @@ def tiny_classifier_workdir(root, labels: list[str], seq_len: int = 48, buckets:
   saved["data"]["seq_len"], saved["data"]["buckets"] = seq_len, buckets
   (wd / "config.json").write_text(json.dumps(saved))
   return wd
+
+
+def tiny_gpt_workdir(path, chars: str, layers: int, drop=()):
+  """A params-only GPT workdir over a char vocabulary (random weights, no training),
+  optionally with layers dropped after building (a trimmed draft)."""
+  from flax import nnx
+  from lmos_jax.compress.trim import drop_layers
+  from lmos_jax.data.text import CharTokenizer
+  from lmos_jax.data.tokenizer import SpecialChar
+  from lmos_jax.models.factory import model_factory
+  from lmos_jax.workdir import write_params_run
+  cfg = base_config()
+  m = cfg.model
+  m.num_layers, m.num_heads, m.d_model, m.max_seq_len, m.init_std = layers, 4, 32, 32, 0.4
+  cfg.data.tokenizer = "char"
+  tok = SpecialChar(CharTokenizer(chars), ())
+  graphdef, state = nnx.split(model_factory(m, tok.vocab_size)(nnx.Rngs(0)))
+  params = state.to_pure_dict()
+  if drop:
+    graphdef, params = drop_layers(graphdef, params, drop)
+    m.num_layers = layers - len(drop)
+  return write_params_run(path, cfg, tok, params)

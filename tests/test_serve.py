@@ -275,22 +275,15 @@ def serving(app):
   assert not thread.is_alive()
 
 
-@pytest.mark.slow  # trains its tiny model: ~30 s on 2 idle cores, mostly compiling
 def test_generate_serves_a_decoder_workdir(tmp_path):
-  """A tiny char GPT trained for 4 steps: /v1/generate answers, its bad requests are 422,
-  and the classifier endpoints say which workdir they need."""
-  from helpers import tiny_config
+  """A tiny char GPT (random weights): /v1/generate answers, its bad requests are 422, and
+  the classifier endpoints say which workdir they need."""
+  from helpers import tiny_gpt_workdir
   from lmos_jax.inference.generate import load_trained
   from lmos_jax.models.decode import Decoder
   from lmos_jax.serve.server import GeneratorEngine, create_app
-  from lmos_jax.train.trainer import train
-  c = tiny_config()
-  c.data.source, c.data.tokenizer = "text", "char"
-  text = tmp_path / "text.txt"
-  text.write_text("the quick brown fox jumps over the lazy dog.\n" * 60)
-  c.data.path = str(text)
-  train(c, tmp_path / "wd")
-  run = load_trained(tmp_path / "wd")
+  wd = tiny_gpt_workdir(tmp_path / "wd", "abcdefghijklmnopqrstuvwxyz .\n", 2)
+  run = load_trained(wd)
   app = create_app(GeneratorEngine(run, Decoder(run.graphdef, run.cfg.model.max_seq_len)),
                    model_name="lm", max_batch=8, max_wait_s=0.0, queue_size=4)
   with serving(app) as url:

@@ -10,20 +10,16 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from helpers import tiny_gpt_workdir
 from lmos_jax import cli
 from lmos_jax.compress.trim import drop_layers
-from lmos_jax.config.schema import base_config
-from lmos_jax.data.text import CharTokenizer
-from lmos_jax.data.tokenizer import SpecialChar
 from lmos_jax.errors import UserError
 from lmos_jax.models.decode import (Decoder, Sampling, forward_cached, forward_cached_all,
                                     init_cache)
-from lmos_jax.models.factory import model_factory
 from lmos_jax.models.gpt import GPT
 from lmos_jax.models.layers import TransformerConfig
 from lmos_jax.models.speculative import (SpeculativeDecoder, accept_drafts, draft_tokens,
                                          filtered_probs)
-from lmos_jax.workdir import write_params_run
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13]]
 
@@ -197,28 +193,12 @@ def test_rollback_keeps_next_logits_equal_fresh_forward():
   assert any(n < k for n in accepted_counts)  # a rollback (rejection) happened
 
 
-def cli_run(path, chars: str, layers: int, drop=()):
-  """A params-only GPT workdir over a char vocabulary (random weights), optionally with
-  layers dropped after building (a trimmed draft)."""
-  cfg = base_config()
-  m = cfg.model
-  m.num_layers, m.num_heads, m.d_model, m.max_seq_len, m.init_std = layers, 4, 32, 32, 0.4
-  cfg.data.tokenizer = "char"
-  tok = SpecialChar(CharTokenizer(chars), ())
-  graphdef, state = nnx.split(model_factory(m, tok.vocab_size)(nnx.Rngs(0)))
-  params = state.to_pure_dict()
-  if drop:
-    graphdef, params = drop_layers(graphdef, params, drop)
-    m.num_layers = layers - len(drop)
-  return write_params_run(path, cfg, tok, params)
-
-
 CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
 
 
 def test_cli_draft_matches_plain_greedy(tmp_path, capsys):
-  target = cli_run(tmp_path / "target", CHARS, 3)
-  draft = cli_run(tmp_path / "draft", CHARS, 3, drop=[1, 2])
+  target = tiny_gpt_workdir(tmp_path / "target", CHARS, 3)
+  draft = tiny_gpt_workdir(tmp_path / "draft", CHARS, 3, drop=[1, 2])
   base = ["generate", f"--workdir={target}", "--prompt=the ", "--prompt=a",
           "--max-new-tokens=12", "--temperature=0"]
   assert cli.main(base) == 0
@@ -229,7 +209,7 @@ def test_cli_draft_matches_plain_greedy(tmp_path, capsys):
   assert "generated 24 tokens in " in plain.err and "tok/s" in plain.err
   assert "generated 24 tokens in " in spec.err and "draft acceptance " in spec.err
   with pytest.raises(UserError, match="already holds"):  # a run is never overwritten
-    cli_run(tmp_path / "draft", CHARS, 3, drop=[1, 2])
+    tiny_gpt_workdir(tmp_path / "draft", CHARS, 3, drop=[1, 2])
 
 
 def test_other_vocab_is_refused(tmp_path, capsys):
@@ -237,9 +217,9 @@ def test_other_vocab_is_refused(tmp_path, capsys):
   dgd, dparams = gpt(5, vocab=41)
   with pytest.raises(ValueError, match="vocab_size=41 differs from the target's 40"):
     SpeculativeDecoder(tgd, dgd, 24, 2).generate(tparams, dparams, [[1]], 3)
-  target = cli_run(tmp_path / "target", CHARS, 2)
+  target = tiny_gpt_workdir(tmp_path / "target", CHARS, 2)
   for name, chars in (("bigger", CHARS + "!"), ("other", CHARS.replace("z", "!"))):
-    draft = cli_run(tmp_path / name, chars, 1)
+    draft = tiny_gpt_workdir(tmp_path / name, chars, 1)
     code = cli.main(["generate", f"--workdir={target}", f"--draft-workdir={draft}",
                      "--prompt=ab", "--max-new-tokens=2"])
     err = capsys.readouterr().err.strip().splitlines()
