@@ -19,13 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from helpers import subprocess_env
+from helpers import subprocess_env, tiny_classifier_workdir
 from lmos_jax import cli
 from lmos_jax.apps import monitor as mon_mod
 from lmos_jax.apps import topics, trends
-from lmos_jax.config.schema import base_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
@@ -205,26 +203,10 @@ def test_match_centroids_and_tf_idf_names():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A tiny random BERT classifier (MiniLM's tokenizer, 3 labels) as a workdir, no training;
-  weights drawn wide (init_std 0.5) so that predictions spread over the labels."""
-  from lmos_jax.convert import from_hf_to_workdir
-  from lmos_jax.models.bert import BERT
-  from lmos_jax.models.hf import copy_tokenizer, minilm_dir, save_hf, spec_from_lmos_config
-  tmp = tmp_path_factory.mktemp("monitor")
-  m = base_config().model
-  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff, m.max_seq_len = "bert", 2, 2, 32, 64, 64
-  m.vocab_size, m.norm_eps, m.mlp, m.head, m.num_labels = 30522, 1e-12, "gelu_exact", "cls", 3
-  m.init_std = 0.5
-  spec = spec_from_lmos_config(m, 30522)
-  params = nnx.to_pure_dict(nnx.split(BERT(spec.tcfg, head="cls", rngs=nnx.Rngs(3)))[1])
-  hf = save_hf(spec, params, tmp / "hf")
-  copy_tokenizer(minilm_dir(), hf)
-  wd, _ = from_hf_to_workdir(hf, tmp / "wd")
-  (wd / "labels.json").write_text(json.dumps(LABELS))
-  saved = json.loads((wd / "config.json").read_text())
-  saved["data"]["seq_len"], saved["data"]["buckets"] = 32, "32"  # one batch shape: one compile
-  (wd / "config.json").write_text(json.dumps(saved))
-  return wd
+  """A tiny random 3-label BERT classifier as a workdir, no training; one batch width (32),
+  so its forward compiles once."""
+  return tiny_classifier_workdir(tmp_path_factory.mktemp("monitor"), LABELS, seq_len=32,
+                                 buckets="32")
 
 
 @pytest.fixture(scope="module")
