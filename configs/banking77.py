@@ -22,7 +22,6 @@ Run: lmos train --config configs/banking77.py:full --workdir runs/banking77
 import math
 
 from lmos_jax.config.datadir import data_file
-from lmos_jax.config.schema import base_config
 
 # method -> (learning rate, params trained besides the PEFT ones); every method trains the
 # new 77-way classifier head.
@@ -67,29 +66,19 @@ def parse_shots(shots: str) -> int:
 
 
 def get_config(arg=None):
-  from lmos_jax.models.hf import apply_hf_model_config, minilm_dir
+  from lmos_jax.models.hf import minilm_classifier_config
 
   method, _, shots = (arg or "full").partition(",")
   if method not in METHODS:
     raise ValueError(f"banking77.py:{method}: expected one of {', '.join(METHODS)}")
-  c = base_config()
-  c.task = "cls"
-  m, d, t, p = c.model, c.data, c.train, c.peft
-  m.num_labels = len(LABELS)
-  hf_dir = str(minilm_dir())
-  apply_hf_model_config(hf_dir, m)  # architecture + model.init_from
-  m.dropout = 0.1
-  d.tokenizer, d.tokenizer_path = "pretrained", hf_dir
+  c = minilm_classifier_config(len(LABELS))
+  d, t, p = c.data, c.train, c.peft
   d.train = data_file("apps/banking77/train.tsv")
   d.dev = data_file("apps/banking77/dev.tsv")
   d.labels = ",".join(LABELS)
-  d.seq_len = 64
   t.batch_size, t.lr, p.trainable_extra = 32, *METHODS[method]
   p.method = method
-  p.rank, p.alpha, p.dropout = 8, 16.0, 0.1
-  t.schedule, t.min_lr_ratio = "warmup_linear", 0.0
-  t.weight_decay, t.b1, t.b2, t.grad_clip = 0.01, 0.9, 0.999, 1.0
-  t.log_every, t.keep_checkpoints = 50, 1
+  t.log_every = 50
   if shots:
     # 770 questions: 10 epochs at batch 16 (482 steps), few enough for one eval at the end
     d.per_label = parse_shots(shots)
@@ -102,5 +91,4 @@ def get_config(arg=None):
     t.steps, t.epochs = 0, 3.0
     t.warmup_steps = 50
     t.eval_every = t.ckpt_every = math.ceil(9000 / t.batch_size)
-  t.sample_tokens = 0  # an encoder does not generate
   return c

@@ -21,7 +21,6 @@ Run: lmos train --config configs/bert_sst2.py:lora --workdir runs/sst2_lora
 import math
 
 from lmos_jax.config.datadir import data_file
-from lmos_jax.config.schema import base_config
 
 # method -> (learning rate, params trained besides the PEFT ones). Houlsby et al. also
 # train the layer norms; every method trains the new classifier head.
@@ -50,34 +49,25 @@ def parse_budget(budget: str) -> int:
 
 
 def get_config(arg=None):
-  from lmos_jax.models.hf import apply_hf_model_config, minilm_dir
+  from lmos_jax.models.hf import minilm_classifier_config
 
   method, _, budget = (arg or "full").partition(",")
   if method not in METHODS:
     raise ValueError(f"bert_sst2.py:{method}: expected one of {', '.join(METHODS)}")
-  c = base_config()
-  c.task = "cls"
-  m, d, t, p = c.model, c.data, c.train, c.peft
-  m.num_labels = 2
-  hf_dir = str(minilm_dir())
-  apply_hf_model_config(hf_dir, m)  # architecture + model.init_from
-  m.dropout = 0.1
-  d.tokenizer, d.tokenizer_path = "pretrained", hf_dir
+  c = minilm_classifier_config(2)
+  d, t, p = c.data, c.train, c.peft
   d.train, d.dev = data_file("sst2/train.tsv"), data_file("sst2/dev.tsv")
   d.labels = "0,1"
-  d.seq_len = 64
   d.max_train = 1500
   t.batch_size = 16
   t.steps = math.ceil(d.max_train / t.batch_size)  # one epoch
   t.lr, p.trainable_extra = METHODS[method]
   p.method = method
-  p.rank, p.alpha, p.dropout = 8, 16.0, 0.1
   p.adapter_size = 64
   p.target_rank, p.t_init, p.t_final, p.delta_t = 4, 10, 20, 5
-  t.schedule, t.warmup_steps, t.min_lr_ratio = "warmup_linear", 10, 0.0
-  t.weight_decay, t.b1, t.b2, t.grad_clip = 0.01, 0.9, 0.999, 1.0
+  t.warmup_steps = 10
   t.eval_every = t.ckpt_every = t.steps
-  t.log_every, t.keep_checkpoints = 10, 1
+  t.log_every = 10
   if budget:
     d.max_train = parse_budget(budget)
     t.batch_size, t.log_every = 32, 50
@@ -88,5 +78,4 @@ def get_config(arg=None):
       t.steps, t.epochs = 0, 1.0
       t.eval_every = t.ckpt_every = 500
     t.warmup_steps = max(10, t.steps // 16) if t.steps else 100  # all: ~1/20 of 2105 steps
-  t.sample_tokens = 0  # an encoder does not generate
   return c

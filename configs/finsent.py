@@ -21,7 +21,6 @@ Run: lmos train --config configs/finsent.py:allagree --workdir runs/finsent
 import math
 
 from lmos_jax.config.datadir import data_file
-from lmos_jax.config.schema import base_config
 
 SUBSETS = {"allagree": 1807, "75agree": 2756}  # training rows, for the eval/checkpoint period
 # method -> (learning rate, epochs, params trained besides the PEFT ones)
@@ -33,7 +32,7 @@ BATCH = 32
 
 
 def get_config(arg=None):
-  from lmos_jax.models.hf import apply_hf_model_config, minilm_dir
+  from lmos_jax.models.hf import minilm_classifier_config
 
   parts = [s.strip() for s in (arg or "").split(",") if s.strip()]
   subset = next((s for s in parts if s in SUBSETS), "allagree")
@@ -42,32 +41,20 @@ def get_config(arg=None):
   if unknown:
     raise ValueError(f"finsent.py:{arg}: unknown {unknown[0]!r}; expected a subset "
                      f"({' | '.join(SUBSETS)}) and/or a method ({' | '.join(METHODS)})")
-  c = base_config()
-  c.task = "cls"
-  m, d, t, p = c.model, c.data, c.train, c.peft
-  m.num_labels = 3
-  hf_dir = str(minilm_dir())
-  apply_hf_model_config(hf_dir, m)  # architecture + model.init_from
-  m.dropout = 0.1
-  d.tokenizer, d.tokenizer_path = "pretrained", hf_dir
+  c = minilm_classifier_config(3)
+  d, t, p = c.data, c.train, c.peft
   d.train = data_file(f"apps/finphrasebank/{subset}/train.tsv")
   d.dev = data_file(f"apps/finphrasebank/{subset}/dev.tsv")
   d.labels = "negative,neutral,positive"
-  d.seq_len = 64
   d.max_train = 0
   t.batch_size = BATCH
   t.lr, t.epochs, p.trainable_extra = METHODS[method]
   t.steps = 0  # from train.epochs
   p.method = method
-  p.rank, p.alpha, p.dropout = 8, 16.0, 0.1
   if method == "lora":
     p.target_modules = r"(attn/(query|key|value|out)|mlp/(up|down))$"
   steps_per_epoch = math.ceil(SUBSETS[subset] / BATCH)
-  t.schedule, t.min_lr_ratio = "warmup_linear", 0.0
   t.warmup_steps = steps_per_epoch // 2
-  t.weight_decay, t.b1, t.b2, t.grad_clip = 0.01, 0.9, 0.999, 1.0
   # the dev set is evaluated at log steps that are eval steps: log once per epoch as well
   t.eval_every = t.ckpt_every = t.log_every = steps_per_epoch
-  t.keep_checkpoints = 1
-  t.sample_tokens = 0  # an encoder does not generate
   return c

@@ -698,6 +698,30 @@ def apply_hf_model_config(hf_dir: str | Path, model_cfg) -> HFSpec:
   return spec
 
 
+def minilm_classifier_config(num_labels: int):
+  """The config every MiniLM-L6 finetuning recipe (configs/bert_sst2.py, banking77.py,
+  finsent.py) starts from: task cls with `num_labels` classes on the pretrained encoder and
+  its tokenizer, seq len 64, dropout 0.1, AdamW (decay 0.01, betas 0.9/0.999, clip 1.0) with a
+  linear decay to 0, LoRA rank 8 / alpha 16 / dropout 0.1 when a recipe picks LoRA, one
+  checkpoint kept, no text sample. Each recipe sets its data, method, lr, steps and schedule."""
+  from lmos_jax.config.schema import base_config
+  c = base_config()
+  c.task = "cls"
+  m, d, t, p = c.model, c.data, c.train, c.peft
+  m.num_labels = num_labels
+  hf_dir = str(minilm_dir())
+  apply_hf_model_config(hf_dir, m)  # architecture + model.init_from
+  m.dropout = 0.1
+  d.tokenizer, d.tokenizer_path = "pretrained", hf_dir
+  d.seq_len = 64
+  p.rank, p.alpha, p.dropout = 8, 16.0, 0.1
+  t.schedule, t.min_lr_ratio = "warmup_linear", 0.0
+  t.weight_decay, t.b1, t.b2, t.grad_clip = 0.01, 0.9, 0.999, 1.0
+  t.keep_checkpoints = 1
+  t.sample_tokens = 0  # an encoder does not generate
+  return c
+
+
 def tensor_shapes(hf_dir) -> dict[str, tuple[int, ...]]:
   """Names and shapes of the checkpoint's tensors, reading no data."""
   from safetensors import safe_open
