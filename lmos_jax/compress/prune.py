@@ -49,20 +49,19 @@ def layerwise_masks(params: dict, layouts: Layouts, sparsity: float | Array) -> 
   return _per_kernel(fn, params, layouts)
 
 
-def global_masks(params: dict, layouts: Layouts, sparsity: float) -> dict:
-  """One magnitude threshold over all kernels together (layers end up unequally sparse)."""
-  mags = [np.abs(np.asarray(x)).reshape(-1) for p, x in _kernels(params, layouts)]
-  allm = np.concatenate(mags)
-  k = int(round(sparsity * allm.size))
-  if k == 0:
-    return layerwise_masks(params, layouts, 0.0)
-  order = np.argsort(allm, kind="stable")
-  keep = np.ones(allm.size, bool)
-  keep[order[:k]] = False
+def global_masks(params: dict, layouts: Layouts, sparsity: float | Array) -> dict:
+  """One magnitude threshold over all kernels together (layers end up unequally sparse).
+
+  Pure jnp (exact count, ties by position), so a training step can recompute it under jit
+  with a scheduled `sparsity`."""
+  kernels = _kernels(params, layouts)
+  mags = jnp.concatenate([jnp.abs(x).reshape(-1).astype(jnp.float32) for _, x in kernels])
+  k = jnp.round(sparsity * mags.size).astype(jnp.int32)
+  keep = _rank_keep(mags[None], k)[0]
   pieces, start = {}, 0
-  for (p, x), m in zip(_kernels(params, layouts), mags):
-    pieces[p] = keep[start:start + m.size].reshape(x.shape)
-    start += m.size
+  for p, x in kernels:
+    pieces[p] = keep[start:start + x.size].reshape(x.shape)
+    start += x.size
   return _per_kernel_by_path(pieces, params, layouts)
 
 
@@ -119,35 +118,50 @@ class PruningState(NamedTuple):
   count: Array
 
 
+def all_kept(params: dict, layouts: Layouts) -> dict:
+  """Masks that prune nothing (the state before the first scheduled prune)."""
+  return _per_kernel(lambda w, _: jnp.ones(w.shape, bool), params, layouts)
+
+
+MaskFn = Callable[[Any, Array], Any]  # (params with pruned weights zeroed, count) -> masks
+
+
 def masked_pruning(tx: optax.GradientTransformation, layouts: Layouts, *,
                    masks: Any | None = None,
                    schedule: Callable[[Array], Array] | None = None,
                    begin: int = 0, end: int = 0,
-                   update_every: int = 1) -> optax.GradientTransformation:
-  """Wraps `tx`: fixed `masks` (one-shot) and/or a sparsity `schedule` applied on
-  steps begin, begin+update_every, ... and end (layer-wise magnitude, monotone masks)."""
+                   update_every: int = 1,
+                   mask_fn: MaskFn | None = None) -> optax.GradientTransformation:
+  """Wraps `tx`: fixed `masks` (one-shot) and/or masks recomputed on updates begin,
+  begin+update_every, ... and end (counting the updates this transformation has applied).
+
+  The recomputed masks come from `mask_fn(params, count)`, or with a sparsity `schedule`
+  from the layer-wise magnitude rule; they are taken from the params the update starts
+  from (what a checkpoint at that step holds), ANDed with the old masks (monotone), and
+  applied to this update's gradients and result.
+  """
+  if mask_fn is None and schedule is not None:
+    mask_fn = lambda p, t: layerwise_masks(p, layouts, schedule(t))  # noqa: E731
 
   def init(params):
-    m = layerwise_masks(params, layouts, 0.0) if masks is None else masks
+    m = all_kept(params, layouts) if masks is None else masks
     return PruningState(tx.init(params), m, jnp.zeros((), jnp.int32))
 
   def update(grads, state, params=None):
     if params is None:
       raise ValueError("masked_pruning needs params in update() to re-mask them")
-    grads = apply_masks(grads, state.masks)
-    updates, inner = tx.update(grads, state.inner, params)
-    new_params = optax.apply_updates(params, updates)
     new_masks = state.masks
-    if schedule is not None:
+    if mask_fn is not None:
       t = state.count
       due = (t >= begin) & (t <= end) & (((t - begin) % update_every == 0) | (t == end))
 
       def recompute(_):
-        scored = apply_masks(new_params, state.masks)
-        fresh = layerwise_masks(scored, layouts, schedule(t))
+        fresh = mask_fn(apply_masks(params, state.masks), t)
         return jax.tree.map(jnp.logical_and, fresh, state.masks)
       new_masks = jax.lax.cond(due, recompute, lambda _: state.masks, None)
-    final = apply_masks(new_params, new_masks)
+    grads = apply_masks(grads, new_masks)
+    updates, inner = tx.update(grads, state.inner, params)
+    final = apply_masks(optax.apply_updates(params, updates), new_masks)
     updates = jax.tree.map(lambda f, p: (f - p).astype(p.dtype), final, params)
     return updates, PruningState(inner, new_masks, state.count + 1)
 
@@ -167,5 +181,6 @@ def sparsity_report(params: dict, layouts: Layouts) -> list[tuple[str, int, floa
 
 
 def total_sparsity(params: dict, layouts: Layouts) -> float:
+  """Share of all kernel weights that are exactly zero (weighted by each layer's size)."""
   rows = sparsity_report(params, layouts)
   return sum(n * s for _, n, s in rows) / max(sum(n for _, n, _ in rows), 1)

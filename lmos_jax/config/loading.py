@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from lmos_jax.config.schema import (CHOICES, MESH_AXES, SPEC_FIELDS, base_config,
-                                     default_t_final)
+                                     default_prune_end, default_t_final)
 from lmos_jax.errors import UserError
 
 
@@ -197,6 +197,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   _check_data(d, cfg.model.init_from)
   _check_encoder(cfg)
   _check_finetune(cfg)
+  _check_prune(cfg.prune, t.steps, cfg.peft.method)
+  _check_quant(cfg.quant, cfg.peft.method)
 
 
 def _check_checkpointing(t) -> None:
@@ -398,3 +400,51 @@ def _check_peft(p, total_steps: int) -> None:
     raise ConfigError(f"config 'peft.delta_t'={p.delta_t} must be positive")
   if not p.lambda_lr_scale > 0:
     raise ConfigError(f"config 'peft.lambda_lr_scale'={p.lambda_lr_scale} must be positive")
+
+
+def _check_prune(p, total_steps: int, peft_method: str) -> None:
+  """The prune block: the method's own knob in range, and a schedule that fits the steps."""
+  _choice("prune.method", p.method, CHOICES["prune.method"])
+  _choice("prune.schedule", p.schedule, CHOICES["prune.schedule"])
+  if p.method == "none":
+    return
+  if peft_method != "full":
+    raise ConfigError(f"config 'prune.method'={p.method!r} prunes the trained kernels and needs "
+                      f"'peft.method'='full' (got {peft_method!r}); prune the full model, or "
+                      "set prune.method=none")
+  if p.method in ("magnitude", "global") and not 0.0 <= p.sparsity < 1.0:
+    raise ConfigError(f"config 'prune.sparsity'={p.sparsity} must be in [0, 1) (the share of "
+                      "each kernel's weights set to zero), e.g. 0.5")
+  if p.method == "alpha" and not 0.0 < p.alpha <= 1.0:
+    raise ConfigError(f"config 'prune.alpha'={p.alpha} must be in (0, 1] (weights below "
+                      "alpha * max|W| of their layer are pruned), e.g. 0.1")
+  if p.method == "nm":
+    if not 0 < p.n < p.m:
+      raise ConfigError(f"config 'prune.n'={p.n} and 'prune.m'={p.m} must satisfy "
+                        "0 < n < m (n of every m inputs kept), e.g. 2 and 4")
+    if p.schedule != "oneshot":
+      raise ConfigError(f"config 'prune.schedule'={p.schedule!r}: N:M masks have no "
+                        "sparsity to ramp; set prune.schedule=oneshot with prune.method=nm")
+  if p.begin_step < 0 or p.update_every <= 0:
+    raise ConfigError(f"config 'prune.begin_step'={p.begin_step} must be >= 0 and "
+                      f"'prune.update_every'={p.update_every} positive")
+  if p.schedule == "oneshot" and p.begin_step >= total_steps:
+    raise ConfigError(f"config 'prune.begin_step'={p.begin_step} is not below train.steps="
+                      f"{total_steps}: a one-shot prune there would never happen")
+  if p.schedule == "gradual":
+    end = p.end_step or default_prune_end(total_steps)
+    if not p.begin_step < end <= total_steps:
+      raise ConfigError(f"config 'prune.end_step'={end} must be after 'prune.begin_step'="
+                        f"{p.begin_step} and at most train.steps={total_steps} (0: 80% of "
+                        "train.steps)")
+
+
+def _check_quant(q, peft_method: str) -> None:
+  """The quant block (QAT); whether group_size divides the kernels is checked by the step."""
+  _choice("quant.qat", q.qat, CHOICES["quant.qat"])
+  if q.group_size < 0:
+    raise ConfigError(f"config 'quant.group_size'={q.group_size} must be >= 0 (0: one scale "
+                      "per output channel)")
+  if q.qat != "none" and peft_method != "full":
+    raise ConfigError(f"config 'quant.qat'={q.qat!r} fake-quantizes the trained kernels and "
+                      f"needs 'peft.method'='full' (got {peft_method!r})")

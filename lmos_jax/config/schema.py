@@ -33,6 +33,9 @@ CHOICES = types.MappingProxyType({
     "train.nonfinite": ("skip", "stop"),
     "train.best_mode": ("min", "max"),
     "peft.method": ("full", "lora", "adapters", "adalora"),
+    "prune.method": ("none", "alpha", "magnitude", "global", "nm"),
+    "prune.schedule": ("oneshot", "gradual"),
+    "quant.qat": ("none", "int8", "int4"),
     "mesh.cpu_allocator": ("auto", "retain", "system"),
 })
 
@@ -47,6 +50,12 @@ SPEC_FIELDS = ("source", "path", "format", "text_field", "hf_name", "hf_config",
 def default_t_final(total_steps: int) -> int:
   """`peft.t_final`=0 means AdaLoRA's last 10% of the steps at the target budget."""
   return max(1, math.ceil(0.1 * total_steps))
+
+
+def default_prune_end(total_steps: int) -> int:
+  """`prune.end_step`=0 means gradual pruning ends at 80% of the steps: the last 20% train
+  the pruned network at its final sparsity (and lr) to recover."""
+  return max(1, int(0.8 * total_steps))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -185,6 +194,32 @@ def base_config() -> ml_collections.ConfigDict:
   # adalora: multiplier on the lambda (singular value) updates. With P, Q orthonormal, Adam's
   # lr-sized lambda steps change the update by ~lr, sqrt(width)x less than LoRA's B steps
   pf.lambda_lr_scale = 20.0
+
+  # Pruning while training (Dense kernels only): the masks live in the optimizer state, so
+  # checkpoints carry them and a resume continues the same masks.
+  c.prune = ml_collections.ConfigDict()
+  pr = c.prune
+  pr.method = "none"  # none | alpha (|W| >= alpha*max|W| per layer) | magnitude (per layer)
+  # | global (one threshold over all kernels) | nm (N of every M inputs kept)
+  pr.sparsity = 0.5  # magnitude/global: target share of zero weights, in [0, 1)
+  pr.alpha = 0.1  # alpha: keep |W| >= alpha * max|W| of each layer's kernel, in (0, 1]
+  pr.n = 2  # nm: weights kept ...
+  pr.m = 4  # ... in every run of M consecutive inputs (2:4 by default)
+  # oneshot: the masks are computed once, at begin_step, from the weights the step starts
+  # from (0: the first weights, e.g. those of model.init_from) | gradual: Zhu & Gupta's cubic
+  # ramp from 0 at begin_step to the target at end_step (alpha ramps alpha the same way;
+  # nm is oneshot only), masks recomputed every update_every steps, never unpruning a weight
+  pr.schedule = "gradual"
+  pr.begin_step = 0
+  pr.end_step = 0  # gradual: 0 is 80% of train.steps (the rest recovers at the target)
+  pr.update_every = 10
+
+  # Quantization-aware training: Dense kernels are fake-quantized (symmetric absmax) in every
+  # forward pass, eval included, with straight-through gradients; params stay float.
+  c.quant = ml_collections.ConfigDict()
+  c.quant.qat = "none"  # none | int8 | int4
+  c.quant.group_size = 0  # input weights per scale (must divide every kernel's input size);
+  # 0: one scale per output channel (int4 usually wants 32 to 128)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices left over

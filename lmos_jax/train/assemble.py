@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+from flax import nnx
 from jax.sharding import Mesh
 
 from lmos_jax.config.loading import ConfigError
@@ -19,7 +20,9 @@ from lmos_jax.peft import methods as peft
 from lmos_jax.train.losses import cls_loss, lm_loss, mlm_loss
 from lmos_jax.train.optim import make_optimizer, make_schedule
 from lmos_jax.train.precision import resolve_policy
-from lmos_jax.train.step import LossFn, StepConfig, train_state_layout
+from lmos_jax.train.sparse_quant import run_layouts, wants_kernels, with_pruning, with_qat
+from lmos_jax.train.step import (LossFn, StepConfig, abstract_model_state,
+                                 train_state_layout)
 
 
 class StepAssembly(NamedTuple):
@@ -44,7 +47,8 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int) -> StepAssembly:
   """The train step of `cfg` on `mesh` for a tokenizer of `vocab_size` ids.
 
   Frozen params (PEFT) get no gradients and no optimizer state; the lr the step reports is
-  the schedule the optimizer follows (built once).
+  the schedule the optimizer follows (built once). Pruning wraps the optimizer (its masks
+  are optimizer state, checkpointed with it); QAT wraps the loss (train and eval alike).
   """
   t = cfg.train
   policy = resolve_policy(t.precision, mesh.devices.flat[0].platform)
@@ -52,9 +56,15 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int) -> StepAssembly:
   trainable = peft.trainable_for(cfg.peft)
   schedule = make_schedule(t)
   tx = peft.peft_optimizer(make_optimizer(t, trainable, schedule), cfg.peft, t.steps)
+  loss_fn = peft.peft_loss(loss_for_task(cfg.task), cfg.peft)
+  if wants_kernels(cfg):
+    model_def, model_state = abstract_model_state(make_model)
+    params_like = nnx.to_pure_dict(model_state)
+    layouts = run_layouts(model_def, params_like)
+    tx = with_pruning(tx, cfg.prune, layouts, t.steps, params_like)
+    loss_fn = with_qat(loss_fn, cfg.quant, model_def, params_like, layouts)
   graphdef, init_fn, abstract, shardings = train_state_layout(make_model, tx, policy, mesh)
-  step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable,
-                        loss_fn=peft.peft_loss(loss_for_task(cfg.task), cfg.peft),
+  step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable, loss_fn=loss_fn,
                         policy=policy, microbatches=t.microbatches, l2=t.l2,
                         decay_embeddings=t.decay_embeddings,
                         decay_norms_and_biases=t.decay_norms_and_biases, schedule=schedule)
