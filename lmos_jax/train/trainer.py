@@ -41,6 +41,7 @@ from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteE
                                       NonFiniteMonitor, PreemptionGuard, abstract_like,
                                       check_writable, drop_metric_rows_after,
                                       restore_latest_good, state_nbytes)
+from lmos_jax.train.sparse_quant import run_layouts, sparsity_line
 from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_token
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
                                  stacked_batch_sharding)
@@ -402,9 +403,11 @@ def train_loop(run: Run, state: dict, start: int, train_fn, log: MetricLog,
 
 
 def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointer,
-           monitor: NonFiniteMonitor, clock: WallClock) -> None:
+           monitor: NonFiniteMonitor, clock: WallClock) -> dict[str, float]:
   """After the loop: the adapters file (PEFT), the non-finite stop, the preemption notice,
-  or the end-of-run sample."""
+  or the achieved sparsity (pruning) and the end-of-run sample.
+
+  Returns end-of-run figures for the run's last metrics ({"sparsity": s} when pruning)."""
   cfg, is_main = run.cfg, jax.process_index() == 0
   if run.trainable is not None and end.stopped_by is None:
     host = distributed.host_params(state["params"])  # a collective: every process
@@ -418,7 +421,10 @@ def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointe
     if is_main:
       print(f"lmos train: stopped by {end.stopped_by} at step {end.step}; checkpoint saved in "
             f"{ckpt.step_dir(end.saved_step)}. Rerun the same command to resume.", flush=True)
-    return
+    return {}
+  figures = {}
+  if cfg.prune.method != "none":
+    figures["sparsity"] = report_sparsity(run, state)
   t = cfg.train
   if t.sample_tokens > 0:
     with clock.measure("sample"):
@@ -426,6 +432,16 @@ def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointe
       if is_main:
         text = sample_text(run, host_params, t.sample_prompt, t.sample_tokens, cfg.seed)
         print("--- sample ---\n" + text + "\n--------------", flush=True)
+  return figures
+
+
+def report_sparsity(run: Run, state: dict) -> float:
+  """Prints (process 0) the share of exactly-zero weights over the pruned kernels."""
+  host = distributed.host_params(state["params"])  # a collective: every process
+  line, sparsity = sparsity_line(run.cfg.prune, host, run_layouts(run.graphdef, host))
+  if jax.process_index() == 0:
+    print(f"lmos train: {line}", flush=True)
+  return sparsity
 
 
 def train(cfg, workdir: str | Path) -> dict[str, Any]:
@@ -454,7 +470,7 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
   with clock.measure("checkpoint"):
     ckpt.close()  # waits: every save issued above is complete (or raised) from here on
   try:
-    finish(run, workdir, state, end, ckpt, monitor, clock)
+    log.last.update(finish(run, workdir, state, end, ckpt, monitor, clock))
   finally:
     report_wall_time(workdir, clock, end.step)
   return log.last
