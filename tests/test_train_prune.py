@@ -160,6 +160,7 @@ def test_qat_forward_is_the_model_with_fake_quantized_kernels():
     ("method", "bogus", r"'prune.method'='bogus': expected one of none, alpha"),
     ("alpha", 0.0, r"'prune.alpha'=0.0 must be in \(0, 1\]"),
     ("end_step", 99, r"'prune.end_step'=99 must be after"),
+    ("n", 4, r"'prune.n'=4 and 'prune.m'=4 must satisfy 0 < n < m"),
 ])
 def test_bad_prune_values_are_config_errors_naming_the_field(field, value, match):
   cfg = tiny_config()

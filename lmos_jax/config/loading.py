@@ -403,31 +403,32 @@ def _check_peft(p, total_steps: int) -> None:
 
 
 def _check_prune(p, total_steps: int, peft_method: str) -> None:
-  """The prune block: the method's own knob in range, and a schedule that fits the steps."""
+  """The prune block: every knob in its range (whatever the method, so a typo in an unused
+  one is caught too), the method's needs, and a schedule that fits the steps."""
   _choice("prune.method", p.method, CHOICES["prune.method"])
   _choice("prune.schedule", p.schedule, CHOICES["prune.schedule"])
+  if not 0.0 <= p.sparsity < 1.0:
+    raise ConfigError(f"config 'prune.sparsity'={p.sparsity} must be in [0, 1) (the share of "
+                      "each kernel's weights set to zero), e.g. 0.5")
+  if not 0.0 < p.alpha <= 1.0:
+    raise ConfigError(f"config 'prune.alpha'={p.alpha} must be in (0, 1] (weights below "
+                      "alpha * max|W| of their layer are pruned), e.g. 0.1")
+  if not 0 < p.n < p.m:
+    raise ConfigError(f"config 'prune.n'={p.n} and 'prune.m'={p.m} must satisfy 0 < n < m "
+                      "(n of every m inputs kept), e.g. 2 and 4")
+  if p.begin_step < 0 or p.end_step < 0 or p.update_every <= 0:
+    raise ConfigError(f"config 'prune.begin_step'={p.begin_step} and 'prune.end_step'="
+                      f"{p.end_step} must be >= 0 and 'prune.update_every'={p.update_every} "
+                      "positive")
   if p.method == "none":
     return
   if peft_method != "full":
     raise ConfigError(f"config 'prune.method'={p.method!r} prunes the trained kernels and needs "
                       f"'peft.method'='full' (got {peft_method!r}); prune the full model, or "
                       "set prune.method=none")
-  if p.method in ("magnitude", "global") and not 0.0 <= p.sparsity < 1.0:
-    raise ConfigError(f"config 'prune.sparsity'={p.sparsity} must be in [0, 1) (the share of "
-                      "each kernel's weights set to zero), e.g. 0.5")
-  if p.method == "alpha" and not 0.0 < p.alpha <= 1.0:
-    raise ConfigError(f"config 'prune.alpha'={p.alpha} must be in (0, 1] (weights below "
-                      "alpha * max|W| of their layer are pruned), e.g. 0.1")
-  if p.method == "nm":
-    if not 0 < p.n < p.m:
-      raise ConfigError(f"config 'prune.n'={p.n} and 'prune.m'={p.m} must satisfy "
-                        "0 < n < m (n of every m inputs kept), e.g. 2 and 4")
-    if p.schedule != "oneshot":
-      raise ConfigError(f"config 'prune.schedule'={p.schedule!r}: N:M masks have no "
-                        "sparsity to ramp; set prune.schedule=oneshot with prune.method=nm")
-  if p.begin_step < 0 or p.update_every <= 0:
-    raise ConfigError(f"config 'prune.begin_step'={p.begin_step} must be >= 0 and "
-                      f"'prune.update_every'={p.update_every} positive")
+  if p.method == "nm" and p.schedule != "oneshot":
+    raise ConfigError(f"config 'prune.schedule'={p.schedule!r}: N:M masks have no sparsity "
+                      "to ramp; set prune.schedule=oneshot with prune.method=nm")
   if p.schedule == "oneshot" and p.begin_step >= total_steps:
     raise ConfigError(f"config 'prune.begin_step'={p.begin_step} is not below train.steps="
                       f"{total_steps}: a one-shot prune there would never happen")

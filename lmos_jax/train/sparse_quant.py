@@ -5,6 +5,9 @@ masks are part of the optimizer state, so every checkpoint carries them and a re
 with the very masks (and schedule position) the run had. QAT wraps the task loss, so the
 train step and the eval step both see the fake-quantized kernels. `assemble_step` applies
 both, which keeps `lmos train` and `lmos plan` on one step.
+
+Pruning steps count the updates applied, like the optimizer's own count: a step skipped as
+non-finite (train.nonfinite=skip) does not advance the schedule.
 """
 
 from __future__ import annotations
@@ -110,6 +113,23 @@ def run_layouts(graphdef: Any, abstract_params: dict) -> Layouts:
   except ValueError as e:
     raise ConfigError(f"config 'prune'/'quant': {e}; set prune.method=none and "
                       "quant.qat=none") from None
+
+
+def setup_line(cfg) -> str:
+  """What the run prunes and quantizes, and when, in one line (printed at the start)."""
+  p, parts = cfg.prune, []
+  if p.method != "none":
+    target = {"alpha": f"alpha={p.alpha}", "nm": f"{p.n}:{p.m}",
+              "magnitude": f"sparsity {p.sparsity:g} per layer",
+              "global": f"sparsity {p.sparsity:g} over all kernels"}[p.method]
+    begin, end = prune_window(p, cfg.train.steps)
+    when = (f"at step {begin}" if p.schedule == "oneshot" else
+            f"cubic from step {begin} to {end}, every {p.update_every}")
+    parts.append(f"prune.method={p.method}: {target}, {when}")
+  if cfg.quant.qat != "none":
+    groups = cfg.quant.group_size or "per output channel"
+    parts.append(f"quant.qat={cfg.quant.qat}: fake-quantized kernels (groups {groups})")
+  return "; ".join(parts)
 
 
 def sparsity_line(p, params: dict, layouts: Layouts) -> tuple[str, float]:

@@ -41,8 +41,8 @@ from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteE
                                       NonFiniteMonitor, PreemptionGuard, abstract_like,
                                       check_writable, drop_metric_rows_after,
                                       restore_latest_good, state_nbytes)
-from lmos_jax.train.sparse_quant import run_layouts, sparsity_line
 from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_token
+from lmos_jax.train.sparse_quant import run_layouts, setup_line, sparsity_line, wants_kernels
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
                                  stacked_batch_sharding)
 from lmos_jax.train.tracking import Tracker, check_tracking
@@ -496,6 +496,8 @@ def announce(run: Run, start: int, log: MetricLog) -> None:
         f"{'resuming at step ' + str(start) if start else 'fresh start'}", flush=True)
   print(f"lmos train: peft.method={run.cfg.peft.method}: "
         f"{trainable_report(run.abstract_state['params'], run.trainable)}", flush=True)
+  if wants_kernels(run.cfg):
+    print(f"lmos train: {setup_line(run.cfg)}", flush=True)
 
 
 def model_tcfg(run: Run):
