@@ -99,6 +99,10 @@ def test_resume_after_the_ramp_is_bit_identical(gradual, tmp_path):
   shutil.rmtree(resumed / "checkpoints" / "8")  # newest left: step 6, masks final since 4
   mid = restored(cfg, resumed, 6)
   assert not all(np.all(m) for m in jax.tree.leaves(mid["opt_state"].masks))
+  other = gradual_config()
+  other.prune.sparsity = 0.6
+  with pytest.raises(ConfigError, match=r"other pruning settings \(changed: prune.sparsity\)"):
+    trainer.train(other, resumed)  # refused from the metadata: the masks belong to 0.5
   trainer.train(gradual_config(), resumed)
   assert_trees_equal(restored(cfg, resumed, 8), restored(cfg, workdir, 8))
 

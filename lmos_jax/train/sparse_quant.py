@@ -54,9 +54,10 @@ def check_divides(field: str, size: int, in_sizes: dict[str, int]) -> None:
   bad = {name: n for name, n in in_sizes.items() if size and n % size}
   if bad:
     name, n = next(iter(bad.items()))
+    sizes = ", ".join(map(str, sorted(set(in_sizes.values()))))
     raise ConfigError(f"config {field!r}={size} does not divide the input size {n} of "
                       f"{name} ({len(bad)} kernel(s) in all); use a divisor of every "
-                      f"kernel's input size ({', '.join(map(str, sorted(set(in_sizes.values()))))})")
+                      f"kernel's input size ({sizes})")
 
 
 def prune_window(p, total_steps: int) -> tuple[int, int]:

@@ -191,6 +191,15 @@ def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
       raise ConfigError(f"--workdir={ckpt.workdir} holds a checkpoint (step {step}) of a "
                         f"different model (changed: {', '.join('model.' + k for k in changed)})"
                         "; use a fresh --workdir or the original model settings")
+    saved_prune = json.loads(meta.get("config", "{}")).get("prune")
+    now_prune = json.loads(run.cfg.to_json())["prune"]
+    if saved_prune is not None and saved_prune != now_prune:  # its masks are optimizer state
+      changed = sorted(k for k in set(saved_prune) | set(now_prune)
+                       if saved_prune.get(k) != now_prune.get(k))
+      raise ConfigError(f"--workdir={ckpt.workdir} holds a checkpoint (step {step}) trained "
+                        f"with other pruning settings (changed: "
+                        f"{', '.join('prune.' + k for k in changed)}); resume with the "
+                        "original prune settings or use a fresh --workdir")
     restore_data_state(run.data, meta.get("data_state"), step)  # same data, same position
 
   step, state, meta = restore_latest_good(
