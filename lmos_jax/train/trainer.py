@@ -23,6 +23,7 @@ from flax import nnx
 import lmos_jax
 from lmos_jax.config.loading import ConfigError, validate
 from lmos_jax.config.plan_file import apply_plan
+from lmos_jax.config.schema import base_config
 from lmos_jax.data.build import build_data
 from lmos_jax.data.encoder import MLMData, build_cls_data, resolve_epochs
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
@@ -191,15 +192,11 @@ def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
       raise ConfigError(f"--workdir={ckpt.workdir} holds a checkpoint (step {step}) of a "
                         f"different model (changed: {', '.join('model.' + k for k in changed)})"
                         "; use a fresh --workdir or the original model settings")
-    saved_prune = json.loads(meta.get("config", "{}")).get("prune")
-    now_prune = json.loads(run.cfg.to_json())["prune"]
-    if saved_prune is not None and saved_prune != now_prune:  # its masks are optimizer state
-      changed = sorted(k for k in set(saved_prune) | set(now_prune)
-                       if saved_prune.get(k) != now_prune.get(k))
+    changed = pruning_changes(json.loads(meta.get("config", "{}")), json.loads(run.cfg.to_json()))
+    if changed:
       raise ConfigError(f"--workdir={ckpt.workdir} holds a checkpoint (step {step}) trained "
-                        f"with other pruning settings (changed: "
-                        f"{', '.join('prune.' + k for k in changed)}); resume with the "
-                        "original prune settings or use a fresh --workdir")
+                        f"with other pruning settings (changed: {', '.join(changed)}); resume "
+                        "with the original prune settings or use a fresh --workdir")
     restore_data_state(run.data, meta.get("data_state"), step)  # same data, same position
 
   step, state, meta = restore_latest_good(
@@ -211,6 +208,19 @@ def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
       state = pretrained_train_state(run.cfg, state, run.shardings, run.step_cfg.tx, run.mesh)
     return state, {}
   return state, meta
+
+
+def pruning_changes(saved: dict, now: dict) -> list[str]:
+  """The prune fields a resume would change ([] when it may resume).
+
+  The masks and the pruning schedule's position are optimizer state, so a pruned run
+  resumes with its own settings only; runs that both prune nothing may differ in unused
+  knobs. A saved config without the block (older runs) pruned nothing: the defaults."""
+  before = saved.get("prune") or json.loads(base_config().to_json())["prune"]
+  after = now["prune"]
+  if before.get("method") == after["method"] == "none":
+    return []
+  return sorted(f"prune.{k}" for k in set(before) | set(after) if before.get(k) != after.get(k))
 
 
 def first_step(state: dict, steps_per_call: int) -> int:
