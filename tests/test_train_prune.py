@@ -184,3 +184,16 @@ def test_bad_quant_and_nm_group_sizes_are_config_errors():
   validate(cfg, 8)
   with pytest.raises(ConfigError, match=r"'prune.m'=3 does not divide the input size 32"):
     assemble_step(cfg, make_mesh((1, 1, 1), jax.devices()[:1]), VOCAB)
+
+
+def test_pruning_changes_allow_only_the_same_pruning_on_resume():
+  now = json.loads(gradual_config().to_json())
+  assert trainer.pruning_changes(now, now) == []
+  unpruned = json.loads(tiny_config().to_json())
+  older = {k: v for k, v in unpruned.items() if k != "prune"}  # saved before the block
+  assert trainer.pruning_changes(older, unpruned) == []
+  assert trainer.pruning_changes(older, now) == ["prune.end_step", "prune.method",
+                                                  "prune.update_every"]
+  knob = json.loads(tiny_config().to_json())
+  knob["prune"]["sparsity"] = 0.9  # an unused knob of a run that prunes nothing
+  assert trainer.pruning_changes(unpruned, knob) == []
