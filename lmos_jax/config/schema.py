@@ -210,6 +210,8 @@ def base_config() -> ml_collections.ConfigDict:
   # ramp from 0 at begin_step to the target at end_step (alpha ramps alpha the same way;
   # nm is oneshot only), masks recomputed every update_every steps, never unpruning a weight
   pr.schedule = "gradual"
+  # gradual from scratch: begin once the weights have structure (e.g. a third of the steps);
+  # at 0 the first masks follow the random init's magnitudes
   pr.begin_step = 0
   pr.end_step = 0  # gradual: 0 is 80% of train.steps (the rest recovers at the target)
   pr.update_every = 10
