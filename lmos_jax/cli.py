@@ -23,6 +23,7 @@ COMMANDS = {
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),
     "serve": ("lmos_jax.serve.server", "serve a workdir over HTTP (classify, answer, generate)"),
     "monitor": ("lmos_jax.apps.monitor", "opinion trends and negative surges in a text stream"),
+    "recommend": ("lmos_jax.inference.recommend", "rank items for users from their histories"),
 }
 
 

@@ -36,6 +36,7 @@ from lmos_jax.errors import UserError
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 LABELS = "labels.json"
+ITEMS = "items.json"  # task rec: the item catalogue (ids, texts, training counts)
 CHECKPOINTS = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"  # bad steps are moved here, never deleted
 STATE_ITEM = "state"  # the orbax item of a step holding {step, params, opt_state, rng}
@@ -47,7 +48,8 @@ HF_CONFIG = "hf_config.json"
 HF_TOKENIZER = "hf_tokenizer"
 WALL_TIME = "wall_time.jsonl"  # one row per `lmos train` invocation: where its wall time went
 # What makes a directory a run: `lmos convert --from-hf` refuses to write over any of these.
-RUN_FILES = (CONFIG, TOKENIZER, LABELS, CHECKPOINTS, ADAPTERS, PARAMS, HF_CONFIG, HF_TOKENIZER)
+RUN_FILES = (CONFIG, TOKENIZER, LABELS, ITEMS, CHECKPOINTS, ADAPTERS, PARAMS, HF_CONFIG,
+             HF_TOKENIZER)
 
 
 class CheckpointError(RuntimeError):
@@ -143,6 +145,25 @@ def label_names(workdir: str | Path) -> list[str]:
       return [str(id2label[k]) for k in sorted(id2label, key=int)]
   raise UserError(f"--workdir {workdir}: no {LABELS}; it is written when `lmos train` "
                   "finetunes a classifier (config task='cls')")
+
+
+def write_items(workdir: str | Path, catalogue) -> Path:
+  path = Path(workdir) / ITEMS
+  path.write_text(json.dumps(catalogue.describe()))
+  return path
+
+
+def read_items(workdir: str | Path):
+  """A recommender's item catalogue (data.interactions.Catalogue), as `lmos train` saw it."""
+  from lmos_jax.data.interactions import Catalogue
+  path = Path(workdir) / ITEMS
+  if not path.is_file():
+    raise UserError(f"--workdir {workdir}: no {ITEMS}; it is written when `lmos train` "
+                    "trains a recommender (config task='rec')")
+  try:
+    return Catalogue.from_info(json.loads(path.read_text()))
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{path}: not an item catalogue ({e}); retrain or restore the file") from None
 
 
 # ---------------------------------------------------------------- the model

@@ -71,6 +71,24 @@ def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
 
 
 
+def tiny_bert_hf_dir(path, num_labels: int = 0, seed: int = 3):
+  """A Hugging Face folder of a tiny random BERT (2 layers of width 32, weights drawn wide:
+  init_std 0.5) with MiniLM's tokenizer: a classifier for `num_labels` > 0, else a bare
+  encoder. ~1 s; what tests use where a real encoder would be slow."""
+  from flax import nnx
+  from lmos_jax.models.bert import BERT
+  from lmos_jax.models.hf import copy_tokenizer, minilm_dir, save_hf, spec_from_lmos_config
+  m = base_config().model
+  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff, m.max_seq_len = "bert", 2, 2, 32, 64, 64
+  m.vocab_size, m.norm_eps, m.mlp = 30522, 1e-12, "gelu_exact"
+  m.head, m.num_labels, m.init_std = ("cls" if num_labels else "none"), num_labels, 0.5
+  spec = spec_from_lmos_config(m, 30522)
+  params = nnx.to_pure_dict(nnx.split(BERT(spec.tcfg, head=m.head, rngs=nnx.Rngs(seed)))[1])
+  hf = save_hf(spec, params, path)
+  copy_tokenizer(minilm_dir(), hf)
+  return hf
+
+
 def tiny_classifier_workdir(root, labels: list[str], seq_len: int = 48, buckets: str = "auto",
                             seed: int = 3):
   """A tiny random BERT classifier (MiniLM's tokenizer, 2 layers of width 32) made a workdir
@@ -79,20 +97,9 @@ def tiny_classifier_workdir(root, labels: list[str], seq_len: int = 48, buckets:
   import json
   from pathlib import Path
 
-  from flax import nnx
-
   from lmos_jax.convert import from_hf_to_workdir
-  from lmos_jax.models.bert import BERT
-  from lmos_jax.models.hf import copy_tokenizer, minilm_dir, save_hf, spec_from_lmos_config
   root = Path(root)
-  m = base_config().model
-  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff, m.max_seq_len = "bert", 2, 2, 32, 64, 64
-  m.vocab_size, m.norm_eps, m.mlp, m.head = 30522, 1e-12, "gelu_exact", "cls"
-  m.num_labels, m.init_std = len(labels), 0.5
-  spec = spec_from_lmos_config(m, 30522)
-  params = nnx.to_pure_dict(nnx.split(BERT(spec.tcfg, head="cls", rngs=nnx.Rngs(seed)))[1])
-  hf = save_hf(spec, params, root / "hf")
-  copy_tokenizer(minilm_dir(), hf)
+  hf = tiny_bert_hf_dir(root / "hf", len(labels), seed)
   wd, _ = from_hf_to_workdir(hf, root / "wd")
   (wd / "labels.json").write_text(json.dumps(labels))
   saved = json.loads((wd / "config.json").read_text())

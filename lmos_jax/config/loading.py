@@ -373,7 +373,28 @@ def _check_finetune(cfg) -> None:
   if cfg.task == "cls" and d.tokenizer != "pretrained":
     raise ConfigError("config 'task'='cls' needs 'data.tokenizer'='pretrained' with "
                       "'data.tokenizer_path' holding a tokenizer.json (a BERT vocabulary)")
+  _check_rec(cfg)
   _check_peft(cfg.peft, cfg.train.steps)
+
+
+def _check_rec(cfg) -> None:
+  """task 'rec' and the recommender's model: each needs the other, and its data files."""
+  m, d = cfg.model, cfg.data
+  if (cfg.task == "rec") != (m.arch == "rec"):
+    raise ConfigError(f"config 'task'={cfg.task!r} with 'model.arch'={m.arch!r}: the "
+                      "recommender (model.arch 'rec') is trained by task 'rec' and only by it")
+  if cfg.task != "rec":
+    return
+  _choice("model.item_repr", m.item_repr, CHOICES["model.item_repr"])
+  if not d.catalogue or not d.train:
+    raise ConfigError("config 'task'='rec' needs 'data.catalogue' (item<TAB>title<TAB>genres) "
+                      "and 'data.train' (user<TAB>item<TAB>timestamp)")
+  if cfg.train.sample_tokens:
+    raise ConfigError("config 'train.sample_tokens' must be 0 for task 'rec' (a recommender "
+                      "ranks items; it writes no text)")
+  if cfg.peft.method != "full":
+    raise ConfigError(f"config 'peft.method'={cfg.peft.method!r}: task 'rec' trains its "
+                      "small model in full (the text encoder is frozen); set peft.method=full")
 
 
 def _check_peft(p, total_steps: int) -> None:

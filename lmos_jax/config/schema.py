@@ -14,8 +14,9 @@ import ml_collections
 # The allowed values of every enumerated field, declared once: `validate` checks them and the
 # code that dispatches on a field reads its tuple from here.
 CHOICES = types.MappingProxyType({
-    "task": ("lm", "cls", "mlm"),
-    "model.arch": ("gpt", "bert"),
+    "task": ("lm", "cls", "mlm", "rec"),
+    "model.arch": ("gpt", "bert", "rec"),
+    "model.item_repr": ("id", "text", "hybrid"),
     "model.head": ("auto", "mlm", "cls", "none"),
     "model.pos_emb": ("learned", "rope", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
@@ -61,7 +62,8 @@ def default_prune_end(total_steps: int) -> int:
 def base_config() -> ml_collections.ConfigDict:
   """Defaults for a tiny decoder trained on the embedded corpus."""
   c = ml_collections.ConfigDict()
-  c.task = "lm"  # lm (decoder pretraining) | cls (sequence classification) | mlm
+  # lm (decoder pretraining) | cls (sequence classification) | mlm | rec (next item)
+  c.task = "lm"
   c.seed = 0
   c.plan = ""  # a plan.json of `lmos plan/tune --write`: its overrides apply at the start
 
@@ -93,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Weights to start from: a Hugging Face dir (config.json + *.safetensors) or an lmos
   # workdir (its latest params); heads the source lacks (pooler, classifier) start fresh
   m.init_from = ""
+  # arch rec (task rec): items represented by id | text (a frozen sentence encoder's vectors
+  # of each item's text through a trained projection) | hybrid (both, summed)
+  m.item_repr = "id"
+  m.text_encoder = ""  # rec text/hybrid: a Hugging Face encoder folder; empty: MiniLM-L6
+  m.text_dim = 0  # rec text/hybrid: the encoder's width (0: taken from the encoder)
 
   c.data = ml_collections.ConfigDict()
   d = c.data
@@ -129,10 +136,15 @@ def base_config() -> ml_collections.ConfigDict:
   d.labels = ""  # comma-separated label set; empty: sorted distinct labels of data.train
   d.max_train = 0  # use the first N training rows (0: all)
   d.per_label = 0  # cls: N training rows per label, drawn with config 'seed' (0: all)
-  # cls: batches are cut to the narrowest of these widths holding their longest row (exact:
-  # only padding is cut). auto (16, 24, 32, 48, 64, 96, ... up to seq_len) | off | '16,32,64'
+  # cls, rec: batches are cut to the narrowest of these widths holding their longest row
+  # (exact: only padding is cut). auto (16, 24, 32, 48, 64, 96, ... up to seq_len) | off |
+  # '16,32,64'
   d.buckets = "auto"
-  d.sort_window = 64  # cls: rows grouped by length within windows of this many batches; 0: off
+  d.sort_window = 64  # cls, rec: rows grouped by length within windows of this many batches
+  # (0: off)
+  # task=rec: data.train holds interactions (user<TAB>item<TAB>timestamp), data.dev each
+  # user's held-out next item (user<TAB>item), and this the items (item<TAB>title<TAB>genres)
+  d.catalogue = ""
 
   c.train = ml_collections.ConfigDict()
   t = c.train

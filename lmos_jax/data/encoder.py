@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -323,6 +323,36 @@ def sorted_windows(order: np.ndarray, lengths: np.ndarray, batch_size: int, wind
   return out
 
 
+def local_rows(batch: dict[str, np.ndarray], process_index: int, process_count: int
+               ) -> dict[str, np.ndarray]:
+  """This process's equal share of a global batch's rows."""
+  per = len(next(iter(batch.values()))) // process_count
+  lo = process_index * per
+  return {k: v[lo:lo + per] for k, v in batch.items()}
+
+
+def cut_to_fit(batch: dict[str, np.ndarray], lengths: np.ndarray, widths: Sequence[int]
+               ) -> dict[str, np.ndarray]:
+  """The global batch cut to the narrowest of `widths` holding its longest row (unchanged
+  for no widths); every process cuts to the same width, from all the rows' lengths."""
+  if not widths:
+    return batch
+  return cut_to_width(batch, fit_width(int(lengths.max()), widths))
+
+
+def rows_for_step(step: int, batch_size: int, n: int,
+                  epoch_order: Callable[[int], np.ndarray]) -> np.ndarray:
+  """Global row indices of step's batch of `batch_size` from `n` rows visited in
+  `epoch_order(epoch)` (a batch may straddle two epochs): a pure function of the step."""
+  pos = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs = pos // n
+  out = np.empty_like(pos)
+  for e in np.unique(epochs):
+    sel = epochs == e
+    out[sel] = epoch_order(int(e))[pos[sel] % n]
+  return out
+
+
 def count_tsv_rows(path: str, field: str = "data.train") -> int:
   """Data rows of a TSV file as `read_tsv` counts them (non-blank lines after the header),
   without parsing: `train.epochs` turns into steps before the data are built."""
@@ -385,15 +415,10 @@ class ClassificationData:
     return len(self.train["labels"])
 
   def _local(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    per = self.batch_size // self.process_count
-    lo = self.process_index * per
-    return {k: v[lo:lo + per] for k, v in batch.items()}
+    return local_rows(batch, self.process_index, self.process_count)
 
   def _cut(self, batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """Every process cuts the global batch to the same width (from all its rows' lengths)."""
-    if not self.widths:
-      return batch
-    return cut_to_width(batch, fit_width(int(lengths.max()), self.widths))
+    return cut_to_fit(batch, lengths, self.widths)
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s row order: a fresh permutation seeded by (seed, epoch), grouped by
@@ -406,15 +431,7 @@ class ClassificationData:
     return self._epoch_cache[epoch]
 
   def rows_for_step(self, step: int) -> np.ndarray:
-    """Global row indices of step's batch (a batch may straddle two epochs)."""
-    n = self.num_train
-    pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-    epochs = pos // n
-    out = np.empty_like(pos)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      out[sel] = self.epoch_order(int(e))[pos[sel] % n]
-    return out
+    return rows_for_step(step, self.batch_size, self.num_train, self.epoch_order)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     idx = self.rows_for_step(step)

@@ -14,6 +14,7 @@ import numpy as np
 
 from lmos_jax.data.build import data_tokenizer, source_specs
 from lmos_jax.data.encoder import cls_tokenizer, with_mask_token
+from lmos_jax.data.interactions import read_catalogue
 
 
 class ArraySpec(NamedTuple):
@@ -37,7 +38,7 @@ def batch_spec(cfg) -> dict[str, ArraySpec]:
                    and len(source_specs(d)) == 1)
   if cfg.task == "lm" and single_random:  # windows of one stream: every position scores
     return {"inputs": ids, "targets": ids}
-  return {"inputs": ids, "targets": ids, "weights": weights}  # windows, mixtures, mlm
+  return {"inputs": ids, "targets": ids, "weights": weights}  # windows, mixtures, mlm, rec
 
 
 def vocab_size(cfg, workdir=None) -> int:
@@ -46,6 +47,8 @@ def vocab_size(cfg, workdir=None) -> int:
   Fixed by the tokenizer kind or read from its file; the documents are read only when the
   vocabulary depends on them (see `data.build.data_tokenizer`).
   """
+  if cfg.task == "rec":  # item rows: the catalogue's items plus padding
+    return read_catalogue(cfg.data.catalogue).vocab_size
   tok = cls_tokenizer(cfg) if cfg.task == "cls" else data_tokenizer(cfg, workdir)
   if cfg.task == "mlm":
     tok, _ = with_mask_token(tok)

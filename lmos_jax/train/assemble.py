@@ -36,24 +36,37 @@ class StepAssembly(NamedTuple):
 
 
 def loss_for_task(task: str) -> LossFn:
-  """The loss of config 'task': next-token, masked-token or sequence-classification."""
-  losses = {"lm": lm_loss, "mlm": mlm_loss, "cls": cls_loss}
+  """The loss of config 'task': next-token (or next-item), masked-token or
+  sequence-classification."""
+  # rec: the recommender's logits are over items, and the next item is the target
+  losses = {"lm": lm_loss, "mlm": mlm_loss, "cls": cls_loss, "rec": lm_loss}
   if task not in losses:
     raise ConfigError(f"config 'task'={task!r}: expected one of {', '.join(CHOICES['task'])}")
   return losses[task]
 
 
-def assemble_step(cfg, mesh: Mesh, vocab_size: int) -> StepAssembly:
-  """The train step of `cfg` on `mesh` for a tokenizer of `vocab_size` ids.
+def trainable_for(cfg) -> Callable[[tuple[str, ...]], bool] | None:
+  """Which params train: PEFT's choice, and never the recommender's frozen text vectors."""
+  trainable = peft.trainable_for(cfg.peft)
+  if cfg.model.arch != "rec" or cfg.model.item_repr == "id":
+    return trainable
+  from lmos_jax.models.rec import FROZEN
+  return lambda names: FROZEN not in names and (trainable is None or trainable(names))
 
-  Frozen params (PEFT) get no gradients and no optimizer state; the lr the step reports is
-  the schedule the optimizer follows (built once). Pruning wraps the optimizer (its masks
-  are optimizer state, checkpointed with it); QAT wraps the loss (train and eval alike).
+
+def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssembly:
+  """The train step of `cfg` on `mesh` for a tokenizer of `vocab_size` ids (task rec: item
+  rows, with `item_text` the encoder's item vectors; None plans with zeros of their shape).
+
+  Frozen params (PEFT, the recommender's text vectors) get no gradients and no optimizer
+  state; the lr the step reports is the schedule the optimizer follows (built once). Pruning
+  wraps the optimizer (its masks are optimizer state, checkpointed with it); QAT wraps the
+  loss (train and eval alike).
   """
   t = cfg.train
   policy = resolve_policy(t.precision, mesh.devices.flat[0].platform)
-  make_model = peft.wrap_factory(model_factory(cfg.model, vocab_size), cfg.peft)
-  trainable = peft.trainable_for(cfg.peft)
+  make_model = peft.wrap_factory(model_factory(cfg.model, vocab_size, item_text), cfg.peft)
+  trainable = trainable_for(cfg)
   schedule = make_schedule(t)
   tx = peft.peft_optimizer(make_optimizer(t, trainable, schedule), cfg.peft, t.steps)
   loss_fn = peft.peft_loss(loss_for_task(cfg.task), cfg.peft)

@@ -26,6 +26,7 @@ from lmos_jax.config.plan_file import apply_plan
 from lmos_jax.config.schema import base_config
 from lmos_jax.data.build import build_data
 from lmos_jax.data.encoder import MLMData, build_cls_data, resolve_epochs
+from lmos_jax.data.interactions import build_rec_data
 from lmos_jax.data.stream import batch_stream, data_state, restore_data_state
 from lmos_jax.data.tokenizer import check_vocab
 from lmos_jax.errors import UserError
@@ -49,7 +50,8 @@ from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
 from lmos_jax.train.tracking import Tracker, check_tracking
 from lmos_jax.train.wallclock import WallClock
 from lmos_jax.train.wallclock import describe as describe_wall
-from lmos_jax.workdir import WALL_TIME, write_config, write_labels, write_tokenizer
+from lmos_jax.workdir import (WALL_TIME, write_config, write_items, write_labels,
+                              write_tokenizer)
 
 
 @dataclasses.dataclass
@@ -99,7 +101,10 @@ def host_setup_line(cfg, cpu_devices: int | None, retained: bool) -> str:
 
 
 def build_task_data(cfg, workdir=None):
-  """This host's data for `cfg.task`: LM windows, MLM-masked windows or TSV classes."""
+  """This host's data for `cfg.task`: LM windows, MLM-masked windows, TSV classes or users'
+  item histories."""
+  if cfg.task == "rec":
+    return build_rec_data(cfg, jax.process_index(), jax.process_count())
   if cfg.task == "cls":  # sentence(-pair) classification from TSV files
     return build_cls_data(cfg, jax.process_index(), jax.process_count())
   data = build_data(cfg, jax.process_index(), jax.process_count(), workdir)  # BPE cache
@@ -116,9 +121,24 @@ def build_run(cfg, devices=None, workdir=None) -> Run:
   data = build_task_data(cfg, workdir)
   check_vocab(data.tokenizer, cfg.model.vocab_size)  # every id needs an embedding row
   mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices)
-  step = assemble_step(cfg, mesh, data.tokenizer.vocab_size)
+  step = assemble_step(cfg, mesh, data.tokenizer.vocab_size, item_text_for(cfg, data))
   return Run(cfg, mesh, data, step.graphdef, step.init_fn, step.abstract, step.shardings,
              step.step_cfg, count_params(step.abstract["params"]), step.step_cfg.trainable)
+
+
+def item_text_for(cfg, data) -> np.ndarray | None:
+  """Task rec with text: the encoder's vectors of every catalogue item (rows 1..N; row 0
+  padding), computed once per run; sets model.text_dim to the encoder's width."""
+  if cfg.task != "rec" or cfg.model.item_repr == "id":
+    return None
+  from lmos_jax.models.hf import minilm_dir
+  from lmos_jax.models.rec import item_text_table
+  table = item_text_table(cfg.model.text_encoder or str(minilm_dir()), data.catalogue.texts)
+  if cfg.model.text_dim not in (0, table.shape[1]):
+    raise ConfigError(f"config 'model.text_dim'={cfg.model.text_dim} but the encoder "
+                      f"gives {table.shape[1]}-wide vectors; set it to 0 or {table.shape[1]}")
+  cfg.model.text_dim = table.shape[1]
+  return table
 
 
 def jit_steps(run: Run):
@@ -249,6 +269,9 @@ def save_side_files(run: Run, workdir: Path) -> None:
   if jax.process_index() != 0:
     return
   write_config(workdir, run.cfg)
+  if run.cfg.task == "rec":  # the catalogue: item ids, texts and training counts
+    write_items(workdir, run.data.catalogue)
+    return
   write_tokenizer(workdir, run.data.tokenizer)
   if hasattr(run.data, "label_set"):  # classification: names for `lmos predict`
     write_labels(workdir, run.data.label_set)
@@ -428,7 +451,7 @@ def finish(run: Run, workdir: Path, state: dict, end: LoopEnd, ckpt: Checkpointe
 
   Returns end-of-run figures for the run's last metrics ({"sparsity": s} when pruning)."""
   cfg, is_main = run.cfg, jax.process_index() == 0
-  if run.trainable is not None and end.stopped_by is None:
+  if cfg.peft.method != "full" and end.stopped_by is None:
     host = distributed.host_params(state["params"])  # a collective: every process
     if is_main:  # adapters (+ head) only: applied on top of model.init_from at load
       save_adapters(str(workdir / "adapters.safetensors"), host, run.trainable,
