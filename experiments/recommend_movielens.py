@@ -9,8 +9,10 @@ code `lmos recommend` uses (lmos_jax.inference.recommend): the history is the tr
 interactions, and the dev film is ranked
   - among itself + the user's 100 sampled negatives (dev_negatives.tsv; HR@10, NDCG@10), and
   - among every film outside the user's history ("full": HR@10, NDCG@10),
-for all 943 users and for the users whose dev film has fewer than 5 training interactions
-("cold"; few on this split, so their figures are noisy). Ties count against the target.
+for all 943 users, for the users whose dev film has fewer than 5 training interactions
+("cold"; few on this split, so their figures are noisy) and fewer than 20 ("rare"). Ties
+count against the target. With --reuse, variants whose workdir exists are scored without
+training again (their wall time read from the workdir's wall_time.jsonl).
 
 Run: python3 experiments/recommend_movielens.py [--variants seq,text,hybrid] [--out DIR]
      [--data DIR] [--set train.steps=300 ...]
@@ -31,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 COLD = 5  # a dev film with fewer training interactions is "cold"
+RARE = 20  # ... and "rare" with fewer than this many (a larger group than the cold one)
 
 
 def train_variant(variant: str, workdir: Path, overrides: list[str], env: dict) -> float:
@@ -55,28 +58,36 @@ def dev_split(data: Path, catalogue):
   return users, [hist[u] for u in users], [dev[u] for u in users], [neg[u] for u in users]
 
 
-def metrics(scores_UN: np.ndarray, split, cold_U: np.ndarray) -> dict[str, float]:
+def metrics(scores_UN: np.ndarray, split, groups: dict[str, np.ndarray]) -> dict[str, float]:
+  """HR@10 and NDCG@10, sampled and full, for all users and each group (a user mask)."""
   from lmos_jax.inference.recommend import hit_ndcg, leave_one_out
   _, hist, targets, negs = split
   ranks = leave_one_out(scores_UN, hist, targets, negs)
   out = {}
   for kind in ("sampled", "full"):
-    for who, sel in (("all", slice(None)), ("cold", cold_U)):
+    for who, sel in (("all", slice(None)), *groups.items()):
       hr, ndcg = hit_ndcg(ranks[kind][sel], 10)
       out[f"{kind}_{who}_hr10"], out[f"{kind}_{who}_ndcg10"] = hr, ndcg
   return out
 
 
-def print_table(rows: dict[str, dict], cold: int, users: int) -> None:
-  print(f"\nMovieLens 100K dev, {users} users ({cold} with a cold dev film, < {COLD} training "
-        "interactions); HR@10 / NDCG@10")
-  print("| variant | 100 negatives | full ranking | cold, 100 neg. | cold, full | train wall |")
-  print("|---|---|---|---|---|---|")
+def print_table(rows: dict[str, dict], sizes: dict[str, int], users: int) -> None:
+  print(f"\nMovieLens 100K dev, {users} users; {sizes['cold']} dev films are cold (< {COLD} "
+        f"training interactions), {sizes['rare']} rare (< {RARE}); HR@10 / NDCG@10")
+  print("| variant | 100 negatives | full ranking | cold, 100 neg. | rare, 100 neg. | "
+        "rare, full | train wall |")
+  print("|---|---|---|---|---|---|---|")
   for name, r in rows.items():
     cell = lambda k: f"{r[k + '_hr10']:.3f} / {r[k + '_ndcg10']:.3f}"  # noqa: E731
     wall = f"{r['wall_s']:.0f} s" if "wall_s" in r else "-"
     print(f"| {name} | {cell('sampled_all')} | {cell('full_all')} | {cell('sampled_cold')} | "
-          f"{cell('full_cold')} | {wall} |")
+          f"{cell('sampled_rare')} | {cell('full_rare')} | {wall} |")
+
+
+def recorded_wall(workdir: Path) -> float:
+  """Seconds of every `lmos train` invocation recorded in the workdir (resumes summed)."""
+  rows = (workdir / "wall_time.jsonl").read_text().splitlines()
+  return sum(json.loads(r)["wall"] for r in rows if r.strip())
 
 
 def main() -> int:
@@ -86,6 +97,8 @@ def main() -> int:
   ap.add_argument("--data", default=None, help="the datasets folder (default $LMOS_DATA_DIR)")
   ap.add_argument("--set", action="append", default=[],
                   help="a config override for every variant, e.g. train.steps=300")
+  ap.add_argument("--reuse", action="store_true",
+                  help="score variants already trained in --out instead of refusing them")
   args = ap.parse_args()
   from lmos_jax.config.datadir import data_dir
   from lmos_jax.inference.recommend import load_recommender, popularity_scores
@@ -93,25 +106,28 @@ def main() -> int:
   env = {**os.environ, "LMOS_DATA_DIR": str(data)}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  rows, split, cold = {}, None, None
+  rows, split, groups = {}, None, {}
   for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
     wd = out / variant
-    if wd.exists():
-      raise SystemExit(f"{wd} exists: pass a fresh --out (a timed run starts from nothing)")
-    wall = train_variant(variant, wd, args.set, env)
+    if wd.exists() and not args.reuse:
+      raise SystemExit(f"{wd} exists: pass a fresh --out (a timed run starts from nothing) "
+                       "or --reuse to score it as it is")
+    wall = recorded_wall(wd) if wd.exists() else train_variant(variant, wd, args.set, env)
     rec = load_recommender(wd)
     if split is None:
       split = dev_split(data, rec.catalogue)
-      counts = np.asarray([0, *rec.catalogue.counts])
-      cold = counts[np.asarray(split[2])] < COLD
-      rows["popularity"] = metrics(popularity_scores(rec.catalogue, len(split[0])), split, cold)
-    rows[variant] = {**metrics(rec.scores(split[1]), split, cold), "wall_s": wall}
+      target_counts = np.asarray([0, *rec.catalogue.counts])[np.asarray(split[2])]
+      groups = {"cold": target_counts < COLD, "rare": target_counts < RARE}
+      rows["popularity"] = metrics(popularity_scores(rec.catalogue, len(split[0])), split,
+                                   groups)
+    rows[variant] = {**metrics(rec.scores(split[1]), split, groups), "wall_s": wall}
     print(f"{variant}: {json.dumps({k: round(v, 4) for k, v in rows[variant].items()})}",
           flush=True)
-  print_table(rows, int(cold.sum()), len(split[0]))
+  sizes = {k: int(v.sum()) for k, v in groups.items()}
+  print_table(rows, sizes, len(split[0]))
   (out / "recommend_movielens.json").write_text(json.dumps(
-      {"rows": rows, "users": len(split[0]), "cold_users": int(cold.sum()),
-       "overrides": args.set}, indent=2))
+      {"rows": rows, "users": len(split[0]), "group_sizes": sizes, "overrides": args.set},
+      indent=2))
   return 0
 
 

@@ -148,6 +148,10 @@ def text_vectors(hf_dir: str, texts: Sequence[str], max_len: int = 32,
 
 
 def item_text_table(hf_dir: str, texts: Sequence[str]) -> np.ndarray:
-  """The frozen `item_text` param: row 0 (padding) zero, row i the vector of texts[i-1]."""
+  """The frozen `item_text` param: row 0 (padding) zero, row i the vector of texts[i-1],
+  standardised per dimension over the catalogue. Sentence vectors of short titles share a
+  large common part and differ in small ones; standardising puts the differences at unit
+  scale, so the projection learns them at the same pace as the id embeddings learn."""
   v = text_vectors(hf_dir, texts)
-  return np.concatenate([np.zeros((1, v.shape[1]), v.dtype), v])
+  v = (v - v.mean(0)) / np.maximum(v.std(0), 1e-6)
+  return np.concatenate([np.zeros((1, v.shape[1]), v.dtype), v.astype(np.float32)])
