@@ -124,6 +124,10 @@ def test_rec_config_errors_name_the_field(tmp_path):
   c.data.catalogue = ""
   with pytest.raises(ConfigError, match="data.catalogue"):
     validate(c, 1)
+  c = rec_config(tmp_path, "hybrid")
+  c.model.id_dropout = 1.0
+  with pytest.raises(ConfigError, match="model.id_dropout"):
+    validate(c, 1)
 
 
 def test_batches_are_shifted_histories(tmp_path):
@@ -253,3 +257,23 @@ def test_text_model_trains_with_its_text_vectors_frozen(tmp_path):
   texts = read_catalogue(root / "items.tsv").texts
   np.testing.assert_array_equal(np.asarray(params["item_text"]), item_text_table(str(hf), texts))
   assert load_recommender(root / "wd").scores([[1, 2, 3]]).shape == (1, ITEMS + 1)
+
+
+def test_id_dropout_drops_whole_id_rows_in_training_only():
+  """hybrid with id_dropout: in a training step each item row is either its full vector or
+  its text part alone (about the configured share of rows); evaluation keeps every id part."""
+  import jax
+  from flax import nnx
+  from lmos_jax.models.rec import ItemSequenceModel
+  from helpers import tiny_tcfg
+  n, f = 401, 8
+  text = np.random.default_rng(0).normal(size=(n, f)).astype(np.float32)
+  model = ItemSequenceModel(tiny_tcfg(vocab_size=n), "hybrid", text, f, id_dropout=0.3,
+                            rngs=nnx.Rngs(0))
+  full = np.asarray(model.item_table(np.float32))
+  ids = np.asarray(model.item_embed[...])
+  train = np.asarray(model.item_table(np.float32, jax.random.PRNGKey(1)))
+  kept = np.isclose(train, full, atol=1e-6).all(1)
+  dropped = np.isclose(train, full - ids, atol=1e-6).all(1)
+  assert (kept | dropped)[1:].all()
+  assert 0.2 < dropped[1:].mean() < 0.4

@@ -386,6 +386,8 @@ def _check_rec(cfg) -> None:
   if cfg.task != "rec":
     return
   _choice("model.item_repr", m.item_repr, CHOICES["model.item_repr"])
+  if not 0.0 <= m.id_dropout < 1.0:
+    raise ConfigError(f"config 'model.id_dropout'={m.id_dropout} must be in [0, 1)")
   if not d.catalogue or not d.train:
     raise ConfigError("config 'task'='rec' needs 'data.catalogue' (item<TAB>title<TAB>genres) "
                       "and 'data.train' (user<TAB>item<TAB>timestamp)")

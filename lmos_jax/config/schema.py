@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.item_repr = "id"
   m.text_encoder = ""  # rec text/hybrid: a Hugging Face encoder folder; empty: MiniLM-L6
   m.text_dim = 0  # rec text/hybrid: the encoder's width (0: taken from the encoder)
+  m.id_dropout = 0.0  # rec hybrid: share of items whose id part is dropped in each step
 
   c.data = ml_collections.ConfigDict()
   d = c.data

@@ -30,6 +30,7 @@ def model_factory(model_cfg, vocab_size: int, item_text: np.ndarray | None = Non
     from lmos_jax.models.rec import ItemSequenceModel
     tcfg = gpt_config_from(model_cfg, vocab_size)
     return lambda rngs: ItemSequenceModel(tcfg, model_cfg.item_repr, item_text,
-                                          model_cfg.text_dim, rngs=rngs)
+                                          model_cfg.text_dim, id_dropout=model_cfg.id_dropout,
+                                          rngs=rngs)
   raise ConfigError(f"config 'model.arch'={model_cfg.arch!r}: expected one of "
                     f"{', '.join(CHOICES['model.arch'])}")

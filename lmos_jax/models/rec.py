@@ -39,11 +39,11 @@ class ItemSequenceModel(nnx.Module):
   """Item table (id and/or projected text), learned positions, pre-LN causal blocks."""
 
   def __init__(self, cfg: TransformerConfig, item_repr: str, text_NF: np.ndarray | None,
-               text_dim: int, *, rngs: nnx.Rngs):
+               text_dim: int, *, id_dropout: float = 0.0, rngs: nnx.Rngs):
     if item_repr not in ITEM_REPRS:
       raise ConfigError(f"config 'model.item_repr'={item_repr!r}: expected one of "
                         f"{', '.join(ITEM_REPRS)}")
-    self.cfg, self.item_repr = cfg, item_repr
+    self.cfg, self.item_repr, self.id_dropout = cfg, item_repr, id_dropout
     n, d, std = cfg.vocab_size, cfg.d_model, cfg.init_std
     self.item_embed = (param(rngs, normal(std), (n, d), ("vocab", "embed"))
                        if item_repr != "text" else None)
@@ -65,11 +65,19 @@ class ItemSequenceModel(nnx.Module):
     self.blocks = make_blocks(cfg, rngs)
     self.final_norm = Norm(d, cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs)
 
-  def item_table(self, dtype) -> Array:
-    """E (N, D): every item's vector, row 0 (padding) zero."""
+  def item_table(self, dtype, key: Array | None = None) -> Array:
+    """E (N, D): every item's vector, row 0 (padding) zero.
+
+    hybrid, training (`key` given): each item's id part is dropped with probability
+    `id_dropout` for the step, so the text part must place items alone, as it has to for
+    items whose id embedding training barely moved (DropoutNet's idea)."""
     parts = []
     if self.item_embed is not None:
-      parts.append(self.item_embed[...].astype(dtype))
+      id_ND = self.item_embed[...].astype(dtype)
+      if key is not None and self.id_dropout > 0 and self.item_text is not None:
+        keep_N1 = jax.random.bernoulli(key, 1.0 - self.id_dropout, (id_ND.shape[0], 1))
+        id_ND = id_ND * keep_N1.astype(dtype)
+      parts.append(id_ND)
     if self.item_text is not None:
       h_ND = jax.nn.gelu(self.text_in(jax.lax.stop_gradient(self.item_text[...]).astype(dtype)))
       parts.append(self.text_out(h_ND))
@@ -101,7 +109,8 @@ class ItemSequenceModel(nnx.Module):
     if any(x is not None for x in (attention_mask, position_ids, token_type_ids, segment_ids)):
       raise ValueError("the recommender takes right-padded item rows only (no masks, "
                        "positions, token types or segments)")
-    e_ND = self.item_table(self.pos_embed.dtype)
+    k_items, rng = (None, None) if rng is None else jax.random.split(rng)
+    e_ND = self.item_table(self.pos_embed.dtype, k_items)
     h_BLD = self.hidden(e_ND, input_ids, rng)
     logits = logits_matmul(h_BLD, e_ND.astype(h_BLD.dtype).T)
     logits = logits.at[..., 0].set(-1e9)  # padding is never the next item
