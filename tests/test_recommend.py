@@ -72,6 +72,7 @@ def test_rank_counts_ties_against_the_target():
   assert rank_of(s, 2, [1, 2, 3, 4]) == 0
   assert rank_of(s, 1, [1, 2, 3, 4]) == 2  # 0.9 above, the other 0.5 tied: counted above
   assert rank_of(s, 4, [4, 1]) == 1
+  assert rank_of(s, 4, [1, 2]) == 2  # a target missing from the list is still ranked
 
 
 def test_leave_one_out_full_ranking_skips_the_history():

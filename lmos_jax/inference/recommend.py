@@ -71,11 +71,12 @@ def load_recommender(workdir: str | Path, batch: int = 128) -> Recommender:
 
 
 def rank_of(scores_N: np.ndarray, target: int, candidates: Sequence[int]) -> int:
-  """0-based rank of `target` among `candidates` (it included) by score; ties count against
-  it, so a constant scorer earns nothing."""
-  s = scores_N[np.asarray(candidates)]
-  t = scores_N[target]
-  return int((s > t).sum() + (s == t).sum() - 1)
+  """0-based rank of `target` among `candidates` by score: the other candidates scoring at
+  least as high (ties count against it, so a constant scorer earns nothing). The target
+  itself is never counted, listed among the candidates or not (a re-watched item is in
+  the history that full ranking excludes)."""
+  others = np.asarray([c for c in candidates if c != target], np.int64)
+  return int((scores_N[others] >= scores_N[target]).sum())
 
 
 def hit_ndcg(ranks: np.ndarray, k: int) -> tuple[float, float]:

@@ -26,12 +26,12 @@ import numpy as np
 from flax import nnx
 
 from lmos_jax.config.loading import ConfigError
+from lmos_jax.config.schema import CHOICES
 from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, logits_matmul,
                                     make_blocks, normal, param, run_blocks)
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
-ITEM_REPRS = ("id", "text", "hybrid")
 FROZEN = "item_text"  # the param holding the encoder's item vectors: never trained
 
 
@@ -40,9 +40,9 @@ class ItemSequenceModel(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, item_repr: str, text_NF: np.ndarray | None,
                text_dim: int, *, id_dropout: float = 0.0, rngs: nnx.Rngs):
-    if item_repr not in ITEM_REPRS:
+    if item_repr not in CHOICES["model.item_repr"]:
       raise ConfigError(f"config 'model.item_repr'={item_repr!r}: expected one of "
-                        f"{', '.join(ITEM_REPRS)}")
+                        f"{', '.join(CHOICES['model.item_repr'])}")
     self.cfg, self.item_repr, self.id_dropout = cfg, item_repr, id_dropout
     n, d, std = cfg.vocab_size, cfg.d_model, cfg.init_std
     self.item_embed = (param(rngs, normal(std), (n, d), ("vocab", "embed"))
