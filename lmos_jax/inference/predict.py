@@ -72,7 +72,10 @@ class Classifier:
   `forward_embed(batch) -> (probs (B, C), embeddings (B, D))` runs the same encoder once
   for both: the sentence embedding is the attention-masked mean of the final hidden states,
   L2-normalised (sentence-transformers' pooling for MiniLM), so retrieval and topic
-  clustering use cosine similarity as a plain dot product."""
+  clustering use cosine similarity as a plain dot product.
+
+  Both return as soon as the batch is dispatched (JAX arrays still computing;
+  `np.asarray` waits for them), so a caller can prepare the next batch while this one runs."""
 
   cfg: Any
   tokenizer: Any
@@ -88,7 +91,7 @@ class Classifier:
   def predict(self, texts_a: Sequence[str], texts_b: Sequence[str] | None = None
               ) -> np.ndarray:
     """probs (N, C) of the sentences, one batch padded to seq_len."""
-    return self.forward(self.encode(texts_a, texts_b))
+    return np.asarray(self.forward(self.encode(texts_a, texts_b)))
 
 
 def load_classifier(workdir: str | Path) -> Classifier:
@@ -129,12 +132,11 @@ def load_classifier(workdir: str | Path) -> Classifier:
 
   keys = ("inputs", "token_type_ids", "attention_mask")
 
-  def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
-    return np.asarray(probs(params, {k: batch[k] for k in keys}))
+  def forward(batch: dict[str, np.ndarray]) -> jax.Array:
+    return probs(params, {k: batch[k] for k in keys})
 
-  def forward_embed(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    pr, emb = probs_embed(params, {k: batch[k] for k in keys})
-    return np.asarray(pr), np.asarray(emb)
+  def forward_embed(batch: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+    return probs_embed(params, {k: batch[k] for k in keys})
   return Classifier(cfg, tok, labels, forward, forward_embed)
 
 
@@ -188,16 +190,17 @@ def _batched(clf: Classifier, texts_a: Sequence[str], texts_b: Sequence[str] | N
   rows = clf.encode(texts_a, texts_b)
   lengths = row_lengths(rows)
   order = np.argsort(lengths, kind="stable")
+  running = []  # every batch is dispatched before the first result is read back
   for lo in range(0, n, batch_size):
     idx = order[lo:lo + batch_size]
     full = np.concatenate([idx, np.full(batch_size - len(idx), idx[0], idx.dtype)])
     batch = cut_to_width({k: v[full] for k, v in rows.items()},
                          fit_width(int(lengths[idx].max()), widths))
+    running.append((idx, clf.forward_embed(batch) if embed else (clf.forward(batch),)))
+  for idx, out in running:
+    probs[idx] = np.asarray(out[0])[:len(idx)]
     if embed:
-      p, e = clf.forward_embed(batch)
-      probs[idx], emb[idx] = p[:len(idx)], e[:len(idx)]
-    else:
-      probs[idx] = clf.forward(batch)[:len(idx)]
+      emb[idx] = np.asarray(out[1])[:len(idx)]
   return probs, emb
 
 
