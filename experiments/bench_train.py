@@ -168,8 +168,9 @@ class TorchSide:
 
 
 def nanogpt_model(torch, vocab: int, layers: int, heads: int, d: int, block: int,
-                  init_std: float, eps: float):
-  """nanoGPT's model.py GPT, written out here: pre-LN blocks with biases, one fused qkv
+                  init_std: float, eps: float, bias: bool = True):
+  """nanoGPT's model.py GPT, written out here: pre-LN blocks (biases in the Linear and
+  LayerNorm layers unless `bias` is False, nanoGPT's `bias` setting), one fused qkv
   Linear, `scaled_dot_product_attention(is_causal=True)`, a 4x MLP, tied token embedding
   and LM head, N(0, 0.02) init with the residual projections scaled by 1/sqrt(2 L). Its GELU
   is the tanh form, as this benchmark's lmos model has it (nanoGPT's own uses erf; the cost
@@ -179,9 +180,11 @@ def nanogpt_model(torch, vocab: int, layers: int, heads: int, d: int, block: int
   class Block(nn.Module):
     def __init__(self):
       super().__init__()
-      self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
-      self.c_attn, self.attn_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-      self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+      self.ln_1 = nn.LayerNorm(d, eps=eps, bias=bias)
+      self.ln_2 = nn.LayerNorm(d, eps=eps, bias=bias)
+      self.c_attn, self.attn_proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
+      self.c_fc = nn.Linear(d, 4 * d, bias=bias)
+      self.mlp_proj = nn.Linear(4 * d, d, bias=bias)
 
     def forward(self, x):
       b, t, _ = x.shape
@@ -196,7 +199,7 @@ def nanogpt_model(torch, vocab: int, layers: int, heads: int, d: int, block: int
       super().__init__()
       self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
       self.h = nn.ModuleList(Block() for _ in range(layers))
-      self.ln_f = nn.LayerNorm(d, eps=eps)
+      self.ln_f = nn.LayerNorm(d, eps=eps, bias=bias)
       for name, prm in self.named_parameters():
         if name.endswith("bias"):
           nn.init.zeros_(prm)

@@ -51,3 +51,27 @@ def test_unusable_directory_is_said_and_training_goes_on(tmp_path, restore_cache
   line = enable_compile_cache(str(blocker / "cache"))
   assert line.startswith(f"compile cache off: cannot create {blocker / 'cache'}") and ENV in line
   assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_host_peak_is_measured_once_per_machine_key(tmp_path, monkeypatch):
+  """The CPU matmul peak is probed once, read back from the cache directory after, probed
+  again for another device split or a damaged file, and every time without a cache."""
+  from lmos_jax.train import metrics
+  probes = []
+
+  def probe(n=1024, iters=4, repeats=3):
+    probes.append(n)
+    return 100.0 + len(probes)
+  monkeypatch.setattr(metrics, "measure_cpu_peak", probe)
+  devs = jax.devices()
+  first, src1 = metrics.device_peak_flops(devs, cache_dir=str(tmp_path))
+  again, src2 = metrics.device_peak_flops(devs, cache_dir=str(tmp_path))
+  assert (first, again, len(probes)) == (101.0, 101.0, 1)
+  assert "kept in" in src1 and "read from" in src2
+  other, _ = metrics.device_peak_flops(devs[:1], cache_dir=str(tmp_path))
+  assert (other, len(probes)) == (102.0, 2)  # one device is another key
+  assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path))[0] == 101.0
+  (tmp_path / metrics.PEAK_FILE).write_text("{not json")
+  assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path))[0] == 103.0
+  assert metrics.device_peak_flops(devs, cache_dir=None)[0] == 104.0
+  assert metrics.device_peak_flops(devs, cache_dir=None)[0] == 105.0

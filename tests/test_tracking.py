@@ -153,3 +153,25 @@ def test_profile_window_and_flat_hparams():
   flat = tracking.flat_hparams(c)
   assert flat["model.d_model"] == c.model.d_model and flat["tracking.profile_steps"] == 3
   assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_tensorboard_writer_loads_without_torch(tmp_path):
+  """A fresh process opens the TensorBoard writer without importing torch (installed here: the
+  `torch` extra), its scalars read back, and torch still imports normally afterwards."""
+  import subprocess
+  import sys
+  pytest.importorskip("torch")
+  code = (
+      "import sys\n"
+      "from lmos_jax.train.metrics import MetricWriter\n"
+      f"w = MetricWriter(__import__('pathlib').Path({str(tmp_path)!r}))\n"
+      "w.write(7, {'loss': 1.5})\n"
+      "w.close()\n"
+      "print('torch' in sys.modules)\n"
+      "import torch\n"
+      "print(torch.ones(2).sum().item())\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["False", "2.0"]
+  assert read_tensorboard_scalars(tmp_path / "tb") == {"loss": [(7, 1.5)]}

@@ -55,3 +55,20 @@ def test_train_breakdown_sums_to_the_measured_wall(tmp_path, capsys):
   assert parts["first_step"] > parts["steps"] / 5  # the first call compiles; 5 more do not
   out = capsys.readouterr().out
   assert "lmos train: first step done" in out and "lmos train: wall " in out
+
+
+def test_process_age_counts_time_before_the_clock():
+  """A fresh interpreter that sleeps 0.5 s after start reports an age of at least that much
+  (ticks are 10 ms), and a clock made with it has that much start-up already."""
+  import subprocess
+  import sys
+  code = ("import time; time.sleep(0.5)\n"
+          "from lmos_jax.train.wallclock import WallClock, process_age\n"
+          "age = process_age(); c = WallClock(already=age)\n"
+          "print(age, c.breakdown()['startup'])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  age, startup = map(float, out.stdout.split())
+  if age == 0.0:
+    pytest.skip("no /proc here: the age is unknown")
+  assert 0.49 <= age < 30.0
+  assert startup >= age

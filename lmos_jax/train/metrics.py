@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import types
 from pathlib import Path
@@ -107,18 +108,92 @@ def median_step_seconds(step_fn, state, batch, steps: int, repeats: int):
   return state, statistics.median(times)
 
 
-def device_peak_flops(devices=None) -> tuple[float, str]:
-  """Total peak FLOP/s of the devices and where the number came from."""
+PEAK_FILE = "lmos_host_peak.json"  # in the compile cache's directory, beside the programs
+
+
+def host_key(devices) -> str:
+  """What a measured host peak depends on: CPU model, cores this process may use, the XLA
+  CPU devices it splits them into, jax's version and the XLA flags."""
+  import os
+  import platform
+  model = platform.processor()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return (f"{model} | {cores} cores | {len(devices)} devices | jax {jax.__version__} | "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()}")
+
+
+def cached_cpu_peak(devices, cache_dir: str | None) -> tuple[float, str]:
+  """The host's f32 matmul peak: measured once per machine, then read back.
+
+  The probe costs ~1.4 s of every run's start-up on 2 cores, and repeated probes differ only
+  by the load of the moment. The value is kept in the persistent compile cache's directory
+  (off with the compile cache), keyed by `host_key`, so another machine, core count, device
+  split, jax version or XLA flag set measures afresh; the log line says which it was.
+  """
+  import os
+  # 2048^2, not the 1024^2 default: a short probe is easily slowed by start-up work at the
+  # beginning of a run, and a low peak inflates the logged MFU.
+  if not cache_dir:
+    return measure_cpu_peak(n=2048), "measured f32 matmul probe (whole host)"
+  path, key = Path(cache_dir) / PEAK_FILE, host_key(devices)
+  try:
+    known = json.loads(path.read_text())
+  except (OSError, ValueError):
+    known = {}
+  entry = known.get(key) if isinstance(known, dict) else None
+  if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)):
+    return float(entry["flops"]), (f"f32 matmul probe (whole host) measured {entry.get('when')},"
+                                   f" read from {path}")
+  peak = measure_cpu_peak(n=2048)
+  known = known if isinstance(known, dict) else {}
+  known[key] = {"flops": peak, "when": time.strftime("%Y-%m-%d %H:%M")}
+  tmp = path.with_name(f"{PEAK_FILE}.{os.getpid()}.tmp")
+  try:  # several processes may start at once: each writes whole, the last rename wins
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, path)
+  except OSError:
+    pass  # an unwritable cache only means measuring again next time
+  return peak, f"measured f32 matmul probe (whole host), kept in {path}"
+
+
+def device_peak_flops(devices=None, cache_dir: str | None = None) -> tuple[float, str]:
+  """Total peak FLOP/s of the devices and where the number came from. On CPU, a measured
+  probe, cached per machine in `cache_dir` (the compile cache's directory) when given."""
   devices = jax.devices() if devices is None else devices
   kind = devices[0].device_kind.lower()
   if devices[0].platform == "cpu":
-    # 2048^2, not the 1024^2 default: a short probe is easily slowed by start-up work at the
-    # beginning of a run, and a low peak inflates the logged MFU.
-    return measure_cpu_peak(n=2048), "measured f32 matmul probe (whole host)"
+    return cached_cpu_peak(devices, cache_dir)
   chip = chip_of(kind)
   if chip is not None:
     return chip.bf16_flops * len(devices), f"spec sheet bf16 peak for {kind} x{len(devices)}"
   return float("nan"), f"unknown device kind {kind!r}: MFU not computed"
+
+
+def summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without loading torch.
+
+  Its writer module imports torch whenever torch is installed, only to accept torch tensors
+  as values: about 1.4 s of every run's start-up on a 2-core host, for a writer that is only
+  given floats and strings here. So unless torch is already loaded, the import runs with
+  torch marked absent (`sys.modules["torch"] = None` makes `import torch` raise
+  ImportError, which tensorboardX handles), and the mark is removed right after.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -129,8 +204,7 @@ class MetricWriter:
     self.path = workdir / "metrics.jsonl"
     self.tb = None
     if enabled:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(workdir / "tb"))
+      self.tb = summary_writer_class()(str(workdir / "tb"))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:

@@ -48,7 +48,7 @@ from lmos_jax.train.sparse_quant import run_layouts, setup_line, sparsity_line, 
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
                                  stacked_batch_sharding)
 from lmos_jax.train.tracking import Tracker, check_tracking
-from lmos_jax.train.wallclock import WallClock
+from lmos_jax.train.wallclock import WallClock, process_age
 from lmos_jax.train.wallclock import describe as describe_wall
 from lmos_jax.workdir import (WALL_TIME, write_config, write_items, write_labels,
                               write_tokenizer)
@@ -299,7 +299,8 @@ class MetricLog:
     self.tokens_per_step = t.batch_size * cfg.data.seq_len  # at full width (no buckets)
     self.flops_token = flops_per_token(model_tcfg(run), cfg.data.seq_len,
                                        lm_head=cfg.task != "cls")
-    self.peak, self.peak_src = device_peak_flops()
+    self.peak, self.peak_src = device_peak_flops(
+        cache_dir=jax.config.jax_compilation_cache_dir)
     self.tokens_seen = int(meta.get("tokens_seen", start * self.tokens_per_step))
     self.wall0 = time.time() - float(meta.get("wall_time", 0.0))
     self.pbar = tqdm(total=t.steps, initial=start, disable=not (t.progress and is_main),
@@ -486,9 +487,12 @@ def report_sparsity(run: Run, state: dict) -> float:
   return sparsity
 
 
-def train(cfg, workdir: str | Path) -> dict[str, Any]:
-  """Runs (or resumes) training to cfg.train.steps; returns the last logged metrics."""
-  clock = WallClock()
+def train(cfg, workdir: str | Path, started_ago: float = 0.0) -> dict[str, Any]:
+  """Runs (or resumes) training to cfg.train.steps; returns the last logged metrics.
+
+  started_ago: seconds the process ran before this call, counted as start-up (`lmos train`
+  passes its process's age, so start-up includes the interpreter and the imports)."""
+  clock = WallClock(already=started_ago)
   workdir = Path(workdir)
   for line in apply_plan(cfg):  # before the host set-up: a plan may set mesh.cpu_devices
     print(f"lmos train: plan sets {line}", flush=True)
@@ -587,7 +591,7 @@ def main(argv: list[str]) -> int:
     raise ConfigError("--workdir is required: the run directory for checkpoints, metrics "
                       "and logs (an existing one resumes)")
   try:
-    last = train(fv.config, fv.workdir)
+    last = train(fv.config, fv.workdir, started_ago=process_age())
   except (CheckpointError, NonFiniteError) as e:
     if isinstance(e, UserError):
       raise

@@ -17,13 +17,28 @@ PARTS = ("startup", "first_step", "steps", "eval", "checkpoint", "sample", "fini
 LABELS = {"startup": "start-up", "first_step": "first step (compile)"}
 
 
-class WallClock:
-  """Accumulates perf_counter seconds into PARTS; starts in `startup` when created."""
+def process_age() -> float:
+  """Seconds since this process started (Linux: /proc), so that a command's start-up counts
+  the interpreter and its imports too; 0.0 where /proc cannot say."""
+  import os
+  from pathlib import Path
+  try:
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    start_s = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, ticks after boot
+    uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+  except (OSError, ValueError, IndexError):
+    return 0.0
+  return max(uptime_s - start_s, 0.0)
 
-  def __init__(self) -> None:
+
+class WallClock:
+  """Accumulates perf_counter seconds into PARTS; starts in `startup` when created, or
+  `already` seconds before (the time a process spent before it made the clock)."""
+
+  def __init__(self, already: float = 0.0) -> None:
     self.seconds = dict.fromkeys(PARTS, 0.0)
     self.part = "startup"
-    self.since = time.perf_counter()
+    self.since = time.perf_counter() - already
     self.started = self.since
 
   def switch(self, part: str) -> None:
