@@ -47,14 +47,7 @@ def fail(bench: str, what: str, log: Path, rc: int) -> int:
 
 def machine() -> dict:
   """CPU model, core counts, platform and the versions the figures depend on."""
-  model = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
+  from lmos_jax.train.metrics import cpu_model
   versions = {}
   for pkg in ("torch", "transformers", "jax", "jaxlib", "flax"):
     try:
@@ -62,5 +55,5 @@ def machine() -> dict:
     except metadata.PackageNotFoundError:
       versions[pkg] = "absent"
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"cpu_count": os.cpu_count(), "cores_available": cores, "cpu": model or "unknown",
+  return {"cpu_count": os.cpu_count(), "cores_available": cores, "cpu": cpu_model(),
           "platform": platform.platform(), "python": platform.python_version(), **versions}

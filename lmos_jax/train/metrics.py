@@ -111,21 +111,24 @@ def median_step_seconds(step_fn, state, batch, steps: int, repeats: int):
 PEAK_FILE = "lmos_host_peak.json"  # in the compile cache's directory, beside the programs
 
 
+def cpu_model() -> str:
+  """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says, else 'unknown'."""
+  import platform
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def host_key(devices) -> str:
   """What a measured host peak depends on: CPU model, cores this process may use, the XLA
   CPU devices it splits them into, jax's version and the XLA flags."""
   import os
-  import platform
-  model = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return (f"{model} | {cores} cores | {len(devices)} devices | jax {jax.__version__} | "
+  return (f"{cpu_model()} | {cores} cores | {len(devices)} devices | jax {jax.__version__} | "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()}")
 
 
