@@ -32,7 +32,7 @@ def layout(mesh_shape, devices=None):
   cfg = tiny_config(schedule="constant", warmup_steps=0)  # lr > 0 from the first step
   mesh = make_mesh(mesh_shape, devices)
   tx = make_optimizer(cfg.train)
-  graphdef, init, abstract, shardings = train_state_layout(
+  graphdef, init, abstract, shardings, _ = train_state_layout(
       model_factory(cfg.model, VOCAB), tx, resolve_policy("fp32", "cpu"), mesh)
   return cfg, mesh, tx, graphdef, init, abstract, shardings
 

@@ -57,6 +57,7 @@ def test_sequence_longer_than_positions():
 
 def test_bad_choice_and_shapes():
   assert "'model.norm'" in _bad(lambda c: c.model.__setattr__("norm", "batchnorm"))
+  assert "'mesh.opt_state'='zero1'" in _bad(lambda c: c.mesh.__setattr__("opt_state", "zero1"))
   assert "'model.num_heads'" in _bad(lambda c: c.model.__setattr__("num_heads", 5))
   assert "'train.microbatches'" in _bad(lambda c: c.train.__setattr__("microbatches", 3))
   # a zero interval used to pass validation and divide by zero after the first step

@@ -32,6 +32,7 @@ def cpu8():
 
 def test_fsdp_divides_state_in_compiled_memory(cpu8):
   cfg = tiny_cfg()
+  cfg.mesh.opt_state = "replicated"
   s = planner.model_shape(cfg, 256, "cpu")
   data = planner.compiled_estimate(cfg, 256, Layout(8, 1, 1, 1, "none"), cpu8, s)
   fsdp = planner.compiled_estimate(cfg, 256, Layout(1, 8, 1, 1, "none"), cpu8, s)
@@ -39,8 +40,12 @@ def test_fsdp_divides_state_in_compiled_memory(cpu8):
   state_bytes = s.params * 4 * 4  # params, grads, Adam mu and nu in f32
   assert data.memory > state_bytes  # replicated: every device holds everything
   assert fsdp.memory < 0.4 * data.memory
-  for est in (data, fsdp):  # the analytic model stays within 2x of the compiler
-    ana = planner.analytic_estimate(s, est.layout, cpu8)
+  cfg.mesh.opt_state = "sharded"  # Adam moments split over the 8 data devices (ZeRO-1)
+  s_zero = planner.model_shape(cfg, 256, "cpu")
+  zero = planner.compiled_estimate(cfg, 256, Layout(8, 1, 1, 1, "none"), cpu8, s_zero)
+  assert zero.memory < data.memory - 0.8 * s.params * 4 * 2 * 7 / 8
+  for est, shape in ((data, s), (fsdp, s), (zero, s_zero)):  # analytic within 2x of XLA
+    ana = planner.analytic_estimate(shape, est.layout, cpu8)
     assert 0.5 < ana.memory / est.memory < 2.0, (est.layout, ana.memory, est.memory)
   assert data.flops > 0 and fsdp.flops > 0
 

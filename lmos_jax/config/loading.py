@@ -143,6 +143,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   _choice("model.attention_impl", m.attention_impl, CHOICES["model.attention_impl"])
   _choice("train.schedule", t.schedule, CHOICES["train.schedule"])
   _choice("train.precision", t.precision, CHOICES["train.precision"])
+  _choice("mesh.opt_state", cfg.mesh.get("opt_state", "auto"), CHOICES["mesh.opt_state"])
   for name in ("num_layers", "num_heads", "d_model", "max_seq_len"):
     if m[name] <= 0:
       raise ConfigError(f"config 'model.{name}'={m[name]} must be positive")

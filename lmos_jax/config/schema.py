@@ -38,6 +38,7 @@ CHOICES = types.MappingProxyType({
     "prune.schedule": ("oneshot", "gradual"),
     "quant.qat": ("none", "int8", "int4"),
     "mesh.cpu_allocator": ("auto", "retain", "system"),
+    "mesh.opt_state": ("auto", "sharded", "replicated"),
 })
 
 # The mesh's axes, in order; the `mesh` block sets each one's size.
@@ -247,6 +248,12 @@ def base_config() -> ml_collections.ConfigDict:
   # no trim) so XLA's per-step temporaries are not page-faulted again each step; `system`
   # leaves malloc alone; `auto` retains when the per-device activations reach 256 MiB.
   c.mesh.cpu_allocator = "auto"
+  # The optimizer state and update of params that are replicated over the data axis (all of
+  # them on a data-only mesh): `sharded` splits them over the data devices (ZeRO stage 1: each
+  # device updates its part, then the params are gathered), `replicated` updates everything on
+  # every device; `auto` shards when the mesh's data axis has 2+ devices and every param
+  # trains (not PEFT, whose small state costs more to gather than it saves).
+  c.mesh.opt_state = "auto"
 
   # Multi-host (jax.distributed). Empty/-1 fields come from the environment: Cloud TPU VMs and
   # SLURM are detected by jax; JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID also work.

@@ -156,6 +156,7 @@ class ModelShape:
   flops_per_token: float
   param_bytes: int
   compute_bytes: int
+  opt_over_data: bool = False  # mesh.opt_state: Adam moments split over the data axis
 
 
 def model_shape(cfg, vocab: int, backend: str) -> ModelShape:
@@ -167,7 +168,16 @@ def model_shape(cfg, vocab: int, backend: str) -> ModelShape:
                     tcfg.vocab_size, cfg.data.seq_len, cfg.train.batch_size, params,
                     flops_per_token(tcfg, cfg.data.seq_len, lm_head=cfg.task != "cls"),
                     jnp.dtype(policy.param_dtype).itemsize,
-                    jnp.dtype(policy.compute_dtype).itemsize)
+                    jnp.dtype(policy.compute_dtype).itemsize,
+                    opt_over_data(cfg))
+
+
+def opt_over_data(cfg) -> bool:
+  """Whether a layout with 2+ data devices shards the optimizer state over them (the rule of
+  train/assemble.py::shards_updates, without a mesh)."""
+  from lmos_jax.train.assemble import trainable_for
+  mode = cfg.mesh.get("opt_state", "auto")
+  return mode == "sharded" or (mode == "auto" and trainable_for(cfg) is None)
 
 
 def enumerate_layouts(s: ModelShape, num_devices: int, remats: Sequence[str],
@@ -219,8 +229,10 @@ def analytic_estimate(s: ModelShape, lay: Layout, target: Target) -> Estimate:
   n = target.num_devices
   shard = lay.fsdp * lay.tensor
   pb, cb = s.param_bytes, s.compute_bytes
-  # params + grads + Adam mu, nu (param dtype) + the f32 accumulator when microbatching
-  states = s.params * (4 * pb + (4 if lay.microbatches > 1 else 0)) / shard
+  # params + grads + Adam mu, nu (param dtype; mu, nu split over the data devices when the
+  # optimizer state is sharded) + the f32 accumulator when microbatching
+  zero = lay.data if s.opt_over_data else 1
+  states = s.params * (2 * pb + 2 * pb / zero + (4 if lay.microbatches > 1 else 0)) / shard
   if cb != pb:
     states += s.params * cb / shard  # compute-dtype copy of the params
   layer_params = (s.params - s.vocab * s.d_model) / max(s.num_layers, 1)
