@@ -3,7 +3,8 @@ remat policies' memory against step time (one device).
 
 Part 1 compiles (no allocation) the same step for data-only, fsdp, tensor and mixed meshes
 and prints `memory_analysis()` per device: arguments (params + optimizer state + batch),
-temporaries, and the total the planner uses; fsdp divides params + optimizer state by 8.
+temporaries, and the total the planner uses; fsdp divides params + optimizer state by 8, and
+data-only with the moments split over data (mesh.opt_state, ZeRO-1) divides the moments.
 Part 2 compiles and runs the step under each remat policy and prints temp memory vs the
 median step time.
 
@@ -29,8 +30,11 @@ from lmos_jax.train import plan as planner  # noqa: E402
 from lmos_jax.train.metrics import median_step_seconds  # noqa: E402
 
 MiB = 1024 ** 2
-MESHES = (("data-only", (8, 1, 1)), ("fsdp", (1, 8, 1)), ("tensor", (1, 1, 8)),
-          ("mixed fsdp+tensor", (1, 4, 2)), ("mixed data+fsdp+tensor", (2, 2, 2)))
+# (name, (data, fsdp, tensor), mesh.opt_state); the first row is the baseline of the ratios
+MESHES = (("data-only, moments replicated", (8, 1, 1), "replicated"),
+          ("data-only, moments split (ZeRO-1)", (8, 1, 1), "auto"),
+          ("fsdp", (1, 8, 1), "auto"), ("tensor", (1, 1, 8), "auto"),
+          ("mixed fsdp+tensor", (1, 4, 2), "auto"), ("mixed data+fsdp+tensor", (2, 2, 2), "auto"))
 
 
 def config(args):
@@ -50,12 +54,13 @@ def mesh_table(args) -> None:
   print("| mesh | data,fsdp,tensor | args MiB | temp MiB | total MiB/device | analytic MiB |"
         " state / data-only |\n|---|---|---|---|---|---|---|")
   base = None
-  for name, shape in MESHES:
+  for name, shape, opt_state in MESHES:
     c = planner.apply_overrides(cfg, {"mesh.data": shape[0], "mesh.fsdp": shape[1],
-                                      "mesh.tensor": shape[2]})
+                                      "mesh.tensor": shape[2], "mesh.opt_state": opt_state})
     compiled = planner.build_step(c, 256, jax.devices()).compile()
     mem = compiled.memory_analysis()
-    ana = planner.analytic_estimate(s, planner.Layout(*shape, 1, "none"), target)
+    ana = planner.analytic_estimate(planner.model_shape(c, 256, "cpu"),
+                                    planner.Layout(*shape, 1, "none"), target)
     base = base or mem.argument_size_in_bytes
     print(f"| {name} | {shape} | {mem.argument_size_in_bytes / MiB:.2f} | "
           f"{mem.temp_size_in_bytes / MiB:.2f} | {planner.compiled_memory(compiled) / MiB:.2f} |"
