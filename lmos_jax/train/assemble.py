@@ -54,15 +54,14 @@ def trainable_for(cfg) -> Callable[[tuple[str, ...]], bool] | None:
   return lambda names: FROZEN not in names and (trainable is None or trainable(names))
 
 
-def shards_updates(cfg, mesh: Mesh) -> bool:
-  """config 'mesh.opt_state': sharded, replicated, or auto: sharded on 2+ data devices when
-  every param trains. A PEFT run's optimizer state is a few percent of the params: gathering
-  its many small updates costs more than the shorter update saves (measured: LoRA on MiniLM
-  113 ms/step replicated, 124 sharded; full finetuning 380 -> 327-365 ms)."""
+def splits_opt_state(cfg) -> bool:
+  """Whether 2+ data devices split the optimizer state (config 'mesh.opt_state': sharded,
+  replicated, or auto: split when every param trains). A PEFT run's optimizer state is a few
+  percent of the params: gathering its many small updates costs more than the shorter update
+  saves (measured: LoRA on MiniLM 113 ms/step replicated, 124 split; full finetuning 380 ->
+  327-365 ms). The planner's memory model asks the same question."""
   mode = cfg.mesh.get("opt_state", "auto")
-  if mode != "auto":
-    return mode == "sharded"
-  return dict(mesh.shape).get("data", 1) > 1 and trainable_for(cfg) is None
+  return mode == "sharded" or (mode == "auto" and trainable_for(cfg) is None)
 
 
 def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssembly:
@@ -88,7 +87,8 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssem
     tx = with_pruning(tx, cfg.prune, layouts, t.steps, params_like)
     loss_fn = with_qat(loss_fn, cfg.quant, model_def, params_like, layouts)
   graphdef, init_fn, abstract, shardings, update_sh = train_state_layout(
-      make_model, tx, policy, mesh, shard_updates=shards_updates(cfg, mesh))
+      make_model, tx, policy, mesh,
+      shard_updates=splits_opt_state(cfg) and dict(mesh.shape).get("data", 1) > 1)
   step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable, loss_fn=loss_fn,
                         policy=policy, microbatches=t.microbatches, l2=t.l2,
                         decay_embeddings=t.decay_embeddings,

@@ -39,7 +39,7 @@ from lmos_jax.data.layout import batch_spec, vocab_size
 from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.distributed import split_cpu_host_for
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
-from lmos_jax.train.assemble import assemble_step
+from lmos_jax.train.assemble import assemble_step, splits_opt_state
 from lmos_jax.train.metrics import CHIPS, Chip, chip_of, flops_per_token, measure_cpu_peak
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import jit_train_step
@@ -169,15 +169,7 @@ def model_shape(cfg, vocab: int, backend: str) -> ModelShape:
                     flops_per_token(tcfg, cfg.data.seq_len, lm_head=cfg.task != "cls"),
                     jnp.dtype(policy.param_dtype).itemsize,
                     jnp.dtype(policy.compute_dtype).itemsize,
-                    opt_over_data(cfg))
-
-
-def opt_over_data(cfg) -> bool:
-  """Whether a layout with 2+ data devices shards the optimizer state over them (the rule of
-  train/assemble.py::shards_updates, without a mesh)."""
-  from lmos_jax.train.assemble import trainable_for
-  mode = cfg.mesh.get("opt_state", "auto")
-  return mode == "sharded" or (mode == "auto" and trainable_for(cfg) is None)
+                    splits_opt_state(cfg))
 
 
 def enumerate_layouts(s: ModelShape, num_devices: int, remats: Sequence[str],
