@@ -19,21 +19,21 @@ def _timed_sleep(seconds: float) -> float:
 
 def test_parts_partition_the_time_with_nothing_counted_twice():
   clock = WallClock()
-  startup = _timed_sleep(0.02)
+  startup = _timed_sleep(0.05)
   clock.switch("steps")
   with clock.measure("eval"):
-    evals = _timed_sleep(0.03)
+    evals = _timed_sleep(0.1)
     with clock.measure("checkpoint"):
-      ckpt = _timed_sleep(0.02)
-  steps = _timed_sleep(0.01)
+      ckpt = _timed_sleep(0.1)
+  steps = _timed_sleep(0.05)
   parts = clock.breakdown()
-  # each part is its own sleeps plus a few clock reads; the margin (15 ms, for a scheduler
-  # delay on a loaded machine) is below the 20 ms nested blocks, which must not be counted twice
+  # each part is its own sleeps plus a few clock reads; the margin (50 ms, for a scheduler
+  # delay on a loaded machine) is below the 100 ms nested block, which must not be counted twice
   for part, slept in (("startup", startup), ("eval", evals), ("checkpoint", ckpt),
                       ("steps", steps)):
-    assert slept <= parts[part] < slept + 0.015, (part, parts[part], slept)
+    assert slept <= parts[part] < slept + 0.05, (part, parts[part], slept)
   assert parts["wall"] == pytest.approx(sum(parts[p] for p in PARTS))
-  assert parts["wall"] == pytest.approx(clock.elapsed(), abs=0.015)  # two clock reads apart
+  assert parts["wall"] == pytest.approx(clock.elapsed(), abs=0.05)  # two clock reads apart
   assert describe(parts).startswith(f"wall {parts['wall']:.1f} s = start-up ")
 
 
@@ -47,8 +47,11 @@ def test_train_breakdown_sums_to_the_measured_wall(tmp_path, capsys):
   rows = [json.loads(x) for x in (tmp_path / "wall_time.jsonl").read_text().splitlines()]
   assert len(rows) == 1 and rows[0]["step"] == 6
   parts = rows[0]
-  # nothing lost, nothing counted twice: only train()'s call and return are outside the clock
-  assert parts["wall"] == pytest.approx(wall, rel=0.05)
+  # nothing counted twice: the clock never reads more than the wall around the call; nothing
+  # lost: what lies outside it is train()'s call and return (freeing the run's arrays, which a
+  # loaded 2-core machine can stretch to a few tenths of a second), far below any part's size
+  assert parts["wall"] <= wall
+  assert wall - parts["wall"] < 0.1 * wall + 0.3, (wall, parts)
   assert parts["wall"] == pytest.approx(sum(parts[p] for p in PARTS), abs=1e-3)  # 4-digit rows
   for p in PARTS:  # 3 evals, 2 checkpoints (+ the close wait), a sample: each part took time
     assert parts[p] > 0, p
