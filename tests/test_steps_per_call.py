@@ -63,3 +63,12 @@ def test_resuming_inside_a_call_is_a_config_error(one_per_call, tmp_path):
     shutil.rmtree(workdir / "checkpoints" / str(step))
   with pytest.raises(ConfigError, match=r"restored at step 3 .*'train.steps_per_call'=2"):
     trainer.train(config(2), workdir)
+
+
+def test_eval_steps_are_evaluated_whatever_log_every_says(tmp_path):
+  """eval_every need not be a multiple of log_every: every eval step is evaluated and logged
+  (an epoch-long eval period with log_every=50 once evaluated only at the last step)."""
+  trainer.train(tiny_config(steps=6, log_every=4, eval_every=3, ckpt_every=6), tmp_path)
+  rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [3, 4, 6]
+  assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]

@@ -13,6 +13,11 @@ ranks the rest by estimated step time. Two sources of numbers:
   policy, logits) and a step-time model (FLOPs at a fixed fraction of peak plus ring
   collectives at link bandwidth, not overlapped) are used, and the table says so.
 
+The step-time model's speeds: for present devices, measured on them by short probes and kept
+per machine (`lmos_jax.train.calibrate`): the matmul rate at each layout's per-device MLP
+shape, the all-reduce bandwidth, the cost of one small op and of one program call; for a
+described target, its spec sheet at an assumed matmul efficiency.
+
 The best layout is printed as `--config.*` flags and, with `--out`, written as JSON.
 """
 
@@ -57,6 +62,10 @@ HALF_EFFICIENCY_MACS = 512 ** 3
 # fixed cost per layer and microbatch (kernel launches / op dispatch, forward + backward):
 # a floor on step time for tiny models, and the price of each extra microbatch
 LAYER_OVERHEAD_S = 1e-4
+# ops (kernels, thunks) per layer and microbatch of a forward + backward + update (the
+# compiled train step of configs/shakespeare_char.py:cpu has ~190 per layer, of its baby
+# config ~300): times the calibrated `op_s`
+OPS_PER_LAYER = 250
 # share of device memory a layout may plan to use: the runtime, fragmentation and the
 # analytic model's error (it is within ~2x of XLA's own numbers on CPU) need the rest
 MEMORY_HEADROOM = 0.9
@@ -76,6 +85,7 @@ class Target:
   chip: Chip
   num_devices: int
   described: bool  # True: no devices present, analytic estimates only
+  calibration: Any = None  # present devices: a calibrate.Calibration (None: spec constants)
 
 
 def parse_target(spec: str) -> Target:
@@ -92,8 +102,10 @@ def target_name(chip: Chip, n: int) -> str:
   return f"{chip.name}-{n}" if chip.name.startswith("tpu") else f"{chip.name}x{n}"
 
 
-def present_target(num_devices: int | None, peak_flops: float | None = None) -> Target:
-  """The devices this process sees (the first `num_devices` of them)."""
+def present_target(num_devices: int | None, peak_flops: float | None = None,
+                   calibration: Any = None) -> Target:
+  """The devices this process sees (the first `num_devices` of them); with a calibration
+  (`calibrate.load_calibration` on those devices), step times come from its probes."""
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
@@ -112,7 +124,7 @@ def present_target(num_devices: int | None, peak_flops: float | None = None) -> 
     chip = Chip(kind, (kind,), peak, peak, memory, 10e9)
   else:
     chip = dataclasses.replace(chip, memory=memory)
-  return Target(chip, n, described=False)
+  return Target(chip, n, described=False, calibration=calibration)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,15 +253,22 @@ def analytic_estimate(s: ModelShape, lay: Layout, target: Target) -> Estimate:
 
 
 def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: float) -> float:
-  """Compute at MATMUL_EFFICIENCY of peak (lower for small per-device matmuls), plus
-  ring-collective time at link bandwidth (assumed not overlapped with compute), plus a
-  fixed dispatch cost per layer and microbatch."""
-  chip = target.chip
-  peak = chip.bf16_flops if s.compute_bytes == 2 else chip.f32_flops
+  """Compute, plus ring-collective time (assumed not overlapped with compute), plus a fixed
+  cost per op. Calibrated (present devices): every FLOP at the probed rate of the layout's
+  per-device MLP matmul, collectives at the probed all-reduce bandwidth, OPS_PER_LAYER ops
+  per layer and microbatch at the probed op cost, plus one program call. Described: MATMUL_EFFICIENCY of peak (lower for small per-device matmuls),
+  spec link bandwidth, LAYER_OVERHEAD_S per layer and microbatch."""
+  chip, cal = target.chip, target.calibration
   tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
-  macs = tokens * s.d_model * s.d_ff / lay.tensor
-  eff = MATMUL_EFFICIENCY * macs / (macs + HALF_EFFICIENCY_MACS)
-  compute = flops_per_device / (peak * eff)
+  if cal is not None:
+    dtype = jnp.bfloat16 if s.compute_bytes == 2 else jnp.float32
+    rate = cal.matmul_rate(max(int(tokens), 1), s.d_model, max(s.d_ff // lay.tensor, 1), dtype)
+    compute = flops_per_device / rate
+  else:
+    peak = chip.bf16_flops if s.compute_bytes == 2 else chip.f32_flops
+    macs = tokens * s.d_model * s.d_ff / lay.tensor
+    eff = MATMUL_EFFICIENCY * macs / (macs + HALF_EFFICIENCY_MACS)
+    compute = flops_per_device / (peak * eff)
   k, d, f, t, cb = lay.microbatches, lay.data, lay.fsdp, lay.tensor, s.compute_bytes
   p_shard = s.params / t
   comm = 0.0
@@ -261,6 +280,9 @@ def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: floa
   if t > 1:  # Megatron: 2 all-reduces forward, 2 backward per layer (+2 under full remat)
     n_ar = 6 if lay.remat == "full" else 4
     comm += k * s.num_layers * n_ar * 2 * (t - 1) / t * tokens * s.d_model * cb
+  if cal is not None:
+    ops = k * max(s.num_layers, 1) * OPS_PER_LAYER
+    return compute + comm / cal.allreduce_bw + ops * cal.op_s + cal.dispatch_s
   overhead = k * max(s.num_layers, 1) * LAYER_OVERHEAD_S
   return compute + comm / chip.link_bw + overhead
 
@@ -492,6 +514,8 @@ def format_table(plan: Plan, limit: int = 20) -> str:
           f"{'described target: analytic estimates' if t.described else 'present devices'})"
           f"; {plan.shape.params / 1e6:.1f}M params, batch {plan.shape.batch} x "
           f"{plan.shape.seq_len}")
+  if t.calibration is not None:
+    head += f"\nstep times from this machine's {t.calibration.describe()}"
   measured = any(e.measured_step_s is not None for e in plan.estimates)
   extra = " measured step ms | measured / est | measured peak GiB |" if measured else ""
   rows = [head, "| rank | data | fsdp | tensor | micro | remat | GiB/device | fits | "
@@ -562,6 +586,9 @@ def parse(argv: list[str]):
   ap.add_argument("--write", default=None, metavar="WORKDIR",
                   help="merge the best layout into WORKDIR/plan.json, for `lmos train "
                        "--config.plan=WORKDIR/plan.json`")
+  ap.add_argument("--no-calibrate", action="store_true",
+                  help="present devices: time steps with the spec-sheet constants a described "
+                       "target uses instead of this machine's probed speeds")
   ap.add_argument("--json", action="store_true",
                   help="print one JSON list of candidates on stdout instead of the table")
   args, rest = ap.parse_known_args(argv[1:])
@@ -579,13 +606,25 @@ def parse(argv: list[str]):
   return args, fv.config
 
 
+def present_calibration(cfg, num_devices: int | None):
+  """The calibration of the devices a present plan uses, kept in the compile cache's
+  directory (`train.compile_cache`, `LMOS_COMPILE_CACHE`) beside the host's matmul peak."""
+  from lmos_jax.parallel.compile_cache import cache_dir
+  from lmos_jax.train.calibrate import load_calibration
+  devices = jax.devices()
+  directory, _ = cache_dir(str(cfg.train.get("compile_cache", "auto")), os.environ)
+  return load_calibration(devices[:num_devices or len(devices)], directory)
+
+
 def main(argv: list[str]) -> int:
   args, cfg = parse(argv)
   try:
     cpu_devices = None
     if not args.target:  # the devices `lmos train` would see: a CPU host split per core
       cpu_devices = split_cpu_host_for(cfg)
-    target = parse_target(args.target) if args.target else present_target(args.devices)
+    target = parse_target(args.target) if args.target else present_target(
+        args.devices, calibration=None if args.no_calibrate else present_calibration(
+            cfg, args.devices))
     if args.memory_gib is not None:
       target = dataclasses.replace(
           target, chip=dataclasses.replace(target.chip, memory=args.memory_gib * GiB))

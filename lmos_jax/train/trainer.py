@@ -327,13 +327,15 @@ class MetricLog:
 
   def due(self, step: int) -> bool:
     """Metrics are fetched at the first call (to start the clock after compiling), at log
-    points and at checkpoints (the monitor must have seen every step before a save)."""
+    and eval points and at checkpoints (the monitor must have seen every step before a
+    save)."""
     t = self.run.cfg.train
     return (step == self.start + self.per_call or step % t.log_every == 0
-            or step % t.ckpt_every == 0 or step == t.steps)
+            or step % t.eval_every == 0 or step % t.ckpt_every == 0 or step == t.steps)
 
   def flush(self, params, wait_seconds: float) -> None:
-    """Fetches every pending call's metrics at once; logs the newest step at log points.
+    """Fetches every pending call's metrics at once; logs the newest step at log and eval
+    points.
 
     `wait_seconds`: the input pipeline's total blocking time so far (`BatchStream`).
     """
@@ -352,9 +354,10 @@ class MetricLog:
     m["skipped_steps"] = float(self.monitor.total)
     self.last = m
     self.pbar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:,.0f}")
-    if step % t.log_every == 0 or step == t.steps:
+    evals = step % t.eval_every == 0 or step == t.steps
+    if step % t.log_every == 0 or evals:  # an eval step is logged whatever log_every says
       row = dict(m)
-      if step % t.eval_every == 0 or step == t.steps:
+      if evals:
         with self.clock.measure("eval"):
           row.update(evaluate(self.run, self.eval_fn, params))
         self.last.update(row)

@@ -1,0 +1,132 @@
+"""Does `lmos plan` predict what it measures, and does `lmos tune` pick a learning rate a grid
+of real runs agrees with?
+
+Layouts: for each config, `lmos plan --config C --measure --json` (a fresh process, so the
+host is split into CPU devices as `lmos train` would split it) compiles the best candidates,
+predicts their step time from this machine's calibration, runs each for a few steps and
+reports both. Printed per candidate: predicted and measured ms, their ratio, whether it is
+within the 20% target; per config, how the first choice compares with the measured fastest.
+XLA:CPU keeps no allocator statistics, so measured peak memory is '-' on CPU.
+
+Learning rate (--tune): `lmos tune --config C --json` picks an LR; then `lmos train` runs at
+0.3x, 1x and 3x the pick for the same steps (the same tokens), and the table says which
+reached the lowest final loss (mean of the last logged train losses) and how far the pick's
+loss is from that best.
+
+Run (2 CPU cores; nothing else running, or the measured times are the load's):
+  python3 experiments/validate_plan.py                      # three configs, layouts only
+  python3 experiments/validate_plan.py --configs configs/shakespeare_char.py:cpu --tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_CONFIGS = ("configs/shakespeare_char.py:cpu", "configs/shakespeare_char.py:baby",
+                   "configs/bert_sst2.py")
+TARGET_RATIO = 0.2  # the target: predicted within 20% of measured
+GRID = (0.3, 1.0, 3.0)
+
+
+def lmos(*args: str, timeout: float) -> str:
+  """stdout of `lmos ARGS` in a fresh interpreter; a failure prints its stderr and stops."""
+  cmd = [sys.executable, "-m", "lmos_jax.cli", *args]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+  if res.returncode != 0:
+    sys.exit(f"validate_plan: {' '.join(args)} exited {res.returncode}:\n{res.stderr[-3000:]}")
+  return res.stdout
+
+
+def layout_name(o: dict) -> str:
+  return (f"d{o['mesh.data']} f{o['mesh.fsdp']} t{o['mesh.tensor']} "
+          f"mb{o['train.microbatches']} {o['model.remat']}")
+
+
+def validate_layouts(config: str, args) -> list[str]:
+  out = lmos("plan", f"--config={config}", "--measure", "--json", f"--steps={args.steps}",
+             f"--compile-top={args.compile_top}", f"--remat={args.remat}",
+             f"--max-microbatches={args.max_microbatches}", timeout=args.timeout)
+  rows = [r for r in json.loads(out) if r["measured_step_s"] is not None]
+  lines = []
+  fastest = min(rows, key=lambda r: r["measured_step_s"])
+  for r in rows:
+    p, m = r["predicted_step_s"], r["measured_step_s"]
+    peak = "-" if r["measured_peak_bytes"] is None else f"{r['measured_peak_bytes'] / 2**30:.3f}"
+    lines.append(f"| {config} | {layout_name(r['overrides'])} | {1e3 * p:.1f} | {1e3 * m:.1f} | "
+                 f"{m / p:.2f} | {'yes' if abs(m / p - 1) <= TARGET_RATIO else 'no'} | "
+                 f"{r['predicted_peak_bytes'] / 2**30:.3f} | {peak} | "
+                 f"{'chosen' if r['chosen'] else ''}{' fastest' if r is fastest else ''} |")
+  chosen = next(r for r in rows if r["chosen"])
+  lines.append(f"| {config} | first choice / measured fastest | | | "
+               f"{chosen['measured_step_s'] / fastest['measured_step_s']:.2f} | "
+               f"{'yes' if chosen['measured_step_s'] <= 1.05 * fastest['measured_step_s'] else 'no'}"
+               " (<= 1.05) | | | |")
+  return lines
+
+
+def final_loss(workdir: Path, tail: int) -> float:
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+  losses = [r["loss"] for r in rows if "loss" in r and "lr" in r]
+  return sum(losses[-tail:]) / len(losses[-tail:])
+
+
+def validate_lr(config: str, args) -> list[str]:
+  tuned = json.loads(lmos("tune", f"--config={config}", "--json",
+                          f"--range-steps={args.range_steps}", f"--check-steps={args.grid_steps}",
+                          f"--noise-batches={args.noise_batches}", timeout=args.timeout))
+  losses = {}
+  with tempfile.TemporaryDirectory(prefix="lmos-validate-") as root:
+    for f in GRID:
+      w = Path(root) / f"lr{f:g}"
+      lmos("train", f"--config={config}", f"--workdir={w}", f"--config.train.lr={f * tuned['lr']}",
+           f"--config.train.steps={args.grid_steps}", "--config.train.log_every=5",
+           f"--config.train.eval_every={args.grid_steps}",
+           f"--config.train.ckpt_every={args.grid_steps}", "--config.train.sample_tokens=0",
+           timeout=args.timeout)
+      losses[f] = final_loss(w, 10)
+  best = min(losses, key=losses.get)
+  lines = [f"| {config} | {f:g}x | {f * tuned['lr']:.3g} | {losses[f]:.4f} |"
+           f"{' best' if f == best else ''} |" for f in GRID]
+  lines.append(f"| {config} | tuned: lr {tuned['lr']:.3g}, warmup {tuned['warmup_steps']}, "
+               f"batch {tuned['batch_size']} (B_simple {tuned['noise_scale']:.1f}) | | pick's "
+               f"loss / best {losses[1.0] / losses[best]:.4f} | best within 2x of the pick: "
+               f"{'yes' if best == 1.0 else 'no'} |")
+  return lines
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+  ap.add_argument("--steps", type=int, default=3, help="timed steps per round (3 rounds)")
+  ap.add_argument("--compile-top", type=int, default=4)
+  ap.add_argument("--remat", default="none,dots_no_batch,full")
+  ap.add_argument("--max-microbatches", type=int, default=4)
+  ap.add_argument("--tune", action="store_true", help="also validate `lmos tune`'s LR")
+  ap.add_argument("--range-steps", type=int, default=60)
+  ap.add_argument("--grid-steps", type=int, default=200)
+  ap.add_argument("--noise-batches", type=int, default=2)
+  ap.add_argument("--timeout", type=float, default=3600)
+  args = ap.parse_args()
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  print("| config | layout | predicted ms | measured ms | measured / predicted | within 20% | "
+        "predicted GiB/device | measured peak GiB | |\n|---|---|---|---|---|---|---|---|---|",
+        flush=True)
+  for config in args.configs:
+    for line in validate_layouts(config, args):
+      print(line, flush=True)
+  if args.tune:
+    print("\n| config | LR factor | lr | final loss | |\n|---|---|---|---|---|", flush=True)
+    for config in args.configs:
+      for line in validate_lr(config, args):
+        print(line, flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
