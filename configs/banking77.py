@@ -4,9 +4,9 @@ BANKING77 intent detection: 77 intents of online-banking customer questions. The
   method: full | lora (it also picks that method's learning rate and trainable extras);
   shots:  Nshot (e.g. 10shot): N training questions per intent, drawn with a fixed seed
           (data.per_label), the few-shot setting of Casanueva et al. 2020.
-Full data: 3 epochs over the 9,000 training questions at batch 32 (844 steps; ~15 minutes on
-2 idle CPU cores at the ~31 sentences/s measured finetuning MiniLM on SST-2, see
-experiments/README.md), evaluated on the 1,003 dev questions after each epoch. Seq len 64 (the longest
+Full data: 8 epochs over the 9,000 training questions at batch 32 (2,250 steps; 28 minutes on
+2 CPU cores, dev accuracy 91.9%; after 2 epochs the train loss was still falling at 84.5%),
+evaluated on the 1,003 dev questions after each epoch. Seq len 64 (the longest
 question is 79 words, the mean 12: nearly every batch is cut to the 16 or 24 bucket).
 
 The data are TSV files `text<TAB>label`, $LMOS_DATA_DIR/apps/banking77/{train,dev}.tsv
@@ -87,8 +87,8 @@ def get_config(arg=None):
     t.warmup_steps = max(10, t.steps // 10)
     t.eval_every = t.ckpt_every = t.steps
   else:
-    # 9,000 rows: train.epochs sets steps to 844 when the run starts; eval after each epoch
-    t.steps, t.epochs = 0, 3.0
+    # 9,000 rows: train.epochs sets steps to 2,250 when the run starts; eval after each epoch
+    t.steps, t.epochs = 0, 8.0
     t.warmup_steps = 50
     t.eval_every = t.ckpt_every = math.ceil(9000 / t.batch_size)
   return c
