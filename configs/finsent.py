@@ -55,6 +55,6 @@ def get_config(arg=None):
     p.target_modules = r"(attn/(query|key|value|out)|mlp/(up|down))$"
   steps_per_epoch = math.ceil(SUBSETS[subset] / BATCH)
   t.warmup_steps = steps_per_epoch // 2
-  # the dev set is evaluated at log steps that are eval steps: log once per epoch as well
+  # evaluate, checkpoint and log once per epoch
   t.eval_every = t.ckpt_every = t.log_every = steps_per_epoch
   return c

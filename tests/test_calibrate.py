@@ -37,11 +37,11 @@ def test_each_number_is_probed_once_then_read_back(tmp_path, monkeypatch):
           again.matmul_rate(64, 32, 128)) == got
   assert len(calls) == 4  # nothing probed again
   again.matmul_rate(64, 32, 256)  # a new shape is probed and kept beside the others
-  assert calls[-1] == "matmul" and len(calibrate.read_file(cal.path)) == 1
+  assert calls[-1] == "matmul" and len(calibrate.read_machine_file(cal.path)) == 1
   other = calibrate.load_calibration(jax.devices()[:4], tmp_path)  # other devices: afresh
   assert not other.read_back and other.key != cal.key
   other.op_s
-  assert len(calibrate.read_file(cal.path)) == 2 and calls[-1] == "op"
+  assert len(calibrate.read_machine_file(cal.path)) == 2 and calls[-1] == "op"
 
 
 def test_no_cache_directory_probes_and_keeps_nothing(tmp_path, monkeypatch):

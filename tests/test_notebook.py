@@ -44,7 +44,8 @@ def test_colab_quickstart_executes_small(tmp_path, monkeypatch):
   texts = [_text(c) for c in code]
   lines = (tmp_path / "runs/colab_lm/metrics.jsonl").read_text().splitlines()
   rows = [json.loads(x) for x in lines]
-  assert [r["step"] for r in rows] == [2, 4, 6]
+  assert [r["step"] for r in rows] == [2, 3, 4, 6]  # log every 2, eval every 3
+  assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
   assert rows[-1]["loss"] < rows[0]["loss"] + 0.5 and "eval_loss" in rows[-1]
   images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) >= 2  # the loss plot and the report figure

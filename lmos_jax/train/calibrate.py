@@ -19,8 +19,6 @@ second plan on the same machine reads them back and another machine measures afr
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmos_jax.train.metrics import host_key
+from lmos_jax.train.metrics import host_key, read_machine_file, write_machine_entry
 
 CALIBRATION_FILE = "lmos_calibration.json"
 ALLREDUCE_BYTES = 16 * 2 ** 20  # per device: large enough that bandwidth, not latency, shows
@@ -137,27 +135,8 @@ class Calibration:
     return f"calibration: {where}"
 
   def save(self) -> None:
-    """Merges this entry into the file (other machines' entries stay); a process racing
-    another writes whole and the last rename wins; an unwritable place is not an error."""
-    if self.path is None:
-      return
-    known = read_file(self.path)
-    known[self.key] = self.entry
-    tmp = self.path.with_name(f"{CALIBRATION_FILE}.{os.getpid()}.tmp")
-    try:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-      os.replace(tmp, self.path)
-    except OSError:
-      pass
-
-
-def read_file(path: Path) -> dict:
-  try:
-    known = json.loads(path.read_text())
-  except (OSError, ValueError):
-    return {}
-  return known if isinstance(known, dict) else {}
+    if self.path is not None:
+      write_machine_entry(self.path, self.key, self.entry)
 
 
 def load_calibration(devices: Sequence[Any], cache_dir: Path | str | None) -> Calibration:
@@ -165,6 +144,6 @@ def load_calibration(devices: Sequence[Any], cache_dir: Path | str | None) -> Ca
   probed before, else empty (each number is probed at its first use and kept)."""
   key = f"{devices[0].platform} {devices[0].device_kind} | {host_key(devices)}"
   path = Path(cache_dir) / CALIBRATION_FILE if cache_dir else None
-  entry = read_file(path).get(key) if path else None
+  entry = read_machine_file(path).get(key) if path else None
   entry = dict(entry) if isinstance(entry, dict) else {}
   return Calibration(list(devices), path, key, entry, read_back=bool(entry))

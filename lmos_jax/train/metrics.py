@@ -111,6 +111,31 @@ def median_step_seconds(step_fn, state, batch, steps: int, repeats: int):
 PEAK_FILE = "lmos_host_peak.json"  # in the compile cache's directory, beside the programs
 
 
+def read_machine_file(path: Path) -> dict:
+  """A per-machine measurement file ({host key: entry}); {} when absent or unreadable."""
+  try:
+    known = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+  return known if isinstance(known, dict) else {}
+
+
+def write_machine_entry(path: Path, key: str, entry: dict) -> None:
+  """Merges `entry` under `key` (other machines' entries stay). Several processes may write
+  at once: each writes a whole file and the last rename wins. An unwritable place is not an
+  error: it only means measuring again next time."""
+  import os
+  known = read_machine_file(path)
+  known[key] = entry
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+  except OSError:
+    pass
+
+
 def cpu_model() -> str:
   """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says, else 'unknown'."""
   import platform
@@ -140,29 +165,17 @@ def cached_cpu_peak(devices, cache_dir: str | None) -> tuple[float, str]:
   (off with the compile cache), keyed by `host_key`, so another machine, core count, device
   split, jax version or XLA flag set measures afresh; the log line says which it was.
   """
-  import os
   # 2048^2, not the 1024^2 default: a short probe is easily slowed by start-up work at the
   # beginning of a run, and a low peak inflates the logged MFU.
   if not cache_dir:
     return measure_cpu_peak(n=2048), "measured f32 matmul probe (whole host)"
   path, key = Path(cache_dir) / PEAK_FILE, host_key(devices)
-  try:
-    known = json.loads(path.read_text())
-  except (OSError, ValueError):
-    known = {}
-  entry = known.get(key) if isinstance(known, dict) else None
+  entry = read_machine_file(path).get(key)
   if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)):
     return float(entry["flops"]), (f"f32 matmul probe (whole host) measured {entry.get('when')},"
                                    f" read from {path}")
   peak = measure_cpu_peak(n=2048)
-  known = known if isinstance(known, dict) else {}
-  known[key] = {"flops": peak, "when": time.strftime("%Y-%m-%d %H:%M")}
-  tmp = path.with_name(f"{PEAK_FILE}.{os.getpid()}.tmp")
-  try:  # several processes may start at once: each writes whole, the last rename wins
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, path)
-  except OSError:
-    pass  # an unwritable cache only means measuring again next time
+  write_machine_entry(path, key, {"flops": peak, "when": time.strftime("%Y-%m-%d %H:%M")})
   return peak, f"measured f32 matmul probe (whole host), kept in {path}"
 
 
