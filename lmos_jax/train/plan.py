@@ -257,8 +257,9 @@ def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: floa
   """Compute, plus ring-collective time (assumed not overlapped with compute), plus a fixed
   cost per op. Calibrated (present devices): every FLOP at the probed rate of the layout's
   per-device MLP matmul, collectives at the probed all-reduce bandwidth, OPS_PER_LAYER ops
-  per layer and microbatch at the probed op cost, plus one program call. Described: MATMUL_EFFICIENCY of peak (lower for small per-device matmuls),
-  spec link bandwidth, LAYER_OVERHEAD_S per layer and microbatch."""
+  per layer and microbatch at the probed op cost, plus one program call. Described:
+  MATMUL_EFFICIENCY of peak (lower for small per-device matmuls), spec link bandwidth,
+  LAYER_OVERHEAD_S per layer and microbatch."""
   chip, cal = target.chip, target.calibration
   tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
   if cal is not None:
