@@ -6,6 +6,12 @@ biases, tied embeddings), copied from an lmos GPT into `GPT2LMHeadModel`; the sc
 checks that the two frameworks' logits agree, then times greedy generation from a one-token
 prompt (best of --repeats, after a warm-up/compile call) and prints a table.
 
+With --quant, it times dense float32, bfloat16, int8 and int4 weights (lmos_jax.compress
+.quantize: codes converted inside each layer's matmul) at each batch size in turns (best of
+--repeats per variant), and prints tokens/s, the ratio to dense float32, weight bytes, and
+quality: the share of greedy tokens equal to dense float32's and, with --quant-workdir RUN
+(a trained GPT run instead of the random preset), the validation loss on RUN's data.
+
 With --spec-workdir RUN, it also times greedy batch-1 generation of that trained GPT plainly
 and speculatively, the draft being RUN's first --draft-layers layers (compress.trim
 .drop_layers, no retraining), for each --draft-tokens k: tokens/s, the draft acceptance
@@ -14,6 +20,8 @@ rate, whether the output equals the plain greedy output token for token, and the
   python3 experiments/bench_decode.py                    # small GPT-2 shape, CPU-friendly
   python3 experiments/bench_decode.py --preset gpt2      # GPT-2 124M shape (random weights)
   python3 experiments/bench_decode.py --spec-workdir runs/sc6 --skip-hf   # speculative only
+  python3 experiments/bench_decode.py --preset gpt2 --skip-hf --quant     # quantized decode
+  python3 experiments/bench_decode.py --skip-hf --quant --quant-workdir runs/sc_cpu
 """
 
 from __future__ import annotations
@@ -111,6 +119,11 @@ def main() -> None:
   ap.add_argument("--skip-no-cache", action="store_true")
   ap.add_argument("--skip-hf", action="store_true",
                   help="skip the lmos vs transformers rows (only the speculative ones)")
+  ap.add_argument("--quant", action="store_true",
+                  help="rows for dense f32, bf16, int8 and int4 weights")
+  ap.add_argument("--quant-workdir", default=None,
+                  help="a trained GPT run for --quant (default: the random --preset model)")
+  ap.add_argument("--int4-group", type=int, default=32, help="int4 group size (0: per channel)")
   ap.add_argument("--spec-workdir", default=None, help="a trained GPT run: speculative rows")
   ap.add_argument("--draft-layers", type=int, default=2)
   ap.add_argument("--draft-tokens", default="2,3,4")
@@ -121,8 +134,78 @@ def main() -> None:
   args = ap.parse_args()
   if not args.skip_hf:
     hf_rows(args)
+  if args.quant:
+    quant_rows(args)
   if args.spec_workdir:
     speculative_rows(args)
+
+
+def quant_variants(graphdef, params: dict, int4_group: int) -> dict[str, dict]:
+  """The weight formats compared, each as the tree the decoder takes."""
+  import jax.numpy as jnp
+
+  from lmos_jax.compress.quantize import quantize_params
+  to_bf16 = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+  params = jax.device_put(params)  # every variant on the device: no host copy per call
+  return {"dense float32": params,
+          "bfloat16": jax.tree.map(lambda x: to_bf16(jnp.asarray(x)), params),
+          "int8 (per channel)": quantize_params(graphdef, params, 8),
+          f"int4 (groups of {int4_group or 'all inputs'})":
+              quantize_params(graphdef, params, 4, int4_group)}
+
+
+def timed_in_turns(fns: dict, repeats: int) -> dict[str, float]:
+  """Best wall seconds per function, each compiled first, then run in turns (so a load
+  change on the machine hits every variant alike)."""
+  for fn in fns.values():
+    fn()
+  best = {name: float("inf") for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      best[name] = min(best[name], time.perf_counter() - t0)
+  return best
+
+
+def quant_rows(args) -> None:
+  """Decode speed, size and quality of dense, bf16, int8 and int4 weights, one process."""
+  from lmos_jax.compress.quantize import param_bytes
+
+  if args.quant_workdir:
+    from lmos_jax.inference.compress import load_source, prompt_token, val_loss
+    run, params = load_source(args.quant_workdir)
+    graphdef, batches = run.graphdef, run.data.val_batches()
+    cache_len = run.cfg.model.max_seq_len
+    first = prompt_token(run.data.tokenizer)
+    what = f"{args.quant_workdir} (trained, {run.cfg.model.num_layers} layers)"
+  else:
+    _, graphdef, params = lmos_model(args.preset)
+    batches, cache_len, first = None, args.new_tokens + 1, 1
+    what = f"random {args.preset} preset"
+  variants = quant_variants(graphdef, params, args.int4_group)
+  print(f"\nquantized decode: {what}, {count_params(params):,} params; greedy from one-token "
+        f"prompts to a full cache of {cache_len}; best of {args.repeats}, variants in turns; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  print("\n| weights | batch | tokens/s | vs dense f32 | weight bytes | greedy tokens = dense "
+        "f32 | val loss |\n|---|---:|---:|---:|---:|---:|---:|")
+  losses = ({name: val_loss(graphdef, p, batches) for name, p in variants.items()}
+            if batches is not None else {})
+  for b in [int(x) for x in args.batches.split(",")]:
+    prompts = [[(first + i) % 50] for i in range(b)]
+    dec = Decoder(graphdef, cache_len)
+    n = cache_len - 1
+    outs = {name: dec.generate(p, prompts, n).tokens for name, p in variants.items()}
+    best = timed_in_turns({name: (lambda p=p: dec.generate(p, prompts, n))
+                           for name, p in variants.items()}, args.repeats)
+    ref = np.concatenate([np.asarray(t) for t in outs["dense float32"]])
+    for name, p in variants.items():
+      got = np.concatenate([np.asarray(t) for t in outs[name]])
+      agree = float(np.mean(got == ref)) if got.shape == ref.shape else float("nan")
+      loss = f"{losses[name]:.4f}" if name in losses else "-"
+      print(f"| {name} | {b} | {b * n / best[name]:,.1f} | "
+            f"{best['dense float32'] / best[name]:.2f}x | {param_bytes(p):,} | "
+            f"{agree:.1%} of {ref.size} | {loss} |", flush=True)
 
 
 def speculative_rows(args) -> None:

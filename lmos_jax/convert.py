@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -27,6 +28,7 @@ from lmos_jax.models.factory import model_factory
 from lmos_jax.models.hf import (HFSpec, copy_tokenizer, load_hf_params,
                                 model_config_from_spec, read_hf_config, save_hf,
                                 spec_from_lmos_config)
+from lmos_jax.models.quantized import is_qarray
 from lmos_jax.peft.methods import merged_params
 from lmos_jax.workdir import (HF_CONFIG, HF_TOKENIZER, LABELS, PARAMS, TOKENIZER,
                               existing_run_files, label_names, read_config, read_tokenizer,
@@ -101,10 +103,14 @@ def check_out_dir(out: Path, force: bool) -> None:
 def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
   """A complete HF folder (see the module docstring) from a workdir's latest params."""
   wd, out = Path(workdir), Path(out_dir)
-  check_out_dir(out, force)
   cfg = read_config(wd)
-  tok = workdir_tokenizer(wd)
   params = workdir_params(wd)
+  if any(is_qarray(x) for x in jax.tree.leaves(params, is_leaf=is_qarray)):
+    raise UserError(f"--workdir {wd} holds int8/int4 codes (lmos compress --method int8|int4) "
+                    "and a Hugging Face folder holds float weights: export its source run, or "
+                    "a pruned, trimmed or distilled one")
+  check_out_dir(out, force)
+  tok = workdir_tokenizer(wd)
   vocab = int(np.asarray(params["embed"]).shape[0])
   if cfg.peft.method != "full":  # fold LoRA/AdaLoRA into the kernels
     params = merged_params(model_factory(cfg.model, vocab), cfg.peft, params)

@@ -5,7 +5,8 @@ A workdir holds `config.json` (the run's config), `tokenizer.json` (the tokenize
 `checkpoints/STEP/{state,meta}` (orbax train states and their JSON record); a PEFT run adds
 `adapters.safetensors`, `lmos compress` adds `compress/VARIANT.safetensors`, and
 `lmos convert --from-hf` writes `params/`, `hf_config.json` and `hf_tokenizer/` instead of
-checkpoints. `metrics.jsonl`, `tb/` and `wall_time.jsonl` are training's logs. Generate,
+checkpoints; a run written by `lmos compress --method` holds `params.safetensors` (int8/int4
+codes or sparse kernels, as stored) in their place. `metrics.jsonl`, `tb/` and `wall_time.jsonl` are training's logs. Generate,
 predict, compress, convert and export read a run only through this module, so none of them
 rebuilds the data pipeline (or needs the training text) to load one.
 
@@ -32,6 +33,7 @@ import orbax.checkpoint as ocp
 
 from lmos_jax.config.schema import base_config
 from lmos_jax.errors import UserError
+from lmos_jax.models.quantized import is_qarray
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -44,12 +46,13 @@ META_ITEM = "meta"  # the JSON item: config, step, tokens seen, versions, finger
 ADAPTERS = "adapters.safetensors"
 COMPRESSED = "compress"
 PARAMS = "params"  # params-only orbax tree (lmos convert --from-hf, lmos export)
+COMPRESSED_PARAMS = "params.safetensors"  # lmos compress --method: weights as stored
 HF_CONFIG = "hf_config.json"
 HF_TOKENIZER = "hf_tokenizer"
 WALL_TIME = "wall_time.jsonl"  # one row per `lmos train` invocation: where its wall time went
 # What makes a directory a run: `lmos convert --from-hf` refuses to write over any of these.
-RUN_FILES = (CONFIG, TOKENIZER, LABELS, ITEMS, CHECKPOINTS, ADAPTERS, PARAMS, HF_CONFIG,
-             HF_TOKENIZER)
+RUN_FILES = (CONFIG, TOKENIZER, LABELS, ITEMS, CHECKPOINTS, ADAPTERS, PARAMS, COMPRESSED_PARAMS,
+             HF_CONFIG, HF_TOKENIZER)
 
 
 class CheckpointError(RuntimeError):
@@ -187,7 +190,7 @@ def check_params_fit(abstract: Any, params: Any, where: str) -> None:
   want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(
       abstract)[0]}
   got = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(
-      params)[0]}
+      params, is_leaf=is_qarray)[0]}  # a QArray has the shape of the kernel it stands for
   for name in sorted(set(want) | set(got)):
     if want.get(name) != got.get(name):
       raise UserError(f"{where}: param {name!r} has shape {got.get(name, 'missing')} but the "
@@ -370,8 +373,12 @@ def _latest(workdir: str | Path, sharding) -> Any:
     return checkpoint_params(wd, sharding=sharding)[1]
   if (wd / PARAMS).is_dir():
     return int_keys(restore_tree(wd / PARAMS, sharding))
-  raise UserError(f"--workdir {workdir}: no {CHECKPOINTS}/ or {PARAMS}/ to read; run "
-                  "`lmos train` or `lmos convert --from-hf` into it first")
+  if (wd / COMPRESSED_PARAMS).is_file():
+    from lmos_jax.compress.store import load_compressed
+    params = load_compressed(wd / COMPRESSED_PARAMS)[0]
+    return params if sharding is None else jax.device_put(params, sharding)
+  raise UserError(f"--workdir {workdir}: no {CHECKPOINTS}/, {PARAMS}/ or {COMPRESSED_PARAMS} "
+                  "to read; run `lmos train` or `lmos convert --from-hf` into it first")
 
 
 def int_keys(tree):

@@ -95,14 +95,14 @@ def test_fused_qkv_projection_equals_separate(monkeypatch, use_bias):
   model = GPT(tiny_tcfg(scan_layers=False, pos_emb="rope", use_bias=use_bias),
               rngs=nnx.Rngs(0))
   attn = model.blocks[0].attn
-  assert attn._fusable_qkv()
+  assert attn._fusable_qkv(64) and not attn._fusable_qkv(63)  # x below has 4 x 16 tokens
   graphdef, params = nnx.split(attn)
   if use_bias:  # zero-initialised biases would not show a wrong bias layout
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.1 * jnp.arange(x.size).reshape(x.shape) / x.size
         if "bias" in jax.tree_util.keystr(p) else x, params)
-  x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 32))
-  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 16, 32))
+  positions = jnp.broadcast_to(jnp.arange(16), (4, 16))
 
   def project(p):
     return nnx.merge(graphdef, p).project_qkv(x, positions)
@@ -111,7 +111,7 @@ def test_fused_qkv_projection_equals_separate(monkeypatch, use_bias):
     return sum(jnp.sum(jnp.sin(a) * w) for a, w in zip(project(p), (1.0, 2.0, 3.0), strict=True))
 
   fused, g_fused = project(params), jax.grad(loss)(params)
-  monkeypatch.setattr(Attention, "_fusable_qkv", lambda self: False)
+  monkeypatch.setattr(Attention, "_fusable_qkv", lambda self, n: False)
   separate, g_separate = project(params), jax.grad(loss)(params)
   # the same 32-term dot products, from one stacked matmul or three: TOL's reordering bound
   assert_trees_close(fused, separate, **TOL)

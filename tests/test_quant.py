@@ -7,9 +7,11 @@ import pytest
 from flax import nnx
 
 from lmos_jax.compress.kernels import KernelLayout, kernel_layouts
-from lmos_jax.compress.quantize import (QArray, dequantize_kernel, dequantize_params,
-                                         fake_quant, pack_int4, param_bytes, qat_loss,
-                                         quantize_kernel, quantize_params, unpack_int4)
+from lmos_jax.compress.quantize import (dequantize_kernel, dequantize_params, fake_quant,
+                                         param_bytes, qat_loss, quantize_kernel,
+                                         quantize_params)
+from lmos_jax.models.decode import Decoder
+from lmos_jax.models.quantized import QArray, pack_halves, unpack_halves
 from lmos_jax.compress.store import load_compressed, save_params
 from lmos_jax.models.gpt import GPT
 from lmos_jax.models.layers import TransformerConfig
@@ -39,14 +41,37 @@ def test_roundtrip_error_within_half_step_per_channel(bits, group):
   bound = np.broadcast_to(step / 2 + 2 * np.finfo(np.float32).eps * amax, wv.shape)
   assert np.all(err <= bound.reshape(3, 32, 20))
   assert err.max() > 0  # it did quantize
-  assert qa.q.dtype == (jnp.uint8 if bits == 4 else jnp.int8)
+  assert qa.q.dtype == jnp.int8 and qa.q.shape == (3, 32 if bits == 8 else 16, 20)
+  assert qa.shape == w.shape and qa.scale.shape == (3, 32 // g, 20)
 
 
 def test_int4_packing_roundtrip_and_size():
-  q = jnp.arange(-7, 8, dtype=jnp.int8)  # 15 codes: odd length pads one nibble
-  packed = pack_int4(q)
-  assert packed.shape == (8,) and packed.dtype == jnp.uint8
-  np.testing.assert_array_equal(np.asarray(unpack_int4(packed, 15)), np.asarray(q))
+  q = jnp.arange(-8, 8, dtype=jnp.int8).reshape(2, 8, 1)
+  q = jnp.concatenate([q, 7 - q - 8], axis=-1)  # every code in [-8, 7], in both halves
+  packed = pack_halves(q)
+  assert packed.shape == (2, 4, 2) and packed.dtype == jnp.int8
+  np.testing.assert_array_equal(np.asarray(unpack_halves(packed)), np.asarray(q))
+
+
+@pytest.mark.parametrize("bits,group,in_shape,out_shape",
+                         [(8, 0, (64,), (48,)), (8, 16, (64,), (48,)), (4, 0, (64,), (48,)),
+                          (4, 8, (4, 16), (48,)), (4, 16, (64,), (3, 16))])
+def test_quantized_matmul_equals_the_dequantized_reference(bits, group, in_shape, out_shape):
+  # A numpy reference from the codes and scales alone: w = codes * scale per (group, output)
+  w = jax.random.normal(jax.random.PRNGKey(bits * group + 1), (*in_shape, *out_shape))
+  qa = quantize_kernel(w, KernelLayout(batch_ndim=0, in_ndim=len(in_shape)), bits, group)
+  i, o = int(np.prod(in_shape)), int(np.prod(out_shape))
+  codes = np.asarray(unpack_halves(qa.q) if bits == 4 else qa.q).astype(np.float64)
+  g = i if group == 0 else group
+  w_ref = (codes.reshape(i // g, g, o) * np.asarray(qa.scale, np.float64)[:, None]).reshape(i, o)
+  np.testing.assert_array_equal(np.asarray(qa.dequantize()).reshape(i, o),
+                                w_ref.astype(np.float32))
+  x = jax.random.normal(jax.random.PRNGKey(7), (5, 3, *in_shape))
+  y = np.asarray(jax.jit(qa.matmul)(x)).reshape(15, o)
+  y_ref = np.asarray(x, np.float64).reshape(15, i) @ w_ref
+  # f32 dot of 64 terms |x w| <= ~4: a few ulps of the sum of |terms| (~1e-5); atol 1e-4
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+  assert y.shape == (15, o) and np.abs(y_ref).max() > 1
 
 
 def test_quantized_model_saves_loads_and_runs(tmp_path):
@@ -58,21 +83,39 @@ def test_quantized_model_saves_loads_and_runs(tmp_path):
   # (7%) of its group's largest; two layers of dot products compound that: 0.02 / 0.3 of the
   # largest logit (not f32 noise: these bound the quantization itself)
   for bits, tol in [(8, 0.02), (4, 0.3)]:
-    qp = quantize_params(graphdef, params, bits, group_size=8)
+    qp = quantize_params(graphdef, params, bits, group_size=8, tied_embedding=True)
     n_q = sum(isinstance(x, QArray) for x in jax.tree.leaves(
         qp, is_leaf=lambda x: isinstance(x, QArray)))
-    assert n_q == 2 * 6  # q, k, v, out, up, down per layer
+    assert n_q == 2 * 6 + 1  # q, k, v, out, up, down per layer and the tied embedding
     size = save_params(qp, tmp_path / f"int{bits}.safetensors")
     loaded, _ = load_compressed(tmp_path / f"int{bits}.safetensors")
     assert isinstance(loaded["blocks"][1]["mlp"]["up"]["kernel"], QArray)
-    out = jax.jit(lambda p, t: nnx.merge(graphdef, dequantize_params(p))(t))(loaded, tokens)
+    out = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(loaded, tokens)
     rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
     assert 0 < rel < tol, (bits, rel)
+    # the quantized forward (codes converted in each matmul) equals the float model made
+    # from the dequantized weights: only the order of the scale multiply differs (f32 ulps)
+    deq = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(dequantize_params(loaded), tokens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(deq), rtol=1e-5, atol=1e-5)
     sizes[bits] = size
     assert param_bytes(qp) < param_bytes(params)
-  # embeddings, norms and the JSON header stay; kernels shrink 4x (int8) and 8x (int4)
+  # norms, biases, positions and the JSON header stay; kernels and the tied table shrink
+  # ~4x (int8) and ~8x (int4), less the f32 scale of every 8 weights
   dense_size = save_params(params, tmp_path / "dense.safetensors")
   assert sizes[8] < 0.6 * dense_size and sizes[4] < sizes[8] - 16384 // 4
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_quantized_decoder_equals_the_dequantized_model(scan):
+  # Greedy KV-cache decoding with QArrays in every layer (sliced by the layer scan) and as
+  # the tied embedding picks the tokens the float model of the dequantized weights picks.
+  graphdef, params = tiny(scan=scan)
+  qp = quantize_params(graphdef, params, 4, group_size=8, tied_embedding=True)
+  dec = Decoder(graphdef, cache_len=16)
+  prompts = [[1, 2, 3], [4]]
+  got = [list(map(int, t)) for t in dec.generate(qp, prompts, 12).tokens]
+  want = [list(map(int, t)) for t in dec.generate(dequantize_params(qp), prompts, 12).tokens]
+  assert got == want and all(len(t) == 12 for t in got)
 
 
 def test_fake_quant_straight_through_and_qat_loss():

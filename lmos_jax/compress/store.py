@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lmos_jax.tree import key_path
-from lmos_jax.compress.quantize import QArray, is_qarray
+from lmos_jax.models.quantized import QArray, is_qarray
 
 
 def _name(path: tuple) -> str:
@@ -40,7 +40,7 @@ def save_params(params: Any, path: str | Path, *, sparse: bool = False,
       tensors[name + ".q"] = np.asarray(leaf.q)
       tensors[name + ".scale"] = np.asarray(leaf.scale)
       entry.update(kind="quant", bits=leaf.bits, group_size=leaf.group_size,
-                   shape=list(leaf.shape))
+                   kernel_shape=list(leaf.kernel_shape), in_ndim=leaf.in_ndim)
     else:
       x = np.asarray(leaf)
       nz = x != 0
@@ -77,9 +77,12 @@ def load_compressed(path: str | Path) -> tuple[dict, dict]:
     keys = [_key(t, k) for t, k in entry["path"]]
     name = entry["name"]
     if entry["kind"] == "quant":
+      if "kernel_shape" not in entry:
+        raise ValueError(f"{path}: quantized with an older lmos layout (int codes packed "
+                         "differently); run `lmos compress` on the source run again")
       leaf = QArray(jax.numpy.asarray(tensors[name + ".q"]),
                     jax.numpy.asarray(tensors[name + ".scale"]), entry["bits"],
-                    entry["group_size"], tuple(entry["shape"]))
+                    entry["group_size"], tuple(entry["kernel_shape"]), entry["in_ndim"])
     elif entry["kind"] == "sparse":
       shape = tuple(entry["shape"])
       nz = np.unpackbits(tensors[name + ".mask"])[:int(np.prod(shape))].astype(bool)

@@ -45,7 +45,7 @@ def hidden_states(graphdef, params: dict, tokens_BT: Array) -> Array:
   model = nnx.merge(graphdef, params)
   b, t = tokens_BT.shape
   pos_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  x = model.embed_tokens(tokens_BT, pos_BT, model.embed.dtype)
+  x = model.embed_tokens(tokens_BT, pos_BT, model.dtype)
   outs = [x]
   if model.cfg.scan_layers:
     gd, st = nnx.split(model.blocks)

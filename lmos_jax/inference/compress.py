@@ -1,7 +1,12 @@
 """`lmos compress`: make a trained model smaller and show the price in quality and speed.
 
-  lmos compress --workdir DIR [--recipe dense,int8,int4,prune50,nm24,trim,distill]
+  lmos compress --workdir DIR --method M --out NEWDIR [--data PATH]
+  lmos compress --workdir DIR [--report] [--recipe dense,int8,int4,prune50,nm24,trim,distill]
                 [--heal-steps N] [--distill-steps N] [--data PATH] [--out DIR] [--force]
+
+With --method, one compressed model is written as a new run (lmos_jax.inference
+.compress_run lists the methods) that generate, predict, serve and convert load. Without it
+(or with --report), every recipe is built and compared:
 
 Every variant is saved as it is stored (int8/int4 codes; pruned kernels as nonzeros + a
 bitmask) and measured the same way: weights and nonzero weights, bytes on disk, validation
@@ -29,6 +34,7 @@ import optax
 from flax import nnx
 
 from lmos_jax.errors import ArgumentParser, UserError, existing_dir, number
+from lmos_jax.inference.compress_run import compress_to_workdir, eval_data_config
 from lmos_jax.models.decode import Decoder
 from lmos_jax.compress.distill import distill_loss
 from lmos_jax.train.heal import finetune, lora_heal
@@ -74,8 +80,8 @@ class Options:
 
 
 def val_loss(graphdef, params, batches: list[dict]) -> float:
-  """Token-weighted mean cross-entropy; quantized kernels dequantize inside the step."""
-  fn = jax.jit(lambda p, b: lm_loss(nnx.merge(graphdef, dequantize_params(p)), b, None)[:2])
+  """Token-weighted mean cross-entropy; quantized kernels stay quantized in the step."""
+  fn = jax.jit(lambda p, b: lm_loss(nnx.merge(graphdef, p), b, None)[:2])
   tot = wsum = 0.0
   for b in batches:
     s, w = jax.device_get(fn(params, b))
@@ -91,7 +97,7 @@ def decode_speeds(variants: list[Variant], cache_len: int, batch: int, prompt_id
   the best pass counts, so load from other processes hits every variant alike.
   """
   prompts = [[prompt_id]] * batch
-  decs = {v.name: Decoder(v.graphdef, cache_len, materialize=dequantize_params)
+  decs = {v.name: Decoder(v.graphdef, cache_len)
           for v in variants}
   for v in variants:
     decs[v.name].generate(v.params, prompts, cache_len - 1)  # compile
@@ -222,17 +228,6 @@ def plot(rows: list[dict], path: Path) -> None:
   plt.close(fig)
 
 
-def eval_data_config(cfg, data_path: str | None):
-  """The run's config with `--data PATH` (if given) as its only text source: a text/files
-  source keeps its kind and format, anything else becomes whole-file text."""
-  cfg = cfg.copy_and_resolve_references()
-  if data_path:
-    d = cfg.data
-    d.source = d.source if d.source in ("text", "files") else "text"
-    d.path, d.val_path, d.mixture, d.streaming = data_path, "", (), False
-  return cfg
-
-
 def load_source(workdir: str, data_path: str | None = None) -> tuple[Source, Any]:
   """(Source, dense params on the host) from a trained language-model workdir."""
   from lmos_jax.data.build import build_data
@@ -289,6 +284,12 @@ def compress(workdir: str, recipes: list[str], out_dir: Path, opts: Options,
 def main(argv: list[str]) -> int:
   p = ArgumentParser(prog=argv[0], description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, type=existing_dir("config.json"))
+  p.add_argument("--method", default=None,
+                 help="write one compressed model as the run --out: int8, int4[:group=G], "
+                      "prune:alpha=A, prune:sparsity=S, nm:N:M, trim:layers=N, "
+                      "distill:layers=N[,steps=S]")
+  p.add_argument("--report", action="store_true",
+                 help="compare the --recipe variants in a report (the default without --method)")
   p.add_argument("--recipe", default=",".join(RECIPES),
                  help=f"comma-separated subset of {','.join(RECIPES)}")
   p.add_argument("--out", default=None, help=f"default: WORKDIR/{COMPRESSED}")
@@ -303,6 +304,10 @@ def main(argv: list[str]) -> int:
                       "tokenized with the run's tokenizer; default: the run's own data block "
                       "(config.json)")
   a = p.parse_args(argv[1:])
+  if a.method is not None:
+    if a.report or not a.out:
+      p.error("--method writes one model to a new run: give --out NEWDIR (and no --report)")
+    return method_main(a)
   recipes = [r.strip() for r in a.recipe.split(",") if r.strip()]
   bad = [r for r in recipes if r not in RECIPES]
   if bad or not recipes:
@@ -318,3 +323,32 @@ def main(argv: list[str]) -> int:
   print(markdown(rows))
   print(f"lmos compress: wrote {out / 'report.md'}, report.json, compress.png", flush=True)
   return 0
+
+
+def method_main(a) -> int:
+  """`lmos compress --method M --out NEWDIR`: the new run, its size and (for a language
+  model) validation loss before and after, on the source run's data."""
+  try:
+    rec = compress_to_workdir(a.workdir, a.method, a.out, a.data)
+    line = (f"lmos compress: {rec['method']} -> {a.out}: {rec['note']}; weights "
+            f"{rec['source_weight_bytes']:,} -> {rec['weight_bytes']:,} bytes in memory, "
+            f"{rec['bytes_on_disk']:,} on disk ({rec['seconds']:.0f}s)")
+    print(line, flush=True)
+    if read_task(a.workdir) == "lm":
+      src, params = load_source(a.workdir, a.data)
+      new, new_params = load_source(a.out, a.data)
+      batches = src.data.val_batches()
+      print(f"lmos compress: validation loss {val_loss(src.graphdef, params, batches):.4f} "
+            f"-> {val_loss(new.graphdef, new_params, batches):.4f}", flush=True)
+    else:
+      print(f"lmos compress: score it with `lmos predict --workdir {a.out} --input DEV.tsv` "
+            "(accuracy and macro-F1 of a labelled file)", flush=True)
+  except UserError as e:
+    print(f"lmos compress: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def read_task(workdir: str) -> str:
+  from lmos_jax.workdir import read_config
+  return read_config(workdir).task

@@ -33,9 +33,10 @@ import numpy as np
 
 from lmos_jax.errors import UserError
 from lmos_jax.inference.inputs import InputSpec, Row, check_gold, read_rows, stdin_groups
+from lmos_jax.models.quantized import is_qarray
 from lmos_jax.parallel.compile_cache import enable_compile_cache
-from lmos_jax.workdir import (ADAPTERS, label_names, model_layout, read_config, read_tokenizer,
-                              workdir_params)
+from lmos_jax.workdir import (ADAPTERS, check_params_fit, label_names, model_layout,
+                              read_config, read_tokenizer, workdir_params)
 
 CHUNK_BATCHES = 32  # files: rows are sorted by length within chunks of this many batches
 
@@ -52,7 +53,12 @@ def classifier_params(cfg, workdir: Path, abstract: dict) -> dict:
     params = overlay_params(zeros, flat_base, f"model.init_from={cfg.model.init_from}")
     flat, _ = load_adapters(str(adapters))
     return overlay_params(params, flat, str(adapters))
-  flat, _ = split_by(workdir_params(workdir), lambda _: True)
+  stored = workdir_params(workdir)
+  if any(is_qarray(x) for x in jax.tree.leaves(stored, is_leaf=is_qarray)):
+    # a quantized run (lmos compress --method int8|int4): complete, kept as codes
+    check_params_fit(abstract, stored, f"--workdir {workdir}")
+    return stored
+  flat, _ = split_by(stored, lambda _: True)
   return overlay_params(zeros, flat, f"--workdir {workdir}")
 
 

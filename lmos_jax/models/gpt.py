@@ -9,6 +9,7 @@ from flax import nnx
 from lmos_jax.models.layers import (Dense, Norm, TransformerConfig, dropout, logits_matmul,
                                     make_blocks, normal, padding_mask, param, run_blocks)
 from lmos_jax.models.layers import attention_mask as segment_mask
+from lmos_jax.models.quantized import is_qarray
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -30,8 +31,17 @@ class GPT(nnx.Module):
                     Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"),
                           use_bias=False, std=cfg.init_std, rngs=rngs))
 
+  @property
+  def dtype(self):
+    """The compute dtype: the embedding's (its scales' for a quantized tied table)."""
+    return self.embed.get_value().dtype
+
   def embed_tokens(self, tokens_BT: Array, positions_BT: Array, dtype) -> Array:
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    table = self.embed.get_value()
+    if is_qarray(table):  # a quantized tied embedding is stored as the LM head's (D, V)
+      x_BTD = table.columns(tokens_BT).astype(dtype)
+    else:
+      x_BTD = jnp.take(table, tokens_BT, axis=0).astype(dtype)
     if self.pos_embed is not None:
       x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(dtype)
     return constrain(x_BTD, ("batch", "length", "act_embed"))
@@ -39,6 +49,10 @@ class GPT(nnx.Module):
   def logits(self, x_BTD: Array) -> Array:
     """LM head in the compute dtype with float32 accumulation and output."""
     x_BTD = self.final_norm(x_BTD)
+    table = self.embed.get_value()
+    if is_qarray(table):
+      logits = table.matmul(x_BTD).astype(jnp.float32)
+      return constrain(logits, ("batch", "length", "act_vocab"))
     if self.lm_head is None:
       w_DV = self.embed[...].astype(x_BTD.dtype).T
     else:
@@ -64,7 +78,7 @@ class GPT(nnx.Module):
     index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions_BT = index_BT if position_ids is None else position_ids
     k_emb, k_blocks = (None, None) if rng is None else jax.random.split(rng)
-    x_BTD = dropout(self.embed_tokens(tokens_BT, positions_BT, self.embed.dtype), cfg.dropout,
+    x_BTD = dropout(self.embed_tokens(tokens_BT, positions_BT, self.dtype), cfg.dropout,
                     k_emb)
     if attention_mask is None and segment_ids is None:
       mask, is_causal = None, True  # plain causal attention: the kernels' fast path

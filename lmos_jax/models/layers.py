@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmos_jax.config.loading import ConfigError
 from lmos_jax.config.schema import CHOICES
+from lmos_jax.models.quantized import is_qarray
 from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
@@ -105,6 +106,7 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+
 class Dense(nnx.Module):
   """y = x @ W + b with a named kernel of shape (in..., out...)."""
 
@@ -116,9 +118,12 @@ class Dense(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: Array) -> Array:
-    w = self.kernel[...]
-    axes = tuple(range(x.ndim - self.in_ndim, x.ndim))
-    y = jnp.tensordot(x, w.astype(x.dtype), axes=(axes, tuple(range(self.in_ndim))))
+    w = self.kernel.get_value()
+    if is_qarray(w):  # a compressed model's kernel: codes converted inside the matmul
+      y = w.matmul(x)
+    else:
+      axes = tuple(range(x.ndim - self.in_ndim, x.ndim))
+      y = jnp.tensordot(x, w.astype(x.dtype), axes=(axes, tuple(range(self.in_ndim))))
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y
@@ -223,6 +228,8 @@ def blocked_attention(q_BNTH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Ar
 class Attention(nnx.Module):
   """Multi-head or grouped-query attention with optional RoPE."""
 
+  FUSE_QKV_MIN_TOKENS = 64  # fewer tokens per call (a decode step): three matmuls
+
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
@@ -236,15 +243,22 @@ class Attention(nnx.Module):
     self.out = Dense((n, h), (d,), ("heads", "head_dim", "embed"), use_bias=cfg.use_bias,
                      std=out_std, rngs=rngs)
 
-  def _fusable_qkv(self) -> bool:
-    """q, k, v are plain Dense of the same shape (not LoRA/quantized): one matmul does all."""
+  def _fusable_qkv(self, n_tokens: int) -> bool:
+    """q, k, v are plain Dense of the same shape (not LoRA/quantized): one matmul does all.
+
+    Not for a few tokens (a decode step): stacking copies the three kernels on every call,
+    which costs more than the two matmul calls it saves (at GPT-2's size on CPU, 13% of a
+    batch-1 decode step).
+    """
     mods = (self.query, self.key, self.value)
-    return (all(type(m) is Dense for m in mods) and self.cfg.kv_heads == self.cfg.num_heads
+    return (n_tokens >= self.FUSE_QKV_MIN_TOKENS
+            and all(type(m) is Dense and not is_qarray(m.kernel.get_value()) for m in mods)
+            and self.cfg.kv_heads == self.cfg.num_heads
             and len({m.bias is None for m in mods}) == 1)
 
   def project_qkv(self, x_BTD: Array, positions_BT: Array) -> tuple[Array, Array, Array]:
     cfg = self.cfg
-    if self._fusable_qkv():
+    if self._fusable_qkv(x_BTD.shape[0] * x_BTD.shape[1]):
       # Stack the three kernels on a new (unsharded) axis: one (D, 3, N, H) matmul instead of
       # three, with the heads axis keeping its tensor-parallel sharding.
       w = jnp.stack([m.kernel[...] for m in (self.query, self.key, self.value)], axis=1)

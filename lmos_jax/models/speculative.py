@@ -132,8 +132,8 @@ def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_param
   check_cache_len(draft.cfg, s)
   check_same_vocab(target.cfg.vocab_size, draft.cfg.vocab_size)
   # k spare slots: a verify chunk near the end writes past S_max; those tokens are never kept
-  t_cache = init_cache(target.cfg, b, s + k, target.embed.dtype)
-  d_cache = init_cache(draft.cfg, b, s + k, draft.embed.dtype)
+  t_cache = init_cache(target.cfg, b, s + k, target.dtype)
+  d_cache = init_cache(draft.cfg, b, s + k, draft.dtype)
   zeros_B = jnp.zeros((b,), jnp.int32)
   _, t_cache = forward_cached(target, tokens_BP, zeros_B, t_cache, zeros_B)
   _, d_cache = forward_cached(draft, tokens_BP, zeros_B, d_cache, zeros_B)

@@ -1,0 +1,216 @@
+"""`lmos compress --method M --out DIR`: one compressed model, written as a workdir.
+
+The output is a run like any other (config.json, tokenizer.json, labels.json for a
+classifier) whose weights are `params.safetensors` as they are stored: int8/int4 codes
+(lmos_jax.models.quantized.QArray, multiplied as codes), pruned kernels as nonzeros + a
+bitmask. `lmos generate`, `lmos predict`, `lmos serve` and `lmos convert --to-hf` (dense,
+pruned and trimmed models) load it through lmos_jax.workdir like a trained run; a trimmed or
+distilled model's config.json records its real number of layers. The source run is never
+written to; an existing --out run is refused.
+
+Methods (M):
+  int8                   weight-only, one scale per output channel
+  int4[:group=G]         weight-only, one scale per G inputs (default 32; 0 per channel)
+  prune:alpha=A          W * (|W| >= A * max|W|) per Dense kernel
+  prune:sparsity=S       the smallest S of each Dense kernel's weights set to zero
+  nm:N:M                 N nonzeros in every M consecutive inputs (2:4 by default)
+  trim:layers=N          language models: keep N layers, dropping the block of consecutive
+                         layers whose input and output hidden states are closest in angle
+  distill:layers=N[,steps=S]
+                         language models: a student of N evenly spaced teacher layers,
+                         trained S steps (default 300) on the run's data against the teacher
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmos_jax.compress.kernels import kernel_layouts
+from lmos_jax.compress.prune import (alpha_max_masks, apply_masks, layerwise_masks, nm_masks,
+                                      total_sparsity)
+from lmos_jax.compress.quantize import param_bytes, quantize_params
+from lmos_jax.compress.store import save_params
+from lmos_jax.compress.trim import drop_layers, least_important_block
+from lmos_jax.errors import UserError
+from lmos_jax.workdir import (COMPRESSED_PARAMS, existing_run_files, label_names, read_config,
+                              read_tokenizer, workdir_params, write_config, write_labels,
+                              write_tokenizer)
+
+LM_ONLY = ("trim", "distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A parsed --method: its kind and numeric options."""
+
+  kind: str  # int8 | int4 | prune | nm | trim | distill
+  options: dict
+
+  def describe(self) -> str:
+    if self.kind == "nm":
+      return f"nm:{self.options['n']}:{self.options['m']}"
+    opts = ",".join(f"{k}={v:g}" for k, v in self.options.items())
+    return f"{self.kind}:{opts}" if opts else self.kind
+
+
+def parse_method(spec: str) -> Method:
+  """--method text -> Method; a bad spec is a UserError naming the accepted forms."""
+  kind, _, rest = spec.strip().partition(":")
+  forms = ("int8, int4[:group=G], prune:alpha=A, prune:sparsity=S, nm:N:M, trim:layers=N, "
+           "distill:layers=N[,steps=S]")
+  try:
+    if kind == "nm":
+      n, m = (int(x) for x in (rest or "2:4").split(":"))
+      if not 0 < n < m:
+        raise ValueError
+      return Method("nm", {"n": n, "m": m})
+    opts = {}
+    for part in filter(None, rest.split(",")):
+      key, _, value = part.partition("=")
+      opts[key.strip()] = float(value)
+  except ValueError:
+    raise UserError(f"--method {spec!r}: cannot read its numbers; use one of {forms}") from None
+  allowed = {"int8": set(), "int4": {"group"}, "prune": {"alpha", "sparsity"},
+             "trim": {"layers"}, "distill": {"layers", "steps"}}
+  need = {"prune": 1, "trim": 1, "distill": 1}
+  if kind not in allowed or set(opts) - allowed[kind] or len(opts) < need.get(kind, 0) or (
+      kind == "prune" and len(opts) != 1) or (kind in LM_ONLY and "layers" not in opts):
+    raise UserError(f"--method {spec!r}: expected one of {forms}")
+  if kind == "int4":
+    opts.setdefault("group", 32)
+  if kind == "distill":
+    opts.setdefault("steps", 300)
+  if (opts.get("alpha", 0.5) <= 0 or opts.get("alpha", 0.5) >= 1
+      or not 0 < opts.get("sparsity", 0.5) < 1 or opts.get("group", 0) < 0
+      or opts.get("layers", 1) < 1 or opts.get("steps", 1) < 1):
+    raise UserError(f"--method {spec!r}: alpha and sparsity lie in (0, 1); group >= 0; "
+                    "layers and steps >= 1")
+  return Method(kind, opts)
+
+
+def _quantized(graphdef, params: dict, m: Method) -> tuple[dict, str]:
+  bits, group = (8, 0) if m.kind == "int8" else (4, int(m.options["group"]))
+  try:
+    q = quantize_params(graphdef, params, bits, group)
+  except ValueError as e:
+    raise UserError(f"--method {m.describe()}: {e}") from None
+  return q, f"weight-only int{bits}, {'per channel' if group == 0 else f'groups of {group}'}"
+
+
+def _pruned(graphdef, params: dict, m: Method) -> tuple[dict, str]:
+  layouts = kernel_layouts(graphdef, params)
+  if m.kind == "nm":
+    masks = nm_masks(params, layouts, m.options["n"], m.options["m"])
+  elif "alpha" in m.options:
+    masks = alpha_max_masks(params, layouts, m.options["alpha"])
+  else:
+    masks = layerwise_masks(params, layouts, m.options["sparsity"])
+  pruned = jax.device_get(apply_masks(params, masks))
+  return pruned, f"kernel sparsity {total_sparsity(pruned, layouts):.4f}"
+
+
+def eval_data_config(cfg, data_path: str | None):
+  """The run's config with `--data PATH` (if given) as its only text source: a text/files
+  source keeps its kind and format, anything else becomes whole-file text."""
+  cfg = cfg.copy_and_resolve_references()
+  if data_path:
+    d = cfg.data
+    d.source = d.source if d.source in ("text", "files") else "text"
+    d.path, d.val_path, d.mixture, d.streaming = data_path, "", (), False
+  return cfg
+
+
+def _lm_data(cfg, tok, data_path: str | None):
+  from lmos_jax.data.build import build_data
+  try:
+    return build_data(eval_data_config(cfg, data_path), tokenizer=tok)
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(f"{'--data ' + data_path if data_path else 'the run data block'}: {e}"
+                    ) from None
+
+
+def _fewer_layers(graphdef, params: dict, m: Method, data, seed: int) -> tuple[Any, dict, str]:
+  n = nnx.merge(graphdef, params).cfg.num_layers
+  keep = int(m.options["layers"])
+  if keep >= n:
+    raise UserError(f"--method {m.describe()}: the model has {n} layers; keep fewer")
+  if m.kind == "trim":
+    calib = jnp.asarray(data.train_batch(0)["inputs"])
+    start, _ = least_important_block(graphdef, params, calib, n - keep)
+    gd, p = drop_layers(graphdef, params, range(start, start + n - keep))
+    return gd, jax.device_get(p), f"dropped layers {start}..{start + n - keep - 1} of {n}"
+  from lmos_jax.compress.distill import distill_loss
+  from lmos_jax.train.heal import finetune
+  kept = sorted({round(i * (n - 1) / max(keep - 1, 1)) for i in range(keep)})
+  sgd, sparams = drop_layers(graphdef, params, [i for i in range(n) if i not in kept])
+  teacher = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+
+  def with_teacher(b):
+    return {**b, "teacher_logits": teacher(params, b["inputs"])}
+  steps = int(m.options["steps"])
+  sparams, losses = finetune(sgd, sparams, data, steps, lr=1e-3,
+                             loss_fn=distill_loss(2.0, 0.5), batch_fn=with_teacher, seed=seed)
+  return sgd, jax.device_get(sparams), (f"student of teacher layers {kept}, {steps} steps, "
+                                        f"final train loss {losses[-1]:.3f}")
+
+
+def _source(workdir: str):
+  """(config, tokenizer, model graph, dense host params) of the run to compress."""
+  from lmos_jax.workdir import check_params_fit, model_layout
+  cfg = read_config(workdir)
+  if cfg.task not in ("lm", "cls"):
+    raise UserError(f"--workdir {workdir}: task {cfg.task!r}; --method compresses language "
+                    "models (task lm) and classifiers (task cls)")
+  if cfg.peft.method != "full":
+    raise UserError(f"--workdir {workdir}: peft.method={cfg.peft.method}; compress a fully "
+                    "finetuned run (its adapters are not merged into the base here)")
+  tok = read_tokenizer(workdir)
+  graphdef, abstract = model_layout(cfg, tok.vocab_size)
+  params = workdir_params(workdir)
+  check_params_fit(abstract, params, f"--workdir {workdir}")
+  return cfg, tok, graphdef, params
+
+
+def compress_to_workdir(workdir: str, spec: str, out: str, data_path: str | None = None,
+                        seed: int = 0) -> dict:
+  """Compresses the run in `workdir` by `spec` into the new run `out`; returns its record."""
+  m = parse_method(spec)
+  out_dir = Path(out).absolute()
+  if existing_run_files(out_dir):
+    raise UserError(f"--out {out_dir} already holds {', '.join(existing_run_files(out_dir))}; "
+                    "pick a new directory (a run is never overwritten)")
+  if Path(workdir).absolute() == out_dir:
+    raise UserError("--out must differ from --workdir (the source run is kept as it is)")
+  t0 = time.perf_counter()
+  cfg, tok, graphdef, params = _source(workdir)
+  if m.kind in LM_ONLY and cfg.task != "lm":
+    raise UserError(f"--method {m.kind}: for language-model runs (task lm); {workdir} is a "
+                    f"{cfg.task!r} run: use int8, int4, prune or nm")
+  new_cfg = cfg.copy_and_resolve_references()
+  if m.kind in ("int8", "int4"):
+    stored, note = _quantized(graphdef, params, m)
+  elif m.kind in ("prune", "nm"):
+    stored, note = _pruned(graphdef, params, m)
+  else:
+    data = _lm_data(cfg, tok, data_path)
+    _, stored, note = _fewer_layers(graphdef, params, m, data, seed)
+    new_cfg.model.num_layers = int(m.options["layers"])
+  record = {"method": m.describe(), "source": str(Path(workdir).absolute()), "note": note,
+            "weight_bytes": param_bytes(stored), "source_weight_bytes": param_bytes(params)}
+  out_dir.mkdir(parents=True, exist_ok=True)
+  size = save_params(stored, out_dir / COMPRESSED_PARAMS, sparse=m.kind in ("prune", "nm"),
+                     extra=record)
+  write_config(out_dir, new_cfg)
+  write_tokenizer(out_dir, tok)
+  if cfg.task == "cls":
+    write_labels(out_dir, label_names(workdir))
+  record.update(bytes_on_disk=size, seconds=round(time.perf_counter() - t0, 1))
+  return record
+
