@@ -14,7 +14,7 @@ quality: the share of greedy tokens equal to dense float32's and, with --quant-w
 
 With --spec-workdir RUN, it also times greedy batch-1 generation of that trained GPT plainly
 and speculatively, the draft being RUN's first --draft-layers layers (compress.trim
-.drop_layers, no retraining), for each --draft-tokens k: tokens/s, the draft acceptance
+.drop_layers, no retraining) or the run --spec-draft-workdir, for each --draft-tokens k: tokens/s, the draft acceptance
 rate, whether the output equals the plain greedy output token for token, and the speed-up.
 
   python3 experiments/bench_decode.py                    # small GPT-2 shape, CPU-friendly
@@ -126,6 +126,9 @@ def main() -> None:
   ap.add_argument("--int4-group", type=int, default=32, help="int4 group size (0: per channel)")
   ap.add_argument("--spec-workdir", default=None, help="a trained GPT run: speculative rows")
   ap.add_argument("--draft-layers", type=int, default=2)
+  ap.add_argument("--spec-draft-workdir", default=None,
+                  help="a draft run for the speculative rows (default: the target's first "
+                       "--draft-layers layers, untrained)")
   ap.add_argument("--draft-tokens", default="2,3,4")
   ap.add_argument("--spec-prompt", default="\n")
   ap.add_argument("--write-draft", default=None,
@@ -215,8 +218,14 @@ def speculative_rows(args) -> None:
 
   run = load_trained(args.spec_workdir)
   n_layers = run.cfg.model.num_layers
-  keep = args.draft_layers
-  dgd, dparams = drop_layers(run.graphdef, run.params, list(range(keep, n_layers)))
+  if args.spec_draft_workdir:  # e.g. `lmos compress --method distill:layers=2` of the target
+    draft = load_trained(args.spec_draft_workdir)
+    dgd, dparams, keep = draft.graphdef, draft.params, draft.cfg.model.num_layers
+    what = f"{args.spec_draft_workdir} ({keep} layers"
+  else:
+    keep = args.draft_layers
+    dgd, dparams = drop_layers(run.graphdef, run.params, list(range(keep, n_layers)))
+    what = f"its first {keep} layers ("
   if args.write_draft:
     dcfg = run.cfg.copy_and_resolve_references()
     dcfg.model.num_layers = keep
@@ -228,8 +237,8 @@ def speculative_rows(args) -> None:
   ref = plain.generate(run.params, prompt, n).tokens[0]
   t_plain = best_time(lambda: plain.generate(run.params, prompt, n), args.repeats)
   print(f"\nspeculative: target {args.spec_workdir} ({n_layers} layers, "
-        f"{count_params(run.params):,} params), draft = its first {keep} layers "
-        f"({count_params(dparams):,} params); greedy, batch 1, prompt {args.spec_prompt!r}, "
+        f"{count_params(run.params):,} params), draft = {what}"
+        f"{count_params(dparams):,} params); greedy, batch 1, prompt {args.spec_prompt!r}, "
         f"{n} new tokens, best of {args.repeats}")
   print("\n| decoder | draft tokens k | acceptance | tokens/s | speed-up | same greedy output |"
         "\n|---|---:|---:|---:|---:|---|")
