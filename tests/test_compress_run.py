@@ -96,7 +96,8 @@ def test_classifier_int8_predicts_like_its_source(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["int3", "prune", "prune:alpha=2", "nm:4:2", "trim",
-                                  "int4:group=x", "prune:alpha=0.1,sparsity=0.5"])
+                                  "int4:group=x", "prune:alpha=0.1,sparsity=0.5",
+                                  "trim:layers=1.5", "int8:group=3", "distill:steps=3"])
 def test_bad_methods_are_one_line_errors(spec):
   with pytest.raises(UserError, match="--method"):
     parse_method(spec)

@@ -275,14 +275,20 @@ def serving(app):
   assert not thread.is_alive()
 
 
-def test_generate_serves_a_decoder_workdir(tmp_path):
-  """A tiny char GPT (random weights): /v1/generate answers, its bad requests are 422, and
-  the classifier endpoints say which workdir they need."""
+@pytest.mark.parametrize("method", [None, "int4:group=8"])
+def test_generate_serves_a_decoder_workdir(tmp_path, method):
+  """A tiny char GPT (random weights), as trained or as `lmos compress --method` wrote it:
+  /v1/generate answers, its bad requests are 422, and the classifier endpoints say which
+  workdir they need."""
   from helpers import tiny_gpt_workdir
+  from lmos_jax.inference.compress_run import compress_to_workdir
   from lmos_jax.inference.generate import load_trained
   from lmos_jax.models.decode import Decoder
   from lmos_jax.serve.server import GeneratorEngine, create_app
   wd = tiny_gpt_workdir(tmp_path / "wd", "abcdefghijklmnopqrstuvwxyz .\n", 2)
+  if method:
+    compress_to_workdir(str(wd), method, str(tmp_path / "compressed"))
+    wd = tmp_path / "compressed"
   run = load_trained(wd)
   app = create_app(GeneratorEngine(run, Decoder(run.graphdef, run.cfg.model.max_seq_len)),
                    model_name="lm", max_batch=8, max_wait_s=0.0, queue_size=4)

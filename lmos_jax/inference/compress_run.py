@@ -60,39 +60,42 @@ class Method:
     return f"{self.kind}:{opts}" if opts else self.kind
 
 
+# kind -> (the sets of required options, one of which must be given exactly; defaults)
+METHOD_OPTIONS = {"int8": ([set()], {}), "int4": ([set()], {"group": 32}),
+                  "prune": ([{"alpha"}, {"sparsity"}], {}), "trim": ([{"layers"}], {}),
+                  "distill": ([{"layers"}], {"steps": 300})}
+METHOD_FORMS = ("int8, int4[:group=G], prune:alpha=A, prune:sparsity=S, nm:N:M, "
+                "trim:layers=N, distill:layers=N[,steps=S]")
+
+
+def _in_range(key: str, v: float) -> bool:
+  if key in ("alpha", "sparsity"):
+    return 0 < v < 1
+  return v == int(v) and v >= (0 if key == "group" else 1)
+
+
 def parse_method(spec: str) -> Method:
   """--method text -> Method; a bad spec is a UserError naming the accepted forms."""
   kind, _, rest = spec.strip().partition(":")
-  forms = ("int8, int4[:group=G], prune:alpha=A, prune:sparsity=S, nm:N:M, trim:layers=N, "
-           "distill:layers=N[,steps=S]")
+  bad = UserError(f"--method {spec!r}: expected one of {METHOD_FORMS} (alpha and sparsity "
+                  "in (0, 1); group >= 0, layers and steps >= 1, whole numbers)")
   try:
     if kind == "nm":
       n, m = (int(x) for x in (rest or "2:4").split(":"))
       if not 0 < n < m:
-        raise ValueError
+        raise bad
       return Method("nm", {"n": n, "m": m})
-    opts = {}
-    for part in filter(None, rest.split(",")):
-      key, _, value = part.partition("=")
-      opts[key.strip()] = float(value)
+    opts = {k.strip(): float(v) for k, _, v in
+            (part.partition("=") for part in filter(None, rest.split(",")))}
   except ValueError:
-    raise UserError(f"--method {spec!r}: cannot read its numbers; use one of {forms}") from None
-  allowed = {"int8": set(), "int4": {"group"}, "prune": {"alpha", "sparsity"},
-             "trim": {"layers"}, "distill": {"layers", "steps"}}
-  need = {"prune": 1, "trim": 1, "distill": 1}
-  if kind not in allowed or set(opts) - allowed[kind] or len(opts) < need.get(kind, 0) or (
-      kind == "prune" and len(opts) != 1) or (kind in LM_ONLY and "layers" not in opts):
-    raise UserError(f"--method {spec!r}: expected one of {forms}")
-  if kind == "int4":
-    opts.setdefault("group", 32)
-  if kind == "distill":
-    opts.setdefault("steps", 300)
-  if (opts.get("alpha", 0.5) <= 0 or opts.get("alpha", 0.5) >= 1
-      or not 0 < opts.get("sparsity", 0.5) < 1 or opts.get("group", 0) < 0
-      or opts.get("layers", 1) < 1 or opts.get("steps", 1) < 1):
-    raise UserError(f"--method {spec!r}: alpha and sparsity lie in (0, 1); group >= 0; "
-                    "layers and steps >= 1")
-  return Method(kind, opts)
+    raise bad from None
+  if kind not in METHOD_OPTIONS:
+    raise bad
+  required, defaults = METHOD_OPTIONS[kind]
+  if set(opts) - set(defaults) not in required or not all(
+      _in_range(k, v) for k, v in opts.items()):
+    raise bad
+  return Method(kind, {**opts, **{k: v for k, v in defaults.items() if k not in opts}})
 
 
 def _quantized(graphdef, params: dict, m: Method) -> tuple[dict, str]:
