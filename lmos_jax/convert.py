@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -28,7 +27,7 @@ from lmos_jax.models.factory import model_factory
 from lmos_jax.models.hf import (HFSpec, copy_tokenizer, load_hf_params,
                                 model_config_from_spec, read_hf_config, save_hf,
                                 spec_from_lmos_config)
-from lmos_jax.models.quantized import is_qarray
+from lmos_jax.models.quantized import has_qarrays
 from lmos_jax.peft.methods import merged_params
 from lmos_jax.workdir import (HF_CONFIG, HF_TOKENIZER, LABELS, PARAMS, TOKENIZER,
                               existing_run_files, label_names, read_config, read_tokenizer,
@@ -105,7 +104,7 @@ def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path, force: bool = F
   wd, out = Path(workdir), Path(out_dir)
   cfg = read_config(wd)
   params = workdir_params(wd)
-  if any(is_qarray(x) for x in jax.tree.leaves(params, is_leaf=is_qarray)):
+  if has_qarrays(params):
     raise UserError(f"--workdir {wd} holds int8/int4 codes (lmos compress --method int8|int4) "
                     "and a Hugging Face folder holds float weights: export its source run, or "
                     "a pruned, trimmed or distilled one")

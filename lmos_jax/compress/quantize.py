@@ -51,7 +51,7 @@ def quantize_kernel(w: Array, layout: KernelLayout, bits: int, group_size: int =
   """Symmetric absmax quantization per output channel (group_size 0) or per input group."""
   v = _grouped(w, layout, group_size)
   n_layers, n_groups, g, o = v.shape
-  if bits == 4 and (n_groups * g) % 2 or bits == 4 and n_groups > 1 and n_groups % 2:
+  if bits == 4 and (n_groups * g % 2 or n_groups > 1 and n_groups % 2):
     raise ValueError(f"int4 group_size={group_size}: a kernel's input size {n_groups * g} "
                      "must split into an even number of groups (or use 0, per-channel)")
   codes, scale = _quantized(v, bits)

@@ -33,7 +33,7 @@ import numpy as np
 
 from lmos_jax.errors import UserError
 from lmos_jax.inference.inputs import InputSpec, Row, check_gold, read_rows, stdin_groups
-from lmos_jax.models.quantized import is_qarray
+from lmos_jax.models.quantized import has_qarrays
 from lmos_jax.parallel.compile_cache import enable_compile_cache
 from lmos_jax.workdir import (ADAPTERS, check_params_fit, label_names, model_layout,
                               read_config, read_tokenizer, workdir_params)
@@ -54,7 +54,7 @@ def classifier_params(cfg, workdir: Path, abstract: dict) -> dict:
     flat, _ = load_adapters(str(adapters))
     return overlay_params(params, flat, str(adapters))
   stored = workdir_params(workdir)
-  if any(is_qarray(x) for x in jax.tree.leaves(stored, is_leaf=is_qarray)):
+  if has_qarrays(stored):
     # a quantized run (lmos compress --method int8|int4): complete, kept as codes
     check_params_fit(abstract, stored, f"--workdir {workdir}")
     return stored

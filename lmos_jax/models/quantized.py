@@ -104,6 +104,11 @@ def is_qarray(x) -> bool:
   return isinstance(x, QArray)
 
 
+def has_qarrays(tree) -> bool:
+  """Whether a params tree holds quantized kernels (a run of `lmos compress --method int*`)."""
+  return any(is_qarray(x) for x in jax.tree.leaves(tree, is_leaf=is_qarray))
+
+
 def pack_halves(codes_xIO: Array) -> Array:
   """Signed 4-bit codes (..., I, O) in [-8, 7] -> int8 (..., I/2, O): rows r and r + I/2."""
   i = codes_xIO.shape[-2]
