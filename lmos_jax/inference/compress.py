@@ -335,11 +335,12 @@ def method_main(a) -> int:
             f"{rec['bytes_on_disk']:,} on disk ({rec['seconds']:.0f}s)")
     print(line, flush=True)
     if read_task(a.workdir) == "lm":
+      from lmos_jax.inference.generate import load_trained
       src, params = load_source(a.workdir, a.data)
-      new, new_params = load_source(a.out, a.data)
+      new = load_trained(a.out)  # the source's data measures both: built once
       batches = src.data.val_batches()
       print(f"lmos compress: validation loss {val_loss(src.graphdef, params, batches):.4f} "
-            f"-> {val_loss(new.graphdef, new_params, batches):.4f}", flush=True)
+            f"-> {val_loss(new.graphdef, new.params, batches):.4f}", flush=True)
     else:
       print(f"lmos compress: score it with `lmos predict --workdir {a.out} --input DEV.tsv` "
             "(accuracy and macro-F1 of a labelled file)", flush=True)
