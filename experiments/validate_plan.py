@@ -1,10 +1,11 @@
 """Does `lmos plan` predict what it measures, and does `lmos tune` pick a learning rate a grid
 of real runs agrees with?
 
-Layouts: for each config, `lmos plan --config C --measure --json` (a fresh process, so the
-host is split into CPU devices as `lmos train` would split it) compiles the best candidates,
-predicts their step time from this machine's calibration, runs each for a few steps and
-reports both. Printed per candidate: predicted and measured ms, their ratio, whether it is
+Layouts: for each config, `lmos plan --config C --measure --json --recalibrate` (a fresh
+process, so the host is split into CPU devices as `lmos train` would split it) compiles the
+best candidates, predicts their step time from a calibration probed just before (so
+prediction and measurement see the machine at the same speed), runs the candidates in turns
+for a few steps each and reports both. Printed per candidate: predicted and measured ms, their ratio, whether it is
 within the 20% target; per config, how the first choice compares with the measured fastest.
 XLA:CPU keeps no allocator statistics, so measured peak memory is '-' on CPU.
 
@@ -49,7 +50,8 @@ def layout_name(o: dict) -> str:
 
 
 def validate_layouts(config: str, args) -> list[str]:
-  out = lmos("plan", f"--config={config}", "--measure", "--json", f"--steps={args.steps}",
+  out = lmos("plan", f"--config={config}", "--measure", "--json", "--recalibrate",
+             f"--steps={args.steps}",
              f"--compile-top={args.compile_top}", f"--remat={args.remat}",
              f"--max-microbatches={args.max_microbatches}", timeout=args.timeout)
   rows = [r for r in json.loads(out) if r["measured_step_s"] is not None]

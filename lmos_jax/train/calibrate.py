@@ -10,7 +10,19 @@ them in the probe too):
   asked (the planner asks for each layout's per-device MLP shape);
 - `allreduce_bw`: bytes/s of an all-reduce across the devices (ring bus bandwidth);
 - `op_s`: seconds of one small dependent op (the floor under each kernel or thunk);
-- `dispatch_s`: seconds of one program call with nothing to compute.
+- `dispatch_s`: seconds of one program call with nothing to compute;
+- `dot_s(dot)`: seconds of one dot of a compiled program (its exact operand shapes,
+  dimension numbers and dtype), probed per distinct dot;
+- `stream_s(nbytes, kind)`: seconds of one memory-bound op moving `nbytes` (read +
+  written), interpolated between probes at STREAM_BYTES (per-op floor when small, memory
+  bandwidth when large), for each kind: elementwise, transposing (the minor dimension
+  moves: strided, several times slower), reducing;
+- `first_touch_s_per_byte`: what writing freshly allocated memory costs beyond streaming
+  (page faults), paid each step for the program's temporaries;
+- `collective_s(nbytes)`: `nbytes` at `allreduce_bw`; `sync_s(work)`: a collective's
+  rendezvous after `work` seconds of each device's own work, interpolated between probes.
+
+`lmos_jax.train.hlo_cost` prices a compiled step op by op with the last three.
 
 The probes take seconds; their results are kept in `lmos_calibration.json` in the compile
 cache's directory, keyed like the host peak (CPU model, cores, devices, jax, XLA flags), so a
@@ -19,6 +31,7 @@ second plan on the same machine reads them back and another machine measures afr
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +47,14 @@ from lmos_jax.train.metrics import host_key, read_machine_file, write_machine_en
 CALIBRATION_FILE = "lmos_calibration.json"
 ALLREDUCE_BYTES = 16 * 2 ** 20  # per device: large enough that bandwidth, not latency, shows
 OP_CHAIN = 200  # dependent small ops timed together for op_s
+# bytes moved (read + written) by the elementwise ops probed for stream_s: from a few
+# cache lines to well past the last-level cache
+STREAM_BYTES = tuple(2 ** e for e in range(12, 27, 2))
+PROBE_FLOPS = 2e7  # a probe program repeats a small dot or op until it does about this much
+MAX_REPEATS = 16
+SYNC_SIDES = (64, 256, 1024)  # per-device matmul sides of the rendezvous probe's work
+NUMPY_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
+                "s8": "int8", "u8": "uint8", "s32": "int32", "u32": "uint32", "pred": "bool"}
 
 
 def _median_seconds(fn: Callable[..., Any], *args: Any, min_calls: int = 5,
@@ -89,6 +110,118 @@ def probe_op(devices: Sequence[Any]) -> float:
   return _median_seconds(jax.jit(chain), _per_device(devices, (8, 8), jnp.float32)) / OP_CHAIN
 
 
+def _repeats(work: float, per_call: float) -> int:
+  """How many times a probe loop runs its op: enough that the program's call cost is
+  small beside them, between 2 and MAX_REPEATS."""
+  return int(min(MAX_REPEATS, max(2, math.ceil(work / max(per_call, 1.0)))))
+
+
+def _per_op_seconds(program_s: float, repeats: int, dispatch_s: float) -> float:
+  """One op's seconds from a program that loops over it `repeats` times: the call's own
+  cost taken out (never below a tenth of the unadjusted share)."""
+  share = program_s / repeats
+  return max((program_s - dispatch_s) / repeats, 0.1 * share)
+
+
+def probe_dot(devices: Sequence[Any], dot, dispatch_s: float) -> float:
+  """Seconds per device of one dot shaped like `dot` (a `hlo_cost.DotShape`: operand dims,
+  contracting and batch dimensions, HLO dtype), every device running it at once.
+
+  The dot runs in a loop, as ops run inside a compiled step (buffers reused, no fresh
+  allocation per op), each round writing one element of its output back into its input
+  so that XLA cannot hoist it out of the loop."""
+  dtype = jnp.dtype(NUMPY_DTYPES.get(dot.dtype, dot.dtype))
+  reps = _repeats(PROBE_FLOPS, dot.flops)
+  shift = lambda dims: tuple(d + 1 for d in dims)  # past the leading device axis
+  dims = ((shift(dot.lhs_contract), shift(dot.rhs_contract)),
+          ((0, *shift(dot.lhs_batch)), (0, *shift(dot.rhs_batch))))
+
+  def loop(lhs, rhs):
+    def body(_, x):
+      out = jax.lax.dot_general(x, rhs, dims)
+      corner = (slice(None),) + (0,) * (out.ndim - 1)
+      return x.at[(slice(None),) + (0,) * (x.ndim - 1)].set(out[corner].astype(x.dtype))
+    return jax.lax.fori_loop(0, reps, body, lhs)
+
+  lhs = _per_device(devices, dot.lhs, dtype)
+  rhs = _per_device(devices, dot.rhs, dtype)
+  return _per_op_seconds(_median_seconds(jax.jit(loop), lhs, rhs, min_seconds=0.15), reps,
+                         dispatch_s)
+
+
+def _stream_op(kind: str) -> Callable[[jax.Array], jax.Array]:
+  """One memory-bound op of each kind the pricing tells apart, on a per-device square
+  (axes 1, 2): elementwise, transposing (the minor dimension moves), reducing along the
+  minor dimension (and broadcasting back, so the loop carry keeps its shape)."""
+  if kind == "stream":
+    return lambda x: x * 1.5 + 0.5
+  if kind == "transpose":
+    return lambda x: jnp.swapaxes(x, 1, 2) * 1.5
+  if kind == "reduce":
+    return lambda x: x + 1e-3 * jnp.sum(x, axis=2, keepdims=True)
+  raise ValueError(f"unknown op kind {kind!r}")
+
+
+def probe_stream(devices: Sequence[Any], nbytes: int, dispatch_s: float,
+                 kind: str = "stream") -> float:
+  """Seconds per device of one memory-bound op of `kind` reading and writing `nbytes` in
+  all (f32, in a loop as ops run inside a step), every device running it at once."""
+  side = max(int(math.isqrt(max(nbytes // 8, 1))), 1)
+  op = _stream_op(kind)
+  reps = _repeats(2 ** 25, nbytes)  # fewer rounds of the large sizes
+  loop = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda _, x: op(x), x))
+  x = _per_device(devices, (side, side), jnp.float32)
+  return _per_op_seconds(_median_seconds(loop, x, min_seconds=0.15), reps, dispatch_s)
+
+
+def probe_collective_sync(devices: Sequence[Any], side: int) -> tuple[float, float]:
+  """(work, wait): seconds of one round of a device's own work (a side x side matmul and
+  tanh), and the seconds one small all-reduce after it adds. Devices drift apart while they
+  work; at the rendezvous the first to arrive waits for the last (and where devices share
+  host cores, holds one that the others could use)."""
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  spec = PartitionSpec("d")
+  reps = _repeats(10 * PROBE_FLOPS, 2.0 * side ** 3)  # fewer rounds of the large work
+
+  def loop(sync: bool):
+    def body(_, x):
+      x = jnp.tanh(x @ x * 1e-3)
+      return x + jax.lax.psum(x[:1, :1], "d") * 1e-6 if sync else x
+    return jax.jit(jax.shard_map(lambda x: jax.lax.fori_loop(0, reps, body, x),
+                                 mesh=mesh, in_specs=spec, out_specs=spec))
+
+  x = jax.device_put(jnp.ones((len(devices) * side, side), jnp.float32),
+                     NamedSharding(mesh, spec))
+  without = _median_seconds(loop(False), x, min_seconds=0.3)
+  with_sync = _median_seconds(loop(True), x, min_seconds=0.3)
+  return without / reps, max(with_sync - without, 0.0) / reps
+
+
+FIRST_TOUCH_BYTES = 16 * 2 ** 20  # per device: well past the caches, like a step's temporaries
+
+
+def probe_first_touch(devices: Sequence[Any], dispatch_s: float, loop_op_s: float) -> float:
+  """Seconds per byte a program pays to write memory it has just been given: one elementwise
+  op into a fresh output, less the same op inside a loop (`loop_op_s`, buffers reused) and
+  the call. Under the default glibc policy large blocks come from the kernel zeroed and
+  page-fault on first write; with freed memory retained (`mesh.cpu_allocator`) it is ~0."""
+  x = _per_device(devices, (FIRST_TOUCH_BYTES // 4,), jnp.float32)
+  fresh = _median_seconds(jax.jit(lambda x: x * 1.5 + 0.5), x, min_seconds=0.3)
+  return max(fresh - dispatch_s - loop_op_s, 0.0) / FIRST_TOUCH_BYTES
+
+
+def interpolate_loglog(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+  """y at x on the piecewise-linear log-log curve through (xs, ys); beyond the last point y
+  grows in proportion to x (bandwidth-bound), below the first it stays at the first."""
+  if x <= xs[0]:
+    return ys[0]
+  if x >= xs[-1]:
+    return ys[-1] * x / xs[-1]
+  i = next(j for j in range(1, len(xs)) if xs[j] >= x)
+  t = (math.log(x) - math.log(xs[i - 1])) / (math.log(xs[i]) - math.log(xs[i - 1]))
+  return math.exp(math.log(ys[i - 1]) + t * (math.log(ys[i]) - math.log(ys[i - 1])))
+
+
 def probe_dispatch(devices: Sequence[Any]) -> float:
   """Seconds of one call of a program that adds 1 to 8 numbers per device."""
   return _median_seconds(jax.jit(lambda x: x + 1), _per_device(devices, (8,), jnp.float32))
@@ -104,7 +237,8 @@ class Calibration:
   entry: dict = field(default_factory=dict)
   read_back: bool = False  # every number came from the file
 
-  def _scalar(self, name: str, probe: Callable[[Sequence[Any]], float]) -> float:
+  def probed(self, name: str, probe: Callable[[Sequence[Any]], float]) -> float:
+    """The number kept under `name`, probed (`probe(devices)`) and kept at its first use."""
     if name not in self.entry:
       self.entry[name] = probe(self.devices)
       self.entry["when"] = time.strftime("%Y-%m-%d %H:%M")
@@ -114,19 +248,62 @@ class Calibration:
 
   @property
   def allreduce_bw(self) -> float:
-    return self._scalar("allreduce_bw", probe_allreduce)
+    return self.probed("allreduce_bw", probe_allreduce)
 
   @property
   def op_s(self) -> float:
-    return self._scalar("op_s", probe_op)
+    return self.probed("op_s", probe_op)
 
   @property
   def dispatch_s(self) -> float:
-    return self._scalar("dispatch_s", probe_dispatch)
+    return self.probed("dispatch_s", probe_dispatch)
+
+  def dot_s(self, dot) -> float:
+    return self.probed(dot.key(), lambda d: probe_dot(d, dot, self.dispatch_s))
+
+  def stream_s(self, nbytes: float, kind: str = "stream") -> float:
+    if nbytes <= 0:
+      return 0.0
+    # only the two grid sizes around nbytes are needed (and probed, at their first use)
+    hi = next((i for i, b in enumerate(STREAM_BYTES) if b >= nbytes), len(STREAM_BYTES) - 1)
+    xs = STREAM_BYTES[max(hi - 1, 0):hi + 1]
+    ys = [self.probed(f"{kind} {b}", lambda d, b=b: probe_stream(d, b, self.dispatch_s, kind))
+          for b in xs]
+    return interpolate_loglog(xs, ys, nbytes)
+
+  @property
+  def first_touch_s_per_byte(self) -> float:
+    return self.probed("first_touch_s_per_byte", lambda d: probe_first_touch(
+        d, self.dispatch_s, self.stream_s(2 * FIRST_TOUCH_BYTES)))
+
+  def _sync_point(self, side: int) -> tuple[float, float]:
+    name = f"sync {side}"
+    if name not in self.entry:
+      work, wait = probe_collective_sync(self.devices, side)
+      self.entry[f"sync work {side}"] = work
+      self.probed(name, lambda _: wait)
+    return float(self.entry[f"sync work {side}"]), float(self.entry[name])
+
+  def sync_s(self, work_s: float) -> float:
+    """Wait of one collective after `work_s` of a device's own work, interpolated between
+    probes at SYNC_SIDES (0 on one device: nothing to wait for)."""
+    if len(self.devices) == 1:
+      return 0.0
+    points = sorted(self._sync_point(side) for side in SYNC_SIDES)
+    xs = [max(w, 1e-9) for w, _ in points]
+    ys = [max(s, 1e-9) for _, s in points]
+    if work_s <= xs[0]:
+      return ys[0]
+    if work_s >= xs[-1]:  # no further growth assumed past the largest probe
+      return ys[-1]
+    return interpolate_loglog(xs, ys, work_s)
+
+  def collective_s(self, nbytes: float) -> float:
+    return max(nbytes, 0.0) / self.allreduce_bw
 
   def matmul_rate(self, m: int, k: int, n: int, dtype=jnp.float32) -> float:
     name = f"matmul {jnp.dtype(dtype).name} {m}x{k}x{n}"
-    return self._scalar(name, lambda d: probe_matmul(d, m, k, n, dtype))
+    return self.probed(name, lambda d: probe_matmul(d, m, k, n, dtype))
 
   def describe(self) -> str:
     where = f"read from {self.path}" if self.read_back else (
@@ -139,11 +316,15 @@ class Calibration:
       write_machine_entry(self.path, self.key, self.entry)
 
 
-def load_calibration(devices: Sequence[Any], cache_dir: Path | str | None) -> Calibration:
+def load_calibration(devices: Sequence[Any], cache_dir: Path | str | None,
+                     fresh: bool = False) -> Calibration:
   """This machine's calibration for `devices`: read back from `cache_dir` where it was
-  probed before, else empty (each number is probed at its first use and kept)."""
+  probed before, else empty (each number is probed at its first use and kept). `fresh`:
+  ignore what was kept and probe again (the new numbers replace it): a shared or
+  throttled machine's speed moves, and a plan checked against measurements should be
+  priced at the speeds of the moment."""
   key = f"{devices[0].platform} {devices[0].device_kind} | {host_key(devices)}"
   path = Path(cache_dir) / CALIBRATION_FILE if cache_dir else None
-  entry = read_machine_file(path).get(key) if path else None
+  entry = read_machine_file(path).get(key) if path and not fresh else None
   entry = dict(entry) if isinstance(entry, dict) else {}
   return Calibration(list(devices), path, key, entry, read_back=bool(entry))

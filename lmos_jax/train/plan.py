@@ -13,10 +13,16 @@ ranks the rest by estimated step time. Two sources of numbers:
   policy, logits) and a step-time model (FLOPs at a fixed fraction of peak plus ring
   collectives at link bandwidth, not overlapped) are used, and the table says so.
 
-The step-time model's speeds: for present devices, measured on them by short probes and kept
-per machine (`lmos_jax.train.calibrate`): the matmul rate at each layout's per-device MLP
-shape, the all-reduce bandwidth, the cost of one small op and of one program call; for a
-described target, its spec sheet at an assumed matmul efficiency.
+Step time, for present devices: a compiled candidate's program is priced op by op
+(`lmos_jax.train.hlo_cost`: each dot at the speed probed for that very dot, memory-bound
+ops by the bytes they move and whether they transpose or reduce, collectives by bytes and a
+rendezvous cost, loops times their trip count), plus the first write of its temporaries,
+times the machine's program factor (what a whole reference step costs beyond its priced
+ops) and one program call. The speeds are probed on the devices and kept per machine
+(`lmos_jax.train.calibrate`; `--recalibrate` probes again). The analytic ranking that picks
+which layouts to compile uses FLOPs at the probed rate of each layout's MLP matmul plus
+collectives and a cost per op; a described target uses its spec sheet at an assumed
+matmul efficiency.
 
 The best layout is printed as `--config.*` flags and, with `--out`, written as JSON.
 """
@@ -46,6 +52,7 @@ from lmos_jax.parallel.distributed import split_cpu_host_for
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
 from lmos_jax.train.assemble import assemble_step, splits_opt_state
+from lmos_jax.train.hlo_cost import price_program
 from lmos_jax.train.metrics import CHIPS, Chip, chip_of, flops_per_token, measure_cpu_peak
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import jit_train_step
@@ -349,13 +356,53 @@ def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShap
   compiled = build_step(c, vocab, jax.devices()[:target.num_devices]).compile()
   memory, flops = compiled_memory(compiled), compiled_flops(compiled)
   model_flops = analytic_estimate(s, lay, target).flops
-  if flops < model_flops:
-    # XLA's cost analysis counts a while loop's body once: scanned layers and microbatch
-    # loops would look num_layers (or microbatches) times cheaper than they run. The model
-    # count stands in, and the table says so (some backends report no FLOPs at all).
-    return Estimate(lay, memory, step_time(s, lay, target, model_flops), model_flops,
-                    "compiled mem, model FLOPs")
-  return Estimate(lay, memory, step_time(s, lay, target, flops), flops, "compiled")
+  # XLA's cost analysis counts a while loop's body once: scanned layers and microbatch
+  # loops would look num_layers (or microbatches) times cheaper than they run. The model
+  # count stands in, and the table says so (some backends report no FLOPs at all).
+  source = "compiled" if flops >= model_flops else "compiled mem, model FLOPs"
+  flops = max(flops, model_flops)
+  cal = target.calibration
+  if cal is not None:  # the program itself, priced op by op at this machine's speeds
+    factor = program_factor(cal, target.num_devices)
+    step_s = priced_seconds(compiled, cal, target.num_devices) * factor + cal.dispatch_s
+    return Estimate(lay, memory, step_s, flops, source.replace("compiled", "compiled HLO", 1))
+  return Estimate(lay, memory, step_time(s, lay, target, flops), flops, source)
+
+
+def priced_seconds(compiled, cal, num_devices: int) -> float:
+  """A compiled step's ops priced one by one at the calibrated speeds (per device), plus
+  the first write of its temporaries; the program call itself not included."""
+  priced = price_program(compiled.as_text(), cal, num_devices)
+  temp = float(compiled.memory_analysis().temp_size_in_bytes)
+  return priced.total_s + temp * cal.first_touch_s_per_byte
+
+
+def reference_config(num_devices: int):
+  """A fixed small model (2 layers, 128 wide, 64 tokens, 256 ids, 4 sequences per device)
+  trained data-parallel over `num_devices`: the reference step of `program_factor`."""
+  from lmos_jax.config.schema import base_config
+  c = base_config()
+  c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 4, 128
+  c.model.max_seq_len, c.model.vocab_size = 64, 256
+  c.data.source, c.data.tokenizer, c.data.seq_len = "embedded", "byte", 64
+  c.train.batch_size = 4 * num_devices
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = num_devices, 1, 1
+  return c
+
+
+def measure_reference(cal, num_devices: int) -> float:
+  """Measured over priced seconds of the reference step on the first `num_devices`
+  devices. What a whole step costs beyond its ops priced one at a time: the executor's
+  gaps between ops and, where devices share host cores, the devices waiting for each other
+  at every collective. Measured once per machine on a fixed model (not the planned
+  config) and kept with the other probes."""
+  r = _runner(reference_config(num_devices), 256, num_devices)
+  measured = min(_time_round(r, 10) for _ in range(MEASURE_ROUNDS)) - cal.dispatch_s
+  return max(measured, 0.0) / priced_seconds(r.compiled, cal, num_devices)
+
+
+def program_factor(cal, num_devices: int) -> float:
+  return cal.probed("program_factor", lambda _: measure_reference(cal, num_devices))
 
 
 def synthetic_batch(spec: dict, vocab: int, num_labels: int, seed: int = 0) -> dict:
@@ -385,24 +432,64 @@ def peak_bytes(devices: Sequence[Any]) -> float | None:
   return float(max(peaks)) if peaks and all(p is not None for p in peaks) else None
 
 
-def measure_estimate(cfg, vocab: int, est: Estimate, target: Target, steps: int) -> Estimate:
-  """Runs the layout's real train step (the step `lmos train` compiles) on the present
-  devices: two warm-up steps, then the median of 3 rounds of `steps` steps."""
-  from lmos_jax.train.metrics import median_step_seconds
-  c = apply_overrides(cfg, est.layout.overrides())
-  devices = jax.devices()[:target.num_devices]
-  build = build_step(c, vocab, devices)
-  compiled = build.compile()
+MEASURE_ROUNDS = 3
+
+
+@dataclasses.dataclass
+class _Runner:
+  """One candidate's compiled step and batch, ready to be timed in a round."""
+
+  build: StepBuild
+  compiled: Any
+  batch: dict
+
+
+def _runner(c, vocab: int, num_devices: int) -> _Runner:
+  """Compiles config `c`'s train step on the first `num_devices` devices, with a batch."""
+  build = build_step(c, vocab, jax.devices()[:num_devices])
   batch = synthetic_batch(build.batch, vocab, int(c.model.get("num_labels", 0) or 0))
   with jax.set_mesh(build.mesh):
-    state = jax.jit(build.init_fn, out_shardings=build.shardings)(jax.random.PRNGKey(0))
     batch = {k: jax.device_put(v, batch_sharding(build.mesh, v.ndim)) for k, v in batch.items()}
-    for _ in range(2):
-      state, _ = compiled(state, batch)
-    state, step_s = median_step_seconds(compiled, state, batch, steps, 3)
-  peak = peak_bytes(devices)
+  return _Runner(build, build.compile(), batch)
+
+
+def _time_round(r: _Runner, steps: int) -> float:
+  """Seconds per step of `steps` steps from a fresh state after one warm-up step; the state
+  is dropped afterwards, so only one candidate's state is alive at a time."""
+  from lmos_jax.train.metrics import median_step_seconds
+  with jax.set_mesh(r.build.mesh):
+    state = jax.jit(r.build.init_fn, out_shardings=r.build.shardings)(jax.random.PRNGKey(0))
+    state, _ = r.compiled(state, r.batch)
+    state, step_s = median_step_seconds(r.compiled, state, r.batch, steps, 1)
   del state
-  return dataclasses.replace(est, measured_step_s=step_s, measured_peak=peak)
+  return step_s
+
+
+def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
+                      steps: int) -> list[Estimate]:
+  """Runs each layout's real train step (the step `lmos train` compiles) on the present
+  devices: MEASURE_ROUNDS rounds that time every candidate in turn (`steps` steps after a
+  warm-up, from a fresh state), median per candidate. Taking turns keeps a slow spell of a
+  shared machine from landing on one candidate only.
+
+  Peak memory: the allocator's peak can only grow, so the first round runs the candidates
+  from the smallest predicted memory up and reads the peak after each; a candidate's
+  reading is the largest of it and those before it (None where the backend keeps no
+  allocator statistics)."""
+  import statistics
+  devices = jax.devices()[:target.num_devices]
+  order = sorted(range(len(ests)), key=lambda i: ests[i].memory)
+  runners = {i: _runner(apply_overrides(cfg, ests[i].layout.overrides()), vocab,
+                       target.num_devices) for i in order}
+  times: dict[int, list[float]] = {i: [] for i in order}
+  peaks: dict[int, float | None] = {}
+  for r in range(MEASURE_ROUNDS):
+    for i in order:
+      times[i].append(_time_round(runners[i], steps))
+      if r == 0:
+        peaks[i] = peak_bytes(devices)
+  return [dataclasses.replace(e, measured_step_s=statistics.median(times[i]),
+                              measured_peak=peaks[i]) for i, e in enumerate(ests)]
 
 
 def apply_overrides(cfg, overrides: dict[str, Any]):
@@ -469,8 +556,9 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
     raise PlanError(nothing_fits_message(cfg, target, s, ests, remats, max_microbatches))
   rest = sorted((e for e in ests if not e.fits), key=lambda e: e.memory)
   if measure_steps and not target.described:
-    fitting = [measure_estimate(cfg, vocab, e, target, measure_steps)
-               if e.source != "analytic" else e for e in fitting]
+    ran = measure_estimates(cfg, vocab, [e for e in fitting if e.source != "analytic"],
+                            target, measure_steps)
+    fitting = ran + [e for e in fitting if e.source == "analytic"]
   return Plan(target, fitting + rest, s)
 
 
@@ -595,6 +683,9 @@ def parse(argv: list[str]):
   ap.add_argument("--no-calibrate", action="store_true",
                   help="present devices: time steps with the spec-sheet constants a described "
                        "target uses instead of this machine's probed speeds")
+  ap.add_argument("--recalibrate", action="store_true",
+                  help="present devices: probe this machine's speeds again instead of reading "
+                       "the kept calibration (it is replaced)")
   ap.add_argument("--json", action="store_true",
                   help="print one JSON list of candidates on stdout instead of the table")
   args, rest = ap.parse_known_args(argv[1:])
@@ -612,14 +703,14 @@ def parse(argv: list[str]):
   return args, fv.config
 
 
-def present_calibration(cfg, num_devices: int | None):
+def present_calibration(cfg, num_devices: int | None, fresh: bool = False):
   """The calibration of the devices a present plan uses, kept in the compile cache's
   directory (`train.compile_cache`, `LMOS_COMPILE_CACHE`) beside the host's matmul peak."""
   from lmos_jax.parallel.compile_cache import cache_dir
   from lmos_jax.train.calibrate import load_calibration
   devices = jax.devices()
   directory, _ = cache_dir(str(cfg.train.get("compile_cache", "auto")), os.environ)
-  return load_calibration(devices[:num_devices or len(devices)], directory)
+  return load_calibration(devices[:num_devices or len(devices)], directory, fresh)
 
 
 def main(argv: list[str]) -> int:
@@ -631,7 +722,7 @@ def main(argv: list[str]) -> int:
       setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
     target = parse_target(args.target) if args.target else present_target(
         args.devices, calibration=None if args.no_calibrate else present_calibration(
-            cfg, args.devices))
+            cfg, args.devices, args.recalibrate))
     if args.memory_gib is not None:
       target = dataclasses.replace(
           target, chip=dataclasses.replace(target.chip, memory=args.memory_gib * GiB))
