@@ -199,10 +199,20 @@ def test_rendezvous_prices_interpolate_in_the_work_before_them(tmp_path, monkeyp
   assert cal.sync_s(lo * 1e-6) == pytest.approx(lo * 1e-7)
   assert cal.sync_s(3 * lo * 1e-6) == pytest.approx(3 * lo * 1e-7)
   assert cal.sync_s(10 * hi * 1e-6) == pytest.approx(hi * 1e-7)  # no growth past the probes
+  assert cal.sync_s(0.0) == pytest.approx(lo * 1e-7)  # nor below them
   assert sorted(sides) == sorted(calibrate.SYNC_SIDES)
   again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   assert again.sync_s(lo * 1e-6) == pytest.approx(lo * 1e-7) and len(sides) == 3
   assert calibrate.load_calibration(jax.devices()[:1], tmp_path).sync_s(1.0) == 0.0
+
+
+def test_a_rendezvous_probe_below_a_smaller_ones_is_taken_as_noise(tmp_path, monkeypatch):
+  waits = {64: 2e-4, 256: 0.0, 1024: 1e-3}  # the middle probe came out at nothing
+  monkeypatch.setattr(calibrate, "probe_collective_sync",
+                      lambda devices, side: (side * 1e-6, waits[side]))
+  cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
+  assert cal.sync_s(256e-6) == pytest.approx(2e-4)  # the running maximum
+  assert 2e-4 < cal.sync_s(640e-6) < 1e-3
 
 
 class StubCalibration:

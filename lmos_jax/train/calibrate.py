@@ -20,7 +20,8 @@ them in the probe too):
 - `first_touch_s_per_byte`: what writing freshly allocated memory costs beyond streaming
   (page faults), paid each step for the program's temporaries;
 - `collective_s(nbytes)`: `nbytes` at `allreduce_bw`; `sync_s(work)`: a collective's
-  rendezvous after `work` seconds of each device's own work, interpolated between probes.
+  rendezvous after `work` seconds of each device's own work, interpolated (linearly, never
+  decreasing) between probes.
 
 `lmos_jax.train.hlo_cost` prices a compiled step op by op with the last three.
 
@@ -192,8 +193,8 @@ def probe_collective_sync(devices: Sequence[Any], side: int) -> tuple[float, flo
 
   x = jax.device_put(jnp.ones((len(devices) * side, side), jnp.float32),
                      NamedSharding(mesh, spec))
-  without = _median_seconds(loop(False), x, min_seconds=0.3)
-  with_sync = _median_seconds(loop(True), x, min_seconds=0.3)
+  without = _median_seconds(loop(False), x, min_seconds=0.5)
+  with_sync = _median_seconds(loop(True), x, min_seconds=0.5)
   return without / reps, max(with_sync - without, 0.0) / reps
 
 
@@ -290,13 +291,11 @@ class Calibration:
     if len(self.devices) == 1:
       return 0.0
     points = sorted(self._sync_point(side) for side in SYNC_SIDES)
-    xs = [max(w, 1e-9) for w, _ in points]
-    ys = [max(s, 1e-9) for _, s in points]
-    if work_s <= xs[0]:
-      return ys[0]
-    if work_s >= xs[-1]:  # no further growth assumed past the largest probe
-      return ys[-1]
-    return interpolate_loglog(xs, ys, work_s)
+    xs = [w for w, _ in points]
+    # more work before a rendezvous never shortens the wait: a probe that came out lower
+    # than a smaller one is noise, and the running maximum replaces it
+    ys = list(np.maximum.accumulate([s for _, s in points]))
+    return float(np.interp(work_s, xs, ys))  # flat beyond the probes
 
   def collective_s(self, nbytes: float) -> float:
     return max(nbytes, 0.0) / self.allreduce_bw

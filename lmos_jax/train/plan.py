@@ -460,6 +460,7 @@ def _time_round(r: _Runner, steps: int) -> float:
   with jax.set_mesh(r.build.mesh):
     state = jax.jit(r.build.init_fn, out_shardings=r.build.shardings)(jax.random.PRNGKey(0))
     state, _ = r.compiled(state, r.batch)
+    jax.block_until_ready(state)  # the warm-up (dispatched asynchronously) is not timed
     state, step_s = median_step_seconds(r.compiled, state, r.batch, steps, 1)
   del state
   return step_s
