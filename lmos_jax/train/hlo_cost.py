@@ -375,16 +375,3 @@ def price_program(hlo_text: str, prices: Prices, num_devices: int) -> Breakdown:
   if out.collectives:
     out.syncs_s = out.collectives * prices.sync_s((out.dots_s + out.memory_s) / out.collectives)
   return out
-
-
-def dot_shapes(hlo_text: str) -> list[DotShape]:
-  """Every distinct dot of a program (for probing them before pricing)."""
-  comps, _ = parse_module(hlo_text)
-  seen: dict[str, DotShape] = {}
-  for comp in comps.values():
-    types = {i.name: i.type for i in comp}
-    for ins in comp:
-      if ins.opcode == "dot":
-        d = dot_shape(ins, types)
-        seen.setdefault(d.key(), d)
-  return list(seen.values())

@@ -349,11 +349,17 @@ def compiled_flops(compiled) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShape) -> Estimate:
-  """Memory and FLOPs read from the AOT-compiled train step (abstract inputs only)."""
+def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShape,
+                      programs: dict | None = None) -> Estimate:
+  """Memory and FLOPs read from the AOT-compiled train step (abstract inputs only).
+  `programs`: where the built step and its compiled program are kept by layout, for
+  `--measure` to run without compiling again."""
   c = apply_overrides(cfg, lay.overrides())
   validate(c, target.num_devices)  # what `lmos train` checks before building this step
-  compiled = build_step(c, vocab, jax.devices()[:target.num_devices]).compile()
+  build = build_step(c, vocab, jax.devices()[:target.num_devices])
+  compiled = build.compile()
+  if programs is not None:
+    programs[lay] = (build, compiled)
   memory, flops = compiled_memory(compiled), compiled_flops(compiled)
   model_flops = analytic_estimate(s, lay, target).flops
   # XLA's cost analysis counts a while loop's body once: scanned layers and microbatch
@@ -396,8 +402,11 @@ def measure_reference(cal, num_devices: int) -> float:
   gaps between ops and, where devices share host cores, the devices waiting for each other
   at every collective. Measured once per machine on a fixed model (not the planned
   config) and kept with the other probes."""
+  import statistics
   r = _runner(reference_config(num_devices), 256, num_devices)
-  measured = min(_time_round(r, 10) for _ in range(MEASURE_ROUNDS)) - cal.dispatch_s
+  # timed as the candidates are (median of the rounds), so their factor is like for like
+  measured = statistics.median(_time_round(r, 10) for _ in range(MEASURE_ROUNDS))
+  measured -= cal.dispatch_s
   return max(measured, 0.0) / priced_seconds(r.compiled, cal, num_devices)
 
 
@@ -444,13 +453,17 @@ class _Runner:
   batch: dict
 
 
-def _runner(c, vocab: int, num_devices: int) -> _Runner:
-  """Compiles config `c`'s train step on the first `num_devices` devices, with a batch."""
-  build = build_step(c, vocab, jax.devices()[:num_devices])
+def _runner(c, vocab: int, num_devices: int, program: tuple | None = None) -> _Runner:
+  """Config `c`'s train step on the first `num_devices` devices, with a batch: `program`
+  (build, compiled) when it was compiled already, else built and compiled here."""
+  if program is None:
+    build = build_step(c, vocab, jax.devices()[:num_devices])
+    program = (build, build.compile())
+  build, compiled = program
   batch = synthetic_batch(build.batch, vocab, int(c.model.get("num_labels", 0) or 0))
   with jax.set_mesh(build.mesh):
     batch = {k: jax.device_put(v, batch_sharding(build.mesh, v.ndim)) for k, v in batch.items()}
-  return _Runner(build, build.compile(), batch)
+  return _Runner(build, compiled, batch)
 
 
 def _time_round(r: _Runner, steps: int) -> float:
@@ -467,7 +480,7 @@ def _time_round(r: _Runner, steps: int) -> float:
 
 
 def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
-                      steps: int) -> list[Estimate]:
+                      steps: int, programs: dict | None = None) -> list[Estimate]:
   """Runs each layout's real train step (the step `lmos train` compiles) on the present
   devices: MEASURE_ROUNDS rounds that time every candidate in turn (`steps` steps after a
   warm-up, from a fresh state), median per candidate. Taking turns keeps a slow spell of a
@@ -480,8 +493,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   import statistics
   devices = jax.devices()[:target.num_devices]
   order = sorted(range(len(ests)), key=lambda i: ests[i].memory)
+  programs = programs or {}
   runners = {i: _runner(apply_overrides(cfg, ests[i].layout.overrides()), vocab,
-                       target.num_devices) for i in order}
+                        target.num_devices, programs.get(ests[i].layout)) for i in order}
   times: dict[int, list[float]] = {i: [] for i in order}
   peaks: dict[int, float | None] = {}
   for r in range(MEASURE_ROUNDS):
@@ -545,8 +559,10 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
   ests = [analytic_estimate(s, lay, target) for lay in layouts]
   budget = MEMORY_HEADROOM * target.chip.memory
   ests.sort(key=lambda e: (e.memory > budget, e.step_s, e.memory))
+  programs: dict = {}  # layout -> (build, compiled), kept for --measure
   if not target.described:
-    ests[:compile_top] = [compiled_estimate(cfg, vocab, e.layout, target, s)
+    ests[:compile_top] = [compiled_estimate(cfg, vocab, e.layout, target, s,
+                                            programs if measure_steps else None)
                           for e in ests[:compile_top]]
   for e in ests:
     e.fits = e.memory <= budget
@@ -558,7 +574,7 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
   rest = sorted((e for e in ests if not e.fits), key=lambda e: e.memory)
   if measure_steps and not target.described:
     ran = measure_estimates(cfg, vocab, [e for e in fitting if e.source != "analytic"],
-                            target, measure_steps)
+                            target, measure_steps, programs)
     fitting = ran + [e for e in fitting if e.source == "analytic"]
   return Plan(target, fitting + rest, s)
 
