@@ -214,13 +214,9 @@ def probe_first_touch(devices: Sequence[Any], dispatch_s: float, loop_op_s: floa
 def interpolate_loglog(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
   """y at x on the piecewise-linear log-log curve through (xs, ys); beyond the last point y
   grows in proportion to x (bandwidth-bound), below the first it stays at the first."""
-  if x <= xs[0]:
-    return ys[0]
   if x >= xs[-1]:
     return ys[-1] * x / xs[-1]
-  i = next(j for j in range(1, len(xs)) if xs[j] >= x)
-  t = (math.log(x) - math.log(xs[i - 1])) / (math.log(xs[i]) - math.log(xs[i - 1]))
-  return math.exp(math.log(ys[i - 1]) + t * (math.log(ys[i]) - math.log(ys[i - 1])))
+  return float(np.exp(np.interp(np.log(x), np.log(xs), np.log(ys))))  # flat below xs[0]
 
 
 def probe_dispatch(devices: Sequence[Any]) -> float:
