@@ -1,5 +1,6 @@
-"""Length buckets for classification: batches cut to a few widths compute exactly what the
-padded batches do, every row is still seen once per epoch, and `train.epochs` becomes steps."""
+"""Length buckets and packing for classification: batches cut to a few widths, and texts
+packed side by side into rows, compute what the padded batches do; every row is still seen
+once per epoch, and `train.epochs` becomes steps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from lmos_jax.config.schema import base_config
 from lmos_jax.data.encoder import (ClassificationData, bucket_widths, cut_to_width, fit_width,
                                    resolve_epochs, row_lengths)
 from lmos_jax.data.errors import DataError
+from lmos_jax.data.packing import (PackShape, choose_pack, first_fit_decreasing, pack_shapes,
+                                   pack_texts)
 from lmos_jax.models.bert import BERT
 from lmos_jax.train.losses import cls_loss
 from test_finetune import tiny_bert_cfg
@@ -105,6 +108,64 @@ def test_cut_batch_gives_the_padded_batch_logits_and_loss():
   full_loss = cls_loss(fwd, rows, None)[0]
   cut_loss = cls_loss(fwd, cut, None)[0]
   np.testing.assert_allclose(float(cut_loss), float(full_loss), rtol=1e-5)
+
+
+def test_first_fit_decreasing_places_every_text_without_overlap():
+  lengths = np.random.default_rng(0).integers(3, 40, 50)
+  row_N, offset_N = first_fit_decreasing(lengths, 64)
+  used = np.zeros((row_N.max() + 1, 64), int)
+  for r, o, n in zip(row_N, offset_N, lengths):
+    used[r, o:o + n] += 1
+    assert o + n <= 64
+  assert used.max() == 1 and used.sum() == lengths.sum()
+  # FFD needs at most 11/9 of the fewest rows (+ 6/9): here within one row of the bound
+  assert row_N.max() + 1 <= int(np.ceil(lengths.sum() / 64 * 11 / 9)) + 1
+  with pytest.raises(ValueError, match="does not fit"):
+    first_fit_decreasing(np.array([65]), 64)
+
+
+def test_pack_shapes_and_the_fewest_tokens_choice():
+  widths = [16, 24, 32, 48, 64]
+  shapes = [(s.rows, s.width) for s in pack_shapes(widths, 32)]
+  counts = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)  # steps of at most 25%
+  assert shapes == ([(1, w) for w in widths] + [(r, 64) for r in counts]
+                    + [(32, w) for w in widths[:-1]])
+  assert [s.rows for s in pack_shapes([64], 5)] == [1, 2, 3, 4, 5]
+  assert [(s.rows, s.width) for s in pack_shapes([16, 64], 1)] == [(1, 16), (1, 64)]
+  pick = lambda lengths: choose_pack(np.array(lengths), pack_shapes(widths, 32))[0]  # noqa
+  assert pick([9]) == PackShape(1, 16)  # a lone short text stays narrow
+  assert pick([9, 12, 20]) == PackShape(1, 48)  # three texts in one row
+  assert pick([15] * 32) == PackShape(8, 64)  # 4 per row of 64
+  assert pick([15] * 31 + [50]) == PackShape(10, 64)  # 9 rows needed, 10 compiled
+  assert pick([40] * 32) == PackShape(32, 48)  # one per row, narrower than 64
+
+
+def test_packed_texts_give_the_padded_logits_and_mean_pooled_embeddings():
+  """Texts packed several to a row (each its own segment, positions from 0, token types
+  kept) through `packed_heads`: the class probabilities and L2-normalised mean embeddings of
+  the same texts padded one per row (f32, atol 1e-5: only reduction lengths differ)."""
+  import jax
+  from lmos_jax.inference.predict import packed_heads
+  model = BERT(tiny_bert_cfg(max_seq_len=32), head="cls", rngs=nnx.Rngs(0))
+  rows = synthetic_rows(9, 32, seed=4)
+  rows["token_type_ids"] = (np.arange(32)[None, :] >= 3) * rows["attention_mask"]  # pairs
+  lengths = row_lengths(rows)
+  shape, row_N, offset_N = choose_pack(lengths, pack_shapes([16, 32], 12))
+  assert shape.rows < 9  # several texts share rows
+  b = pack_texts(rows, lengths, shape, row_N, offset_N, 12)
+  x_RWD = model.encode(b["inputs"], token_type_ids=b["token_type_ids"],
+                       position_ids=b["position_ids"], segment_ids=b["segment_ids"])
+  probs, emb = packed_heads(model, x_RWD, b["cls_index"], b["text_index"])
+  want = jax.nn.softmax(model(rows["inputs"], token_type_ids=rows["token_type_ids"],
+                              attention_mask=rows["attention_mask"]), axis=-1)
+  np.testing.assert_allclose(np.asarray(probs)[:9], np.asarray(want), atol=1e-5)
+  h = np.asarray(model.encode(rows["inputs"], token_type_ids=rows["token_type_ids"],
+                              attention_mask=rows["attention_mask"]))
+  m = rows["attention_mask"][..., None]
+  ref = (h * m).sum(1) / m.sum(1)
+  np.testing.assert_allclose(np.asarray(emb)[:9], ref / np.linalg.norm(ref, axis=-1,
+                                                                      keepdims=True), atol=1e-5)
+  assert (b["text_index"][b["segment_ids"] == 0] == 12).all()  # padding belongs to no text
 
 
 def test_epochs_become_steps(tmp_path):

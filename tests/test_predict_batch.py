@@ -41,8 +41,8 @@ SENTENCES = ["great film", "dull mess", "a wonderful , moving film about a joy o
 GOLD = ["positive", "negative", "positive", "negative", "positive", "positive", "negative",
         "positive", "positive", "positive", "negative", "positive", "negative", "negative"]
 BATCH = 4
-# probabilities in [0, 1] of the same f32 model on the same tokens: batching, padding copies
-# and width cutting change only summation order (measured <= 1.5e-6 with this wide-weight
+# probabilities in [0, 1] of the same f32 model on the same tokens: batching, packing and
+# width cutting change only summation order (measured <= 1.5e-6 with this wide-weight
 # model); records round to 6 decimals (5e-7); 1e-5 leaves ~5x
 ATOL = 1e-5
 
@@ -91,11 +91,11 @@ def shared(clf, monkeypatch):
   every batch the forward sees is recorded."""
   shapes = []
 
-  def forward(batch):
+  def forward_packed(batch):
     shapes.append(batch["inputs"].shape)
-    return clf.forward(batch)
-  monkeypatch.setattr(pred, "load_classifier",
-                      lambda wd: pred.Classifier(clf.cfg, clf.tokenizer, clf.labels, forward))
+    return clf.forward_packed(batch)
+  monkeypatch.setattr(pred, "load_classifier", lambda wd: pred.Classifier(
+      clf.cfg, clf.tokenizer, clf.labels, clf.forward, forward_packed))
   return shapes
 
 
@@ -138,9 +138,10 @@ def test_tsv_batches_match_sentence_predictions_in_order(workdir, clf, shared, c
   assert len(recs) == len(SENTENCES)
   check_predictions(recs, SENTENCES, clf)
   assert [r["gold"] for r in recs] == GOLD
-  # fixed shapes: every batch is BATCH rows, cut to a bucket width (auto: several widths)
-  assert {s[0] for s in shared} == {BATCH}
-  assert {s[1] for s in shared} <= {16, 24, 32, 48} and len({s[1] for s in shared}) > 1
+  # fixed shapes: every batch is packed into one of a few shapes (auto widths: several)
+  from lmos_jax.data.packing import pack_shapes
+  allowed = {(p.rows, p.width) for p in pack_shapes([16, 24, 32, 48], BATCH)}
+  assert set(shared) <= allowed and len(set(shared)) > 1, shared
   # the summary line against numpy on the records
   lines = [line for line in err.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(f"lmos predict: {len(SENTENCES)} lines "
@@ -162,17 +163,25 @@ def test_tsv_batches_match_sentence_predictions_in_order(workdir, clf, shared, c
   assert int(m.group(3)) == len(SENTENCES)
 
 
-def test_bucketed_batches_equal_full_width_batches(clf):
+def test_packed_batches_equal_one_text_per_row(clf):
+  """classify_rows packs several texts into a row; the probabilities are those of each text
+  alone in a row padded to seq_len (`Classifier.predict`), sentence pairs included."""
   from lmos_jax.data.encoder import bucket_widths, row_lengths
   seq_len = clf.cfg.data.seq_len
   widths = pred.batch_widths(clf.cfg)  # the config has no data.buckets: auto
   assert widths == bucket_widths("auto", seq_len) == [16, 24, 32, 48]
   lengths = row_lengths(clf.encode(SENTENCES))
   assert lengths.min() < 16 and lengths.max() == seq_len  # LONG is cut to seq_len
-  cut = pred.classify_rows(clf, SENTENCES, None, BATCH, widths)
-  full = pred.classify_rows(clf, SENTENCES, None, BATCH, [seq_len])
-  np.testing.assert_allclose(cut, full, atol=ATOL)
-  np.testing.assert_allclose(cut, clf.predict(SENTENCES), atol=ATOL)
+  packed = pred.classify_rows(clf, SENTENCES, None, BATCH, widths)
+  np.testing.assert_allclose(packed, clf.predict(SENTENCES), atol=ATOL)
+  np.testing.assert_allclose(pred.classify_rows(clf, SENTENCES, None, BATCH, [seq_len]),
+                             packed, atol=ATOL)
+  short = [s for s in SENTENCES if len(s.split()) <= 3]  # 5 texts: 2 rows of 48 hold them
+  batch = pred.packed_batch(clf.encode(short), row_lengths(clf.encode(short)), widths, 8)
+  assert batch["inputs"].shape[0] < len(short)
+  pairs = ["and so it goes"] * len(SENTENCES)
+  np.testing.assert_allclose(pred.classify_rows(clf, SENTENCES, pairs, BATCH, widths),
+                             clf.predict(SENTENCES, pairs), atol=ATOL)
   # the workdir's default can be overridden from the command line too
   assert pred.batch_widths(clf.cfg, "off") == [seq_len]
 

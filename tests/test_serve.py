@@ -233,12 +233,12 @@ def test_full_queue_answers_503_with_retry_after(files):
   from lmos_jax.inference.predict import batch_widths, load_classifier
   from lmos_jax.serve.server import ClassifierEngine, create_app
   clf = load_classifier(files[0])
-  fast = clf.forward_embed
+  fast = clf.forward_packed
 
   def slow(batch):
     time.sleep(0.3)
     return fast(batch)
-  engine = ClassifierEngine(dataclasses.replace(clf, forward_embed=slow),
+  engine = ClassifierEngine(dataclasses.replace(clf, forward_packed=slow),
                             batch_widths(clf.cfg), 1, AnswerPolicy({}, 0.5, 0.5))
   app = create_app(engine, model_name="slow", max_batch=1, max_wait_s=0.0, queue_size=2)
   with serving(app) as url:
@@ -448,11 +448,3 @@ def test_batcher_fills_batches_up_to_max_batch_and_refuses_when_full():
     return results
   assert asyncio.run(scenario()) == [i * 10 for i in range(10)]
   assert seen[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and seen[3] == ["boom"]
-
-
-def test_batch_buckets():
-  from lmos_jax.serve.server import batch_buckets
-  assert batch_buckets(32) == [1, 4, 16, 32]
-  assert batch_buckets(16) == [1, 4, 16]
-  assert batch_buckets(1) == [1]
-  assert batch_buckets(5) == [1, 4, 5]

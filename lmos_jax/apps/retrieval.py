@@ -1,7 +1,7 @@
 """Answer retrieval: a knowledge base of (question, answer) pairs, embedded once by the
 finetuned encoder, searched by exact top-k cosine similarity on the device.
 
-The encoder's sentence embeddings (`Classifier.forward_embed`) are L2-normalised, so cosine
+The encoder's sentence embeddings (`Classifier.forward_packed`) are L2-normalised, so cosine
 similarity is a plain dot product: a query batch (Q, D) against the index (N, D) is one matmul
 and `lax.top_k`. Exact search costs O(N * D) per query; at D=384 that is ~0.4 GFLOP per query
 at a million entries, still milliseconds on an accelerator. Past ~1M entries (or when the

@@ -2,9 +2,12 @@
 
 One worker thread owns the model (JAX dispatch and the compiled functions are not shared
 between threads). Request handlers, on the asyncio event loop, put a `Job` on a bounded
-queue and await its future; the worker takes the first waiting job, then keeps taking jobs
-until the batch holds `max_batch` rows or `max_wait_s` has passed since that first job, runs
-them in one call of `run`, and resolves each job's future on its event loop. A full queue
+queue and await its future; the worker takes the first waiting job, then every job already
+queued, and waits for more (up to `max_wait_s` after that first job) only while the batch
+has fewer jobs than the previous batch had: clients answered together come back together,
+so a crowd is collected into one batch while a lone client is never kept waiting. It runs
+the batch (at most `max_batch` rows) in one call of `run` and resolves each job's future on
+its event loop. A full queue
 refuses the job at once (`QueueFull`; the server answers 503 with Retry-After) instead of
 letting latency grow without bound.
 """
@@ -58,6 +61,7 @@ class Batcher:
     self.run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
     self.on_batch = on_batch
     self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+    self.expected = max_batch  # jobs worth waiting for: the previous batch's count
     self.stopping = threading.Event()
     self.thread = threading.Thread(target=self._loop, name="lmos-serve-worker", daemon=True)
 
@@ -82,8 +86,9 @@ class Batcher:
     return job.future
 
   def _take_batch(self) -> list[Job]:
-    """The first waiting job (waits up to 0.1 s, so a stop is noticed), then more until the
-    batch is full or the first job has waited max_wait_s."""
+    """The first waiting job (waits up to 0.1 s, so a stop is noticed), then the queued ones,
+    then, while fewer than `expected`, more until the first job has waited max_wait_s; never
+    more than max_batch rows."""
     try:
       first = self.jobs.get(timeout=0.1)
     except queue.Empty:
@@ -91,13 +96,14 @@ class Batcher:
     batch, rows = [first], first.rows
     deadline = first.enqueued + self.max_wait_s
     while rows < self.max_batch:
-      left = deadline - time.perf_counter()
+      left = deadline - time.perf_counter() if len(batch) < self.expected else 0.0
       try:
         job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
       except queue.Empty:
         break
       batch.append(job)
       rows += job.rows
+    self.expected = len(batch)
     return batch
 
   def _loop(self) -> None:

@@ -13,10 +13,10 @@ Endpoints (JSON in and out; every error is {"error": "..."} with a 4xx/5xx statu
   GET  /metrics       Prometheus text: request counts, request latency, batch sizes
 
 Requests that arrive together are batched (lmos_jax.serve.batcher: one worker thread owns
-the model). A classifier batch is encoded, sorted by length, cut into batches of exactly
-`--max-batch` rows (the last filled with copies of a row) at the narrowest `data.buckets`
-width that holds them: every shape the model can see is compiled once at start-up, so
-nothing compiles under load. A full queue answers 503 with Retry-After. SIGTERM (or Ctrl-C)
+the model). A classifier batch of up to `--max-batch` texts is encoded and packed
+(several short texts side by side in a row, each attending to itself only) into the one of a
+few fixed (rows, width) shapes that leaves the least padding: every shape the model can
+see is compiled once at start-up, so nothing compiles under load. A full queue answers 503 with Retry-After. SIGTERM (or Ctrl-C)
 stops accepting connections, finishes the requests in flight and exits 0.
 """
 
@@ -130,16 +130,6 @@ def parse_generate(obj: dict, limits: Limits) -> dict:
 # ----------------------------------------------------------------- engines
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-  """The batch sizes a batch is padded to: powers of 4 below max_batch, and max_batch. A
-  lone request runs as 1 row, not max_batch (at most 4x padding), at a handful of shapes."""
-  sizes, b = [], 1
-  while b < max_batch:
-    sizes.append(b)
-    b *= 4
-  return sizes + [max_batch]
-
-
 @dataclasses.dataclass
 class ClassifierEngine:
   """A classifier and its answer policy: `run` takes ("classify" | "answer", texts) payloads
@@ -154,22 +144,18 @@ class ClassifierEngine:
   task = "cls"
 
   def embed_rows(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (N, C), embeddings (N, D)), in batches padded to the smallest batch bucket that
-    holds them (max_batch rows at most)."""
+    """(probs (N, C), embeddings (N, D)): max_batch texts at a time, each batch packed into
+    the fixed shape that leaves the least padding."""
     from lmos_jax.inference.predict import classify_embed_rows
-    sizes = batch_buckets(self.max_batch)
-    size = next((b for b in sizes if b >= len(texts)), self.max_batch)
-    return classify_embed_rows(self.clf, list(texts), None, size, self.widths)
+    return classify_embed_rows(self.clf, list(texts), None, self.max_batch, self.widths)
 
   def warmup(self) -> None:
-    """Compiles the forward at every (batch bucket, width bucket) and the top-k search at
+    """Compiles the forward at every packed (rows, width) shape and the top-k search at
     (max_batch, D), so that no request waits on a compile."""
-    for b in batch_buckets(self.max_batch):
-      for w in self.widths:
-        batch = {"inputs": np.zeros((b, w), np.int32),
-                 "token_type_ids": np.zeros((b, w), np.int32),
-                 "attention_mask": np.ones((b, w), np.int32)}
-        self.clf.forward_embed(batch)
+    from lmos_jax.data.packing import pack_shapes
+    from lmos_jax.inference.predict import empty_packed_batch
+    for shape in pack_shapes(self.widths, self.max_batch):
+      self.clf.forward_packed(empty_packed_batch(shape, self.max_batch))
     if self.index is not None:
       self.index.search(np.zeros((self.max_batch, self.clf.cfg.model.d_model), np.float32),
                         self.top_k)
@@ -450,9 +436,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
   ap.add_argument("--kb", default=None,
                   help="knowledge base for retrieval: JSONL or TSV of question, answer")
   ap.add_argument("--max-batch", type=number(int, 1, 4096), default=32,
-                  help="rows per model batch (every batch is padded to this size)")
+                  help="texts per model batch (packed into one of a few fixed shapes)")
   ap.add_argument("--max-wait-ms", type=number(float, 0), default=5.0,
-                  help="how long the first request of a batch waits for more")
+                  help="how long the first request of a batch may wait for more, while "
+                       "fewer have come than the previous batch held")
   ap.add_argument("--queue", type=number(int, 1), default=256,
                   help="requests that may wait; more are answered 503")
   ap.add_argument("--top-k", type=number(int, 1, 100), default=3,
@@ -482,6 +469,15 @@ def setup_logging(level: str) -> None:
     logger.propagate = False
 
 
+def uvicorn_fast_paths() -> tuple[str, str]:
+  """What uvicorn's 'auto' settings will pick: httptools and uvloop (dependencies of lmos),
+  or the slower pure-Python h11 and asyncio when they are missing from the install."""
+  import importlib.util
+  have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+  return ("httptools" if have("httptools") else "h11 (pip install httptools: faster)",
+          "uvloop" if have("uvloop") else "asyncio (pip install uvloop: faster)")
+
+
 def main(argv: list[str]) -> int:
   import uvicorn
   args = parse(argv)
@@ -495,6 +491,7 @@ def main(argv: list[str]) -> int:
   app = create_app(engine, model_name=Path(args.workdir).resolve().name,
                    max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1e3,
                    queue_size=args.queue, limits=Limits(max_texts=args.max_texts))
+  log.info("HTTP parser %s, event loop %s", *uvicorn_fast_paths())
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=False, timeout_graceful_shutdown=60,
                           log_config=None)
