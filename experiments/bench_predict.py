@@ -6,8 +6,8 @@ text of the same TSV (header row; a text column and an optional `label` column, 
 dev.tsv):
 
   lmos  `lmos predict --workdir W --input FILE --output OUT/lmos_K.jsonl --batch-size B`, as
-        users run it: rows encoded to the run's data.seq_len, sorted by length within chunks
-        and each batch cut to the narrowest data.buckets width (the last batch filled up).
+        users run it: texts encoded to the run's data.seq_len and packed several to a row
+        of seq_len tokens, B/4 rows per batch (the tokens of about B texts).
   hf    transformers.pipeline("text-classification", model=OUT/hf, tokenizer=OUT/hf,
         device="cpu", top_k=None, truncation=True, max_length=data.seq_len,
         function_to_apply="softmax"), called once on the list of texts with batch_size=B

@@ -21,8 +21,8 @@ windows), the per-topic negative share by day (classifier-predicted, from trends
 and throughput: texts/s end to end (launch to exit, model load and compiles included) and
 the monitor's own loop rate (after the model is loaded), with the fraction of the host's f32
 matmul peak (measured by lmos_jax.train.metrics.measure_cpu_peak in this run) that the loop
-rate means in encoder FLOPs: per text, 2 x matmul params x the width its batch is cut to
-(data.buckets) + 4 x layers x d_model x width^2 (attention scores and values).
+rate means in useful encoder FLOPs: per text of n tokens, 2 x matmul params x n + 4 x layers
+x d_model x n^2 (attention scores and values; packing padding not counted).
 
 Run: python3 experiments/opinion_monitor.py --workdir runs/finsent [--out DIR]
 Results: OUT/opinion_monitor.json; each monitor's outputs under OUT/{surge,control}/.
@@ -134,18 +134,16 @@ def daily_negative_share(out: Path) -> dict[str, list[float]]:
 
 
 def encoder_flops(workdir: str, texts: list[str]) -> float:
-  """Forward FLOPs of the encoder over the texts at the widths their batches are cut to
-  (each text's own bucket width: a lower bound, as a batch takes its longest row's)."""
-  from lmos_jax.data.encoder import encode_for_classifier, fit_width, row_lengths
-  from lmos_jax.inference.predict import batch_widths
+  """Useful forward FLOPs of the encoder over the texts: each at its own token count (the
+  padding its packed rows carry is not counted, so this is a lower bound of the work done)."""
+  from lmos_jax.data.encoder import encode_for_classifier, row_lengths
   from lmos_jax.workdir import read_config, read_tokenizer
   cfg = read_config(Path(workdir))
   rows = encode_for_classifier(read_tokenizer(Path(workdir)), texts, None, cfg.data.seq_len)
-  widths = batch_widths(cfg)
-  w = np.array([fit_width(int(n), widths) for n in row_lengths(rows)], np.float64)
+  n = row_lengths(rows).astype(np.float64)
   m = cfg.model
   matmul_params = m.num_layers * (4 * m.d_model ** 2 + 2 * m.d_model * m.d_ff)
-  return float(np.sum(2 * matmul_params * w + 4 * m.num_layers * m.d_model * w ** 2))
+  return float(np.sum(2 * matmul_params * n + 4 * m.num_layers * m.d_model * n ** 2))
 
 
 def write_jsonl(recs: list[dict], path: Path) -> None:

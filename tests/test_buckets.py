@@ -13,8 +13,8 @@ from lmos_jax.config.schema import base_config
 from lmos_jax.data.encoder import (ClassificationData, bucket_widths, cut_to_width, fit_width,
                                    resolve_epochs, row_lengths)
 from lmos_jax.data.errors import DataError
-from lmos_jax.data.packing import (PackShape, choose_pack, first_fit_decreasing, pack_shapes,
-                                   pack_texts)
+from lmos_jax.data.packing import (PackShape, first_fit_decreasing, pack_shapes, pack_texts,
+                                   plan_batches)
 from lmos_jax.models.bert import BERT
 from lmos_jax.train.losses import cls_loss
 from test_finetune import tiny_bert_cfg
@@ -132,12 +132,33 @@ def test_pack_shapes_and_the_fewest_tokens_choice():
                     + [(32, w) for w in widths[:-1]])
   assert [s.rows for s in pack_shapes([64], 5)] == [1, 2, 3, 4, 5]
   assert [(s.rows, s.width) for s in pack_shapes([16, 64], 1)] == [(1, 16), (1, 64)]
-  pick = lambda lengths: choose_pack(np.array(lengths), pack_shapes(widths, 32))[0]  # noqa
+
+  def pick(lengths, max_rows=32):  # the one batch's shape
+    plans = plan_batches(np.array(lengths), widths, max_rows, 32)
+    assert len(plans) == 1 and sorted(plans[0].texts) == list(range(len(lengths)))
+    return plans[0].shape
   assert pick([9]) == PackShape(1, 16)  # a lone short text stays narrow
   assert pick([9, 12, 20]) == PackShape(1, 48)  # three texts in one row
   assert pick([15] * 32) == PackShape(8, 64)  # 4 per row of 64
   assert pick([15] * 31 + [50]) == PackShape(10, 64)  # 9 rows needed, 10 compiled
   assert pick([40] * 32) == PackShape(32, 48)  # one per row, narrower than 64
+
+
+def test_plan_batches_cuts_rows_into_batches_of_one_shape():
+  """A file's texts: every text in exactly one batch, each batch within its limits, and all
+  batches but the last of one shape (one program)."""
+  lengths = np.random.default_rng(1).integers(3, 60, 500)
+  plans = plan_batches(lengths, [16, 32, 64], 16, 16 * 64 // 2)
+  assert sorted(np.concatenate([p.texts for p in plans]).tolist()) == list(range(500))
+  assert {p.shape for p in plans[:-1]} == {PackShape(16, 64)}
+  for p in plans:
+    used = np.zeros((p.shape.rows, p.shape.width), int)
+    for r, o, n in zip(p.row, p.offset, lengths[p.texts]):
+      used[r, o:o + n] += 1
+    assert used.max() == 1
+  assert lengths.sum() / sum(p.shape.rows * p.shape.width for p in plans) > 0.9  # tight
+  few = plan_batches(np.full(10, 30), [64], 16, 4)  # at most 4 texts per batch
+  assert [len(p.texts) for p in few] == [4, 4, 2]
 
 
 def test_packed_texts_give_the_padded_logits_and_mean_pooled_embeddings():
@@ -150,20 +171,22 @@ def test_packed_texts_give_the_padded_logits_and_mean_pooled_embeddings():
   rows = synthetic_rows(9, 32, seed=4)
   rows["token_type_ids"] = (np.arange(32)[None, :] >= 3) * rows["attention_mask"]  # pairs
   lengths = row_lengths(rows)
-  shape, row_N, offset_N = choose_pack(lengths, pack_shapes([16, 32], 12))
-  assert shape.rows < 9  # several texts share rows
-  b = pack_texts(rows, lengths, shape, row_N, offset_N, 12)
+  (plan,) = plan_batches(lengths, [16, 32], 12, 12)
+  assert plan.shape.rows < 9  # several texts share rows
+  b = pack_texts({k: v[plan.texts] for k, v in rows.items()}, lengths[plan.texts],
+                 plan.shape, plan.row, plan.offset, 12)
+  order = np.argsort(plan.texts)
   x_RWD = model.encode(b["inputs"], token_type_ids=b["token_type_ids"],
                        position_ids=b["position_ids"], segment_ids=b["segment_ids"])
   probs, emb = packed_heads(model, x_RWD, b["cls_index"], b["text_index"])
   want = jax.nn.softmax(model(rows["inputs"], token_type_ids=rows["token_type_ids"],
                               attention_mask=rows["attention_mask"]), axis=-1)
-  np.testing.assert_allclose(np.asarray(probs)[:9], np.asarray(want), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(probs)[:9][order], np.asarray(want), atol=1e-5)
   h = np.asarray(model.encode(rows["inputs"], token_type_ids=rows["token_type_ids"],
                               attention_mask=rows["attention_mask"]))
   m = rows["attention_mask"][..., None]
   ref = (h * m).sum(1) / m.sum(1)
-  np.testing.assert_allclose(np.asarray(emb)[:9], ref / np.linalg.norm(ref, axis=-1,
+  np.testing.assert_allclose(np.asarray(emb)[:9][order], ref / np.linalg.norm(ref, axis=-1,
                                                                       keepdims=True), atol=1e-5)
   assert (b["text_index"][b["segment_ids"] == 0] == 12).all()  # padding belongs to no text
 

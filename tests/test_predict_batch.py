@@ -138,10 +138,10 @@ def test_tsv_batches_match_sentence_predictions_in_order(workdir, clf, shared, c
   assert len(recs) == len(SENTENCES)
   check_predictions(recs, SENTENCES, clf)
   assert [r["gold"] for r in recs] == GOLD
-  # fixed shapes: every batch is packed into one of a few shapes (auto widths: several)
-  from lmos_jax.data.packing import pack_shapes
-  allowed = {(p.rows, p.width) for p in pack_shapes([16, 24, 32, 48], BATCH)}
-  assert set(shared) <= allowed and len(set(shared)) > 1, shared
+  # fixed shapes: the rows of a chunk run rows_per_batch(BATCH) = 1 at a time, each row at
+  # the narrowest bucket width that holds it (auto: several)
+  assert {s[0] for s in shared} == {1} and len(set(shared)) > 1, shared
+  assert {s[1] for s in shared} <= {16, 24, 32, 48}, shared
   # the summary line against numpy on the records
   lines = [line for line in err.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(f"lmos predict: {len(SENTENCES)} lines "
@@ -176,9 +176,9 @@ def test_packed_batches_equal_one_text_per_row(clf):
   np.testing.assert_allclose(packed, clf.predict(SENTENCES), atol=ATOL)
   np.testing.assert_allclose(pred.classify_rows(clf, SENTENCES, None, BATCH, [seq_len]),
                              packed, atol=ATOL)
-  short = [s for s in SENTENCES if len(s.split()) <= 3]  # 5 texts: 2 rows of 48 hold them
-  batch = pred.packed_batch(clf.encode(short), row_lengths(clf.encode(short)), widths, 8)
-  assert batch["inputs"].shape[0] < len(short)
+  short = [s for s in SENTENCES if len(s.split()) <= 3]  # 5 texts: one row of 24 holds them
+  np.testing.assert_allclose(pred.run_packed(clf, short, None, widths, 8, 8)[0],
+                             clf.predict(short), atol=ATOL)
   pairs = ["and so it goes"] * len(SENTENCES)
   np.testing.assert_allclose(pred.classify_rows(clf, SENTENCES, pairs, BATCH, widths),
                              clf.predict(SENTENCES, pairs), atol=ATOL)

@@ -48,9 +48,9 @@ from lmos_jax.apps.trends import (NEGATIVE, SurgeRule, SurgeTest, WindowStats, c
                                   parse_time, parse_window, sentiment_score, window_start)
 from lmos_jax.errors import UserError
 
-# lines classified together (sorted by length, cut into --batch-size batches): a fast stream's
-# groups this large pad ~10% fewer positions than 256-line groups (widths fit better); a slow
-# stream's groups go out as soon as no more lines are waiting, so its latency is unchanged
+# lines classified together (packed into rows, as lmos predict does): a fast stream's groups
+# this large fill their rows more tightly than small groups; a slow stream's groups go out as
+# soon as no more lines are waiting, so its latency is unchanged
 GROUP_ROWS = 1024
 REPORT_EVERY_S = 30.0  # report.html is rewritten at most this often while the stream runs
 TREND_FIELDS = ["window_start", "topic", "topic_source", "topic_name", "count", "negative",

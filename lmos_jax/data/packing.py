@@ -137,42 +137,61 @@ class PackShape:
   width: int
 
 
-def pack_shapes(widths: Sequence[int], max_texts: int) -> list[PackShape]:
-  """The shapes batches of up to `max_texts` texts are packed into (`widths` ascending):
+def pack_shapes(widths: Sequence[int], max_rows: int) -> list[PackShape]:
+  """The shapes batches of up to `max_rows` rows are packed into (`widths` ascending):
   - one row at every width: a few short texts stay narrow;
-  - 2..7, 8, 10, 12, 14, 16, 20, ... rows (steps of at most 25%) up to max_texts at the
+  - 2..7, 8, 10, 12, 14, 16, 20, ... rows (steps of at most 25%) up to max_rows at the
     widest: a mixed batch (a server's) packs tightly, and long rows run faster per token on
     CPU;
-  - max_texts rows at every width: one text per row, for batches of long texts of similar
-    length (a length-sorted file), where rows of the widest would be partly empty.
-  Few shapes, each compiled once: 24 for 5 widths and 32 texts."""
+  - max_rows rows at every width: batches of long texts (one per row), where rows of the
+    widest would be partly empty.
+  Few shapes, each compiled once: 24 for 5 widths and 32 rows."""
   counts, c = [], 2
-  while c < max_texts:
+  while c < max_rows:
     counts.append(c)
     c += 1 << max(0, c.bit_length() - 3)  # 1 up to 7, 2 up to 15, 4 up to 31, ...
-  counts += [max_texts] if max_texts > 1 else []
+  counts += [max_rows] if max_rows > 1 else []
   wide = widths[-1]
   return ([PackShape(1, w) for w in widths] + [PackShape(c, wide) for c in counts]
-          + [PackShape(max_texts, w) for w in widths[:-1] if max_texts > 1])
+          + [PackShape(max_rows, w) for w in widths[:-1] if max_rows > 1])
 
 
-def choose_pack(lengths_N: np.ndarray, shapes: Sequence[PackShape]
-                ) -> tuple[PackShape, np.ndarray, np.ndarray]:
-  """(shape, row, offset): the shape of `shapes` with the fewest tokens (rows x width; ties
-  to the wider) whose width holds the longest text and whose rows hold the texts packed
-  first-fit-decreasing at that width."""
-  longest = int(np.max(lengths_N))
-  packed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-  for shape in sorted(shapes, key=lambda s: (s.rows * s.width, -s.width)):
-    if shape.width < longest:
-      continue
-    if shape.width not in packed:
-      packed[shape.width] = first_fit_decreasing(lengths_N, shape.width)
-    row_N, offset_N = packed[shape.width]
-    if int(row_N.max()) < shape.rows:
-      return shape, row_N, offset_N
-  raise ValueError(f"{len(lengths_N)} texts (longest {longest} tokens) fit none of the "
-                   f"shapes {[(s.rows, s.width) for s in shapes]}")
+@dataclasses.dataclass(frozen=True)
+class PackPlan:
+  """One packed batch: which texts (indices into the input), its shape, and each text's row
+  (within the batch) and offset."""
+
+  texts: np.ndarray
+  shape: PackShape
+  row: np.ndarray
+  offset: np.ndarray
+
+
+def plan_batches(lengths_N: np.ndarray, widths: Sequence[int], max_rows: int,
+                 max_texts: int) -> list[PackPlan]:
+  """Texts packed first-fit-decreasing into rows of the widest width (as full as the mix of
+  lengths allows), then consecutive rows cut into batches of at most `max_rows` rows and
+  `max_texts` texts; each batch takes the shape of `pack_shapes(widths, max_rows)` with the
+  fewest tokens (ties to the wider) that holds its rows and its fullest row."""
+  row_N, offset_N = first_fit_decreasing(lengths_N, widths[-1])
+  n_rows = int(row_N.max()) + 1 if len(row_N) else 0
+  used_R = np.bincount(row_N, weights=lengths_N, minlength=n_rows)
+  count_R = np.bincount(row_N, minlength=n_rows)
+  shapes = sorted(pack_shapes(widths, max_rows), key=lambda s: (s.rows * s.width, -s.width))
+  plans, lo = [], 0
+  while lo < n_rows:
+    hi, texts = lo, 0
+    while hi < n_rows and hi - lo < max_rows and texts + count_R[hi] <= max_texts:
+      texts += count_R[hi]
+      hi += 1
+    if hi == lo:
+      raise ValueError(f"a row of {count_R[lo]} texts exceeds max_texts={max_texts}")
+    need = used_R[lo:hi].max()
+    shape = next(s for s in shapes if s.rows >= hi - lo and s.width >= need)
+    ids = np.nonzero((row_N >= lo) & (row_N < hi))[0]
+    plans.append(PackPlan(ids, shape, row_N[ids] - lo, offset_N[ids]))
+    lo = hi
+  return plans
 
 
 def pack_texts(rows: dict[str, np.ndarray], lengths_N: np.ndarray, shape: PackShape,

@@ -146,8 +146,8 @@ class ClassifierEngine:
   def embed_rows(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(probs (N, C), embeddings (N, D)): max_batch texts at a time, each batch packed into
     the fixed shape that leaves the least padding."""
-    from lmos_jax.inference.predict import classify_embed_rows
-    return classify_embed_rows(self.clf, list(texts), None, self.max_batch, self.widths)
+    from lmos_jax.inference.predict import run_packed
+    return run_packed(self.clf, list(texts), None, self.widths, self.max_batch, self.max_batch)
 
   def warmup(self) -> None:
     """Compiles the forward at every packed (rows, width) shape and the top-k search at
