@@ -14,8 +14,9 @@ tokens, each with its own positions and an attention segment of its own (its out
 those of the text alone), rows filled first-fit-decreasing. The rows run `--batch-size`/4 at
 a time (the tokens of about --batch-size texts), so every full batch has one shape and a file
 compiles two or three programs; the rows of the last batch take the fixed shape with the
-fewest tokens. Against padding each batch to its longest text, SST-2's dev set runs in ~40%
-fewer positions, and rows of 64 run faster per token on CPU than many short rows.
+fewest tokens. SST-2's dev set (872 texts, 22,213 tokens) runs as 22,400 positions in two
+shapes, against 45,648 when each batch of 64 is padded to its longest text in input order
+(transformers' pipeline); and rows of 64 run faster per token on CPU than many short rows.
 Bad lines become
 `{"error": ...}` records at their position; a bad file is one line on stderr (exit 2) before
 the model is loaded.
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmos_jax.data.packing import PackShape
 from lmos_jax.errors import UserError
 from lmos_jax.inference.inputs import InputSpec, Row, check_gold, read_rows, stdin_groups
 from lmos_jax.models.quantized import has_qarrays
@@ -205,8 +207,9 @@ def classify_embed_rows(clf: Classifier, texts_a: Sequence[str],
 
 def rows_per_batch(batch_size: int) -> int:
   """Packed rows per batch for a batch size counted in texts: a quarter of it, since texts
-  take a quarter of seq_len or less on average in the classification sets here (SST-2 ~25
-  of 64 tokens, BANKING77 ~16), so a batch carries the tokens of about batch_size texts."""
+  take about a quarter of seq_len or less on average in the classification sets here (of 64
+  tokens: SST-2 dev 25.5, train 13.4; BANKING77 16), so a batch carries the tokens of about
+  batch_size texts."""
   return max(1, batch_size // 4)
 
 
@@ -237,7 +240,7 @@ def run_packed(clf: Classifier, texts_a: Sequence[str], texts_b: Sequence[str] |
   return probs, emb
 
 
-def empty_packed_batch(shape, max_texts: int) -> dict[str, np.ndarray]:
+def empty_packed_batch(shape: PackShape, max_texts: int) -> dict[str, np.ndarray]:
   """A packed batch of `shape` holding one one-token text: compiles that shape."""
   from lmos_jax.data.packing import pack_texts
   one = {"inputs": np.zeros((1, 1), np.int32), "token_type_ids": np.zeros((1, 1), np.int32)}
