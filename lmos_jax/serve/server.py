@@ -13,11 +13,11 @@ Endpoints (JSON in and out; every error is {"error": "..."} with a 4xx/5xx statu
   GET  /metrics       Prometheus text: request counts, request latency, batch sizes
 
 Requests that arrive together are batched (lmos_jax.serve.batcher: one worker thread owns
-the model). A classifier batch of up to `--max-batch` texts is encoded and packed
-(several short texts side by side in a row, each attending to itself only) into the one of a
-few fixed (rows, width) shapes that leaves the least padding: every shape the model can
-see is compiled once at start-up, so nothing compiles under load. A full queue answers 503 with Retry-After. SIGTERM (or Ctrl-C)
-stops accepting connections, finishes the requests in flight and exits 0.
+the model). A classifier batch of up to `--max-batch` texts is encoded and packed (several
+short texts side by side in a row, each attending to itself only) into the one of a few fixed
+(rows, width) shapes that leaves the least padding: every shape the model can see is compiled
+once at start-up, so nothing compiles under load. A full queue answers 503 with Retry-After.
+SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight and exits 0.
 """
 
 from __future__ import annotations
