@@ -261,14 +261,18 @@ def hf_rows(args) -> None:
   import torch
 
   cfg, graphdef, params = lmos_model(args.preset)
-  hf = to_hf(cfg, params)
+  # the peer runs where lmos runs: on the GPU when JAX has one and torch can reach it
+  on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+  where = torch.device("cuda" if on_gpu else "cpu")
+  hf = to_hf(cfg, params).to(where)
   probe = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 32)).astype(np.int32)
   ours = np.asarray(jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, probe))
   with torch.no_grad():
-    theirs = hf(torch.from_numpy(probe).long()).logits.numpy()
+    theirs = hf(torch.from_numpy(probe).long().to(where)).logits.cpu().numpy()
   print(f"preset {args.preset}: {count_params(params):,} params; max |logit diff| lmos vs "
-        f"transformers = {np.abs(ours - theirs).max():.2e}; torch threads "
-        f"{torch.get_num_threads()}, jax {jax.__version__} on {jax.devices()[0].platform}")
+        f"transformers = {np.abs(ours - theirs).max():.2e}; torch on {where} "
+        f"({torch.get_num_threads()} threads), jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}")
   n = args.new_tokens
   cache_len = n + 1
   rows = []
@@ -282,13 +286,13 @@ def hf_rows(args) -> None:
       full = Decoder(graphdef, cache_len, use_cache=False)
       t_f = best_time(lambda: full.generate(params, prompts, n), args.repeats)
       rows.append(("lmos full recompute (no cache)", b, b * n / t_f))
-    ids = torch.tensor(prompts, dtype=torch.long)
+    ids = torch.tensor(prompts, dtype=torch.long, device=where)
 
     def hf_gen():
       with torch.no_grad():
         return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                            min_new_tokens=n, do_sample=False, use_cache=True,
-                           pad_token_id=0)
+                           pad_token_id=0).cpu()  # waits for the device
     out = hf_gen()
     t_h = best_time(hf_gen, args.repeats)
     rows.append(("transformers GPT2LMHeadModel.generate", b, b * n / t_h))
