@@ -32,7 +32,7 @@ from lmos_jax.train.metrics import median_step_seconds  # noqa: E402
 MiB = 1024 ** 2
 # (name, (data, fsdp, tensor), mesh.opt_state); the first row is the baseline of the ratios
 MESHES = (("data-only, moments replicated", (8, 1, 1), "replicated"),
-          ("data-only, moments split (ZeRO-1)", (8, 1, 1), "auto"),
+          ("data-only, moments split (ZeRO-1)", (8, 1, 1), "sharded"),
           ("fsdp", (1, 8, 1), "auto"), ("tensor", (1, 1, 8), "auto"),
           ("mixed fsdp+tensor", (1, 4, 2), "auto"), ("mixed data+fsdp+tensor", (2, 2, 2), "auto"))
 

@@ -54,14 +54,22 @@ def trainable_for(cfg) -> Callable[[tuple[str, ...]], bool] | None:
   return lambda names: FROZEN not in names and (trainable is None or trainable(names))
 
 
-def splits_opt_state(cfg) -> bool:
+def splits_opt_state(cfg, platform: str) -> bool:
   """Whether 2+ data devices split the optimizer state (config 'mesh.opt_state': sharded,
-  replicated, or auto: split when every param trains). A PEFT run's optimizer state is a few
-  percent of the params: gathering its many small updates costs more than the shorter update
-  saves (measured: LoRA on MiniLM 113 ms/step replicated, 124 split; full finetuning 380 ->
-  327-365 ms). The planner's memory model asks the same question."""
+  replicated, or auto: split on accelerators when every param trains).
+
+  ZeRO-1 is for memory: each accelerator keeps 1/data of the moments. CPU devices share one
+  host's memory and cores, so auto keeps them replicated there: on 2 per-core CPU devices the
+  split made nanoGPT's small shape 1.43x slower a step (36 -> 51 ms, experiments/bench_train.py)
+  and the baby shape ~10% slower (1,590 -> 1,420 tokens/s), the extra gathers costing more than
+  the halved update saves; MiniLM full finetuning, whose 30k-row embedding makes the update
+  large, gained (380 -> 327-365 ms) and can ask for `sharded`. A PEFT run's optimizer state is
+  a few percent of the params: gathering its many small updates costs more than the shorter
+  update saves (LoRA on MiniLM 113 ms/step replicated, 124 split). The planner's memory model
+  asks the same question."""
   mode = cfg.mesh.get("opt_state", "auto")
-  return mode == "sharded" or (mode == "auto" and trainable_for(cfg) is None)
+  return mode == "sharded" or (mode == "auto" and platform != "cpu"
+                               and trainable_for(cfg) is None)
 
 
 def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssembly:
@@ -88,7 +96,8 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssem
     loss_fn = with_qat(loss_fn, cfg.quant, model_def, params_like, layouts)
   graphdef, init_fn, abstract, shardings, update_sh = train_state_layout(
       make_model, tx, policy, mesh,
-      shard_updates=splits_opt_state(cfg) and dict(mesh.shape).get("data", 1) > 1)
+      shard_updates=(splits_opt_state(cfg, mesh.devices.flat[0].platform)
+                     and dict(mesh.shape).get("data", 1) > 1))
   step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable, loss_fn=loss_fn,
                         policy=policy, microbatches=t.microbatches, l2=t.l2,
                         decay_embeddings=t.decay_embeddings,

@@ -189,7 +189,7 @@ def model_shape(cfg, vocab: int, backend: str) -> ModelShape:
                     flops_per_token(tcfg, cfg.data.seq_len, lm_head=cfg.task != "cls"),
                     jnp.dtype(policy.param_dtype).itemsize,
                     jnp.dtype(policy.compute_dtype).itemsize,
-                    splits_opt_state(cfg))
+                    splits_opt_state(cfg, backend))
 
 
 def enumerate_layouts(s: ModelShape, num_devices: int, remats: Sequence[str],
