@@ -385,7 +385,9 @@ def priced_seconds(compiled, cal, num_devices: int) -> float:
 
 def reference_config(num_devices: int):
   """A fixed small model (2 layers, 128 wide, 64 tokens, 256 ids, 4 sequences per device)
-  trained data-parallel over `num_devices`: the reference step of `program_factor`."""
+  trained data-parallel over `num_devices`, its optimizer state split over them: the
+  reference step of `program_factor`. Every layout choice is spelled out here, so a changed
+  default (`mesh.opt_state=auto`) does not silently change what each machine calibrates."""
   from lmos_jax.config.schema import base_config
   c = base_config()
   c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 4, 128
@@ -393,6 +395,7 @@ def reference_config(num_devices: int):
   c.data.source, c.data.tokenizer, c.data.seq_len = "embedded", "byte", 64
   c.train.batch_size = 4 * num_devices
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = num_devices, 1, 1
+  c.mesh.opt_state = "sharded"
   return c
 
 
