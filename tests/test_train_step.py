@@ -366,3 +366,19 @@ def test_sharded_optimizer_update_equals_single_device(single_device, mesh_shape
   params = jax.tree.leaves(state["params"])
   assert all(p.sharding.is_equivalent_to(s, p.ndim) for p, s in
              zip(params, jax.tree.leaves(shardings["params"])))
+
+
+def test_opt_state_auto_splits_on_accelerators_only():
+  """mesh.opt_state=auto: split (ZeRO-1) on GPU/TPU when every param trains; replicated on
+  CPU devices, which share the host's memory (and where the split measured slower); sharded
+  and replicated are obeyed everywhere; a LoRA run stays replicated under auto."""
+  from lmos_jax.train.assemble import splits_opt_state
+  cfg = tiny_config()
+  assert cfg.mesh.opt_state == "auto"
+  assert [splits_opt_state(cfg, p) for p in ("cpu", "gpu", "tpu")] == [False, True, True]
+  cfg.mesh.opt_state = "sharded"
+  assert splits_opt_state(cfg, "cpu") and splits_opt_state(cfg, "gpu")
+  cfg.mesh.opt_state = "replicated"
+  assert not splits_opt_state(cfg, "gpu")
+  cfg.mesh.opt_state, cfg.peft.method = "auto", "lora"
+  assert not splits_opt_state(cfg, "gpu")
