@@ -82,7 +82,8 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssem
   loss (train and eval alike).
   """
   t = cfg.train
-  policy = resolve_policy(t.precision, mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  policy = resolve_policy(t.precision, platform)
   make_model = peft.wrap_factory(model_factory(cfg.model, vocab_size, item_text), cfg.peft)
   trainable = trainable_for(cfg)
   schedule = make_schedule(t)
@@ -96,8 +97,7 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssem
     loss_fn = with_qat(loss_fn, cfg.quant, model_def, params_like, layouts)
   graphdef, init_fn, abstract, shardings, update_sh = train_state_layout(
       make_model, tx, policy, mesh,
-      shard_updates=(splits_opt_state(cfg, mesh.devices.flat[0].platform)
-                     and dict(mesh.shape).get("data", 1) > 1))
+      shard_updates=splits_opt_state(cfg, platform) and dict(mesh.shape).get("data", 1) > 1)
   step_cfg = StepConfig(graphdef=graphdef, tx=tx, trainable=trainable, loss_fn=loss_fn,
                         policy=policy, microbatches=t.microbatches, l2=t.l2,
                         decay_embeddings=t.decay_embeddings,
