@@ -24,7 +24,7 @@ from lmos_jax.config.schema import base_config
 from lmos_jax.data.hf_tokenizer import write_hf_tokenizer
 from lmos_jax.errors import ArgumentParser, UserError, number
 from lmos_jax.models.factory import model_factory
-from lmos_jax.models.hf import (HFSpec, copy_tokenizer, load_hf_params,
+from lmos_jax.models.hf import (HFSpec, check_hf_exportable, copy_tokenizer, load_hf_params,
                                 model_config_from_spec, read_hf_config, save_hf,
                                 spec_from_lmos_config)
 from lmos_jax.models.quantized import has_qarrays
@@ -108,15 +108,16 @@ def to_hf_from_workdir(workdir: str | Path, out_dir: str | Path, force: bool = F
     raise UserError(f"--workdir {wd} holds int8/int4 codes (lmos compress --method int8|int4) "
                     "and a Hugging Face folder holds float weights: export its source run, or "
                     "a pruned, trimmed or distilled one")
+  vocab = int(np.asarray(params["embed"]).shape[0])
+  spec = spec_from_lmos_config(cfg.model, vocab)
+  check_hf_exportable(spec)
   check_out_dir(out, force)
   tok = workdir_tokenizer(wd)
-  vocab = int(np.asarray(params["embed"]).shape[0])
   if cfg.peft.method != "full":  # fold LoRA/AdaLoRA into the kernels
     params = merged_params(model_factory(cfg.model, vocab), cfg.peft, params)
   if tok is not None and tok.vocab_size > vocab:
     raise UserError(f"--workdir {wd}: the tokenizer has {tok.vocab_size} ids but the model "
                     f"embeds {vocab}")
-  spec = spec_from_lmos_config(cfg.model, vocab)
   base = export_config(cfg, spec, wd, tok)
   out.mkdir(parents=True, exist_ok=True)
   if tok is None:

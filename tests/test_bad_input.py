@@ -231,6 +231,8 @@ ROWS = [
         "steps=3"),
     row("train-config-value", lambda e: train(e, "--config.model.num_heads=3"),
         "'model.d_model'=16", "'model.num_heads'=3"),
+    row("train-pooling-unknown", lambda e: train(e, "--config.model.pooling=max"),
+        "'model.pooling'='max'", "cls", "mean"),
     row("train-mlm-packed", lambda e: train(
         e, "--config.task=mlm", "--config.model.arch=bert", "--config.data.batching=packed"),
         "'task'='mlm'", "data.batching"),

@@ -266,3 +266,43 @@ def test_bert_shards_by_the_one_rule_table(mlm_model):
   # f32, reductions split over the 2x2x2 mesh's shards and re-summed vs one device: O(1)
   # logits, 1e-5 is ~80 ulp
   np.testing.assert_allclose(out, run(mlm_model, ids), atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef, state, input_ids, inputs):
+  return nnx.merge(graphdef, state).encode(input_ids, **inputs)
+
+
+def test_mean_pooling_is_the_kept_tokens_mean_padded_or_packed():
+  """pooling='mean' (no pooler): logits = classifier(mean of the final states of the tokens
+  the attention mask keeps), against numpy on the encoder's states; extra padding does not
+  move them; and the packed serving path (several texts in one row, per-text means) gives
+  each text's padded-row probabilities."""
+  from lmos_jax.data.packing import PackShape, pack_texts
+  from lmos_jax.inference.predict import packed_heads
+  model = make_bert(bert_tcfg(num_labels=3, pooling="mean"), seed=1)
+  assert model.pooler is None
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(1, 53, (2, 9)), jnp.int32)
+  lengths = np.array([9, 5])
+  mask = jnp.asarray(np.arange(9)[None, :] < lengths[:, None], jnp.int32)
+  logits = np.asarray(run(model, ids, attention_mask=mask))
+
+  graphdef, state = nnx.split(model)
+  x = np.asarray(_encode(graphdef, state, ids, {"attention_mask": mask}))
+  m = np.asarray(mask, np.float64)[..., None]
+  mean = (x * m).sum(1) / m.sum(1)
+  ref = mean @ np.asarray(model.classifier.kernel[...]) + np.asarray(model.classifier.bias[...])
+  np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+  # the padded row equals that text alone with no padding
+  np.testing.assert_allclose(np.asarray(run(model, ids[1:, :5]))[0], logits[1], atol=1e-5)
+
+  rows = {"inputs": np.asarray(ids), "token_type_ids": np.zeros((2, 9), np.int32)}
+  packed = pack_texts(rows, lengths, PackShape(rows=1, width=16), np.array([0, 0]),
+                      np.array([0, 9]), num_texts=3)
+  x_RWD = _encode(graphdef, state, jnp.asarray(packed["inputs"]), {
+      k: jnp.asarray(packed[k]) for k in ("token_type_ids", "position_ids", "segment_ids")})
+  probs, _ = packed_heads(model, x_RWD, jnp.asarray(packed["cls_index"]),
+                          jnp.asarray(packed["text_index"]))
+  np.testing.assert_allclose(np.asarray(probs)[:2], np.asarray(jax.nn.softmax(logits)),
+                             atol=1e-5)

@@ -273,3 +273,51 @@ def test_lmos_decoder_config_exports_to_transformers(family, tmp_path):
   m.pos_emb, m.norm = "rope", "layernorm"  # neither GPT-2 nor Llama
   with pytest.raises(hf.HFConversionError, match="neither GPT-2"):
     hf.spec_from_lmos_config(m, VOCAB)
+
+
+def test_mean_pooling_classifier_against_transformers_and_refused_by_export(ckpts, tmp_path,
+                                                                           capsys):
+  """model.pooling=mean on an HF classifier checkpoint: the pooler is dropped, and the logits
+  are the checkpoint's classifier on the mean of transformers' BertModel hidden states over
+  the unpadded tokens. A Hugging Face folder cannot hold such a model: --to-hf exits 2 naming
+  the field and writes nothing."""
+  torch = pytest.importorskip("torch")
+  tf = pytest.importorskip("transformers")
+  from flax import nnx
+  from lmos_jax.cli import main
+  from lmos_jax.config.schema import base_config
+  from lmos_jax.models.bert import BERT
+  d, _, _ = ckpts["bert_cls"]
+  ids, mask, types = _inputs()
+  with torch.no_grad():
+    ref_model = tf.BertForSequenceClassification.from_pretrained(d).eval()
+    h = ref_model.bert(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
+    w = ref_model.classifier.weight.numpy()
+    b = ref_model.classifier.bias.numpy()
+  mean = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  ref = mean @ w.T + b
+
+  m = base_config().model
+  spec = hf.spec_from_hf(hf.read_hf_config(d), hf.tensor_shapes(d))
+  hf.model_config_from_spec(spec, m)
+  m.pooling = "mean"
+  params, fresh, dropped = hf.hf_params_for(m, d, VOCAB)
+  assert (fresh, dropped) == ([], ["pooler"]) and "pooler" not in params
+  tcfg = hf.spec_from_lmos_config(m, VOCAB).tcfg
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: BERT(tcfg, head="cls",
+                                                          rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  out = _lmos_out(nnx.merge(graphdef, state), "bert_cls")
+  assert np.abs(out - ref).max() <= TOL
+
+  wd, hf_out = tmp_path / "wd", tmp_path / "hf_out"
+  assert main(["convert", "--from-hf", str(d), "--workdir", str(wd)]) == 0
+  saved = json.loads((wd / "config.json").read_text())
+  saved["model"]["pooling"] = "mean"
+  (wd / "config.json").write_text(json.dumps(saved))
+  capsys.readouterr()
+  assert main(["convert", "--to-hf", str(hf_out), "--workdir", str(wd)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "model.pooling" in err[0] and "Traceback" not in err[0]
+  assert not hf_out.exists()

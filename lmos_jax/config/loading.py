@@ -301,6 +301,9 @@ def _check_encoder(cfg) -> None:
       wrong.append(f"model.num_kv_heads={m.num_kv_heads} (BERT has no grouped-query heads)")
     if wrong:
       raise ConfigError("config 'model.arch'='bert' does not support: " + "; ".join(wrong))
+  if m.get("pooling", "cls") not in ("cls", "mean"):
+    raise ConfigError(f"config 'model.pooling'={m.pooling!r}: expected cls (BERT's pooler) "
+                      "or mean (the mean of the text's tokens)")
   if m.arch == "bert" and m.head == "cls" and m.num_labels <= 0:
     raise ConfigError("config 'model.head'='cls' needs 'model.num_labels' > 0")
   if cfg.task == "mlm":

@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.type_vocab_size = 2  # bert: token-type (segment) embeddings
   m.num_labels = 0  # bert: >0 adds the sequence-classification head instead of MLM
   m.head = "auto"  # bert: auto (cls if num_labels else mlm) | mlm | cls | none (encoder)
+  # bert classifier's sentence vector: cls (BERT's pooler on [CLS]; exports to HF
+  # BertForSequenceClassification) | mean (of the text's tokens, sentence-transformers style)
+  m.pooling = "cls"
   # Weights to start from: a Hugging Face dir (config.json + *.safetensors) or an lmos
   # workdir (its latest params); heads the source lacks (pooler, classifier) start fresh
   m.init_from = ""

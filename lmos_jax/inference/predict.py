@@ -157,18 +157,20 @@ def load_classifier(workdir: str | Path) -> Classifier:
 def packed_heads(model, x_RWD: jax.Array, cls_index_S: jax.Array, text_index_RW: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
   """(probs (S, C), embeddings (S, D)) per text of a packed batch: the classifier on each
-  text's first token ([CLS]), and the L2-normalised mean of its tokens' final hidden states.
+  text's sentence vector (the pooled first token ([CLS]), or the mean of its tokens, as the
+  model's `pooling` says), and the L2-normalised mean of its tokens' final hidden states.
   Shapes: R rows, W tokens per row, N = R*W tokens, S text slots, D model width."""
   s = cls_index_S.shape[0]
   x_ND = x_RWD.reshape(-1, x_RWD.shape[-1]).astype(jnp.float32)
-  first_S1D = x_ND[cls_index_S][:, None, :].astype(x_RWD.dtype)
-  logits_SC = model.classifier(model.pool(first_S1D))
   # each text's tokens summed by their text index (padding's index S lands in a dropped slot)
   ids_N = text_index_RW.reshape(-1)
   sum_SD = jax.ops.segment_sum(x_ND, ids_N, num_segments=s + 1)[:s]
   count_S1 = jax.ops.segment_sum(jnp.ones_like(ids_N, jnp.float32), ids_N,
                                  num_segments=s + 1)[:s, None]
   mean_SD = sum_SD / jnp.maximum(count_S1, 1.0)
+  # the pooling reads a one-token "sentence" per text: its [CLS] state, or its mean
+  first_SD = mean_SD if model.cfg.pooling == "mean" else x_ND[cls_index_S]
+  logits_SC = model.classifier(model.pool(first_SD[:, None, :].astype(x_RWD.dtype)))
   norm_S1 = jnp.maximum(jnp.linalg.norm(mean_SD, axis=-1, keepdims=True), 1e-12)
   return jax.nn.softmax(logits_SC.astype(jnp.float32), axis=-1), mean_SD / norm_S1
 

@@ -1,10 +1,16 @@
 """BERT encoder (BERT, MiniLM) on the shared layers: post-LN blocks, token types, heads.
 
 Heads: "mlm" (masked-LM logits (B, T, V), decoder tied to the word embeddings as in BERT),
-"cls" (pooler + sequence classifier, logits (B, num_labels); sentence pairs via token
-types) and "none" (the bare encoder, as in HF `BertModel`: returns hidden states (B, T, D)).
+"cls" (a sentence vector + sequence classifier, logits (B, num_labels); sentence pairs via
+token types) and "none" (the bare encoder, as in HF `BertModel`: returns hidden states (B, T, D)).
 Parameters carry the same logical axis names as the decoder's, so the one sharding table
 applies unchanged.
+
+The classifier's sentence vector is `TransformerConfig.pooling`: "cls", BERT's pooler
+(tanh(dense([CLS] state)), what Hugging Face's BertForSequenceClassification computes), or
+"mean", the mean of the text's final hidden states with no pooler: how sentence-transformers
+trains MiniLM (all-MiniLM-L6-v2), whose [CLS] state and pooler were never trained to stand for
+the sentence.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from lmos_jax.parallel.sharding import constrain
 
 Array = jax.Array
 HEADS = ("mlm", "cls", "none")
+POOLINGS = ("cls", "mean")
 
 
 # Heads a finetune may start fresh when its pretrained source lacks them.
@@ -44,6 +51,23 @@ def fresh_heads(cfg: TransformerConfig, heads, seed: int) -> dict:
   return out
 
 
+def has_pooler(cfg: TransformerConfig, head: str) -> bool:
+  """Whether a BERT with this head holds a pooler: the bare encoder does (as HF's BertModel),
+  a classifier only when it pools the [CLS] token."""
+  return head == "none" or (head == "cls" and cfg.pooling == "cls")
+
+
+def masked_mean(x_BTD: Array, mask_BT: Array | None) -> Array:
+  """Mean over T of the positions `mask_BT` keeps (1 keep, 0 padding), summed in float32 and
+  returned in x's dtype; a row with none kept gives zeros instead of NaN."""
+  xf_BTD = x_BTD.astype(jnp.float32)
+  if mask_BT is None:
+    return xf_BTD.mean(axis=1).astype(x_BTD.dtype)
+  m_BT = mask_BT.astype(jnp.float32)
+  sum_BD = jnp.einsum("btd,bt->bd", xf_BTD, m_BT)
+  return (sum_BD / jnp.maximum(m_BT.sum(axis=1), 1.0)[:, None]).astype(x_BTD.dtype)
+
+
 def default_head(cfg: TransformerConfig) -> str:
   """A classifier when the config asks for labels, else the MLM pretraining head."""
   return "cls" if cfg.num_labels > 0 else "mlm"
@@ -61,6 +85,9 @@ class BERT(nnx.Module):
     if cfg.norm_position != "post":
       raise ValueError("BERT needs norm_position='post' in its "
                        "TransformerConfig (use bert_config_from)")
+    if cfg.pooling not in POOLINGS:
+      raise ConfigError(f"config 'model.pooling'={cfg.pooling!r}: expected one of "
+                        f"{', '.join(POOLINGS)}")
     self.cfg, self.head = cfg, head
     d, std = cfg.d_model, cfg.init_std
     self.embed = param(rngs, normal(std), (cfg.vocab_size, d), ("vocab", "embed"))
@@ -70,7 +97,7 @@ class BERT(nnx.Module):
     self.embed_norm = Norm(d, cfg.norm, cfg.norm_eps, use_bias=cfg.use_bias, rngs=rngs)
     self.blocks = make_blocks(cfg, rngs)
     self.pooler = (Dense((d,), (d,), ("embed", None), use_bias=True, std=std, rngs=rngs)
-                   if head in ("cls", "none") else None)
+                   if has_pooler(cfg, head) else None)
     self.classifier = (Dense((d,), (cfg.num_labels,), ("embed", "labels"), use_bias=True,
                              std=std, rngs=rngs) if head == "cls" else None)
     if head == "mlm":
@@ -113,9 +140,13 @@ class BERT(nnx.Module):
     return run_blocks(self.blocks, cfg, x_BTD, positions_BT, mask, is_causal=False,
                       key=k_blocks)
 
-  def pool(self, x_BTD: Array) -> Array:
-    """tanh(dense(first token)): BERT's sentence vector."""
-    return jnp.tanh(self.pooler(x_BTD[:, 0]))
+  def pool(self, x_BTD: Array, attention_mask: Array | None = None) -> Array:
+    """The sentence vector (B, D) the classifier reads: tanh(dense(first token)) for
+    pooling "cls", the mean over the tokens `attention_mask` keeps (all without one) for
+    "mean"."""
+    if self.cfg.pooling == "cls":
+      return jnp.tanh(self.pooler(x_BTD[:, 0]))
+    return masked_mean(x_BTD, attention_mask)
 
   def mlm_logits(self, x_BTD: Array) -> Array:
     """Transform (dense, GELU, LayerNorm), then the tied decoder plus its bias; float32."""
@@ -142,7 +173,7 @@ class BERT(nnx.Module):
     if self.head == "none":
       return x_BTD
     k_cls = None if rng is None else jax.random.fold_in(rng, 1)
-    pooled_BD = dropout(self.pool(x_BTD), self.cfg.dropout, k_cls)
+    pooled_BD = dropout(self.pool(x_BTD, attention_mask), self.cfg.dropout, k_cls)
     return self.classifier(pooled_BD).astype(jnp.float32)
 
 
@@ -159,4 +190,5 @@ def bert_config_from(model_cfg, vocab_size: int) -> TransformerConfig:
       mlp=m.mlp, use_bias=True, tie_embeddings=True,
       dropout=m.dropout, scan_layers=m.scan_layers, remat=m.remat,
       attention_impl=m.attention_impl, init_std=m.init_std,
-      type_vocab_size=m.get("type_vocab_size", 2), num_labels=m.get("num_labels", 0))
+      type_vocab_size=m.get("type_vocab_size", 2), num_labels=m.get("num_labels", 0),
+      pooling=m.get("pooling", "cls"))

@@ -249,9 +249,22 @@ def spec_from_hf(c: dict, shapes: dict[str, tuple[int, ...]] | None = None, *,
                           f"{', '.join(FAMILIES)}")
 
 
+def check_hf_exportable(spec: HFSpec) -> None:
+  """Refuses a model no transformers class computes: a BERT classifier that mean-pools
+  (BertForSequenceClassification would classify the [CLS] pooler instead, giving other
+  scores from the same weights)."""
+  if spec.family == "bert" and spec.head == "cls" and spec.tcfg.pooling != "cls":
+    raise HFConversionError(
+        f"config 'model.pooling'={spec.tcfg.pooling!r}: transformers' "
+        "BertForSequenceClassification pools the [CLS] token, so it cannot hold this "
+        "classifier; serve it with lmos (predict, serve) or train with model.pooling=cls to "
+        "export")
+
+
 def hf_config_for(spec: HFSpec, base: dict | None = None) -> dict:
   """config.json for `spec`; keys of `base` (the original config) that lmos does not model
   (token ids, dropout, labels) are kept."""
+  check_hf_exportable(spec)
   t = spec.tcfg
   c = dict(base or {})
   for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
@@ -326,6 +339,7 @@ def _bert_layer(p: str) -> list[Entry]:
 
 
 def _bert_top(spec: HFSpec) -> list[Entry]:
+  from lmos_jax.models.bert import has_pooler
   b = _bert_prefix(spec.head)
   out = [(b + "embeddings.word_embeddings.weight", ("embed",), "copy"),
          (b + "embeddings.position_embeddings.weight", ("pos_embed",), "copy"),
@@ -333,7 +347,7 @@ def _bert_top(spec: HFSpec) -> list[Entry]:
          (b + "embeddings.LayerNorm.bias", ("embed_norm", "bias"), "copy")]
   if spec.tcfg.type_vocab_size > 0:
     out.append((b + "embeddings.token_type_embeddings.weight", ("type_embed",), "copy"))
-  if spec.head in ("cls", "none"):
+  if has_pooler(spec.tcfg, spec.head):
     out += [(b + "pooler.dense.weight", ("pooler", "kernel"), "linear/1"),
             (b + "pooler.dense.bias", ("pooler", "bias"), "copy")]
   if spec.head == "cls":
@@ -650,9 +664,10 @@ def save_hf(spec: HFSpec, params: dict, out_dir: str | Path, base_config: dict |
             tokenizer_dir: str | Path | None = None) -> Path:
   """Writes config.json + model.safetensors (+ tokenizer files) that transformers loads."""
   from safetensors.numpy import save_file
+  config = hf_config_for(spec, base_config)  # refuses before anything is written
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(hf_config_for(spec, base_config), indent=2))
+  (out / "config.json").write_text(json.dumps(config, indent=2))
   save_file(tensors_from_params(spec, params), str(out / "model.safetensors"),
             metadata={"format": "pt"})
   if tokenizer_dir is not None:
@@ -792,12 +807,13 @@ def head_changes(spec: HFSpec, names) -> tuple[list[str], list[str]]:
   """(heads the model needs that the checkpoint lacks, which start fresh; heads the
   checkpoint holds that the model has no place for, which are dropped). Only a pooler and a
   classifier can start fresh: a missing MLM head stays an error."""
-  from lmos_jax.models.bert import FRESH_HEADS
+  from lmos_jax.models.bert import FRESH_HEADS, has_pooler
   if spec.family != "bert":
     return [], []
   have = {bert_head_of(n) for n in names} - {None}
-  need = ({"mlm"} if spec.head == "mlm" else
-          {"pooler", "classifier"} if spec.head == "cls" else {"pooler"})
+  need = ({"mlm"} if spec.head == "mlm" else {"classifier"} if spec.head == "cls" else set())
+  if has_pooler(spec.tcfg, spec.head):
+    need.add("pooler")
   fresh = [h for h in FRESH_HEADS if h in need - have]
   dropped = [h if h != "mlm" else "mlm head" for h in ("pooler", "classifier", "mlm")
              if h in have - need]

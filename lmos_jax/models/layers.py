@@ -51,6 +51,7 @@ class TransformerConfig:
   init_std: float = 0.02
   type_vocab_size: int = 0  # BERT token types; 0 for decoders
   num_labels: int = 0  # classification head width; 0 for none
+  pooling: str = "cls"  # BERT classifier's sentence vector: cls (pooler) | mean (of tokens)
 
   @property
   def kv_heads(self) -> int:
