@@ -110,7 +110,7 @@ class Classifier:
 
 def load_classifier(workdir: str | Path) -> Classifier:
   """The classifier of a workdir: config.json, tokenizer.json, labels.json and the latest
-  params (base + adapters for PEFT runs)."""
+  params (base + adapters for PEFT runs; LoRA and AdaLoRA folded into the kernels)."""
   from flax import nnx
 
   wd = Path(workdir)
@@ -128,6 +128,10 @@ def load_classifier(workdir: str | Path) -> Classifier:
     params = jax.tree.map(jnp.asarray, classifier_params(cfg, wd, abstract))
   except ValueError as e:  # a tensor that does not fit the config's model
     raise UserError(str(e)) from None
+  if cfg.peft.method in ("lora", "adalora") and not has_qarrays(params):
+    from lmos_jax.models.factory import model_factory
+    from lmos_jax.peft.methods import merged_model
+    graphdef, params = merged_model(model_factory(cfg.model, tok.vocab_size), cfg.peft, params)
 
   @jax.jit
   def probs(p, batch):
