@@ -4,17 +4,20 @@ BANKING77 intent detection: 77 intents of online-banking customer questions. The
   method: full | lora (it also picks that method's learning rate and trainable extras);
   shots:  Nshot (e.g. 10shot): N training questions per intent, drawn with a fixed seed
           (data.per_label), the few-shot setting of Casanueva et al. 2020.
-Full data: 8 epochs over the 9,000 training questions at batch 32 (2,250 steps; 28 minutes on
-2 CPU cores, dev accuracy 91.9%; after 2 epochs the train loss was still falling at 84.5%),
-evaluated on the 1,003 dev questions after each epoch. Seq len 64 (the longest
-question is 79 words, the mean 12: nearly every batch is cut to the 16 or 24 bucket).
+Full data: 8 epochs over the 9,000 training questions at batch 32 (2,250 steps; on 2 CPU
+cores lora takes 12 minutes to 93.5% dev accuracy, full 17 minutes to 92.6%), evaluated on the
+1,003 dev questions after each epoch. Seq len 64 (the longest question is 79 words, the mean
+12: nearly every batch is cut to the 16 or 24 bucket). 10shot: lora 84.6%, full 82.0%. The
+classifier reads the mean of the question's final hidden states
+(model.pooling=mean), the sentence vector all-MiniLM-L6-v2 was trained to give: with BERT's
+[CLS] pooler the same recipe reached 91.9% after 8 epochs and 84.5% after 2 (mean: 90.8%).
 
 The data are TSV files `text<TAB>label`, $LMOS_DATA_DIR/apps/banking77/{train,dev}.tsv
 (default data/apps/banking77/); --config.data.train / --config.data.dev point elsewhere.
 The label order is the dataset's categories order (its labels.txt), written into the config
 so the model's head rows do not depend on which intents a few-shot draw happens to hold.
 
-Run: lmos train --config configs/banking77.py:full --workdir runs/banking77
+Run: lmos train --config configs/banking77.py:lora --workdir runs/banking77
      lmos train --config configs/banking77.py:lora,10shot --workdir runs/banking77_10shot
      lmos serve --workdir runs/banking77 --answers experiments/banking77_answers.jsonl
 """
@@ -76,6 +79,8 @@ def get_config(arg=None):
   d.train = data_file("apps/banking77/train.tsv")
   d.dev = data_file("apps/banking77/dev.tsv")
   d.labels = ",".join(LABELS)
+  # all-MiniLM-L6-v2 was trained to mean-pool: its [CLS] state and pooler were not
+  c.model.pooling = "mean"
   t.batch_size, t.lr, p.trainable_extra = 32, *METHODS[method]
   p.method = method
   t.log_every = 50
