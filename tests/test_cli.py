@@ -73,3 +73,20 @@ def test_unknown_override_is_rejected(tmp_path):
   out = _lmos("train", *TINY, "--config.train.learning_rate=0.1", f"--workdir={tmp_path}")
   assert out.returncode != 0
   assert "learning_rate" in out.stderr
+
+
+def test_command_line_process_skips_the_ipython_probe(monkeypatch):
+  """The `lmos` process marks IPython absent before flax.nnx probes for it, and the trainer
+  still imports; a process that already holds IPython (a notebook) keeps it."""
+  code = ("import sys; from lmos_jax import cli; cli.skip_ipython_probe(); "
+          "import lmos_jax.train.trainer; "
+          "print(sys.modules['IPython'] is None, any(m.startswith('IPython.') for m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=subprocess_env(1, JAX_PLATFORMS="cpu"), timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["True", "False"]
+  from lmos_jax import cli
+  shell = object()
+  monkeypatch.setitem(sys.modules, "IPython", shell)
+  cli.skip_ipython_probe()
+  assert sys.modules["IPython"] is shell
