@@ -291,6 +291,7 @@ def _check_encoder(cfg) -> None:
   m = cfg.model
   _choice("model.arch", m.arch, CHOICES["model.arch"])
   _choice("model.head", m.head, CHOICES["model.head"])
+  _choice("model.pooling", m.get("pooling", "cls"), CHOICES["model.pooling"])
   if m.arch == "bert":
     fixed = {"pos_emb": "learned", "norm": "layernorm", "use_bias": True,
              "tie_embeddings": True}
@@ -301,9 +302,6 @@ def _check_encoder(cfg) -> None:
       wrong.append(f"model.num_kv_heads={m.num_kv_heads} (BERT has no grouped-query heads)")
     if wrong:
       raise ConfigError("config 'model.arch'='bert' does not support: " + "; ".join(wrong))
-  if m.get("pooling", "cls") not in ("cls", "mean"):
-    raise ConfigError(f"config 'model.pooling'={m.pooling!r}: expected cls (BERT's pooler) "
-                      "or mean (the mean of the text's tokens)")
   if m.arch == "bert" and m.head == "cls" and m.num_labels <= 0:
     raise ConfigError("config 'model.head'='cls' needs 'model.num_labels' > 0")
   if cfg.task == "mlm":

@@ -18,6 +18,7 @@ CHOICES = types.MappingProxyType({
     "model.arch": ("gpt", "bert", "rec"),
     "model.item_repr": ("id", "text", "hybrid"),
     "model.head": ("auto", "mlm", "cls", "none"),
+    "model.pooling": ("cls", "mean"),
     "model.pos_emb": ("learned", "rope", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.mlp": ("gelu", "gelu_exact", "swiglu"),

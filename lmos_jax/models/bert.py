@@ -86,8 +86,7 @@ class BERT(nnx.Module):
       raise ValueError("BERT needs norm_position='post' in its "
                        "TransformerConfig (use bert_config_from)")
     if cfg.pooling not in POOLINGS:
-      raise ConfigError(f"config 'model.pooling'={cfg.pooling!r}: expected one of "
-                        f"{', '.join(POOLINGS)}")
+      raise ValueError(f"BERT pooling={cfg.pooling!r}: expected one of {', '.join(POOLINGS)}")
     self.cfg, self.head = cfg, head
     d, std = cfg.d_model, cfg.init_std
     self.embed = param(rngs, normal(std), (cfg.vocab_size, d), ("vocab", "embed"))
