@@ -129,6 +129,7 @@ def text_vectors(hf_dir: str, texts: Sequence[str], max_len: int = 32,
   sentence embedding) for `texts`: (len(texts), hidden). One compiled shape, batched."""
   from tokenizers import Tokenizer
   from pathlib import Path
+  from lmos_jax.models.bert import masked_mean
   from lmos_jax.models.hf import load_hf
 
   tok = Tokenizer.from_file(str(Path(hf_dir) / "tokenizer.json"))
@@ -141,8 +142,7 @@ def text_vectors(hf_dir: str, texts: Sequence[str], max_len: int = 32,
   def embed(state, ids_BT, mask_BT):
     m = nnx.merge(graphdef, state)
     x_BTD = m.encode(ids_BT, attention_mask=mask_BT).astype(jnp.float32)
-    w_BT1 = mask_BT.astype(jnp.float32)[..., None]
-    mean_BD = (x_BTD * w_BT1).sum(1) / jnp.maximum(w_BT1.sum(1), 1.0)
+    mean_BD = masked_mean(x_BTD, mask_BT)
     return mean_BD / jnp.maximum(jnp.linalg.norm(mean_BD, axis=-1, keepdims=True), 1e-12)
 
   out = []
