@@ -129,9 +129,8 @@ def load_classifier(workdir: str | Path) -> Classifier:
   except ValueError as e:  # a tensor that does not fit the config's model
     raise UserError(str(e)) from None
   if cfg.peft.method in ("lora", "adalora") and not has_qarrays(params):
-    from lmos_jax.models.factory import model_factory
     from lmos_jax.peft.methods import merged_model
-    graphdef, params = merged_model(model_factory(cfg.model, tok.vocab_size), cfg.peft, params)
+    graphdef, params = merged_model(graphdef, params)
 
   @jax.jit
   def probs(p, batch):

@@ -135,18 +135,16 @@ def merged_params(make_model: Callable[[nnx.Rngs], nnx.Module], p, params: dict)
   """Base-model params with a PEFT run's LoRA/AdaLoRA updates merged in (pure dicts)."""
   if p.method == "full":
     return params
-  return merged_model(make_model, p, params)[1]
+  graphdef = nnx.split(nnx.eval_shape(lambda: wrap_factory(make_model, p)(nnx.Rngs(0))))[0]
+  return merged_model(graphdef, params)[1]
 
 
-def merged_model(make_model: Callable[[nnx.Rngs], nnx.Module], p, params: dict
-                 ) -> tuple[nnx.GraphDef, dict]:
-  """(graphdef, params) of the base model with a LoRA/AdaLoRA run's updates folded into its
-  kernels: what inference runs, since a folded layer is one matmul where the adapted one
-  adds two low-rank ones beside it (~10% of a served MiniLM batch at rank 8)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: wrap_factory(make_model, p)(
-      nnx.Rngs(0))))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  model = nnx.merge(graphdef, state)
+def merged_model(graphdef: nnx.GraphDef, params: dict) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, params) of the base model, from a PEFT-wrapped model's graphdef and params,
+  with its LoRA/AdaLoRA updates folded into the kernels: what inference runs, since a folded
+  layer is one matmul where the adapted one adds two low-rank ones beside it (~10% of a
+  served MiniLM batch at rank 8)."""
+  model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
   merge_and_unload(model)
   graphdef, state = nnx.split(model)
   return graphdef, nnx.to_pure_dict(state)
