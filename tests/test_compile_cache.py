@@ -1,13 +1,15 @@
-"""Where JAX's persistent compilation cache goes (train.compile_cache, LMOS_COMPILE_CACHE), and
-that it is really written to and switched off; test_cli shows a second `lmos train` of the
-same config compiling nothing."""
+"""Where JAX's persistent compilation cache goes (train.compile_cache, LMOS_COMPILE_CACHE),
+that it is really written to and switched off, and that a program compiled ahead in a
+background thread is the one its first call runs; test_cli shows a second `lmos train` of
+the same config compiling nothing."""
 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from lmos_jax.parallel.compile_cache import ENV, cache_dir, enable_compile_cache
+from lmos_jax.parallel.compile_cache import ENV, CompileAhead, cache_dir, enable_compile_cache
 
 
 @pytest.mark.parametrize("setting,environ,want", [
@@ -75,3 +77,49 @@ def test_host_peak_is_measured_once_per_machine_key(tmp_path, monkeypatch):
   assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path))[0] == 103.0
   assert metrics.device_peak_flops(devs, cache_dir=None)[0] == 104.0
   assert metrics.device_peak_flops(devs, cache_dir=None)[0] == 105.0
+
+
+def test_compile_ahead_leaves_the_first_call_nothing_to_compile():
+  """The program compiled in the background thread is the one the call runs: XLA's compile
+  step (which a persistent-cache read also passes through) happens once, before the call."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((1,), ("data",))
+  sh = NamedSharding(mesh, P())
+
+  def ahead_program(x, y):
+    return jnp.tanh(x @ y) + 1.0
+  f = jax.jit(ahead_program, in_shardings=(sh, sh), out_shardings=sh)
+  x = jax.device_put(jnp.arange(12.0).reshape(3, 4) / 10, sh)
+  y = jax.device_put(jnp.ones((4, 3)), sh)
+  compiled = []
+
+  def listen(event, secs, **kw):
+    if event == "/jax/core/compile/backend_compile_duration" and "ahead_program" in str(
+        kw.get("fun_name")):
+      compiled.append(secs)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    ahead = CompileAhead(f, (jax.ShapeDtypeStruct((3, 4), jnp.float32, sharding=sh),
+                             jax.ShapeDtypeStruct((4, 3), jnp.float32, sharding=sh)), mesh)
+    ahead.wait()
+    assert len(compiled) == 1
+    with jax.set_mesh(mesh):
+      out = f(x, y)
+    assert len(compiled) == 1, "the call compiled its program again"
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  want = np.tanh(np.asarray(x) @ np.asarray(y)) + 1.0
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6)
+
+
+def test_compile_ahead_raises_the_compile_error_in_the_caller():
+  class Lowered:
+    def compile(self):
+      raise ValueError("no such kernel")
+
+  class Jitted:
+    def lower(self, *specs):
+      return Lowered()
+  ahead = CompileAhead(Jitted(), (), jax.make_mesh((1,), ("data",)))
+  with pytest.raises(ValueError, match="no such kernel"):
+    ahead.wait()

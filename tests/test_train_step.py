@@ -382,3 +382,18 @@ def test_opt_state_auto_splits_on_accelerators_only():
   assert not splits_opt_state(cfg, "gpu")
   cfg.mesh.opt_state, cfg.peft.method = "auto", "lora"
   assert not splits_opt_state(cfg, "gpu")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_full"])
+def test_layout_abstract_state_is_what_init_returns(precision):
+  """The layout's abstract state is composed from the model's shapes (not by tracing init
+  again); it must equal, leaf for leaf, what the init function really returns."""
+  from lmos_jax.train.step import train_state_layout
+  cfg = _cfg(weight_decay=0.1)
+  _, init, abstract, _, _ = train_state_layout(
+      model_factory(cfg.model, VOCAB), make_optimizer(cfg.train), resolve_policy(precision),
+      make_mesh((1, 1, 1), jax.devices()[:1]))
+  traced = jax.eval_shape(init, jax.random.PRNGKey(3))
+  assert jax.tree.structure(abstract) == jax.tree.structure(traced)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)] == [
+      (x.shape, x.dtype) for x in jax.tree.leaves(traced)]

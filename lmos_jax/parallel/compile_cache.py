@@ -14,6 +14,7 @@ Where the cache lives, in order:
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,3 +59,35 @@ def enable_compile_cache(setting: str, environ: Mapping[str, str] | None = None)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   compilation_cache.reset_cache()  # JAX decides once per process: make it decide again
   return line
+
+
+class CompileAhead:
+  """A jitted function lowered now and compiled in a background thread.
+
+  Lowering (tracing, MLIR) is Python and stays on the caller's thread; XLA's compile, or its
+  read back from the persistent cache, runs in C++ without the GIL, so it overlaps whatever
+  the caller does next (initialising or restoring the state, opening writers). A call of the
+  same jitted function with arguments of the lowered shapes and shardings then finds the
+  executable in jit's own caches. `wait()` before that call: a call made while the thread
+  still compiles would compile a second copy.
+  """
+
+  def __init__(self, jitted, specs: tuple, mesh):
+    with jax.set_mesh(mesh):
+      lowered = jitted.lower(*specs)
+    self._error: BaseException | None = None
+    # daemon: a run that stops during set-up (a config error) exits without waiting for it
+    self._thread = threading.Thread(target=self._compile, args=(lowered,), daemon=True,
+                                    name="lmos-compile-ahead")
+    self._thread.start()
+
+  def _compile(self, lowered) -> None:
+    try:
+      lowered.compile()
+    except BaseException as e:  # raised in the caller's thread by wait()
+      self._error = e
+
+  def wait(self) -> None:
+    self._thread.join()
+    if self._error is not None:
+      raise self._error

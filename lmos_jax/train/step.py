@@ -113,14 +113,19 @@ def train_state_layout(make_model: Callable[[nnx.Rngs], nnx.Module],
   u_sh = (update_shardings_for(p_sh, nnx.to_pure_dict(abstract_state), mesh)
           if shard_updates else None)
 
-  def init(key):
-    k_params, k_train = jax.random.split(key)
-    _, state = nnx.split(make_model(nnx.Rngs(params=k_params)))
-    params = cast_floats(nnx.to_pure_dict(state), policy.param_dtype)
+  def train_state(params, k_train):
+    params = cast_floats(params, policy.param_dtype)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params), "rng": k_train}
 
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  def init(key):
+    k_params, k_train = jax.random.split(key)
+    _, state = nnx.split(make_model(nnx.Rngs(params=k_params)))
+    return train_state(nnx.to_pure_dict(state), k_train)
+
+  # from the model's abstract state: tracing `init` would build the model once more
+  key_spec = jax.eval_shape(jax.random.PRNGKey, 0)
+  abstract = jax.eval_shape(train_state, nnx.to_pure_dict(abstract_state), key_spec)
   shardings = {"step": NamedSharding(mesh, P()), "params": p_sh,
                "opt_state": opt_state_shardings(abstract["opt_state"],
                                                 p_sh if u_sh is None else u_sh, mesh),

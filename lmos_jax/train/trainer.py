@@ -33,7 +33,7 @@ from lmos_jax.errors import UserError
 from lmos_jax.models.decode import Decoder, Sampling
 from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
-from lmos_jax.parallel.compile_cache import enable_compile_cache
+from lmos_jax.parallel.compile_cache import CompileAhead, enable_compile_cache
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.parallel.sharding import batch_sharding, make_mesh
 from lmos_jax.peft.wrap import save_adapters, trainable_report
@@ -50,8 +50,8 @@ from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
 from lmos_jax.train.tracking import Tracker, check_tracking
 from lmos_jax.train.wallclock import WallClock, process_age
 from lmos_jax.train.wallclock import describe as describe_wall
-from lmos_jax.workdir import (WALL_TIME, write_config, write_items, write_labels,
-                              write_tokenizer)
+from lmos_jax.workdir import (WALL_TIME, checkpoint_steps, write_config, write_items,
+                              write_labels, write_tokenizer)
 
 
 @dataclasses.dataclass
@@ -153,6 +153,14 @@ def jit_steps(run: Run):
   return train_fn, eval_fn
 
 
+def batch_layout(run: Run, v: np.ndarray, stacked: bool = False):
+  """(sharding, global shape) of the global array assembled from this host's rows `v`."""
+  if stacked:
+    return (stacked_batch_sharding(run.mesh, v.ndim),
+            (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:]))
+  return batch_sharding(run.mesh, v.ndim), (v.shape[0] * jax.process_count(), *v.shape[1:])
+
+
 def global_batch(run: Run, local: dict[str, np.ndarray],
                  stacked: bool = False) -> dict[str, jax.Array]:
   """Assembles the global batch from this host's rows (works for one or many processes).
@@ -161,24 +169,35 @@ def global_batch(run: Run, local: dict[str, np.ndarray],
   """
   out = {}
   for k, v in local.items():
-    if stacked:
-      sh = stacked_batch_sharding(run.mesh, v.ndim)
-      global_shape = (v.shape[0], v.shape[1] * jax.process_count(), *v.shape[2:])
-    else:
-      sh = batch_sharding(run.mesh, v.ndim)
-      global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+    sh, global_shape = batch_layout(run, v, stacked)
     out[k] = jax.make_array_from_process_local_data(sh, v, global_shape)
   return out
+
+
+def stack_call(local: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """k steps' batches stacked on a leading axis, zero-padded to the widest (length buckets:
+  widths may differ)."""
+  width = max(b["inputs"].shape[1] for b in local)
+  return {key: np.stack([pad_columns(b[key], width) for b in local]) for key in local[0]}
 
 
 def next_call_batch(run: Run, batches, k: int) -> dict[str, jax.Array]:
   """The next call's global batch: one step's, or k steps' stacked on a leading axis."""
   if k == 1:
     return global_batch(run, next(batches))
-  local = [next(batches) for _ in range(k)]
-  width = max(b["inputs"].shape[1] for b in local)  # length buckets: widths may differ
-  return global_batch(run, {key: np.stack([pad_columns(b[key], width) for b in local])
-                            for key in local[0]}, stacked=True)
+  return global_batch(run, stack_call([next(batches) for _ in range(k)]), stacked=True)
+
+
+def call_batch_spec(run: Run, start: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and shardings of the global batch of the call starting at `start`."""
+  k = run.cfg.train.steps_per_call
+  local = (run.data.train_batch(start) if k == 1
+           else stack_call([run.data.train_batch(s) for s in range(start, start + k)]))
+  specs = {}
+  for key, v in local.items():
+    sh, shape = batch_layout(run, v, stacked=k > 1)
+    specs[key] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=sh)
+  return specs
 
 
 def pad_columns(v: np.ndarray, width: int) -> np.ndarray:
@@ -286,7 +305,7 @@ class MetricLog:
   """
 
   def __init__(self, run: Run, workdir: Path, start: int, meta: dict, eval_fn,
-               monitor: NonFiniteMonitor, clock: WallClock):
+               monitor: NonFiniteMonitor, clock: WallClock, peak: tuple[float, str]):
     from tqdm import tqdm
     cfg, t = run.cfg, run.cfg.train
     self.run, self.eval_fn, self.monitor = run, eval_fn, monitor
@@ -299,8 +318,7 @@ class MetricLog:
     self.tokens_per_step = t.batch_size * cfg.data.seq_len  # at full width (no buckets)
     self.flops_token = flops_per_token(model_tcfg(run), cfg.data.seq_len,
                                        lm_head=cfg.task != "cls")
-    self.peak, self.peak_src = device_peak_flops(
-        cache_dir=jax.config.jax_compilation_cache_dir)
+    self.peak, self.peak_src = peak  # (FLOP/s, where the number came from)
     self.tokens_seen = int(meta.get("tokens_seen", start * self.tokens_per_step))
     self.wall0 = time.time() - float(meta.get("wall_time", 0.0))
     self.pbar = tqdm(total=t.steps, initial=start, disable=not (t.progress and is_main),
@@ -416,13 +434,17 @@ def save_checkpoint(run: Run, ckpt: Checkpointer, step: int, state: dict, log: M
 
 
 def train_loop(run: Run, state: dict, start: int, train_fn, log: MetricLog,
-               ckpt: Checkpointer) -> tuple[dict, LoopEnd]:
+               ckpt: Checkpointer, ahead: CompileAhead | None = None) -> tuple[dict, LoopEnd]:
   """Calls the step to train.steps: metrics at log points, checkpoints at ckpt points, a
-  last checkpoint and a clean exit on SIGTERM/SIGINT/preemption."""
+  last checkpoint and a clean exit on SIGTERM/SIGINT/preemption.
+
+  ahead: the train call's compile started during set-up; waited for before the first call."""
   t, k = run.cfg.train, run.cfg.train.steps_per_call
   batches = batch_stream(run.data, start, t.steps, run.cfg.data.prefetch)
   end = LoopEnd(start, start)
   log.clock.switch("first_step")  # until the first call's metrics are fetched: compile + run
+  if ahead is not None:
+    ahead.wait()
   with jax.set_mesh(run.mesh), PreemptionGuard() as guard:
     while end.step < t.steps:
       batch = next_call_batch(run, batches, k)  # prefetched: the batches from end.step
@@ -505,16 +527,19 @@ def train(cfg, workdir: str | Path, started_ago: float = 0.0) -> dict[str, Any]:
   t = cfg.train
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint,
                       keep_best=t.keep_best, best_metric=t.best_metric, best_mode=t.best_mode)
+  # the CPU peak probe times matmuls: it runs before the compile below takes a core
+  peak = device_peak_flops(cache_dir=jax.config.jax_compilation_cache_dir)
+  train_fn, eval_fn = jit_steps(run)
+  ahead = compile_ahead(run, train_fn, checkpoint_steps(workdir))
   state, meta = init_or_restore(run, ckpt)
   start = first_step(state, t.steps_per_call)
   if jax.process_index() == 0:  # rows logged after the restored step are recomputed, bit for bit
     drop_metric_rows_after(workdir / "metrics.jsonl", start)
   monitor = NonFiniteMonitor(t.nonfinite, t.max_bad_steps, int(meta.get("skipped_steps", 0)))
   save_side_files(run, workdir)
-  train_fn, eval_fn = jit_steps(run)
-  log = MetricLog(run, workdir, start, meta, eval_fn, monitor, clock)
+  log = MetricLog(run, workdir, start, meta, eval_fn, monitor, clock, peak)
   announce(run, start, log)
-  state, end = train_loop(run, state, start, train_fn, log, ckpt)
+  state, end = train_loop(run, state, start, train_fn, log, ckpt, ahead)
   log.close(state)
   with clock.measure("checkpoint"):
     ckpt.close()  # waits: every save issued above is complete (or raised) from here on
@@ -523,6 +548,22 @@ def train(cfg, workdir: str | Path, started_ago: float = 0.0) -> dict[str, Any]:
   finally:
     report_wall_time(workdir, clock, end.step)
   return log.last
+
+
+def compile_ahead(run: Run, train_fn, saved_steps: list[int]) -> CompileAhead | None:
+  """Starts compiling the first train call while the state is initialised or restored.
+
+  The call's batch shapes are taken at the step a resume would start from (the newest
+  checkpoint; with length buckets the first call's width depends on it). When the restore
+  lands elsewhere (a damaged newest checkpoint), or no step is left to run, the compiled
+  program is simply unused: the loop compiles what it calls.
+  """
+  start = saved_steps[-1] if saved_steps else 0
+  t = run.cfg.train
+  if start >= t.steps or start % t.steps_per_call:
+    return None
+  state_spec = abstract_like(run.abstract_state, run.shardings)
+  return CompileAhead(train_fn, (state_spec, call_batch_spec(run, start)), run.mesh)
 
 
 def report_wall_time(workdir: Path, clock: WallClock, step: int) -> None:
