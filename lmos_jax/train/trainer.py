@@ -1,7 +1,8 @@
 """`lmos train`: the training loop around the pure step, with eval, logging and checkpoints.
 
 `train()` is a list of events: set up the host (`setup_host`), build the run (`build_run`:
-validation, data, mesh, `assemble_step`), restore or initialise the state, loop over jitted
+validation, data, mesh, `assemble_step`), restore or initialise the state (the first train
+call compiling meanwhile in a background thread: `compile_ahead`), loop over jitted
 calls (`train_loop`: metrics through `MetricLog`, checkpoints through the `Checkpointer`),
 and finish (`finish`: the adapters file, the end-of-run sample).
 """
