@@ -221,7 +221,7 @@ def speculative_rows(args) -> None:
   if args.spec_draft_workdir:  # e.g. `lmos compress --method distill:layers=2` of the target
     draft = load_trained(args.spec_draft_workdir)
     dgd, dparams, keep = draft.graphdef, draft.params, draft.cfg.model.num_layers
-    what = f"{args.spec_draft_workdir} ({keep} layers"
+    what = f"{args.spec_draft_workdir} ({keep} layers, "
   else:
     keep = args.draft_layers
     dgd, dparams = drop_layers(run.graphdef, run.params, list(range(keep, n_layers)))

@@ -97,10 +97,19 @@ def test_classifier_int8_predicts_like_its_source(tmp_path):
 
 @pytest.mark.parametrize("spec", ["int3", "prune", "prune:alpha=2", "nm:4:2", "trim",
                                   "int4:group=x", "prune:alpha=0.1,sparsity=0.5",
-                                  "trim:layers=1.5", "int8:group=3", "distill:steps=3"])
+                                  "trim:layers=1.5", "int8:group=3", "distill:steps=3",
+                                  "distill:layers=2,kd=1.5", "distill:layers=2,temp=0",
+                                  "trim:layers=2,kd=1"])
 def test_bad_methods_are_one_line_errors(spec):
   with pytest.raises(UserError, match="--method"):
     parse_method(spec)
+
+
+def test_distill_options_default_and_override():
+  assert parse_method("distill:layers=2").options == {"layers": 2, "steps": 300, "kd": 0.5,
+                                                      "temp": 2.0}
+  assert parse_method("distill:layers=2,steps=50,kd=1,temp=1").options == {
+      "layers": 2, "steps": 50, "kd": 1.0, "temp": 1.0}
 
 
 def test_refuses_an_existing_run_and_lm_only_methods_on_classifiers(lm, tmp_path):

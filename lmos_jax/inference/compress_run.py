@@ -16,9 +16,13 @@ Methods (M):
   nm:N:M                 N nonzeros in every M consecutive inputs (2:4 by default)
   trim:layers=N          language models: keep N layers, dropping the block of consecutive
                          layers whose input and output hidden states are closest in angle
-  distill:layers=N[,steps=S]
+  distill:layers=N[,steps=S][,kd=W][,temp=T]
                          language models: a student of N evenly spaced teacher layers,
-                         trained S steps (default 300) on the run's data against the teacher
+                         trained S steps (default 300) on the run's data against the teacher:
+                         loss W * KL(teacher || student) at temperature T + (1 - W) * the
+                         data's cross-entropy (default W 0.5, T 2). A draft for speculative
+                         decoding is judged by how often its argmax is the teacher's, which
+                         kd=1,temp=1 trains for directly.
 """
 
 from __future__ import annotations
@@ -63,14 +67,18 @@ class Method:
 # kind -> (the sets of required options, one of which must be given exactly; defaults)
 METHOD_OPTIONS = {"int8": ([set()], {}), "int4": ([set()], {"group": 32}),
                   "prune": ([{"alpha"}, {"sparsity"}], {}), "trim": ([{"layers"}], {}),
-                  "distill": ([{"layers"}], {"steps": 300})}
+                  "distill": ([{"layers"}], {"steps": 300, "kd": 0.5, "temp": 2.0})}
 METHOD_FORMS = ("int8, int4[:group=G], prune:alpha=A, prune:sparsity=S, nm:N:M, "
-                "trim:layers=N, distill:layers=N[,steps=S]")
+                "trim:layers=N, distill:layers=N[,steps=S][,kd=W][,temp=T]")
 
 
 def _in_range(key: str, v: float) -> bool:
   if key in ("alpha", "sparsity"):
     return 0 < v < 1
+  if key == "kd":
+    return 0 <= v <= 1
+  if key == "temp":
+    return v > 0
   return v == int(v) and v >= (0 if key == "group" else 1)
 
 
@@ -78,7 +86,8 @@ def parse_method(spec: str) -> Method:
   """--method text -> Method; a bad spec is a UserError naming the accepted forms."""
   kind, _, rest = spec.strip().partition(":")
   bad = UserError(f"--method {spec!r}: expected one of {METHOD_FORMS} (alpha and sparsity "
-                  "in (0, 1); group >= 0, layers and steps >= 1, whole numbers)")
+                  "in (0, 1); kd in [0, 1]; temp > 0; group >= 0, layers and steps >= 1, "
+                  "whole numbers)")
   try:
     if kind == "nm":
       n, m = (int(x) for x in (rest or "2:4").split(":"))
@@ -159,7 +168,7 @@ def _fewer_layers(graphdef, params: dict, m: Method, data, seed: int) -> tuple[A
     return {**b, "teacher_logits": teacher(params, b["inputs"])}
   steps = int(m.options["steps"])
   sparams, losses = finetune(sgd, sparams, data, steps, lr=1e-3,
-                             loss_fn=distill_loss(2.0, 0.5), batch_fn=with_teacher, seed=seed)
+                             loss_fn=distill_loss(m.options["temp"], m.options["kd"]), batch_fn=with_teacher, seed=seed)
   return sgd, jax.device_get(sparams), (f"student of teacher layers {kept}, {steps} steps, "
                                         f"final train loss {losses[-1]:.3f}")
 
