@@ -167,8 +167,9 @@ def _fewer_layers(graphdef, params: dict, m: Method, data, seed: int) -> tuple[A
   def with_teacher(b):
     return {**b, "teacher_logits": teacher(params, b["inputs"])}
   steps = int(m.options["steps"])
-  sparams, losses = finetune(sgd, sparams, data, steps, lr=1e-3,
-                             loss_fn=distill_loss(m.options["temp"], m.options["kd"]), batch_fn=with_teacher, seed=seed)
+  loss_fn = distill_loss(m.options["temp"], m.options["kd"])
+  sparams, losses = finetune(sgd, sparams, data, steps, lr=1e-3, loss_fn=loss_fn,
+                             batch_fn=with_teacher, seed=seed)
   return sgd, jax.device_get(sparams), (f"student of teacher layers {kept}, {steps} steps, "
                                         f"final train loss {losses[-1]:.3f}")
 
