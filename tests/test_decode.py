@@ -1,4 +1,5 @@
-"""KV-cache decoding: equals full recompute, sampling supports, stops, cache-full, buckets, mesh."""
+"""KV-cache decoding: equals full recompute (scanned or unrolled layers), sampling supports,
+stops, cache-full, buckets, mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +49,19 @@ def scan_refs():
   return graphdef, params, reference_greedy(model, PROMPTS, 8)
 
 
-@pytest.mark.parametrize("scan,pos_emb,kv", [(True, "learned", 2), (False, "rope", 4)])
-def test_greedy_cache_equals_full_recompute(scan, pos_emb, kv, scan_refs):
+# A stacked model decodes scanned (one stacked cache) or unrolled (a layer slice and a cache
+# per layer); an unrolled model always runs its own layers.
+@pytest.mark.parametrize("scan,pos_emb,kv,unroll", [(True, "learned", 2, False),
+                                                    (True, "learned", 2, True),
+                                                    (False, "rope", 4, None)])
+def test_greedy_cache_equals_full_recompute(scan, pos_emb, kv, unroll, scan_refs):
   model, graphdef, params = tiny(scan, pos_emb, kv)
-  out = Decoder(graphdef, 24).generate(params, PROMPTS, 8)
+  out = Decoder(graphdef, 24, unroll_layers=unroll).generate(params, PROMPTS, 8)
   refs = scan_refs[2] if scan else reference_greedy(model, PROMPTS, 8)
   assert [t.tolist() for t in out.tokens] == refs
   assert len({tuple(r) for r in refs}) > 1 and any(len(set(r)) > 2 for r in refs)
   assert out.status == ["max_new_tokens"] * len(PROMPTS)
-  if scan:  # the compiled no-cache loop (the benchmark's baseline) agrees as well
+  if unroll:  # the compiled no-cache loop (the benchmark's baseline) agrees as well
     no_cache = Decoder(graphdef, 24, use_cache=False).generate(params, PROMPTS, 8)
     assert [t.tolist() for t in no_cache.tokens] == refs
 

@@ -105,13 +105,14 @@ def test_quantized_model_saves_loads_and_runs(tmp_path):
   assert sizes[8] < 0.6 * dense_size and sizes[4] < sizes[8] - 16384 // 4
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_quantized_decoder_equals_the_dequantized_model(scan):
-  # Greedy KV-cache decoding with QArrays in every layer (sliced by the layer scan) and as
-  # the tied embedding picks the tokens the float model of the dequantized weights picks.
+@pytest.mark.parametrize("scan,unroll", [(True, False), (True, True), (False, None)])
+def test_quantized_decoder_equals_the_dequantized_model(scan, unroll):
+  # Greedy KV-cache decoding with QArrays in every layer (sliced by the layer scan, or once
+  # per call when unrolled) and as the tied embedding picks the tokens the float model of
+  # the dequantized weights picks.
   graphdef, params = tiny(scan=scan)
   qp = quantize_params(graphdef, params, 4, group_size=8, tied_embedding=True)
-  dec = Decoder(graphdef, cache_len=16)
+  dec = Decoder(graphdef, cache_len=16, unroll_layers=unroll)
   prompts = [[1, 2, 3], [4]]
   got = [list(map(int, t)) for t in dec.generate(qp, prompts, 12).tokens]
   want = [list(map(int, t)) for t in dec.generate(dequantize_params(qp), prompts, 12).tokens]

@@ -42,9 +42,11 @@ def target():
   return graphdef, params, Decoder(graphdef, 24).generate(params, PROMPTS, 20)
 
 
-@pytest.mark.parametrize("k,drafts", [(1, ("other", "self")), (3, ("other", "trimmed")),
-                                      (4, ("other", "self"))])
-def test_greedy_equals_plain_decoding(k, drafts, target):
+@pytest.mark.parametrize("k,drafts,unroll", [(1, ("other", "self"), None),
+                                             (3, ("other", "trimmed"), False),
+                                             (3, ("other", "trimmed"), True),
+                                             (4, ("other", "self"), None)])
+def test_greedy_equals_plain_decoding(k, drafts, unroll, target):
   graphdef, params, plain = target
   refs = [t.tolist() for t in plain.tokens]
   assert plain.status == ["max_new_tokens", "cache_full", "max_new_tokens", "max_new_tokens"]
@@ -54,7 +56,8 @@ def test_greedy_equals_plain_decoding(k, drafts, target):
             "trimmed": lambda: drop_layers(graphdef, params, [1, 2])}
   for name in drafts:
     dgd, dparams = models[name]()
-    out = SpeculativeDecoder(graphdef, dgd, 24, k).generate(params, dparams, PROMPTS, 20)
+    spec = SpeculativeDecoder(graphdef, dgd, 24, k, unroll_layers=unroll)
+    out = spec.generate(params, dparams, PROMPTS, 20)
     assert [t.tolist() for t in out.tokens] == refs, name
     assert out.status == plain.status
     if name == "self":

@@ -1,7 +1,12 @@
 """KV-cache decoding: prefill a fixed-size cache, then one compiled `lax.while_loop`.
 
-The cache is one array per K and V of shape (L, B, S_max, K, H): a leading layers axis so
-the stacked (scan_layers) model scans it together with the layer state. Prompts of different
+The cache is one array per K and V of shape (L, B, S_max, K, H), a leading layers axis the
+stacked (scan_layers) model scans together with the layer state, or, when the layers run
+unrolled, one (B, S_max, K, H) array per layer. On CPU the decoder unrolls a stacked model's
+layers (`unroll_default`): XLA:CPU's dot cannot read one layer's slice of a stacked kernel
+in place, so a scanned step copies every kernel once per token, over half of GPT-2's
+batch-1 step; `layer_states` slices the layers once per call, outside the token loop, and
+the loop's dots read each layer's weights where they lie. Prompts of different
 lengths are right-padded; every row keeps its own length, so positions equal slot indices
 and a row never attends to a padding slot (causal by slot, and a padding slot is overwritten
 before any query can see it). Sampling settings and the token budget are traced values, so
@@ -15,7 +20,7 @@ silently.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,10 +82,35 @@ def check_cache_len(cfg, cache_len: int) -> None:
                      f"(max_seq_len={cfg.max_seq_len}); use cache_len <= {cfg.max_seq_len}")
 
 
-def init_cache(cfg, batch: int, cache_len: int, dtype: Any) -> dict[str, Array]:
-  """Zeroed K and V caches (L, B, S_max, K, H) with logical axis names."""
-  shape = (cfg.num_layers, batch, cache_len, cfg.kv_heads, cfg.head_dim)
-  return {n: constrain(jnp.zeros(shape, dtype), CACHE_NAMES) for n in ("k", "v")}
+def init_cache(cfg, batch: int, cache_len: int, dtype: Any, per_layer: bool | None = None
+               ) -> dict[str, Array | list[Array]]:
+  """Zeroed K and V caches with logical axis names: stacked (L, B, S_max, K, H) for a
+  scanned model, else (per_layer, the default for an unrolled one) a list of L arrays
+  (B, S_max, K, H), so each layer reads and writes its own buffer in place."""
+  per_layer = not cfg.scan_layers if per_layer is None else per_layer
+  shape = (batch, cache_len, cfg.kv_heads, cfg.head_dim)
+  if per_layer:
+    return {n: [constrain(jnp.zeros(shape, dtype), CACHE_NAMES[1:])
+                for _ in range(cfg.num_layers)] for n in ("k", "v")}
+  return {n: constrain(jnp.zeros((cfg.num_layers, *shape), dtype), CACHE_NAMES)
+          for n in ("k", "v")}
+
+
+def unroll_default() -> bool:
+  """Whether decoding unrolls a stacked model's layers on the default backend: on CPU
+  (see the module docstring); GPU and TPU compilers read a scanned layer's weights in place,
+  and a scan compiles one layer instead of L."""
+  return jax.default_backend() == "cpu"
+
+
+def layer_states(model) -> list | None:
+  """A stacked model's per-layer states, each sliced out of the stack once (None for an
+  unrolled model). Call it outside the token loop: inside, the slices would be redone, and
+  copied, every step."""
+  if not model.cfg.scan_layers:
+    return None
+  state = nnx.state(model.blocks)
+  return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(model.cfg.num_layers)]
 
 
 def _write(cache_BSKH: Array, new_BTKH: Array, start_B: Array) -> Array:
@@ -105,14 +135,19 @@ def _block_cached(block, x_BTD: Array, positions_BT: Array, mask_B1TS: Array, k_
   return x_BTD, k_BSKH, v_BSKH
 
 
-def hidden_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array]
-                  ) -> tuple[Array, dict[str, Array]]:
+def hidden_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Any],
+                  layers: list | None = None) -> tuple[Array, dict[str, Any]]:
   """Runs T new tokens per row at slots start_B.. : final hidden states (B, T, D) and the
   cache with their K/V written. Slots past a row's valid length are never read before they
-  are rewritten, so moving a row's length back is all a rollback needs."""
+  are rewritten, so moving a row's length back is all a rollback needs.
+
+  A per-layer cache (a list, see `init_cache`) runs the layers unrolled: a stacked model's
+  from `layers` (its `layer_states`, sliced here when not given), an unrolled model's own.
+  """
   cfg = model.cfg
   b, t = tokens_BT.shape
-  s = cache["k"].shape[2]
+  per_layer = isinstance(cache["k"], (list, tuple))
+  s = cache["k"][0].shape[1] if per_layer else cache["k"].shape[2]
   positions_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   mask_B1TS = (jnp.arange(s)[None, None, :] <= positions_BT[:, :, None])[:, None]
   # A slot past the learned position table (only a speculative chunk near the end of the
@@ -121,7 +156,7 @@ def hidden_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Arra
   table_BT = (jnp.minimum(positions_BT, cfg.max_seq_len - 1) if cfg.pos_emb == "learned"
               else positions_BT)
   x_BTD = model.embed_tokens(tokens_BT, table_BT, model.dtype)
-  if cfg.scan_layers:
+  if cfg.scan_layers and not per_layer:
     graphdef, state = nnx.split(model.blocks)
 
     def body(x, xs):
@@ -131,29 +166,32 @@ def hidden_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Arra
       return x, (k_c, v_c)
 
     x_BTD, (k, v) = jax.lax.scan(body, x_BTD, (state, cache["k"], cache["v"]))
+    return x_BTD, {"k": constrain(k, CACHE_NAMES), "v": constrain(v, CACHE_NAMES)}
+  if cfg.scan_layers:
+    graphdef = nnx.graphdef(model.blocks)
+    blocks = [nnx.merge(graphdef, st) for st in (layers or layer_states(model))]
   else:
-    ks, vs = [], []
-    for i, block in enumerate(model.blocks):
-      x_BTD, k_c, v_c = _block_cached(block, x_BTD, positions_BT, mask_B1TS, cache["k"][i],
-                                      cache["v"][i], start_B)
-      ks.append(k_c)
-      vs.append(v_c)
-    k, v = jnp.stack(ks), jnp.stack(vs)
-  return x_BTD, {"k": constrain(k, CACHE_NAMES), "v": constrain(v, CACHE_NAMES)}
+    blocks = list(model.blocks)
+  ks, vs = [], []
+  for block, k_c, v_c in zip(blocks, cache["k"], cache["v"]):
+    x_BTD, k_c, v_c = _block_cached(block, x_BTD, positions_BT, mask_B1TS, k_c, v_c, start_B)
+    ks.append(k_c)
+    vs.append(v_c)
+  return x_BTD, {"k": ks, "v": vs}
 
 
-def forward_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array],
-                   last_B: Array) -> tuple[Array, dict[str, Array]]:
+def forward_cached(model, tokens_BT: Array, start_B: Array, cache: dict[str, Any],
+                   last_B: Array, layers: list | None = None) -> tuple[Array, dict[str, Any]]:
   """Runs T new tokens per row at slots start_B.. and returns logits at index last_B only."""
-  x_BTD, cache = hidden_cached(model, tokens_BT, start_B, cache)
+  x_BTD, cache = hidden_cached(model, tokens_BT, start_B, cache, layers)
   x_B1D = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
   return model.logits(x_B1D)[:, 0], cache
 
 
-def forward_cached_all(model, tokens_BT: Array, start_B: Array, cache: dict[str, Array]
-                       ) -> tuple[Array, dict[str, Array]]:
+def forward_cached_all(model, tokens_BT: Array, start_B: Array, cache: dict[str, Any],
+                       layers: list | None = None) -> tuple[Array, dict[str, Any]]:
   """Like `forward_cached`, with the logits of all T new tokens (B, T, V): a verify chunk."""
-  x_BTD, cache = hidden_cached(model, tokens_BT, start_B, cache)
+  x_BTD, cache = hidden_cached(model, tokens_BT, start_B, cache, layers)
   return model.logits(x_BTD), cache
 
 
@@ -196,16 +234,21 @@ def _initial_status(lengths_B, max_new_B, s):
 
 def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B: Array,
                 stop_K: Array, sampling: tuple[Array, ...], key: Array, cache_len: int,
-                materialize: Callable = lambda p: p):
-  """Prefill + while_loop decode. Returns (tokens (B, S_max), lengths, generated, status)."""
+                unroll: bool = False):
+  """Prefill + while_loop decode. Returns (tokens (B, S_max), lengths, generated, status).
+
+  `unroll` runs a stacked model's layers unrolled over per-layer caches (see the module
+  docstring); the result is the same either way.
+  """
   b, p = tokens_BP.shape
   s = cache_len
-  model = nnx.merge(graphdef, materialize(params))
+  model = nnx.merge(graphdef, params)
   check_cache_len(model.cfg, s)
-  cache = init_cache(model.cfg, b, s, model.dtype)
+  layers = layer_states(model) if unroll else None
+  cache = init_cache(model.cfg, b, s, model.dtype, per_layer=unroll or None)
   zeros_B = jnp.zeros((b,), jnp.int32)
   logits_BV, cache = forward_cached(model, tokens_BP, zeros_B, cache,
-                                    jnp.maximum(lengths_B - 1, 0))
+                                    jnp.maximum(lengths_B - 1, 0), layers)
   buf_BS = jnp.pad(tokens_BP, ((0, 0), (0, s - p)))
   done_B, status_B = _initial_status(lengths_B, max_new_B, s)
 
@@ -219,8 +262,7 @@ def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B:
     pos_B = jnp.minimum(cur, s - 1)
     buf, cur, n_gen, done, status = _step_tokens(buf, cur, n_gen, done, status, tok_B,
                                                  max_new_B, stop_K, s)
-    step_model = nnx.merge(graphdef, materialize(params))  # dequantize inside the loop body
-    logits, cache = forward_cached(step_model, tok_B[:, None], pos_B, cache, zeros_B)
+    logits, cache = forward_cached(model, tok_B[:, None], pos_B, cache, zeros_B, layers)
     return buf, cur, n_gen, done, status, logits, cache, key
 
   carry = (buf_BS, lengths_B, zeros_B, done_B, status_B, logits_BV, cache, key)
@@ -230,18 +272,19 @@ def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B:
 
 def full_recompute_loop(graphdef, params, tokens_BP: Array, lengths_B: Array,
                         max_new_B: Array, stop_K: Array, sampling: tuple[Array, ...],
-                        key: Array, cache_len: int, materialize: Callable = lambda p: p):
+                        key: Array, cache_len: int, unroll: bool = False):
   """The no-cache decoder: every step reruns the model over the whole (B, S_max) buffer.
 
-  Same loop, statuses and sampling as `decode_loop`; the reference it must equal greedily.
+  Same loop, statuses and sampling as `decode_loop`; the reference it must equal greedily
+  (`unroll` is accepted for the same signature; a full forward has no per-token cache).
   """
   b, p = tokens_BP.shape
   s = cache_len
-  check_cache_len(nnx.merge(graphdef, materialize(params)).cfg, s)
+  check_cache_len(nnx.merge(graphdef, params).cfg, s)
   buf_BS = jnp.pad(tokens_BP, ((0, 0), (0, s - p)))
 
   def last_logits(buf, cur):
-    logits_BSV = nnx.merge(graphdef, materialize(params))(buf)
+    logits_BSV = nnx.merge(graphdef, params)(buf)
     idx = jnp.maximum(cur - 1, 0)
     return jnp.take_along_axis(logits_BSV, idx[:, None, None], axis=1)[:, 0]
 
@@ -283,22 +326,23 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 class Decoder:
   """A model's compiled generate: one compilation per (batch, prompt-length) bucket.
 
-  `materialize` maps stored params to model params inside the compiled step (identity for
-  dense weights, dequantization for quantized ones). With `mesh`, batches are split over
-  data/fsdp and the cache follows its logical names; params should already be placed.
+  With `mesh`, batches are split over data/fsdp and the cache follows its logical names;
+  params should already be placed. `unroll_layers` (default: `unroll_default()`, i.e. on
+  CPU) runs a stacked model's layers unrolled, each reading its own weights in place.
   """
 
   def __init__(self, graphdef, cache_len: int, *, mesh=None, use_cache: bool = True,
-               materialize: Callable = lambda p: p):
+               unroll_layers: bool | None = None):
     self.graphdef, self.cache_len, self.mesh = graphdef, int(cache_len), mesh
     loop = decode_loop if use_cache else full_recompute_loop
+    unroll = unroll_default() if unroll_layers is None else unroll_layers
 
     self._traces = 0
 
     def run(params, tokens, lengths, max_new, stop, sampling, key):
       self._traces += 1  # runs only while tracing, i.e. once per compiled shape bucket
       return loop(graphdef, params, tokens, lengths, max_new, stop, sampling, key,
-                  self.cache_len, materialize)
+                  self.cache_len, unroll)
 
     self._fn = jax.jit(run)
 

@@ -33,8 +33,8 @@ from flax import nnx
 
 from lmos_jax.models.decode import (Generation, Sampling, _initial_status, _step_tokens,
                                     check_cache_len, filter_logits, forward_cached,
-                                    forward_cached_all, init_cache, pack_prompts, sample_next,
-                                    unpack)
+                                    forward_cached_all, init_cache, layer_states, pack_prompts,
+                                    sample_next, unpack, unroll_default)
 
 Array = jax.Array
 
@@ -78,16 +78,17 @@ def accept_drafts(p_BKV: Array, q_BKV: Array, draft_BK: Array, target_logits_BKV
   return n_B, jnp.where(temperature > 0, drawn_B, greedy_B)
 
 
-def draft_tokens(model, buf_BS: Array, cur_B: Array, cache: dict[str, Array], k: int,
-                 sampling: tuple[Array, ...], key: Array):
+def draft_tokens(model, buf_BS: Array, cur_B: Array, cache: dict, k: int,
+                 sampling: tuple[Array, ...], key: Array, layers: list | None = None):
   """k draft steps from each row's committed length: (tokens (B, k), distributions q
   (B, k, V), cache). The first step feeds the two last committed tokens (slots cur-2, cur-1;
   slot cur-2 rewrites what it already held unless the last round accepted everything), the
-  others feed the previous draft."""
+  others feed the previous draft. `layers`: the draft's `decode.layer_states` when unrolled."""
   b = buf_BS.shape[0]
   start_B = jnp.maximum(cur_B - 2, 0)
   pair_B2 = jnp.take_along_axis(buf_BS, start_B[:, None] + jnp.arange(2)[None], axis=1)
-  logits_BV, cache = forward_cached(model, pair_B2, start_B, cache, cur_B - 1 - start_B)
+  logits_BV, cache = forward_cached(model, pair_B2, start_B, cache, cur_B - 1 - start_B,
+                                    layers)
   keys = jax.random.split(key, k)
   v = logits_BV.shape[-1]
 
@@ -107,7 +108,8 @@ def draft_tokens(model, buf_BS: Array, cur_B: Array, cache: dict[str, Array], k:
   def step(i, carry):
     toks_BK, q_BKV, cache = carry
     prev_B = jax.lax.dynamic_index_in_dim(toks_BK, i - 1, axis=1, keepdims=False)
-    logits_BV, cache = forward_cached(model, prev_B[:, None], cur_B + i - 1, cache, zeros_B)
+    logits_BV, cache = forward_cached(model, prev_B[:, None], cur_B + i - 1, cache, zeros_B,
+                                      layers)
     tok_B, q_BV = choose(logits_BV, keys[i])
     toks_BK = jax.lax.dynamic_update_index_in_dim(toks_BK, tok_B, i, axis=1)
     q_BKV = jax.lax.dynamic_update_index_in_dim(q_BKV, q_BV, i, axis=1)
@@ -118,11 +120,13 @@ def draft_tokens(model, buf_BS: Array, cur_B: Array, cache: dict[str, Array], k:
 
 def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_params,
                      tokens_BP: Array, lengths_B: Array, max_new_B: Array, stop_K: Array,
-                     sampling: tuple[Array, ...], key: Array, cache_len: int, k: int):
+                     sampling: tuple[Array, ...], key: Array, cache_len: int, k: int,
+                     unroll: bool = False):
   """Prefill both models, then draft-k / verify-once rounds in a while_loop.
 
   Returns (tokens (B, S_max), lengths, generated, status, drafted, accepted): the first four
   as `decode.decode_loop`, then per row the draft tokens proposed and accepted while it ran.
+  `unroll` as in `decode.decode_loop`, for both models.
   """
   b, p = tokens_BP.shape
   s = cache_len
@@ -132,11 +136,13 @@ def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_param
   check_cache_len(draft.cfg, s)
   check_same_vocab(target.cfg.vocab_size, draft.cfg.vocab_size)
   # k spare slots: a verify chunk near the end writes past S_max; those tokens are never kept
-  t_cache = init_cache(target.cfg, b, s + k, target.dtype)
-  d_cache = init_cache(draft.cfg, b, s + k, draft.dtype)
+  t_cache = init_cache(target.cfg, b, s + k, target.dtype, per_layer=unroll or None)
+  d_cache = init_cache(draft.cfg, b, s + k, draft.dtype, per_layer=unroll or None)
+  t_layers = layer_states(target) if unroll else None
+  d_layers = layer_states(draft) if unroll else None
   zeros_B = jnp.zeros((b,), jnp.int32)
-  _, t_cache = forward_cached(target, tokens_BP, zeros_B, t_cache, zeros_B)
-  _, d_cache = forward_cached(draft, tokens_BP, zeros_B, d_cache, zeros_B)
+  _, t_cache = forward_cached(target, tokens_BP, zeros_B, t_cache, zeros_B, t_layers)
+  _, d_cache = forward_cached(draft, tokens_BP, zeros_B, d_cache, zeros_B, d_layers)
   buf_BS = jnp.pad(tokens_BP, ((0, 0), (0, s - p)))
   done_B, status_B = _initial_status(lengths_B, max_new_B, s)
 
@@ -146,12 +152,11 @@ def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_param
   def body(carry):
     buf, cur, n_gen, done, status, t_cache, d_cache, drafted, accepted, key = carry
     key, k_draft, k_accept = jax.random.split(key, 3)
-    d_model = nnx.merge(draft_graphdef, draft_params)
-    t_model = nnx.merge(target_graphdef, target_params)
-    draft_BK, q_BKV, d_cache = draft_tokens(d_model, buf, cur, d_cache, k, sampling, k_draft)
+    draft_BK, q_BKV, d_cache = draft_tokens(draft, buf, cur, d_cache, k, sampling, k_draft,
+                                            d_layers)
     last_B = jnp.take_along_axis(buf, jnp.maximum(cur - 1, 0)[:, None], axis=1)
     chunk_BK1 = jnp.concatenate([last_B, draft_BK], axis=1)
-    logits_BKV, t_cache = forward_cached_all(t_model, chunk_BK1, cur - 1, t_cache)
+    logits_BKV, t_cache = forward_cached_all(target, chunk_BK1, cur - 1, t_cache, t_layers)
     p_BKV = jax.lax.cond(sampling[0] > 0, lambda: filtered_probs(logits_BKV, *sampling),
                          lambda: jnp.zeros(logits_BKV.shape, jnp.float32))  # greedy: unused
     n_B, next_B = accept_drafts(p_BKV, q_BKV, draft_BK, logits_BKV, k_accept, sampling[0])
@@ -199,16 +204,19 @@ class SpeculativeDecoder:
   `draft_tokens` (k) is a shape, fixed per decoder; sampling settings are traced.
   """
 
-  def __init__(self, target_graphdef, draft_graphdef, cache_len: int, draft_tokens: int = 4):
+  def __init__(self, target_graphdef, draft_graphdef, cache_len: int, draft_tokens: int = 4,
+               unroll_layers: bool | None = None):
     if draft_tokens < 1:
       raise ValueError(f"draft_tokens={draft_tokens} must be >= 1")
     self.cache_len, self.k = int(cache_len), int(draft_tokens)
+    unroll = unroll_default() if unroll_layers is None else unroll_layers
     self._traces = 0
 
     def run(t_params, d_params, tokens, lengths, max_new, stop, sampling, key):
       self._traces += 1  # runs only while tracing, i.e. once per compiled shape bucket
       return speculative_loop(target_graphdef, t_params, draft_graphdef, d_params, tokens,
-                              lengths, max_new, stop, sampling, key, self.cache_len, self.k)
+                              lengths, max_new, stop, sampling, key, self.cache_len, self.k,
+                              unroll)
 
     self._fn = jax.jit(run)
 
