@@ -124,6 +124,9 @@ def main() -> None:
   ap.add_argument("--quant-workdir", default=None,
                   help="a trained GPT run for --quant (default: the random --preset model)")
   ap.add_argument("--int4-group", type=int, default=32, help="int4 group size (0: per channel)")
+  ap.add_argument("--scan-row", action="store_true",
+                  help="with --quant, also dense float32 decoded with the layer scan (the "
+                       "GPU/TPU form) instead of the CPU's unrolled layers")
   ap.add_argument("--spec-workdir", default=None, help="a trained GPT run: speculative rows")
   ap.add_argument("--draft-layers", type=int, default=2)
   ap.add_argument("--spec-draft-workdir", default=None,
@@ -141,6 +144,9 @@ def main() -> None:
     quant_rows(args)
   if args.spec_workdir:
     speculative_rows(args)
+
+
+SCAN_ROW = "dense float32, layer scan"
 
 
 def quant_variants(graphdef, params: dict, int4_group: int) -> dict[str, dict]:
@@ -187,6 +193,7 @@ def quant_rows(args) -> None:
     batches, cache_len, first = None, args.new_tokens + 1, 1
     what = f"random {args.preset} preset"
   variants = quant_variants(graphdef, params, args.int4_group)
+  scanned = {SCAN_ROW: variants["dense float32"]} if args.scan_row else {}
   print(f"\nquantized decode: {what}, {count_params(params):,} params; greedy from one-token "
         f"prompts to a full cache of {cache_len}; best of {args.repeats}, variants in turns; "
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -196,13 +203,15 @@ def quant_rows(args) -> None:
             if batches is not None else {})
   for b in [int(x) for x in args.batches.split(",")]:
     prompts = [[(first + i) % 50] for i in range(b)]
-    dec = Decoder(graphdef, cache_len)
+    decs = {name: Decoder(graphdef, cache_len, unroll_layers=False if name in scanned else None)
+            for name in (*variants, *scanned)}
+    rows = {**variants, **scanned}
     n = cache_len - 1
-    outs = {name: dec.generate(p, prompts, n).tokens for name, p in variants.items()}
-    best = timed_in_turns({name: (lambda p=p: dec.generate(p, prompts, n))
-                           for name, p in variants.items()}, args.repeats)
+    outs = {name: decs[name].generate(p, prompts, n).tokens for name, p in rows.items()}
+    best = timed_in_turns({name: (lambda name=name, p=p: decs[name].generate(p, prompts, n))
+                           for name, p in rows.items()}, args.repeats)
     ref = np.concatenate([np.asarray(t) for t in outs["dense float32"]])
-    for name, p in variants.items():
+    for name, p in rows.items():
       got = np.concatenate([np.asarray(t) for t in outs[name]])
       agree = float(np.mean(got == ref)) if got.shape == ref.shape else float("nan")
       loss = f"{losses[name]:.4f}" if name in losses else "-"
