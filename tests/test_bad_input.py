@@ -479,7 +479,8 @@ def test_quarantine_reports_one_line_per_checkpoint(env, capfd):
   move, and nothing else: no 'Event loop is closed' tracebacks from the reads orbax abandons
   (whether those callbacks fire is a race; the filter itself is tested below)."""
   from lmos_jax.config.loading import load_config_file
-  from lmos_jax.train.checkpoint import Checkpointer, abstract_like, restore_latest_good
+  from lmos_jax.parallel.sharding import abstract_like
+  from lmos_jax.train.checkpoint import Checkpointer, restore_latest_good
   from lmos_jax.train.trainer import build_run
 
   # only the large chunk files: the step's metadata stays readable, so orbax starts reading

@@ -17,7 +17,7 @@ from flax import nnx
 
 from helpers import assert_trees_equal, same_leaf_names, tiny_config
 from lmos_jax.models.factory import model_factory
-from lmos_jax.parallel.sharding import make_mesh
+from lmos_jax.parallel.sharding import abstract_like, make_mesh
 from lmos_jax.train import checkpoint as ck
 from lmos_jax.train.export import export_params, load_export
 from lmos_jax.train.losses import lm_loss
@@ -67,7 +67,7 @@ def test_resharded_restore_onto_other_mesh_and_one_device(saved):
   for shape, devices in (((1, 1, 8), None), ((1, 1, 1), jax.devices()[:1])):
     _, _, _, _, _, abstract, shardings = layout(shape, devices)
     ckpt = ck.Checkpointer(workdir, read_only=True)
-    state, meta = ckpt.restore_verified(3, ck.abstract_like(abstract, shardings))
+    state, meta = ckpt.restore_verified(3, abstract_like(abstract, shardings))
     ckpt.close()
     assert meta["step"] == 3
     assert_trees_equal(state, states[3])
@@ -100,7 +100,7 @@ def test_truncated_and_bitflipped_checkpoints_fall_back_to_last_good(saved, tmp_
   _, _, _, _, _, _, shardings = layout((2, 4, 1))
   logs: list[str] = []
   ckpt = ck.Checkpointer(workdir)
-  step, state, meta = ck.restore_latest_good(ckpt, ck.abstract_like(abstract, shardings),
+  step, state, meta = ck.restore_latest_good(ckpt, abstract_like(abstract, shardings),
                                              log=logs.append)
   assert step == 1 and meta["step"] == 1
   assert_trees_equal(state, states[1])
@@ -120,7 +120,7 @@ def test_all_checkpoints_bad_is_an_error_naming_them(saved, tmp_path):
   _, _, _, _, _, _, shardings = layout((2, 4, 1))
   ckpt = ck.Checkpointer(workdir)
   with pytest.raises(ck.CheckpointError, match=r"no readable checkpoint.*checkpoints/3"):
-    ck.restore_latest_good(ckpt, ck.abstract_like(abstract, shardings), log=lambda s: None)
+    ck.restore_latest_good(ckpt, abstract_like(abstract, shardings), log=lambda s: None)
   assert ckpt.all_steps() == [1, 2, 3]  # nothing moved when there is nothing to fall back to
   ckpt.close()
 

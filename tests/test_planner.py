@@ -10,10 +10,9 @@ from helpers import subprocess_env, tiny_config
 from lmos_jax.config.loading import load_config_file, validate
 from lmos_jax.config.schema import base_config
 from lmos_jax.models.hf import minilm_dir
-from lmos_jax.parallel.sharding import batch_sharding
+from lmos_jax.parallel.sharding import abstract_like, batch_sharding
 from lmos_jax.train import plan as planner
 from lmos_jax.train import trainer
-from lmos_jax.train.checkpoint import abstract_like
 from lmos_jax.train.plan import Layout, PlanError
 
 

@@ -20,10 +20,10 @@ from flax import nnx
 from helpers import assert_trees_equal, tiny_config
 from lmos_jax.compress.kernels import kernel_layouts
 from lmos_jax.config.loading import ConfigError, validate
-from lmos_jax.parallel.sharding import make_mesh
+from lmos_jax.parallel.sharding import abstract_like, make_mesh
 from lmos_jax.train import trainer
 from lmos_jax.train.assemble import assemble_step
-from lmos_jax.train.checkpoint import Checkpointer, abstract_like
+from lmos_jax.train.checkpoint import Checkpointer
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.tree import key_path
 

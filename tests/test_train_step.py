@@ -152,6 +152,48 @@ def test_weight_decay_only_touches_masked_params():
   np.testing.assert_allclose(updates["blocks"]["mlp"]["up"]["kernel"], -1e-2 * 0.5)
 
 
+def test_layer_decay_scales_each_layer_and_stacked_equals_unrolled():
+  # Adam's first update is -lr * sign(g) per element, so with layer decay each leaf's update
+  # is the plain one times decay**(L + 1 - depth): block i at depth i + 1, embeddings 0,
+  # the rest (final norm, heads) L + 1. Stacked leaves get one factor per layer slice.
+  L, decay = 3, 0.5
+  base = _cfg(lr=1e-2, weight_decay=0.0, schedule="constant", warmup_steps=0, grad_clip=0.0)
+  decayed = _cfg(lr=1e-2, weight_decay=0.0, schedule="constant", warmup_steps=0,
+                 grad_clip=0.0, layer_decay=decay)
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  stacked = {"embed": jax.random.normal(k[0], (5, 4)),
+             "embed_norm": {"scale": jax.random.normal(k[1], (4,))},
+             "blocks": {"mlp": {"up": {"kernel": jax.random.normal(k[2], (L, 4, 4))}}},
+             "classifier": {"kernel": jax.random.normal(k[3], (4, 2))}}
+  unrolled = {**stacked, "blocks": {i: {"mlp": {"up": {"kernel": stacked["blocks"]["mlp"]["up"][
+      "kernel"][i]}}} for i in range(L)}}
+
+  def first_update(cfg, grads):
+    tx = make_optimizer(cfg.train, num_layers=L)
+    return tx.update(grads, tx.init(grads), grads)[0]
+
+  plain = first_update(base, stacked)
+  got = first_update(decayed, stacked)
+  np.testing.assert_allclose(got["embed"], plain["embed"] * decay ** (L + 1), rtol=1e-6)
+  np.testing.assert_allclose(got["embed_norm"]["scale"],
+                             plain["embed_norm"]["scale"] * decay ** (L + 1), rtol=1e-6)
+  np.testing.assert_allclose(got["classifier"]["kernel"], plain["classifier"]["kernel"])
+  kernel = got["blocks"]["mlp"]["up"]["kernel"]
+  for i in range(L):
+    np.testing.assert_allclose(kernel[i], plain["blocks"]["mlp"]["up"]["kernel"][i]
+                               * decay ** (L - i), rtol=1e-6)
+  flat = first_update(decayed, unrolled)
+  for i in range(L):
+    np.testing.assert_allclose(flat["blocks"][i]["mlp"]["up"]["kernel"], kernel[i], rtol=1e-6)
+
+
+def test_layer_decay_out_of_range_is_a_config_error():
+  from lmos_jax.config.loading import ConfigError, validate
+  for bad in (0.0, 1.5):
+    with pytest.raises(ConfigError, match="train.layer_decay"):
+      validate(tiny_config(layer_decay=bad), num_devices=1)
+
+
 def test_l2_penalty_adds_to_loss():
   base = _run(_cfg(), (1, 1, 1), steps=1, devices=jax.devices()[:1])[0][0]
   with_l2 = _run(_cfg(l2=1e-2), (1, 1, 1), steps=1, devices=jax.devices()[:1])[0][0]

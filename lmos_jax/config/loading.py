@@ -189,6 +189,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
         f"{shards * t.microbatches}")
   if t.warmup_steps < 0 or math.isnan(t.lr) or t.lr <= 0:
     raise ConfigError("config 'train.lr' must be positive and 'train.warmup_steps' >= 0")
+  if not 0 < t.get("layer_decay", 1.0) <= 1:
+    raise ConfigError(f"config 'train.layer_decay'={t.layer_decay}: the lr of each layer below "
+                      "the top is this factor times the lr above it; use a value in (0, 1], "
+                      "e.g. 0.9 (1: off)")
   if t.schedule == "lr_range" and not 0 < t.min_lr_ratio < 1:
     raise ConfigError(f"config 'train.min_lr_ratio'={t.min_lr_ratio}: train.schedule=lr_range "
                       "sweeps from lr * min_lr_ratio up to lr; use a ratio in (0, 1), e.g. 1e-6")

@@ -170,6 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.decay_norms_and_biases = False
   t.l2 = 0.0  # L2 penalty added to the loss (distinct from decoupled weight decay)
   t.grad_clip = 1.0  # global-norm clip; 0 turns it off
+  t.layer_decay = 1.0  # layer-wise lr decay: block i of L gets decay**(L - i), the embeddings
+  # decay**(L + 1), heads and final norm the full lr (1: off)
   t.b1 = 0.9
   t.b2 = 0.99
   t.eps = 1e-8

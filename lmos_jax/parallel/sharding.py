@@ -126,6 +126,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_like(state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying target shardings: what a restore should produce, or the
+  state argument to lower a step for ahead of time."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Batches split on their leading axis over data and fsdp."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1),

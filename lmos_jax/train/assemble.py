@@ -87,7 +87,8 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssem
   make_model = peft.wrap_factory(model_factory(cfg.model, vocab_size, item_text), cfg.peft)
   trainable = trainable_for(cfg)
   schedule = make_schedule(t)
-  tx = peft.peft_optimizer(make_optimizer(t, trainable, schedule), cfg.peft, t.steps)
+  tx = peft.peft_optimizer(make_optimizer(t, trainable, schedule, cfg.model.num_layers),
+                           cfg.peft, t.steps)
   loss_fn = peft.peft_loss(loss_for_task(cfg.task), cfg.peft)
   if wants_kernels(cfg):
     model_def, model_state = abstract_model_state(make_model)

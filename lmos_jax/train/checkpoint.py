@@ -45,12 +45,6 @@ class NonFiniteError(RuntimeError):
   """Training produced non-finite losses or gradients for too many steps in a row."""
 
 
-def abstract_like(state: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs with target shardings: what restore should produce."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
-
-
 def state_nbytes(abstract_state: Any) -> int:
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
                  for x in jax.tree.leaves(abstract_state)))

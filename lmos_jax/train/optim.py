@@ -1,4 +1,5 @@
-"""The optimizer: optax schedules, AdamW with a weight-decay mask, global-norm clipping.
+"""The optimizer: optax schedules, AdamW with a weight-decay mask, global-norm clipping,
+layer-wise lr decay.
 
 Frozen parameters (PEFT, layer freezing) go through `optax.partition` with `set_to_zero`,
 so they hold no Adam moments at all (`optax.masked` would still allocate them).
@@ -74,12 +75,51 @@ def decay_mask_fn(decay_embeddings: bool, decay_norms_and_biases: bool) -> Calla
   return mask
 
 
+def layer_depth(names: tuple[str, ...], num_layers: int) -> int | None:
+  """Depth of a param for layer-wise lr decay: 0 the embeddings (and their norm), i + 1 for
+  block i of an unrolled stack, None for a stacked block leaf (its leading axis is the
+  layer), num_layers + 1 for the rest (final norm, pooler, heads)."""
+  if "blocks" in names:
+    i = names.index("blocks")
+    index = names[i + 1] if i + 1 < len(names) else ""
+    return int(index) + 1 if index.isdigit() else None
+  if is_embedding(names) or names[0] == "embed_norm":
+    return 0
+  return num_layers + 1
+
+
+def scale_by_layer_decay(decay: float, num_layers: int) -> optax.GradientTransformation:
+  """Layer-wise lr decay (ULMFiT's discriminative fine-tuning; ELECTRA, BEiT): a param at
+  depth d (`layer_depth`) has its update scaled by decay**(num_layers + 1 - d).
+
+  Why: finetuning a pretrained encoder briefly should move its lower layers, which hold the
+  most general features, less than the top ones and the fresh head. Applied after AdamW, so
+  a layer's weight decay shrinks with its lr, as with a per-layer lr. Stacked (scanned)
+  block leaves get one factor per slice of their leading axis.
+  """
+  top = num_layers + 1
+
+  def scale(path, u):
+    depth = layer_depth(path_names(path), num_layers)
+    if depth is not None:
+      return u * jax.numpy.asarray(decay ** (top - depth), u.dtype)
+    by_layer = decay ** (top - 1 - jax.numpy.arange(u.shape[0]))
+    return u * by_layer.reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(t, trainable: PathFn | None = None,
-                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
-  """Clip -> AdamW(schedule, decay mask); params where `trainable(path)` is False are frozen.
+                   schedule: optax.Schedule | None = None,
+                   num_layers: int = 0) -> optax.GradientTransformation:
+  """Clip -> AdamW(schedule, decay mask) -> layer-wise lr decay (`t.layer_decay` < 1, over
+  `num_layers` blocks); params where `trainable(path)` is False are frozen.
 
   `schedule` is the run's lr schedule (`make_schedule(t)` when not given), so the step can
-  report the very lr the optimizer follows.
+  report the very lr the optimizer follows (the top layers' and the heads').
   """
   parts = []
   if t.grad_clip > 0:
@@ -88,6 +128,11 @@ def make_optimizer(t, trainable: PathFn | None = None,
   parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps,
                            weight_decay=t.weight_decay,
                            mask=decay_mask_fn(t.decay_embeddings, t.decay_norms_and_biases)))
+  if t.get("layer_decay", 1.0) < 1:
+    if num_layers < 1:
+      raise ConfigError("config 'train.layer_decay' < 1 needs the model's layer count; "
+                        "make_optimizer(..., num_layers=cfg.model.num_layers)")
+    parts.append(scale_by_layer_decay(t.layer_decay, num_layers))
   tx = optax.chain(*parts)
   if trainable is None:
     return tx

@@ -50,7 +50,7 @@ from lmos_jax.data.layout import batch_spec, vocab_size
 from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.distributed import split_cpu_host_for
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
-from lmos_jax.parallel.sharding import batch_sharding, make_mesh
+from lmos_jax.parallel.sharding import abstract_like, batch_sharding, make_mesh
 from lmos_jax.train.assemble import assemble_step, splits_opt_state
 from lmos_jax.train.hlo_cost import price_program
 from lmos_jax.train.metrics import CHIPS, Chip, chip_of, flops_per_token, measure_cpu_peak
@@ -309,8 +309,7 @@ class StepBuild:
 
   def abstract_inputs(self):
     """ShapeDtypeStructs with shardings for AOT `step_fn.lower(...)`."""
-    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                         self.abstract, self.shardings)
+    state = abstract_like(self.abstract, self.shardings)
     batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                      sharding=batch_sharding(self.mesh, len(a.shape)))
              for k, a in self.batch.items()}

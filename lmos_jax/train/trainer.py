@@ -36,14 +36,13 @@ from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
 from lmos_jax.parallel.compile_cache import CompileAhead, enable_compile_cache
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
-from lmos_jax.parallel.sharding import batch_sharding, make_mesh
+from lmos_jax.parallel.sharding import abstract_like, batch_sharding, make_mesh
 from lmos_jax.peft.wrap import save_adapters, trainable_report
 from lmos_jax.train.assemble import assemble_step
 from lmos_jax.train.init_from import pretrained_train_state
 from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteError,
-                                      NonFiniteMonitor, PreemptionGuard, abstract_like,
-                                      check_writable, drop_metric_rows_after,
-                                      restore_latest_good, state_nbytes)
+                                      NonFiniteMonitor, PreemptionGuard, check_writable,
+                                      drop_metric_rows_after, restore_latest_good, state_nbytes)
 from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_token
 from lmos_jax.train.sparse_quant import run_layouts, setup_line, sparsity_line, wants_kernels
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
