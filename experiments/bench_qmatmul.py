@@ -7,8 +7,11 @@ bytes). This measures what the backend's compiler makes of each form, for a stac
 so every kernel is its own buffer, as the CPU decoder runs them:
 
   dense float32          x @ W
-  int8, lmos             lmos's QArray.matmul: codes converted next to the dot, per-channel
-                         scale on the product (what `lmos compress --method int8` runs)
+  int8 / int4, lmos      lmos's QArray.matmul (what `lmos compress --method int8|int4`
+                         runs): on CPU the C++ kernel of lmos_jax/models/cpu_qmatmul.cc
+  int8, lmos jax.numpy   the same product in jax.numpy (LMOS_CPU_KERNELS=off, and other
+                         backends): codes converted next to the dot, per-channel scale on
+                         the product
   int8, output-major     codes stored (O, I), converted, multiplied and summed over I in one
                          fused loop
   int8, tiled 32         codes stored (O/32, I, 32), summed over I 32 outputs at a time
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lmos_jax.models.quantized import qmatmul
+from lmos_jax.models.quantized import pack_halves, qmatmul, qmatmul_xla
 
 D = 768
 SHAPES = ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D))  # (in, out) per kernel
@@ -41,6 +44,14 @@ def dense_mm(x_BI, w_IO, s_O):
 
 def lmos_mm(x_BI, q_IO, s_O):
   return qmatmul(x_BI, q_IO, s_O[None], 8)
+
+
+def lmos_xla_mm(x_BI, q_IO, s_O):
+  return qmatmul_xla(x_BI, q_IO, s_O[None], 8)
+
+
+def lmos_int4_mm(x_BI, q_HO, s_O):
+  return qmatmul(x_BI, q_HO, s_O[None], 4)
 
 
 def output_major_mm(x_BI, q_OI, s_O):
@@ -87,6 +98,8 @@ def forms(layers: int, rng: np.random.Generator) -> dict:
   return {
       "dense float32": (dense_mm, as_jnp(lambda c: c.astype(np.float32) * 1e-3), scales),
       "int8, lmos": (lmos_mm, as_jnp(lambda c: c), scales),
+      "int8, lmos jax.numpy": (lmos_xla_mm, as_jnp(lambda c: c), scales),
+      "int4, lmos": (lmos_int4_mm, as_jnp(lambda c: pack_halves(jnp.asarray(c >> 4))), scales),
       "int8, output-major": (output_major_mm, as_jnp(lambda c: np.ascontiguousarray(c.T)),
                              scales),
       "int8, tiled 32": (tiled_mm, as_jnp(lambda c: np.ascontiguousarray(

@@ -3,9 +3,10 @@
 A `QArray` stands for a Dense kernel (layers..., in..., out...) as integer codes and float32
 scales. Its leading axes are the stacked layers, as in the float kernel, so `lax.scan` over a
 layer stack hands each layer a QArray of its own, and `Dense` multiplies by it through
-`QArray.matmul`: the codes are converted right next to the dot, where XLA fuses the
-conversion into the matmul. A layer's float weights never exist in memory, so a
-bandwidth-bound decode step reads 1 (int8) or 1/2 (int4) byte per weight instead of 4.
+`QArray.matmul`: on CPU a decode step's few rows go to the C++ kernel of cpu_kernels.py,
+elsewhere the codes are converted right next to the dot, where XLA fuses the conversion
+into the matmul. A layer's float weights never exist in memory, so a bandwidth-bound
+decode step reads 1 (int8) or 1/2 (int4) byte per weight instead of 4.
 (Dequantizing the whole stacked tree first, as a plain `tree.map` would, materializes every
 float kernel as the scan's input and is slower than the float model.)
 
@@ -26,6 +27,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from lmos_jax.models import cpu_kernels
 
 Array = jax.Array
 
@@ -139,7 +142,21 @@ def _scaled(codes_IO: Array, scale_GO: Array, dtype) -> Array:
 
 
 def qmatmul(x_BI: Array, q: Array, scale_GO: Array, bits: int) -> Array:
-  """x @ W for one layer's codes; per-channel scales multiply the product (fewer ops than
+  """x @ W for one layer's codes. On CPU, a decode step's few float32 rows go to the C++
+  kernel of cpu_kernels.py (XLA:CPU's own conversion of the codes is slower than reading
+  float32 weights); other backends and longer inputs take `qmatmul_xla`."""
+  x_NI = x_BI.reshape(-1, x_BI.shape[-1])  # N: every leading position as one row
+  if cpu_kernels.applies(x_NI):
+    y_NO = jax.lax.platform_dependent(
+        x_NI, q, scale_GO, cpu=lambda *a: cpu_kernels.qmatmul_cpu(*a, bits),
+        default=lambda *a: qmatmul_xla(*a, bits))
+    return y_NO.reshape(*x_BI.shape[:-1], y_NO.shape[-1])
+  return qmatmul_xla(x_BI, q, scale_GO, bits)
+
+
+def qmatmul_xla(x_BI: Array, q: Array, scale_GO: Array, bits: int) -> Array:
+  """x @ W in jax.numpy: the codes converted next to the dot, for XLA to fuse (a GPU's
+  matmul reads them as such); per-channel scales multiply the product (fewer ops than
   scaling the weights), group scales the converted codes inside the fused dot operand."""
   dtype = x_BI.dtype
   per_channel = scale_GO.shape[0] == 1
