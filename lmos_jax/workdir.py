@@ -189,8 +189,12 @@ def check_params_fit(abstract: Any, params: Any, where: str) -> None:
   from lmos_jax.tree import path_str
   want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(
       abstract)[0]}
-  got = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=is_qarray)[0]}  # a QArray has the shape of the kernel it stands for
+  def shape(name: str, x) -> tuple:
+    # a QArray has the shape of the kernel it stands for; a quantized tied embedding is
+    # stored as the LM head's kernel (D, V), the table (V, D) transposed
+    return tuple(x.shape[::-1]) if is_qarray(x) and name == "embed" else tuple(np.shape(x))
+  got = {path_str(p): shape(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=is_qarray)[0]}
   for name in sorted(set(want) | set(got)):
     if want.get(name) != got.get(name):
       raise UserError(f"{where}: param {name!r} has shape {got.get(name, 'missing')} but the "

@@ -29,7 +29,7 @@ def tiny(scan=True):
 def test_roundtrip_error_within_half_step_per_channel(bits, group):
   w = jax.random.normal(jax.random.PRNGKey(bits + group), (3, 32, 4, 5))  # (L, in, N, H)
   lay = KernelLayout(batch_ndim=1, in_ndim=1)
-  qa = quantize_kernel(w, lay, bits, group)
+  qa = quantize_kernel(w, lay, bits, group, clip_search=False)  # plain absmax
   err = np.abs(np.asarray(dequantize_kernel(qa)) - np.asarray(w)).reshape(3, 32, 20)
   # independent scale: absmax over each (layer, input group, output channel) / qmax
   g = 32 if group == 0 else group
@@ -43,6 +43,24 @@ def test_roundtrip_error_within_half_step_per_channel(bits, group):
   assert err.max() > 0  # it did quantize
   assert qa.q.dtype == jnp.int8 and qa.q.shape == (3, 32 if bits == 8 else 16, 20)
   assert qa.shape == w.shape and qa.scale.shape == (3, 32 // g, 20)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 32)])
+def test_clip_search_lowers_the_error_of_every_group(bits, group):
+  # Gaussian weights with a heavy tail: the least-squares clip of each (input group, output)
+  # is never worse than absmax (absmax is one of the candidates)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(bits))
+  w = jax.random.normal(k1, (128, 48)) * jnp.where(jax.random.uniform(k2, (128, 48)) < 0.02,
+                                                   6.0, 1.0)
+  lay = KernelLayout(batch_ndim=0, in_ndim=1)
+  g = 128 if group == 0 else group
+  def sq_err(qa):
+    return ((np.asarray(qa.dequantize()) - np.asarray(w)) ** 2).reshape(128 // g, g, 48).sum(1)
+  searched = sq_err(quantize_kernel(w, lay, bits, group))
+  absmax = sq_err(quantize_kernel(w, lay, bits, group, clip_search=False))
+  assert np.all(searched <= absmax * (1 + 1e-6))
+  if bits == 4:  # 15 levels: the clip matters (at 8 bits absmax is usually the best ratio)
+    assert searched.sum() < 0.97 * absmax.sum()
 
 
 def test_int4_packing_roundtrip_and_size():

@@ -12,6 +12,7 @@ from scipy import stats
 
 from helpers import tiny_gpt_workdir
 from lmos_jax import cli
+from lmos_jax.compress.quantize import quantize_params
 from lmos_jax.compress.trim import drop_layers
 from lmos_jax.errors import UserError
 from lmos_jax.models.decode import (Decoder, Sampling, forward_cached, forward_cached_all,
@@ -34,6 +35,10 @@ def gpt(seed: int, vocab: int = 40, layers: int = 2, scan: bool = True, d: int =
   return graphdef, state.to_pure_dict()
 
 
+def int8(graphdef, params):
+  return graphdef, quantize_params(graphdef, params, 8, tied_embedding=True)
+
+
 @pytest.fixture(scope="module")
 def target():
   graphdef, params = gpt(3, layers=3)
@@ -44,7 +49,7 @@ def target():
 
 @pytest.mark.parametrize("k,drafts,unroll", [(1, ("other", "self"), None),
                                              (3, ("other", "trimmed"), False),
-                                             (3, ("other", "trimmed"), True),
+                                             (3, ("other", "trimmed", "int8 trimmed"), True),
                                              (4, ("other", "self"), None)])
 def test_greedy_equals_plain_decoding(k, drafts, unroll, target):
   graphdef, params, plain = target
@@ -53,7 +58,10 @@ def test_greedy_equals_plain_decoding(k, drafts, unroll, target):
   assert len({tuple(r) for r in refs}) > 1 and any(len(set(r)) > 3 for r in refs)
   models = {"other": lambda: gpt(5, layers=1),  # another random model: disagrees mostly
             "self": lambda: (graphdef, params),
-            "trimmed": lambda: drop_layers(graphdef, params, [1, 2])}
+            "trimmed": lambda: drop_layers(graphdef, params, [1, 2]),
+            # what `lmos compress --method int8` makes of it: QArray kernels and head, which
+            # on CPU the C++ kernel multiplies (a draft's few rows)
+            "int8 trimmed": lambda: int8(*drop_layers(graphdef, params, [1, 2]))}
   for name in drafts:
     dgd, dparams = models[name]()
     spec = SpeculativeDecoder(graphdef, dgd, 24, k, unroll_layers=unroll)

@@ -39,22 +39,44 @@ def _grouped(w: Array, layout: KernelLayout, group_size: int) -> Array:
   return v.reshape(v.shape[0], n_in // g, g, v.shape[2])
 
 
-def _quantized(v_LGgO: Array, bits: int) -> tuple[Array, Array]:
-  """Symmetric absmax codes (L, G, g, O) int8 and scales (L, G, 1, O) of grouped weights."""
+def _quantized(v_LGgO: Array, bits: int, clip_ratios: tuple[float, ...] = (1.0,)
+               ) -> tuple[Array, Array]:
+  """Symmetric codes (L, G, g, O) int8 and scales (L, G, 1, O) of grouped weights.
+
+  The scale is absmax * r / qmax for the r of `clip_ratios` with the least squared error in
+  each group: clipping a group's few largest weights buys a finer step for all the others,
+  which at 4 bits (15 levels) is most of the error. (1.0,) is plain absmax."""
   m = qmax(bits)
-  scale = jnp.max(jnp.abs(v_LGgO), axis=2, keepdims=True) / m
-  scale = jnp.where(scale == 0, 1.0, scale)
-  return jnp.clip(jnp.round(v_LGgO / scale), -m, m).astype(jnp.int8), scale
+  amax = jnp.max(jnp.abs(v_LGgO), axis=2, keepdims=True)
+  best = None
+  for r in clip_ratios:
+    scale = jnp.where(amax == 0, 1.0, amax * r / m)
+    codes = jnp.clip(jnp.round(v_LGgO / scale), -m, m)
+    err = jnp.sum(jnp.square(v_LGgO - codes * scale), axis=2, keepdims=True)
+    if best is None:
+      best = (codes.astype(jnp.int8), scale, err)
+      continue
+    better = err < best[2]
+    best = (jnp.where(better, codes.astype(jnp.int8), best[0]), jnp.where(better, scale, best[1]),
+            jnp.minimum(err, best[2]))
+  return best[0], best[1]
 
 
-def quantize_kernel(w: Array, layout: KernelLayout, bits: int, group_size: int = 0) -> QArray:
-  """Symmetric absmax quantization per output channel (group_size 0) or per input group."""
+# Clipping ratios a post-training quantization tries per group (absmax down to 0.6 of it).
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(9))
+
+
+def quantize_kernel(w: Array, layout: KernelLayout, bits: int, group_size: int = 0,
+                    clip_search: bool = True) -> QArray:
+  """Symmetric quantization per output channel (group_size 0) or per input group, each
+  scale the least-squares choice among CLIP_RATIOS of the absmax (`clip_search=False`:
+  plain absmax)."""
   v = _grouped(w, layout, group_size)
   n_layers, n_groups, g, o = v.shape
   if bits == 4 and (n_groups * g % 2 or n_groups > 1 and n_groups % 2):
     raise ValueError(f"int4 group_size={group_size}: a kernel's input size {n_groups * g} "
                      "must split into an even number of groups (or use 0, per-channel)")
-  codes, scale = _quantized(v, bits)
+  codes, scale = _quantized(v, bits, CLIP_RATIOS if clip_search else (1.0,))
   codes = codes.reshape(n_layers, n_groups * g, o)
   if bits == 4:
     codes = pack_halves(codes)
@@ -76,9 +98,9 @@ def quantize_params(graphdef, params: dict, bits: int, group_size: int = 0,
   (at GPT-2's size as many bytes as all 12 layers' kernels), the lookup only a few columns.
   The table takes 8 bits even for int4 kernels (as llama.cpp keeps its output matrix at
   higher precision): it feeds every logit, and at 4 bits it alone cost the trained
-  shakespeare-char model 0.011 of validation loss. Off by default: XLA:CPU converts a
-  kernel into a float temporary before its dot, which for a 50k-wide head leaves the cache
-  and made GPT-2's batch-1 decode step slower, not faster.
+  shakespeare-char model 0.011 of validation loss. `lmos compress` turns it on: with the
+  CPU kernel (lmos_jax/models/cpu_kernels.py) the int8 head took GPT-2's batch-1 decode from
+  1.56x to 2.43x dense float32 (experiments/bench_decode.py --preset gpt2 --quant).
   """
   layouts = kernel_layouts(graphdef, params)
   out = map_kernels(lambda w, lay, _: quantize_kernel(w, lay, bits, group_size), params,
@@ -107,8 +129,10 @@ def dequantize_params(params: Any, dtype: Any = jnp.float32) -> Any:
 
 
 def fake_quant(w: Array, layout: KernelLayout, bits: int, group_size: int = 0) -> Array:
-  """Quantize-dequantize in the forward pass, identity gradient (straight-through)."""
-  codes, scale = _quantized(_grouped(w, layout, group_size), bits)
+  """Quantize-dequantize in the forward pass, identity gradient (straight-through). The
+  same quantizer as `quantize_kernel` (clip search included), so the weights a QAT run
+  trains against are the ones `lmos compress` stores."""
+  codes, scale = _quantized(_grouped(w, layout, group_size), bits, CLIP_RATIOS)
   wq = (codes.astype(jnp.float32) * scale).reshape(w.shape).astype(w.dtype)
   return w + jax.lax.stop_gradient(wq - w)
 

@@ -41,7 +41,8 @@ from lmos_jax.train.heal import finetune, lora_heal
 from lmos_jax.compress.kernels import kernel_layouts
 from lmos_jax.compress.prune import (apply_masks, layerwise_masks, masked_pruning, nm_masks,
                                       sparsity_report, total_sparsity)
-from lmos_jax.compress.quantize import count_weights, dequantize_params, quantize_params
+from lmos_jax.compress.quantize import (count_weights, dequantize_params, has_tied_embedding,
+                                         quantize_params)
 from lmos_jax.compress.store import save_params
 from lmos_jax.compress.trim import drop_layers, least_important_block
 from lmos_jax.train.losses import lm_loss
@@ -130,8 +131,10 @@ def build_variant(name: str, run: Source, params: dict, opts: Options, batches) 
   if name in ("int8", "int4"):
     bits, group = (8, 0) if name == "int8" else (4, opts.int4_group)
     how = "per-channel" if group == 0 else f"group {group}"
-    return Variant(name, gd, quantize_params(gd, params, bits, group),
-                   note=f"weight-only {how} PTQ of Dense kernels")
+    head = has_tied_embedding(gd, params)
+    return Variant(name, gd, quantize_params(gd, params, bits, group, tied_embedding=True),
+                   note=f"weight-only {how} PTQ of Dense kernels"
+                   + (", int8 tied LM head" if head else ""))
   if name in ("prune50", "nm24"):
     layouts = kernel_layouts(gd, params)
     masks = (layerwise_masks(params, layouts, 0.5) if name == "prune50"

@@ -39,7 +39,7 @@ from flax import nnx
 from lmos_jax.compress.kernels import kernel_layouts
 from lmos_jax.compress.prune import (alpha_max_masks, apply_masks, layerwise_masks, nm_masks,
                                       total_sparsity)
-from lmos_jax.compress.quantize import param_bytes, quantize_params
+from lmos_jax.compress.quantize import has_tied_embedding, param_bytes, quantize_params
 from lmos_jax.compress.store import save_params
 from lmos_jax.compress.trim import drop_layers, least_important_block
 from lmos_jax.errors import UserError
@@ -110,10 +110,11 @@ def parse_method(spec: str) -> Method:
 def _quantized(graphdef, params: dict, m: Method) -> tuple[dict, str]:
   bits, group = (8, 0) if m.kind == "int8" else (4, int(m.options["group"]))
   try:
-    q = quantize_params(graphdef, params, bits, group)
+    q = quantize_params(graphdef, params, bits, group, tied_embedding=True)
   except ValueError as e:
     raise UserError(f"--method {m.describe()}: {e}") from None
-  return q, f"weight-only int{bits}, {'per channel' if group == 0 else f'groups of {group}'}"
+  head = ", int8 tied LM head" if has_tied_embedding(graphdef, params) else ""
+  return q, f"weight-only int{bits}, {'per channel' if group == 0 else f'groups of {group}'}{head}"
 
 
 def _pruned(graphdef, params: dict, m: Method) -> tuple[dict, str]:
