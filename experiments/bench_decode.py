@@ -7,10 +7,14 @@ checks that the two frameworks' logits agree, then times greedy generation from 
 prompt (best of --repeats, after a warm-up/compile call) and prints a table.
 
 With --quant, it times dense float32, bfloat16, int8 and int4 weights (lmos_jax.compress
-.quantize: codes converted inside each layer's matmul) at each batch size in turns (best of
---repeats per variant), and prints tokens/s, the ratio to dense float32, weight bytes, and
-quality: the share of greedy tokens equal to dense float32's and, with --quant-workdir RUN
-(a trained GPT run instead of the random preset), the validation loss on RUN's data.
+.quantize; on CPU the C++ kernel of lmos_jax/models/cpu_qmatmul.cc multiplies a decode
+step's rows, LMOS_CPU_KERNELS=off times the jax.numpy path instead), and for a model whose
+LM head is its embedding also int8 / int4 with that head in int8, at each batch size in
+turns (best of --repeats per variant), and prints tokens/s, the ratio to dense float32,
+weight bytes, and quality: the share of free-running greedy tokens equal to dense float32's,
+the share of positions where the variant's next token equals dense's on dense's own greedy
+text (same context, no drift), and, with --quant-workdir RUN (a trained GPT run instead of
+the random preset), the validation loss on RUN's data.
 
 With --spec-workdir RUN, it also times greedy batch-1 generation of that trained GPT plainly
 and speculatively, the draft being RUN's first --draft-layers layers (compress.trim
@@ -153,14 +157,19 @@ def quant_variants(graphdef, params: dict, int4_group: int) -> dict[str, dict]:
   """The weight formats compared, each as the tree the decoder takes."""
   import jax.numpy as jnp
 
-  from lmos_jax.compress.quantize import quantize_params
+  from lmos_jax.compress.quantize import has_tied_embedding, quantize_params
   to_bf16 = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
   params = jax.device_put(params)  # every variant on the device: no host copy per call
-  return {"dense float32": params,
-          "bfloat16": jax.tree.map(lambda x: to_bf16(jnp.asarray(x)), params),
-          "int8 (per channel)": quantize_params(graphdef, params, 8),
-          f"int4 (groups of {int4_group or 'all inputs'})":
-              quantize_params(graphdef, params, 4, int4_group)}
+  int4 = f"int4 (groups of {int4_group or 'all inputs'})"
+  out = {"dense float32": params,
+         "bfloat16": jax.tree.map(lambda x: to_bf16(jnp.asarray(x)), params),
+         "int8 (per channel)": quantize_params(graphdef, params, 8),
+         int4: quantize_params(graphdef, params, 4, int4_group)}
+  if has_tied_embedding(graphdef, params):  # the LM head is the embedding: quantize it too
+    out["int8, int8 LM head"] = quantize_params(graphdef, params, 8, tied_embedding=True)
+    out[f"{int4}, int8 LM head"] = quantize_params(graphdef, params, 4, int4_group,
+                                                   tied_embedding=True)
+  return out
 
 
 def timed_in_turns(fns: dict, repeats: int) -> dict[str, float]:
@@ -175,6 +184,14 @@ def timed_in_turns(fns: dict, repeats: int) -> dict[str, float]:
       fn()
       best[name] = min(best[name], time.perf_counter() - t0)
   return best
+
+
+def next_token_argmax(graphdef, params, context_BT: np.ndarray) -> np.ndarray:
+  """The model's greedy next token at every position of the given context (one forward):
+  agreement with dense float32 on dense's own greedy text, without the drift of free-running
+  generation, where one early flip changes every later token."""
+  logits_BTV = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, context_BT)
+  return np.asarray(jax.numpy.argmax(logits_BTV, axis=-1))
 
 
 def quant_rows(args) -> None:
@@ -198,7 +215,8 @@ def quant_rows(args) -> None:
         f"prompts to a full cache of {cache_len}; best of {args.repeats}, variants in turns; "
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
   print("\n| weights | batch | tokens/s | vs dense f32 | weight bytes | greedy tokens = dense "
-        "f32 | val loss |\n|---|---:|---:|---:|---:|---:|---:|")
+        "f32 | next token = dense f32's, same context | val loss |"
+        "\n|---|---:|---:|---:|---:|---:|---:|---:|")
   losses = ({name: val_loss(graphdef, p, batches) for name, p in variants.items()}
             if batches is not None else {})
   for b in [int(x) for x in args.batches.split(",")]:
@@ -211,13 +229,16 @@ def quant_rows(args) -> None:
     best = timed_in_turns({name: (lambda name=name, p=p: decs[name].generate(p, prompts, n))
                            for name, p in rows.items()}, args.repeats)
     ref = np.concatenate([np.asarray(t) for t in outs["dense float32"]])
+    ref_BT = np.stack([np.asarray(t) for t in outs["dense float32"]])
+    context_BT = np.concatenate([np.asarray(prompts), ref_BT[:, :-1]], axis=1)
     for name, p in rows.items():
       got = np.concatenate([np.asarray(t) for t in outs[name]])
       agree = float(np.mean(got == ref)) if got.shape == ref.shape else float("nan")
+      forced = float(np.mean(next_token_argmax(graphdef, p, context_BT) == ref_BT))
       loss = f"{losses[name]:.4f}" if name in losses else "-"
       print(f"| {name} | {b} | {b * n / best[name]:,.1f} | "
             f"{best['dense float32'] / best[name]:.2f}x | {param_bytes(p):,} | "
-            f"{agree:.1%} of {ref.size} | {loss} |", flush=True)
+            f"{agree:.1%} of {ref.size} | {forced:.1%} | {loss} |", flush=True)
 
 
 def speculative_rows(args) -> None:
