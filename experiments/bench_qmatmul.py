@@ -16,6 +16,9 @@ so every kernel is its own buffer, as the CPU decoder runs them:
                          fused loop
   int8, tiled 32         codes stored (O/32, I, 32), summed over I 32 outputs at a time
   int8 x int8 (W8A8)     activation quantized per row, int8 x int8 -> int32 dot_general
+  int8 / int4, qwix      qwix.quantize (per channel; int4 in tiles of 32 inputs) and
+                         qwix.dot with the float activation, when qwix is installed (the
+                         `qwix` extra)
 
 Run: python3 experiments/bench_qmatmul.py [--layers 12] [--repeats 5]
 Prints ms per pass over the stack, weight bytes, effective GB/s and the ratio to dense.
@@ -71,6 +74,26 @@ def w8a8_mm(x_BI, q_IO, s_O):
   return acc_BO.astype(jnp.float32) * xs_B1 * s_O
 
 
+def qwix_mm(x_BI, w_q, s_O):
+  import qwix
+  del s_O
+  return qwix.dot(x_BI, w_q)
+
+
+def qwix_forms(codes: list, scales: list) -> dict:
+  """qwix's weight-only int8 / int4 of the same weights, if the library is installed."""
+  try:
+    import qwix
+  except ImportError:
+    return {}
+  def quantized(qtype, tiles):
+    return [[qwix.quantize(jnp.asarray(c.astype(np.float32) * 1e-3), qtype,
+                           channelwise_axes=[1], tiled_axes=tiles) for c in layer]
+            for layer in codes]
+  return {"int8, qwix": (qwix_mm, quantized(jnp.int8, None), scales),
+          "int4, qwix": (qwix_mm, quantized(jnp.int4, {0: 32}), scales)}
+
+
 def stack_passes(mm, calls: int):
   """`calls` passes over the layers inside one compiled loop, as a decode loop runs them:
   temporaries are allocated once and reused (a fresh call per pass would time the first
@@ -105,6 +128,7 @@ def forms(layers: int, rng: np.random.Generator) -> dict:
       "int8, tiled 32": (tiled_mm, as_jnp(lambda c: np.ascontiguousarray(
           c.reshape(c.shape[0], -1, 32).transpose(1, 0, 2))), scales),
       "int8 x int8 (W8A8)": (w8a8_mm, as_jnp(lambda c: c), scales),
+      **qwix_forms(codes, scales),
   }
 
 
@@ -120,7 +144,7 @@ def main() -> None:
   for name, (mm, kernels, scales) in forms(args.layers, rng).items():
     fn = stack_passes(mm, args.calls)
     fn(x_BD, kernels, scales).block_until_ready()  # compile
-    nbytes = sum(int(w.nbytes) for layer in kernels for w in layer)
+    nbytes = sum(int(x.nbytes) for x in jax.tree.leaves(kernels))
     runs[name] = (lambda fn=fn, k=kernels, s=scales: fn(x_BD, k, s), nbytes)
   best = {name: float("inf") for name in runs}
   for _ in range(args.repeats):  # forms in turns, so load changes hit all alike
