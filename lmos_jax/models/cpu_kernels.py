@@ -102,9 +102,11 @@ def available() -> bool:
 
 
 def applies(x_BI: jax.Array) -> bool:
-  """Whether the kernel takes this product: float32 rows, a decode step's few, on a build
-  that has it. Decided while tracing, from static shapes."""
-  return x_BI.ndim == 2 and x_BI.shape[0] <= MAX_ROWS and x_BI.dtype == jnp.float32 and available()
+  """Whether the kernel takes this product: float32 rows, a decode step's few, on a CPU
+  host that has it (a GPU or TPU host never builds it). Decided while tracing, from static
+  shapes."""
+  return (x_BI.ndim == 2 and x_BI.shape[0] <= MAX_ROWS and x_BI.dtype == jnp.float32
+          and jax.default_backend() == "cpu" and available())
 
 
 def qmatmul_cpu(x_BI: jax.Array, q: jax.Array, scale_GO: jax.Array, bits: int) -> jax.Array:

@@ -14,8 +14,9 @@
 //         input row r + I/2 in its high nibble, both signed
 //   scale (G, O)  float32, one per I/G consecutive inputs and output channel
 //   y     (B, O)  float32
-// Work: chunks of output columns, handed to XLA's intra-op thread pool; each chunk reads its
-// slice of every code row in memory order.
+// Work: each task of XLA's intra-op thread pool reads code rows in memory order, 8 at a time,
+// into sums held in the cache; the tasks split the rows (partial sums added at the end) when
+// the outputs are few, the columns when they are many (an LM head's vocabulary).
 
 #include <algorithm>
 #include <atomic>
@@ -174,7 +175,7 @@ inline float code_at(const Problem& p, int64_t k, int64_t n) {
   return static_cast<float>(k < half ? (c << 28) >> 28 : c >> 4);
 }
 
-// Columns [n_begin, n_end) one at a time: the few outputs past the last whole tile.
+// Columns [n_begin, n_end) one at a time: the few outputs past the last multiple of 16.
 void columns_scalar(const Problem& p, int64_t n_begin, int64_t n_end) {
   const int64_t gsize = p.in / p.groups;
   for (int64_t b = 0; b < p.rows; ++b)
