@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 
 from lmos_jax.config.schema import base_config
 from lmos_jax.errors import UserError
-from lmos_jax.models.quantized import is_qarray
+from lmos_jax.models.quantized import embedding_shape, is_qarray
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -190,9 +190,8 @@ def check_params_fit(abstract: Any, params: Any, where: str) -> None:
   want = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(
       abstract)[0]}
   def shape(name: str, x) -> tuple:
-    # a QArray has the shape of the kernel it stands for; a quantized tied embedding is
-    # stored as the LM head's kernel (D, V), the table (V, D) transposed
-    return tuple(x.shape[::-1]) if is_qarray(x) and name == "embed" else tuple(np.shape(x))
+    # a QArray has the shape of the kernel it stands for, the embedding that of the table
+    return embedding_shape(x) if name == "embed" else tuple(np.shape(x))
   got = {path_str(p): shape(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(
       params, is_leaf=is_qarray)[0]}
   for name in sorted(set(want) | set(got)):

@@ -52,6 +52,8 @@ def _quantized(v_LGgO: Array, bits: int, clip_ratios: tuple[float, ...] = (1.0,)
   for r in clip_ratios:
     scale = jnp.where(amax == 0, 1.0, amax * r / m)
     codes = jnp.clip(jnp.round(v_LGgO / scale), -m, m)
+    if len(clip_ratios) == 1:
+      return codes.astype(jnp.int8), scale
     err = jnp.sum(jnp.square(v_LGgO - codes * scale), axis=2, keepdims=True)
     if best is None:
       best = (codes.astype(jnp.int8), scale, err)

@@ -107,6 +107,12 @@ def is_qarray(x) -> bool:
   return isinstance(x, QArray)
 
 
+def embedding_shape(embed) -> tuple[int, ...]:
+  """(V, D) of a token embedding: a float table, or a quantized tied one, which is stored as
+  the LM head's kernel (D, V) (compress.quantize.quantize_params)."""
+  return tuple(embed.shape[::-1]) if is_qarray(embed) else tuple(embed.shape)
+
+
 def has_qarrays(tree) -> bool:
   """Whether a params tree holds quantized kernels (a run of `lmos compress --method int*`)."""
   return any(is_qarray(x) for x in jax.tree.leaves(tree, is_leaf=is_qarray))

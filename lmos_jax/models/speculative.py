@@ -35,7 +35,7 @@ from lmos_jax.models.decode import (Generation, Sampling, _initial_status, _step
                                     check_cache_len, filter_logits, forward_cached,
                                     forward_cached_all, init_cache, layer_states, pack_prompts,
                                     sample_next, unpack, unroll_default)
-from lmos_jax.models.quantized import is_qarray
+from lmos_jax.models.quantized import embedding_shape
 
 Array = jax.Array
 
@@ -192,12 +192,6 @@ class SpeculativeGeneration(Generation):
     return self.accepted / self.drafted if self.drafted else float("nan")
 
 
-def vocab_size_of(params: dict) -> int:
-  """Rows of the token embedding; a quantized tied one is stored as the LM head (D, V)."""
-  embed = params["embed"]
-  return int(embed.shape[-1] if is_qarray(embed) else embed.shape[0])
-
-
 def check_same_vocab(target_vocab: int, draft_vocab: int) -> None:
   """A draft scores token ids of its own vocabulary: it must be the target's."""
   if target_vocab != draft_vocab:
@@ -235,7 +229,8 @@ class SpeculativeDecoder:
                max_new_tokens: int, *, sampling: Sampling = Sampling(),
                stop_tokens: Sequence[int] = (), seed: int = 0) -> SpeculativeGeneration:
     """Like `Decoder.generate`, with the draft's params as well."""
-    check_same_vocab(vocab_size_of(target_params), vocab_size_of(draft_params))
+    check_same_vocab(embedding_shape(target_params["embed"])[0],
+                     embedding_shape(draft_params["embed"])[0])
     tokens, lengths, max_new, stop = pack_prompts(prompts, max_new_tokens, stop_tokens,
                                                   self.cache_len)
     out = self._fn(target_params, draft_params, tokens, lengths, max_new, stop,
