@@ -111,6 +111,20 @@ void block_int8(const Problem& p, const Block& k) {
   }
 }
 
+// The signed low and high nibbles of 16 sign-extended bytes as floats. With AVX-512, a
+// 16-entry table lookup (vpermps reads an index's low 4 bits) replaces the shifts and the
+// int-to-float conversions.
+inline void nibbles(I16 c, F16& lo, F16& hi) {
+#if defined(__AVX512F__)
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  lo = (F16)_mm512_permutexvar_ps((__m512i)c, table);
+  hi = (F16)_mm512_permutexvar_ps((__m512i)(c >> 4), table);
+#else
+  lo = __builtin_convertvector((c << 28) >> 28, F16);
+  hi = __builtin_convertvector(c >> 4, F16);
+#endif
+}
+
 // The same for int4: packed row r carries inputs r (low nibble) and r + I/2 (high nibble).
 template <int KB, bool GROUPED>
 void block_int4(const Problem& p, const Block& k) {
@@ -123,8 +137,7 @@ void block_int4(const Problem& p, const Block& k) {
       F16 lo[KB], hi[KB];
       for (int j = 0; j < KB; ++j) {
         const I16 c = widen(p.q + (r0 + j) * p.out + n);
-        lo[j] = __builtin_convertvector((c << 28) >> 28, F16);
-        hi[j] = __builtin_convertvector(c >> 4, F16);
+        nibbles(c, lo[j], hi[j]);
       }
       if (GROUPED) {
         const F16 sl = load_f(s_lo + n), sh = load_f(s_hi + n);
