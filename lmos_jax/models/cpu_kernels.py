@@ -29,6 +29,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from lmos_jax.parallel.compile_cache import user_cache_root
+
 ENV = "LMOS_CPU_KERNELS"
 TARGET = "lmos_qmatmul_f32"
 # Rows (tokens) up to which the kernel multiplies: a decode step's batch. Past 8 its sums
@@ -45,9 +47,8 @@ def enabled(environ=None) -> bool:
 
 
 def kernel_dir(environ=None) -> Path:
-  environ = os.environ if environ is None else environ
-  base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
-  return Path(base).expanduser() / "lmos_jax" / "kernels"
+  """Where built kernels are kept: beside the compilation cache, in lmos's user cache."""
+  return user_cache_root(os.environ if environ is None else environ) / "kernels"
 
 
 def _cpu_identity() -> str:

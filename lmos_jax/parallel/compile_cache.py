@@ -25,6 +25,12 @@ ENV = "LMOS_COMPILE_CACHE"
 OFF = "off"
 
 
+def user_cache_root(environ: Mapping[str, str]) -> Path:
+  """lmos's per-user cache folder: `$XDG_CACHE_HOME/lmos_jax` (`~/.cache/lmos_jax`)."""
+  base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
+  return Path(base).expanduser() / "lmos_jax"
+
+
 def cache_dir(setting: str, environ: Mapping[str, str]) -> tuple[Path | None, str]:
   """(directory or None, where the choice came from), for config value `setting`."""
   if setting == OFF:
@@ -34,8 +40,7 @@ def cache_dir(setting: str, environ: Mapping[str, str]) -> tuple[Path | None, st
   env = environ.get(ENV, "").strip()
   if env:
     return (None, f"{ENV}=off") if env == OFF else (Path(env).expanduser(), ENV)
-  base = environ.get("XDG_CACHE_HOME") or str(Path(environ.get("HOME", "~")) / ".cache")
-  return Path(base).expanduser() / "lmos_jax" / "jax", "per-user default"
+  return user_cache_root(environ) / "jax", "per-user default"
 
 
 def enable_compile_cache(setting: str, environ: Mapping[str, str] | None = None) -> str:
