@@ -36,13 +36,13 @@ from flax import nnx
 from lmos_jax.errors import ArgumentParser, UserError, existing_dir, number
 from lmos_jax.inference.compress_run import compress_to_workdir, eval_data_config
 from lmos_jax.models.decode import Decoder
+from lmos_jax.models.quantized import is_qarray
 from lmos_jax.compress.distill import distill_loss
 from lmos_jax.train.heal import finetune, lora_heal
 from lmos_jax.compress.kernels import kernel_layouts
 from lmos_jax.compress.prune import (apply_masks, layerwise_masks, masked_pruning, nm_masks,
                                       sparsity_report, total_sparsity)
-from lmos_jax.compress.quantize import (count_weights, dequantize_params, has_tied_embedding,
-                                         quantize_params)
+from lmos_jax.compress.quantize import count_weights, dequantize_params, quantize_params
 from lmos_jax.compress.store import save_params
 from lmos_jax.compress.trim import drop_layers, least_important_block
 from lmos_jax.train.losses import lm_loss
@@ -131,10 +131,9 @@ def build_variant(name: str, run: Source, params: dict, opts: Options, batches) 
   if name in ("int8", "int4"):
     bits, group = (8, 0) if name == "int8" else (4, opts.int4_group)
     how = "per-channel" if group == 0 else f"group {group}"
-    head = has_tied_embedding(gd, params)
-    return Variant(name, gd, quantize_params(gd, params, bits, group, tied_embedding=True),
-                   note=f"weight-only {how} PTQ of Dense kernels"
-                   + (", int8 tied LM head" if head else ""))
+    q = quantize_params(gd, params, bits, group, tied_embedding=True)
+    return Variant(name, gd, q, note=f"weight-only {how} PTQ of Dense kernels"
+                   + (", int8 tied LM head" if is_qarray(q.get("embed")) else ""))
   if name in ("prune50", "nm24"):
     layouts = kernel_layouts(gd, params)
     masks = (layerwise_masks(params, layouts, 0.5) if name == "prune50"

@@ -39,10 +39,11 @@ from flax import nnx
 from lmos_jax.compress.kernels import kernel_layouts
 from lmos_jax.compress.prune import (alpha_max_masks, apply_masks, layerwise_masks, nm_masks,
                                       total_sparsity)
-from lmos_jax.compress.quantize import has_tied_embedding, param_bytes, quantize_params
+from lmos_jax.compress.quantize import param_bytes, quantize_params
 from lmos_jax.compress.store import save_params
 from lmos_jax.compress.trim import drop_layers, least_important_block
 from lmos_jax.errors import UserError
+from lmos_jax.models.quantized import is_qarray
 from lmos_jax.workdir import (COMPRESSED_PARAMS, existing_run_files, label_names, read_config,
                               read_tokenizer, workdir_params, write_config, write_labels,
                               write_tokenizer)
@@ -113,7 +114,7 @@ def _quantized(graphdef, params: dict, m: Method) -> tuple[dict, str]:
     q = quantize_params(graphdef, params, bits, group, tied_embedding=True)
   except ValueError as e:
     raise UserError(f"--method {m.describe()}: {e}") from None
-  head = ", int8 tied LM head" if has_tied_embedding(graphdef, params) else ""
+  head = ", int8 tied LM head" if is_qarray(q.get("embed")) else ""
   return q, f"weight-only int{bits}, {'per channel' if group == 0 else f'groups of {group}'}{head}"
 
 
