@@ -8,7 +8,8 @@ import pytest
 
 from lmos_jax.config.loading import ConfigError, check_cpu_devices
 from lmos_jax.config.schema import base_config
-from lmos_jax.parallel.host_memory import activation_bytes_estimate, wants_retained_memory
+from lmos_jax.parallel.host_memory import (activation_bytes_estimate, gradient_bytes_estimate,
+                                           wants_retained_memory)
 
 MiB = 2**20
 
@@ -28,6 +29,22 @@ def test_estimate_separates_nanogpt_shapes():
   # microbatches and devices divide the tokens each device holds at once (float64 products of
   # integers below 2^53 and divisions by 2 and 4: exact; approx's rel 1e-6 spares the order)
   assert activation_bytes_estimate(_model(6, 6, 384), 256, 64, 4, 2) == pytest.approx(baby / 4)
+
+
+def test_gradients_count_when_every_weight_trains():
+  """MiniLM-L6 (30,522 x 384 embeddings, 6 layers, d_ff 1536) trained in full makes ~86 MiB
+  of gradients a step, which tips SST-2's batch of 16 x 64 tokens (~216 MiB of activations)
+  over the 256 MiB rule; LoRA leaves the frozen weights without gradients."""
+  m = _model(6, 12, 384)
+  m.vocab_size, m.max_seq_len, m.d_ff = 30522, 512, 1536
+  grads = gradient_bytes_estimate(m, trains_all=True)
+  params = (30522 + 512) * 384 + 6 * (4 * 384**2 + 2 * 384 * 1536)
+  assert grads == 4 * params
+  assert 80 * MiB < grads < 90 * MiB
+  assert gradient_bytes_estimate(m, trains_all=False) == 0.0
+  acts = activation_bytes_estimate(m, 64, 16, 1, 1)
+  assert not wants_retained_memory("auto", acts, False)
+  assert wants_retained_memory("auto", acts + grads, False)
 
 
 @pytest.mark.parametrize("mode,est,accel,want", [

@@ -6,7 +6,10 @@ activations that is gigabytes per device per step, page-faulted and zeroed again
 and it costs more the more memory other processes hold (experiments/bench_train.py and
 experiments/README.md measure it). One malloc arena with no mmap and no trimming keeps freed
 blocks for the next step. It costs lock traffic between XLA's threads,
-which only pays off when the temporaries are large, hence the `auto` rule below.
+which only pays off when the temporaries are large, hence the `auto` rule below. Large
+temporaries are the activations kept for the backward pass and, when every weight trains,
+the gradients (a fresh buffer each step: a BERT vocabulary's embedding gradient alone is
+47 MB, past glibc's mmap threshold).
 """
 
 from __future__ import annotations
@@ -38,6 +41,20 @@ def activation_bytes_estimate(model_cfg: Any, seq_len: int, batch_size: int,
   return 4.0 * model_cfg.num_layers * tokens * per_token_layer
 
 
+def gradient_bytes_estimate(model_cfg: Any, trains_all: bool) -> float:
+  """Rough f32 bytes of one step's gradients: every weight's when all of them train (the
+  embeddings of `model.vocab_size` rows and `model.max_seq_len` positions, and per layer
+  the attention's 4 d^2 and the MLP's 2 d d_ff); 0 for PEFT, whose few trained weights
+  leave the frozen ones without gradients. A vocabulary taken from the tokenizer
+  (`model.vocab_size` 0) is not counted: it is not known before the data are read."""
+  if not trains_all:
+    return 0.0
+  d = model_cfg.d_model
+  d_ff = model_cfg.d_ff or 4 * d
+  embed = (model_cfg.vocab_size + model_cfg.max_seq_len) * d
+  return 4.0 * (embed + model_cfg.num_layers * (4 * d * d + 2 * d * d_ff))
+
+
 def accelerator_plugin_installed() -> bool:
   """True when JAX could start a GPU/TPU backend here (checked without starting JAX)."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
@@ -48,16 +65,16 @@ def accelerator_plugin_installed() -> bool:
   return any(True for _ in importlib.metadata.entry_points(group="jax_plugins"))
 
 
-def wants_retained_memory(mode: str, activation_bytes: float, accelerator: bool,
+def wants_retained_memory(mode: str, step_bytes: float, accelerator: bool,
                           threshold: float = 256 * 2**20) -> bool:
-  """`retain` always, `system` never; `auto`: CPU-only hosts whose per-device activations
-  reach `threshold` (below it the arena lock costs more than the page faults: 10-20% slower
-  steps at nanoGPT's 4-layer/128d shape)."""
+  """`retain` always, `system` never; `auto`: CPU-only hosts whose per-device step
+  temporaries (activations and gradients) reach `threshold` (below it the arena lock costs
+  more than the page faults: 10-20% slower steps at nanoGPT's 4-layer/128d shape)."""
   if mode not in CHOICES:
     raise ValueError(f"mesh.cpu_allocator={mode!r}: choose one of {', '.join(CHOICES)}")
   if mode != "auto":
     return mode == "retain"
-  return not accelerator and activation_bytes >= threshold
+  return not accelerator and step_bytes >= threshold
 
 
 def retain_freed_memory() -> bool:
@@ -80,6 +97,7 @@ def setup_cpu_allocator(cfg: Any, devices: int) -> bool:
   """Applies `mesh.cpu_allocator` for a run on `devices` devices; True when retained."""
   est = activation_bytes_estimate(cfg.model, cfg.data.seq_len, cfg.train.batch_size,
                                   cfg.train.microbatches, devices)
+  est += gradient_bytes_estimate(cfg.model, cfg.peft.method == "full")
   mode = cfg.mesh.get("cpu_allocator", "auto")
   if not wants_retained_memory(mode, est, accelerator_plugin_installed()):
     return False
