@@ -406,8 +406,15 @@ def measure_reference(cal, num_devices: int) -> float:
   config) and kept with the other probes."""
   import statistics
   r = _runner(reference_config(num_devices), 256, num_devices)
-  # timed as the candidates are (median of the rounds), so their factor is like for like
-  measured = statistics.median(_time_round(r, 10) for _ in range(MEASURE_ROUNDS))
+  # timed as the candidates are (median of rounds after warm-up), so their factor is like
+  # for like; more and longer rounds than theirs, since this one number scales every
+  # prediction and a round of this small step lasts only tens of milliseconds. On XLA:CPU
+  # its first rounds after loading ran 1.1-1.3x slower than the settled ones for about a
+  # second and a half; measured then, the factor priced every candidate 15-25% high.
+  for _ in range(REFERENCE_WARMUP_ROUNDS):
+    _time_round(r, REFERENCE_STEPS)
+  measured = statistics.median(_time_round(r, REFERENCE_STEPS)
+                               for _ in range(REFERENCE_ROUNDS))
   measured -= cal.dispatch_s
   return max(measured, 0.0) / priced_seconds(r.compiled, cal, num_devices)
 
@@ -443,7 +450,9 @@ def peak_bytes(devices: Sequence[Any]) -> float | None:
   return float(max(peaks)) if peaks and all(p is not None for p in peaks) else None
 
 
-MEASURE_ROUNDS = 3
+MEASURE_ROUNDS = 5
+# the reference step of `program_factor`: untimed rounds, timed rounds, steps per round
+REFERENCE_WARMUP_ROUNDS, REFERENCE_ROUNDS, REFERENCE_STEPS = 6, 7, 20
 
 
 @dataclasses.dataclass
@@ -484,11 +493,13 @@ def _time_round(r: _Runner, steps: int) -> float:
 def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
                       steps: int, programs: dict | None = None) -> list[Estimate]:
   """Runs each layout's real train step (the step `lmos train` compiles) on the present
-  devices: MEASURE_ROUNDS rounds that time every candidate in turn (`steps` steps after a
-  warm-up, from a fresh state), median per candidate. Taking turns keeps a slow spell of a
-  shared machine from landing on one candidate only.
+  devices: an untimed warm-up round, then MEASURE_ROUNDS rounds that time every candidate
+  in turn (`steps` steps after a warm-up step, from a fresh state), median per candidate.
+  Taking turns keeps a slow spell of a shared machine from landing on one candidate only;
+  the warm-up round keeps out what a freshly loaded program costs on its first runs (on
+  XLA:CPU the first rounds ran up to 1.3x slower than later ones).
 
-  Peak memory: the allocator's peak can only grow, so the first round runs the candidates
+  Peak memory: the allocator's peak can only grow, so the warm-up round runs the candidates
   from the smallest predicted memory up and reads the peak after each; a candidate's
   reading is the largest of it and those before it (None where the backend keeps no
   allocator statistics)."""
@@ -500,11 +511,12 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
                         target.num_devices, programs.get(ests[i].layout)) for i in order}
   times: dict[int, list[float]] = {i: [] for i in order}
   peaks: dict[int, float | None] = {}
-  for r in range(MEASURE_ROUNDS):
+  for i in order:  # the warm-up round
+    _time_round(runners[i], steps)
+    peaks[i] = peak_bytes(devices)
+  for _ in range(MEASURE_ROUNDS):
     for i in order:
       times[i].append(_time_round(runners[i], steps))
-      if r == 0:
-        peaks[i] = peak_bytes(devices)
   return [dataclasses.replace(e, measured_step_s=statistics.median(times[i]),
                               measured_peak=peaks[i]) for i, e in enumerate(ests)]
 
@@ -695,7 +707,8 @@ def parse(argv: list[str]):
                   help="present devices: also run each compiled candidate and print measured "
                        "against predicted step time and peak memory")
   ap.add_argument("--steps", type=number(int, 1), default=5,
-                  help="with --measure: timed steps per round (3 rounds, median; default 5)")
+                  help="with --measure: timed steps per round (a warm-up round, then 5 "
+                  "rounds, median; default 5)")
   ap.add_argument("--write", default=None, metavar="WORKDIR",
                   help="merge the best layout into WORKDIR/plan.json, for `lmos train "
                        "--config.plan=WORKDIR/plan.json`")
