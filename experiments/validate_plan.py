@@ -106,7 +106,8 @@ def validate_lr(config: str, args) -> list[str]:
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
-  ap.add_argument("--steps", type=int, default=3, help="timed steps per round (5 rounds after a warm-up round)")
+  ap.add_argument("--steps", type=int, default=3,
+                  help="timed steps per round (5 rounds after a warm-up round)")
   ap.add_argument("--compile-top", type=int, default=4)
   ap.add_argument("--remat", default="none,dots_no_batch,full")
   ap.add_argument("--max-microbatches", type=int, default=4)
