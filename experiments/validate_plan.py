@@ -5,8 +5,9 @@ Layouts: for each config, `lmos plan --config C --measure --json --recalibrate` 
 process, so the host is split into CPU devices as `lmos train` would split it) compiles the
 best candidates, predicts their step time from a calibration probed just before (so
 prediction and measurement see the machine at the same speed), runs the candidates in turns
-for a few steps each and reports both. Printed per candidate: predicted and measured ms, their ratio, whether it is
-within the 20% target; per config, how the first choice compares with the measured fastest.
+for a few steps each (after an untimed warm-up round) and reports both. Printed per
+candidate: predicted and measured ms, their ratio, whether it is within the 20% target; per
+config, how the first choice compares with the measured fastest.
 XLA:CPU keeps no allocator statistics, so measured peak memory is '-' on CPU.
 
 Learning rate (--tune): `lmos tune --config C --json` picks an LR; then `lmos train` runs at
