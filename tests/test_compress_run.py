@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,7 +30,7 @@ def _kernels(params):
   return {jax.tree_util.keystr(p): x for p, x in leaves if "kernel" in jax.tree_util.keystr(p)}
 
 
-@pytest.mark.parametrize("method", ["int8", "int4:group=8", "prune:alpha=0.3",
+@pytest.mark.parametrize("method", ["int8", "int4:group=8", "bf16", "prune:alpha=0.3",
                                     "prune:sparsity=0.5", "nm:2:4"])
 def test_each_method_writes_a_run_that_generates(lm, tmp_path, method):
   out = tmp_path / "out"
@@ -43,6 +44,9 @@ def test_each_method_writes_a_run_that_generates(lm, tmp_path, method):
     w = np.asarray(src_kernels[name])
     if method.startswith("int"):
       assert isinstance(k, QArray) and k.bits == int(method[3]) and k.shape == w.shape
+    elif method == "bf16":
+      np.testing.assert_array_equal(np.asarray(k), w.astype(jnp.bfloat16))
+      assert k.dtype == jnp.bfloat16
     else:
       k = np.asarray(k)
       kept = k != 0
@@ -95,9 +99,26 @@ def test_classifier_int8_predicts_like_its_source(tmp_path):
   assert (out / "labels.json").read_text() == (src / "labels.json").read_text()
 
 
+def test_classifier_bf16_predicts_like_its_source(tmp_path):
+  from lmos_jax.data.encoder import bucket_widths
+  from lmos_jax.inference.predict import load_classifier, run_packed
+  src = tiny_classifier_workdir(tmp_path / "src", ["neg", "pos", "neutral"])
+  out = tmp_path / "bf16"
+  compress_to_workdir(str(src), "bf16", str(out))
+  texts = ["a fine film", "not good at all", "the plot is thin but the cast is great"]
+  a, b = load_classifier(src), load_classifier(out)
+  assert b.cfg.peft.method == "full"
+  # bf16 kernels and bf16-rounded activations at each matmul (2^-9 relative), two layers of
+  # width 32 drawn wide: the probabilities move by a few thousandths, padded or packed
+  assert 0 < np.abs(b.predict(texts) - a.predict(texts)).max() < 0.02
+  widths = bucket_widths("auto", a.cfg.data.seq_len)
+  (p_a, e_a), (p_b, e_b) = (run_packed(c, texts, None, widths, 4, 4) for c in (a, b))
+  assert np.abs(p_b - p_a).max() < 0.02 and np.abs(e_b - e_a).max() < 0.02
+
+
 @pytest.mark.parametrize("spec", ["int3", "prune", "prune:alpha=2", "nm:4:2", "trim",
                                   "int4:group=x", "prune:alpha=0.1,sparsity=0.5",
-                                  "trim:layers=1.5", "int8:group=3", "distill:steps=3",
+                                  "trim:layers=1.5", "int8:group=3", "bf16:group=8", "distill:steps=3",
                                   "distill:layers=2,kd=1.5", "distill:layers=2,temp=0",
                                   "trim:layers=2,kd=1"])
 def test_bad_methods_are_one_line_errors(spec):

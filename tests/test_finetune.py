@@ -227,3 +227,10 @@ def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys
   label, prob, text = capsys.readouterr().out.strip().splitlines()[-1].split("\t")
   assert label in labels and text == "great film"
   np.testing.assert_allclose(float(prob), via_adapters[0].max(), atol=1e-4)  # printed .4f: 5e-5
+  # `lmos compress` folds the LoRA updates into the kernels (here stored as bf16): a full run
+  # predicting as the adapted model does, within bf16's rounding (2^-9 relative per operand)
+  from lmos_jax.inference.compress_run import compress_to_workdir
+  compress_to_workdir(str(wd), "bf16", str(tmp_path / "bf16"))
+  folded = pred.load_classifier(tmp_path / "bf16")
+  assert folded.cfg.peft.method == "full"
+  assert np.abs(folded.predict(["great film", "dull mess"]) - via_adapters).max() < 0.02

@@ -1,4 +1,5 @@
-"""Weight-only int8/int4 quantization: per-channel or group-wise, symmetric, absmax scales.
+"""Weight-only int8/int4 quantization: per-channel or group-wise, symmetric, absmax scales;
+and bfloat16 storage of the same kernels.
 
 A quantized kernel is a `QArray` (lmos_jax.models.quantized: int8 codes, or int4 codes two
 per byte, plus float32 scales) that stays quantized in memory, on disk and in the compiled
@@ -13,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lmos_jax.compress.kernels import KernelLayout, kernel_layouts, map_kernels, to_view
@@ -111,6 +113,15 @@ def quantize_params(graphdef, params: dict, bits: int, group_size: int = 0,
     out["embed"] = quantize_kernel(jnp.asarray(params["embed"]).T, KernelLayout(0, 1), 8,
                                    group_size if bits == 8 else 0)
   return out
+
+
+def bf16_kernels(graphdef, params: dict) -> dict:
+  """Every Dense kernel stored as bfloat16 (half the bytes); embeddings, norms and biases
+  stay float32. Under float32 activations such a kernel multiplies as bf16 operands with
+  float32 accumulation (lmos_jax.models.layers.kernel_matmul), the form XLA:CPU runs fastest
+  on CPUs with AVX512-BF16: the activations are rounded to bf16 at each matmul, nothing else."""
+  layouts = kernel_layouts(graphdef, params)
+  return map_kernels(lambda w, _lay, _p: np.asarray(w).astype(jnp.bfloat16), params, layouts)
 
 
 def has_tied_embedding(graphdef, params: dict) -> bool:

@@ -61,8 +61,8 @@ def classifier_params(cfg, workdir: Path, abstract: dict) -> dict:
     flat, _ = load_adapters(str(adapters))
     return overlay_params(params, flat, str(adapters))
   stored = workdir_params(workdir)
-  if has_qarrays(stored):
-    # a quantized run (lmos compress --method int8|int4): complete, kept as codes
+  if has_qarrays(stored) or any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(stored)):
+    # a compressed run (lmos compress --method int8|int4|bf16): complete, kept as stored
     check_params_fit(abstract, stored, f"--workdir {workdir}")
     return stored
   flat, _ = split_by(stored, lambda _: True)

@@ -2,7 +2,9 @@
 
 `bf16` keeps float32 master weights and casts to bfloat16 for the forward/backward pass
 (logits and loss stay float32); `bf16_full` stores bfloat16 params too. `auto` picks bf16
-on GPU/TPU and fp32 on CPU, where bf16 matmuls are slower than f32.
+on GPU/TPU and fp32 on CPU, where jax 0.10's XLA runs a bf16 matmul with bf16 output slower
+than float32 (experiments/bench_bf16.py; bf16 operands with float32 output are the fast
+form, which bf16-compressed kernels use: lmos_jax.models.layers.kernel_matmul).
 """
 
 from __future__ import annotations
