@@ -18,6 +18,7 @@ page faults per step, more so when the other workers hold memory).
   python3 experiments/bench_train.py                      # both shapes, nanogpt + eager + compile
   python3 experiments/bench_train.py --peer-allocator retain
   python3 experiments/bench_train.py --shapes small --peers eager
+  python3 experiments/bench_train.py --precision bf16_matmul --peers nanogpt,nanogpt_bf16
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ SHAPES = {
 }
 
 
-def lmos_config(shape: str, total_steps: int, data_path: str):
+def lmos_config(shape: str, total_steps: int, data_path: str, precision: str = "fp32"):
   from lmos_jax.config.loading import load_config_file
   arg = "cpu" if shape == "small" else "baby"
   cfg = load_config_file(str(ROOT / "configs" / "shakespeare_char.py") + ":" + arg)
@@ -55,7 +56,7 @@ def lmos_config(shape: str, total_steps: int, data_path: str):
   cfg.model.use_bias, cfg.model.dropout = True, 0.0  # GPT2LMHeadModel always has biases
   cfg.train.batch_size, cfg.train.steps = batch, total_steps
   cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(total_steps // 10, 1))
-  cfg.train.precision = "fp32"
+  cfg.train.precision = precision
   cfg.data.path = data_path
   return cfg
 
@@ -69,7 +70,8 @@ class LmosSide:
     self.run = build_run(cfg)  # every device this process shows (see --cpu-devices)
     self.per_call = cfg.train.steps_per_call
     self.name = (f"lmos_jax ({len(jax.devices())} XLA device{'s' * (len(jax.devices()) > 1)}"
-                 + (f", {self.per_call} steps per call)" if self.per_call > 1 else ")"))
+                 + (f", {self.per_call} steps per call" if self.per_call > 1 else "")
+                 + ("" if cfg.train.precision == "fp32" else f", {cfg.train.precision}") + ")")
     with jax.set_mesh(self.run.mesh):
       self.state = jax.jit(self.run.init_fn, out_shardings=self.run.shardings)(
           jax.random.PRNGKey(cfg.seed))
@@ -221,12 +223,12 @@ class NanoGPTSide:
   """nanoGPT's model (above) with torch AdamW (foreach, nanoGPT's CPU choice; fused where
   torch has it for CPU), the same hyperparameters and LR values per step as lmos."""
 
-  def __init__(self, cfg, vocab: int, compiled: bool):
+  def __init__(self, cfg, vocab: int, compiled: bool, bf16: bool = False):
     import torch
     from lmos_jax.train.optim import make_schedule
     torch.manual_seed(cfg.seed)
     m, t = cfg.model, cfg.train
-    self.torch = torch
+    self.torch, self.bf16 = torch, bf16
     self.model = nanogpt_model(torch, vocab, m.num_layers, m.num_heads, m.d_model,
                                m.max_seq_len, m.init_std, m.norm_eps).train()
     params = list(self.model.named_parameters())
@@ -243,14 +245,17 @@ class NanoGPTSide:
       kind = "foreach"
     self.schedule = make_schedule(t)
     self.clip = t.grad_clip
-    self.name = f"nanoGPT model, torch {'compile' if compiled else 'eager'} ({kind} AdamW)"
+    self.name = (f"nanoGPT model, torch {'compile' if compiled else 'eager'} ({kind} AdamW"
+                 + (", bf16 autocast)" if bf16 else ")"))
     self.loss_fn = torch.compile(self._loss) if compiled else self._loss
     self.losses: list = []
     self.step_count = 0
 
   def _loss(self, x, y):
-    logits = self.model(x)
-    return self.torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    # bf16: PyTorch's CPU autocast, matmuls on bf16 operands (what lmos's bf16_matmul does)
+    with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16):
+      logits = self.model(x)
+    return self.torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
   steps = TorchSide.steps
   loss_history = TorchSide.loss_history
@@ -264,7 +269,7 @@ def matmul_peak() -> float:
 
 
 def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: int,
-               retained: bool) -> int:
+               retained: bool, precision: str = "fp32") -> int:
   """Worker process for one side: warm up, then run the window the parent names, report.
 
   Each framework gets its own process so their thread pools never meet: in one process,
@@ -274,15 +279,18 @@ def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: 
   layers, heads, d, block, batch, def_windows, def_per_window, warm = SHAPES[shape]
   windows, per_window = windows or def_windows, per_window or def_per_window
   total = warm + windows * per_window
-  cfg = lmos_config(shape, total, data_path)
+  cfg = lmos_config(shape, total, data_path, precision)
   if side == "lmos":
     runner = LmosSide(cfg)
     data = runner.run.data
   else:
     from lmos_jax.train.trainer import build_run
     data = build_run(cfg, jax.devices()[:1]).data  # the identical batches, no JAX compile
-    peer = NanoGPTSide if side.startswith("nanogpt") else TorchSide
-    runner = peer(cfg, data.tokenizer.vocab_size, compiled=side.endswith("compile"))
+    if side.startswith("nanogpt"):
+      runner = NanoGPTSide(cfg, data.tokenizer.vocab_size, compiled=side.endswith("compile"),
+                           bf16=side == "nanogpt_bf16")
+    else:
+      runner = TorchSide(cfg, data.tokenizer.vocab_size, compiled=side.endswith("compile"))
   batches = [data.train_batch(s) for s in range(total)]
   runner.steps(batches[:warm])  # compile / warm up before timing
   ready = {"ready": runner.name + (" [malloc retained]" if retained else "")}
@@ -316,7 +324,8 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
   for side in sides:
     cmd = [sys.executable, __file__, "--shapes", shape, "--side", side, "--data", args.data,
            "--windows", str(windows), "--per-window", str(per_window),
-           "--cpu-devices", str(args.cpu_devices), "--peer-allocator", args.peer_allocator]
+           "--cpu-devices", str(args.cpu_devices), "--peer-allocator", args.peer_allocator,
+           "--precision", args.precision]
     # Compile in the torch.compile worker itself: inductor's pool of compile processes would
     # otherwise stay alive beside the timed windows.
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -356,7 +365,10 @@ def main(argv=None) -> int:
   ap.add_argument("--shapes", default="small,baby")
   ap.add_argument("--peers", default="nanogpt,eager,compile",
                   help="comma list of nanogpt, nanogpt_compile (nanoGPT's model in torch), "
-                       "eager, compile (transformers' GPT2LMHeadModel)")
+                       "nanogpt_bf16 (the same under bf16 autocast), eager, compile "
+                       "(transformers' GPT2LMHeadModel)")
+  ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16_matmul"),
+                  help="lmos's train.precision (bf16_matmul: Dense matmuls on bf16 operands)")
   ap.add_argument("--data", default=str(DATA))
   ap.add_argument("--windows", type=int, default=0, help="timed windows (0: per-shape default)")
   ap.add_argument("--per-window", type=int, default=0,
@@ -383,7 +395,7 @@ def main(argv=None) -> int:
     retained = retain_freed_memory()
   if args.side:
     return serve_side(args.shapes, args.side, args.data, args.windows, args.per_window,
-                      retained)
+                      retained, args.precision)
   if not Path(args.data).is_file():
     print(f"--data={args.data!r}: no such file (tinyshakespeare.txt); set LMOS_DATA_DIR to "
           "the folder holding it or pass --data", file=sys.stderr)

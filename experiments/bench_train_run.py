@@ -24,6 +24,7 @@ the final val loss, and the ratios lmos / nanoGPT; and the warm run's start-up (
 first step) as a share of the cold run's.
 
 Run: python3 experiments/bench_train_run.py [--steps 2000] [--repeats 1] [--out DIR]
+     [--precision auto|fp32|bf16_matmul]
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def run_lmos(out: Path, tag: str, cache: Path, args) -> dict | None:
   log = out / f"lmos_{tag}.log"
   cmd = [*lmos_command(), "train", "--config", str(ROOT / "configs/shakespeare_char.py") + ":cpu",
          "--workdir", str(workdir), f"--config.data.path={args.data}",
-         f"--config.train.steps={args.steps}"]
+         f"--config.train.steps={args.steps}", f"--config.train.precision={args.precision}"]
   os.environ["LMOS_COMPILE_CACHE"] = str(cache)
   wall, rc = timed(cmd, log)
   if rc != 0:
@@ -200,6 +201,9 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=1, help="cold/warm/nanoGPT rounds")
   ap.add_argument("--data", default=str(data_file("tinyshakespeare.txt")))
   ap.add_argument("--out", default="runs/bench_train_run")
+  ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16_matmul"),
+                  help="lmos's train.precision (auto: fp32 on CPU; bf16_matmul: Dense "
+                       "matmuls on bf16 operands, float32 accumulation)")
   ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.peer_worker:
@@ -233,7 +237,8 @@ def main(argv=None) -> int:
           f"{r['first_step_s']:.1f} s, val {r['val_loss']:.4f}; {r['breakdown']}", flush=True)
   med = {impl: {key: statistics.median(r[key] for r in rs)
                 for key in ("wall_s", "first_step_s", "val_loss")} for impl, rs in rows.items()}
-  print(f"\n{args.steps} steps, median of {args.repeats}:\n")
+  print(f"\n{args.steps} steps, lmos train.precision={args.precision}, median of "
+        f"{args.repeats}:\n")
   print("| impl | wall s | first step after s | val loss |\n|---|---|---|---|")
   for impl, m in med.items():
     print(f"| {impl} | {m['wall_s']:.1f} | {m['first_step_s']:.1f} | {m['val_loss']:.4f} |")

@@ -59,6 +59,17 @@ def test_a_dot_is_found_with_its_shape_and_flops():
   assert d.flops == 2 * 32 * 48 * 16
 
 
+def test_a_dot_records_its_result_dtype_apart_from_its_operands():
+  # bf16 x bf16 -> f32 is its own price (XLA:CPU runs it 1.9x f32; a bf16 result it
+  # computes as an f32 dot between converts, which is priced as that f32 dot)
+  x, w = jnp.ones((32, 48), jnp.bfloat16), jnp.ones((48, 16), jnp.bfloat16)
+  wide, = dots_of(hlo(lambda x, w: jnp.tanh(jax.lax.dot(
+      x, w, preferred_element_type=jnp.float32)), x, w))
+  assert (wide.dtype, wide.out_dtype) == ("bf16", "f32") and "bf16->f32" in wide.key()
+  f32, = dots_of(hlo(lambda x, w: x @ w, jnp.ones((32, 48)), jnp.ones((48, 16))))
+  assert f32.out_dtype == "f32" and "->" not in f32.key()  # as keyed before
+
+
 def test_a_batched_dot_counts_its_batch_once():
   a, b = jnp.ones((3, 8, 5)), jnp.ones((3, 5, 7))
   d, = dots_of(hlo(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), a, b))
@@ -185,6 +196,8 @@ def test_real_probes_of_a_dot_a_stream_and_a_rendezvous_are_plausible():
   two = jax.devices()[:2]
   d = H.DotShape((64, 32), (32, 16), (1,), (0,), (), (), "f32")
   assert 0 < calibrate.probe_dot(two, d, 0.0) < 0.1
+  mixed = H.DotShape((64, 32), (32, 16), (1,), (0,), (), (), "bf16", "f32")
+  assert 0 < calibrate.probe_dot(two, mixed, 0.0) < 0.1
   small = calibrate.probe_stream(two, 1 << 14, 0.0)
   assert 0 < small < 0.01
   assert calibrate.probe_stream(two, 1 << 14, 0.0, "transpose") > 0

@@ -1,5 +1,6 @@
 """Train step: sharded == single device, grad accumulation == full batch, overfitting,
-weight-decay mask, L2, dropout only in training, bf16 compute, schedules."""
+weight-decay mask, L2, dropout only in training, bf16 compute and bf16 matmul operands,
+schedules."""
 
 import functools
 import re
@@ -13,7 +14,7 @@ from flax import nnx
 
 from helpers import assert_trees_close, leaves_by_path, tiny_config
 from lmos_jax.models.factory import model_factory
-from lmos_jax.models.layers import logits_matmul
+from lmos_jax.models.layers import kernel_matmul, logits_matmul
 from lmos_jax.parallel.sharding import make_mesh
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.optim import decay_mask_fn, make_optimizer, make_schedule
@@ -318,6 +319,64 @@ def test_policy_sets_the_matmul_input_dtype(precision, dtype):
   assert {a.dtype for a in jax.tree.leaves(params_out)} == {jnp.dtype(jnp.float32)}
 
 
+def _dot_result_types(stablehlo: str) -> list[tuple[str, str]]:
+  """(operand element type, result element type) of every dot_general in StableHLO text."""
+  out = []
+  for line in stablehlo.splitlines():
+    if "stablehlo.dot_general" in line:
+      types = re.findall(r"tensor<(?:[0-9]+x)*([a-z0-9]+)>", line.rsplit(" : (", 1)[1])
+      out.append((types[0], types[-1]))
+  return out
+
+
+def test_bf16_matmul_policy_rounds_only_the_dense_matmul_operands():
+  """Under bf16_matmul the Dense layers' matmuls, forward and backward, read bf16 operands
+  and write float32; the rest (attention scores, the LM head) stays float32; params, loss
+  and the first step's loss track the fp32 policy's."""
+  mesh, state, batch, step = _one_device_step("bf16_matmul")
+  with jax.set_mesh(mesh):
+    lowered = step.lower(state, batch)
+    new_state, metrics = step(state, batch)
+  dots = _dot_result_types(lowered.as_text())
+  bf16 = [d for d in dots if d[0] == "bf16"]
+  # 7 projections per layer (q, k, v fused or not, out, gate, up, down): a forward and two
+  # backward dots each
+  assert len(bf16) >= 3 * 7 and all(out == "f32" for _, out in bf16), sorted(set(dots))
+  assert {d for d in dots if d[0] != "bf16"} == {("f32", "f32")}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state["params"]))
+  mesh, state32, batch, step32 = _one_device_step("fp32")
+  with jax.set_mesh(mesh):
+    _, metrics32 = step32(state32, batch)
+  # the loss at init through bf16-rounded operands (2^-9 relative each, averaging out over
+  # each sum): within 0.5% of float32's, and computed (not equal bitwise)
+  loss, loss32 = float(metrics["loss"]), float(metrics32["loss"])
+  assert loss != loss32 and abs(loss - loss32) < 5e-3 * loss32
+
+
+def test_bf16_operand_matmul_gradients_are_the_rounded_products():
+  """Under JAX's bfloat16 matmul precision a float32 Dense matmul and its two gradients are
+  the float64 products of bf16-rounded operands (cotangent included), within float32
+  summation of 64 terms (~1e-6 relative); without it, the float32 product."""
+  kx, kw, kc = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 5, 4, 16))  # (B, T, N, H): two contracted axes
+  w = jax.random.normal(kw, (4, 16, 24))
+  c = jax.random.normal(kc, (2, 5, 24))
+  loss = lambda x, w: jnp.sum(kernel_matmul(x, w, 2) * c)  # noqa: E731
+  with jax.default_matmul_precision("bfloat16"):
+    y = kernel_matmul(x, w, 2)
+    dx, dw = jax.grad(loss, (0, 1))(x, w)
+  as64 = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+  xb, wb, cb = as64(x), as64(w), as64(c)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+  close(np.asarray(y), np.einsum("btnh,nho->bto", xb, wb))
+  close(np.asarray(dx), np.einsum("bto,nho->btnh", cb, wb))
+  close(np.asarray(dw), np.einsum("btnh,bto->nho", xb, cb))
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  full = np.einsum("btnh,nho->bto", np.asarray(x, np.float64), np.asarray(w, np.float64))
+  close(np.asarray(kernel_matmul(x, w, 2)), full)
+  assert np.abs(np.asarray(y) - full).max() > 1e-3  # the rounding did happen
+
+
 @pytest.mark.parametrize("kind", ["constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd"])
 def test_schedules(kind):
   c = _cfg(schedule=kind, lr=1.0, warmup_steps=10, steps=100, min_lr_ratio=0.1,
@@ -343,6 +402,9 @@ def test_precision_policies():
   p = resolve_policy("bf16")
   assert p.param_dtype == jnp.float32 and p.compute_dtype == jnp.bfloat16
   assert resolve_policy("bf16_full").param_dtype == jnp.bfloat16
+  m = resolve_policy("bf16_matmul")
+  assert m.matmul_bf16 and m.param_dtype == m.compute_dtype == jnp.float32
+  assert not any(resolve_policy(n, "cpu").matmul_bf16 for n in ("fp32", "bf16", "auto"))
   with pytest.raises(ValueError, match="train.precision"):
     resolve_policy("fp8")
 

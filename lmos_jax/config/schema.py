@@ -31,7 +31,7 @@ CHOICES = types.MappingProxyType({
     "data.batching": ("random", "windows", "packed"),
     "train.schedule": ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd",
                        "lr_range"),
-    "train.precision": ("fp32", "bf16", "bf16_full", "auto"),
+    "train.precision": ("fp32", "bf16_matmul", "bf16", "bf16_full", "auto"),
     "train.nonfinite": ("skip", "stop"),
     "train.best_mode": ("min", "max"),
     "peft.method": ("full", "lora", "adapters", "adalora"),
@@ -175,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9
   t.b2 = 0.99
   t.eps = 1e-8
-  t.precision = "auto"  # fp32 | bf16 | bf16_full | auto
+  t.precision = "auto"  # fp32 | bf16_matmul | bf16 | bf16_full | auto
   t.eval_every = 100
   t.eval_batches = 4
   t.log_every = 10

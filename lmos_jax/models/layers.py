@@ -9,6 +9,7 @@ so a model can be split/merged and called under a plain `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -111,17 +112,61 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
 def kernel_matmul(x: Array, w: Array, in_ndim: int) -> Array:
   """x (..., in...) @ w (in..., out...) contracting x's last `in_ndim` axes.
 
-  A kernel stored in bfloat16 under float32 activations (a `lmos compress --method bf16`
-  run) multiplies as bfloat16 operands with float32 accumulation and output: on CPUs with
+  bf16 operands with float32 accumulation and output, where asked for: on CPUs with
   AVX512-BF16, XLA's dot of that form ran 1.9x its float32 dot at a served MiniLM's shapes
-  (640x384 @ 384x1536), while its bf16-output dot ran slower than float32. Otherwise the
-  kernel is cast to the activations' dtype (the training precision policy decides both).
+  (640x384 @ 384x1536), while its bf16-output dot ran slower than float32. Asked for by
+  - a kernel stored in bfloat16 under float32 activations (a `lmos compress --method bf16`
+    run);
+  - float32 operands traced under JAX's "bfloat16" matmul precision (the `bf16_matmul`
+    training policy; XLA:CPU ignores that setting itself): `bf16_operand_matmul`, whose
+    gradients are float32.
+  Otherwise the kernel is cast to the activations' dtype (the precision policy decides it).
   """
   axes = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
   if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:
     return jax.lax.dot_general(x.astype(jnp.bfloat16), w, (axes, ((), ())),
                                preferred_element_type=jnp.float32)
+  if (x.dtype == w.dtype == jnp.float32
+      and jax.config.jax_default_matmul_precision == "bfloat16"):
+    return bf16_operand_matmul(x, w, in_ndim)
   return jnp.tensordot(x, w.astype(x.dtype), axes=axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_operand_matmul(x: Array, w: Array, in_ndim: int) -> Array:
+  """float32 x @ float32 w on bf16-rounded operands, summed in float32, in both passes.
+
+  Plain autodiff of the forward dot would transpose it with the float32 cotangent and run
+  the two backward matmuls on float32 (or mixed) operands; here the cotangent is rounded
+  to bf16 too, and the gradients come back in float32 for the float32 master weights.
+  """
+  return _bf16_dot(x, w, in_ndim)
+
+
+def _bf16_dot(x: Array, w: Array, in_ndim: int) -> Array:
+  axes = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
+  return jax.lax.dot_general(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (axes, ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _bf16_operand_fwd(x: Array, w: Array, in_ndim: int):
+  return _bf16_dot(x, w, in_ndim), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _bf16_operand_bwd(in_ndim: int, res, g: Array):
+  x_b, w_b = res
+  g_b = g.astype(jnp.bfloat16)
+  lead, out = x_b.ndim - in_ndim, w_b.ndim - in_ndim
+  # dx = g . w^T over the output axes; dw = x^T . g over the leading (batch, length) axes
+  dx = jax.lax.dot_general(g_b, w_b, ((tuple(range(lead, lead + out)),
+                                       tuple(range(in_ndim, in_ndim + out))), ((), ())),
+                           preferred_element_type=jnp.float32)
+  dw = jax.lax.dot_general(x_b, g_b, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
+                           preferred_element_type=jnp.float32)
+  return dx, dw
+
+
+bf16_operand_matmul.defvjp(_bf16_operand_fwd, _bf16_operand_bwd)
 
 
 class Dense(nnx.Module):

@@ -126,12 +126,15 @@ def _per_op_seconds(program_s: float, repeats: int, dispatch_s: float) -> float:
 
 def probe_dot(devices: Sequence[Any], dot, dispatch_s: float) -> float:
   """Seconds per device of one dot shaped like `dot` (a `hlo_cost.DotShape`: operand dims,
-  contracting and batch dimensions, HLO dtype), every device running it at once.
+  contracting and batch dimensions, HLO operand and result dtypes), every device running it
+  at once.
 
   The dot runs in a loop, as ops run inside a compiled step (buffers reused, no fresh
   allocation per op), each round writing one element of its output back into its input
   so that XLA cannot hoist it out of the loop."""
   dtype = jnp.dtype(NUMPY_DTYPES.get(dot.dtype, dot.dtype))
+  out_name = dot.out_dtype or dot.dtype
+  out_dtype = jnp.dtype(NUMPY_DTYPES.get(out_name, out_name))
   reps = _repeats(PROBE_FLOPS, dot.flops)
   shift = lambda dims: tuple(d + 1 for d in dims)  # past the leading device axis
   dims = ((shift(dot.lhs_contract), shift(dot.rhs_contract)),
@@ -139,7 +142,7 @@ def probe_dot(devices: Sequence[Any], dot, dispatch_s: float) -> float:
 
   def loop(lhs, rhs):
     def body(_, x):
-      out = jax.lax.dot_general(x, rhs, dims)
+      out = jax.lax.dot_general(x, rhs, dims, preferred_element_type=out_dtype)
       corner = (slice(None),) + (0,) * (out.ndim - 1)
       return x.at[(slice(None),) + (0,) * (x.ndim - 1)].set(out[corner].astype(x.dtype))
     return jax.lax.fori_loop(0, reps, body, lhs)

@@ -64,7 +64,9 @@ class Instr:
 
 @dataclasses.dataclass(frozen=True)
 class DotShape:
-  """What a dot's speed depends on: operand dims, dimension numbers and dtype."""
+  """What a dot's speed depends on: operand dims, dimension numbers, operand dtype and
+  result dtype (XLA:CPU runs bf16 operands with a float32 result 1.9x float32 and with a
+  bf16 result slower than float32: experiments/bench_bf16.py)."""
 
   lhs: tuple[int, ...]
   rhs: tuple[int, ...]
@@ -73,6 +75,7 @@ class DotShape:
   lhs_batch: tuple[int, ...]
   rhs_batch: tuple[int, ...]
   dtype: str
+  out_dtype: str = ""  # "": the operands' dtype
 
   @property
   def flops(self) -> float:
@@ -81,8 +84,10 @@ class DotShape:
     return 2.0 * out / max(shared, 1)
 
   def key(self) -> str:
-    return (f"dot {self.dtype} {list(self.lhs)}x{list(self.rhs)} c{list(self.lhs_contract)}"
-            f"{list(self.rhs_contract)} b{list(self.lhs_batch)}{list(self.rhs_batch)}")
+    out = f"->{self.out_dtype}" if self.out_dtype not in ("", self.dtype) else ""
+    return (f"dot {self.dtype}{out} {list(self.lhs)}x{list(self.rhs)} "
+            f"c{list(self.lhs_contract)}{list(self.rhs_contract)} "
+            f"b{list(self.lhs_batch)}{list(self.rhs_batch)}")
 
 
 class Prices(Protocol):
@@ -214,7 +219,8 @@ def dot_shape(ins: Instr, types: dict[str, str]) -> DotShape:
   return DotShape(lhs, rhs, _dims_attr(ins.attrs, "lhs_contracting_dims"),
                   _dims_attr(ins.attrs, "rhs_contracting_dims"),
                   _dims_attr(ins.attrs, "lhs_batch_dims"),
-                  _dims_attr(ins.attrs, "rhs_batch_dims"), dtype)
+                  _dims_attr(ins.attrs, "rhs_batch_dims"), dtype,
+                  (arrays(ins.type)[:1] or [(dtype, ())])[0][0])
 
 
 def _layout(type_text: str) -> tuple[int, ...]:

@@ -1,14 +1,19 @@
 """Mixed-precision policies: which dtype params are stored in and which dtype computes.
 
 `bf16` keeps float32 master weights and casts to bfloat16 for the forward/backward pass
-(logits and loss stay float32); `bf16_full` stores bfloat16 params too. `auto` picks bf16
-on GPU/TPU and fp32 on CPU, where jax 0.10's XLA runs a bf16 matmul with bf16 output slower
-than float32 (experiments/bench_bf16.py; bf16 operands with float32 output are the fast
-form, which bf16-compressed kernels use: lmos_jax.models.layers.kernel_matmul).
+(logits and loss stay float32); `bf16_full` stores bfloat16 params too. `bf16_matmul` keeps
+everything float32 except the operands of the Dense layers' matmuls, rounded to bfloat16
+and accumulated in float32, in both passes (JAX's "bfloat16" matmul precision, a TPU's
+default for float32 matmuls; XLA:CPU ignores that setting, so
+lmos_jax.models.layers.kernel_matmul applies it): on CPUs that multiply bf16 in hardware
+(AVX512-BF16, AMX) XLA's dot of bf16 operands with float32 output ran 1.9x its float32 dot
+(experiments/bench_bf16.py), while a dot with bf16 output, the `bf16` policy's, ran slower
+than float32. `auto` picks bf16 on GPU/TPU and fp32 on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -25,6 +30,7 @@ class Policy:
   name: str
   param_dtype: Any
   compute_dtype: Any
+  matmul_bf16: bool = False  # Dense matmuls on bf16 operands, float32 accumulation
 
 
 def resolve_policy(name: str, backend: str | None = None) -> Policy:
@@ -36,9 +42,19 @@ def resolve_policy(name: str, backend: str | None = None) -> Policy:
     name = "fp32" if backend == "cpu" else "bf16"
   if name == "fp32":
     return Policy("fp32", jnp.float32, jnp.float32)
+  if name == "bf16_matmul":
+    return Policy("bf16_matmul", jnp.float32, jnp.float32, matmul_bf16=True)
   if name == "bf16":
     return Policy("bf16", jnp.float32, jnp.bfloat16)
   return Policy("bf16_full", jnp.bfloat16, jnp.bfloat16)
+
+
+def matmul_precision(policy: Policy):
+  """The context a step traces its model under: JAX's "bfloat16" matmul precision for
+  bf16_matmul (read by kernel_matmul), else nothing."""
+  if policy.matmul_bf16:
+    return jax.default_matmul_precision("bfloat16")
+  return contextlib.nullcontext()
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lmos_jax.parallel.sharding import batch_sharding, constrain, state_shardings
 from lmos_jax.train.optim import decay_mask_fn, l2_penalty
 from lmos_jax.tree import path_names
-from lmos_jax.train.precision import Policy, cast_floats
+from lmos_jax.train.precision import Policy, cast_floats, matmul_precision
 
 Array = jax.Array
 LossFn = Callable[[Any, dict, Array | None], tuple[Array, Array, dict]]
@@ -186,7 +186,8 @@ def _loss_and_grads(cfg: StepConfig, build: Callable, params, batch: dict, rng: 
 
   def sum_loss(p, mb, key):
     model = nnx.merge(cfg.graphdef, cast_floats(build(p), cfg.policy.compute_dtype))
-    loss_sum, weight, aux = cfg.loss_fn(model, mb, key)
+    with matmul_precision(cfg.policy):
+      loss_sum, weight, aux = cfg.loss_fn(model, mb, key)
     return loss_sum.astype(jnp.float32), (weight, aux)
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
@@ -297,7 +298,8 @@ def train_step(cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
 def eval_step(cfg: StepConfig, params, batch: dict) -> dict:
   """Sums of loss and weight over one batch (averaged by the caller over many batches)."""
   model = nnx.merge(cfg.graphdef, cast_floats(params, cfg.policy.compute_dtype))
-  loss_sum, weight, aux = cfg.loss_fn(model, batch, None)
+  with matmul_precision(cfg.policy):
+    loss_sum, weight, aux = cfg.loss_fn(model, batch, None)
   return {"loss_sum": loss_sum, "weight": weight, "correct": aux.get("correct", 0.0)}
 
 
