@@ -460,8 +460,8 @@ def _to_bits(x: Array) -> Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
 
-def _from_bits(x: Array) -> Array:
-  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+def _from_bits(x: Array, was_bf16: bool) -> Array:
+  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if was_bf16 else x
 
 
 def run_blocks(blocks, cfg: TransformerConfig, x_BTD: Array, positions_BT: Array,
@@ -476,15 +476,16 @@ def run_blocks(blocks, cfg: TransformerConfig, x_BTD: Array, positions_BT: Array
     apply = jax.checkpoint(apply, policy=remat_policy(cfg.remat), static_argnums=(0,))
   if cfg.scan_layers:
     graphdef, state = nnx.split(blocks)
-    as_bits = x_BTD.dtype == jnp.float32  # bf16 kernels under f32 compute: a compressed run
+    # bf16 kernels under f32 compute: a compressed run (static flags, one per leaf)
+    was_bf16 = jax.tree.map(
+        lambda a: x_BTD.dtype == jnp.float32 and a.dtype == jnp.bfloat16, state)
 
     def body(x, xs):
       layer_state, k = xs
-      if as_bits:
-        layer_state = jax.tree.map(_from_bits, layer_state)
+      layer_state = jax.tree.map(_from_bits, layer_state, was_bf16)
       return apply(graphdef, layer_state, x, k), None
 
-    xs = jax.tree.map(_to_bits, state) if as_bits else state
+    xs = jax.tree.map(lambda a, b: _to_bits(a) if b else a, state, was_bf16)
     x_BTD, _ = jax.lax.scan(body, x_BTD, (xs, keys))
     return x_BTD
   for i, block in enumerate(blocks):
