@@ -122,13 +122,12 @@ def kernel_matmul(x: Array, w: Array, in_ndim: int) -> Array:
     gradients are float32.
   Otherwise the kernel is cast to the activations' dtype (the precision policy decides it).
   """
-  axes = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
   if w.dtype == jnp.bfloat16 and x.dtype == jnp.float32:
-    return jax.lax.dot_general(x.astype(jnp.bfloat16), w, (axes, ((), ())),
-                               preferred_element_type=jnp.float32)
+    return _bf16_dot(x, w, in_ndim)
   if (x.dtype == w.dtype == jnp.float32
       and jax.config.jax_default_matmul_precision == "bfloat16"):
     return bf16_operand_matmul(x, w, in_ndim)
+  axes = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
   return jnp.tensordot(x, w.astype(x.dtype), axes=axes)
 
 
