@@ -67,7 +67,7 @@ def test_a_dot_records_its_result_dtype_apart_from_its_operands():
       x, w, preferred_element_type=jnp.float32)), x, w))
   assert (wide.dtype, wide.out_dtype) == ("bf16", "f32") and "bf16->f32" in wide.key()
   f32, = dots_of(hlo(lambda x, w: x @ w, jnp.ones((32, 48)), jnp.ones((48, 16))))
-  assert f32.out_dtype == "f32" and "->" not in f32.key()  # as keyed before
+  assert f32.out_dtype == "f32" and "->" not in f32.key()  # f32 keys: the plain form
 
 
 def test_a_batched_dot_counts_its_batch_once():
