@@ -149,7 +149,8 @@ def _bf16_dot(x: Array, w: Array, in_ndim: int) -> Array:
 
 
 def _bf16_operand_fwd(x: Array, w: Array, in_ndim: int):
-  return _bf16_dot(x, w, in_ndim), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  x_b, w_b = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return _bf16_dot(x_b, w_b, in_ndim), (x_b, w_b)
 
 
 def _bf16_operand_bwd(in_ndim: int, res, g: Array):
@@ -448,15 +449,15 @@ def make_blocks(cfg: TransformerConfig, rngs: nnx.Rngs):
   return nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
 
-def _to_bits(x: Array) -> Array:
-  """A bfloat16 array as its uint16 bit patterns (a free bitcast); other dtypes unchanged.
+def _to_bits(x: Array, was_bf16: bool) -> Array:
+  """A bfloat16 array (`was_bf16`) as its uint16 bit patterns, a free bitcast; else x.
 
   XLA:CPU does not slice bf16 arrays in a loop natively: it converts the whole stacked
   array to f32 before the loop and each slice back to bf16 inside, which made a
   bf16-compressed MiniLM's one-question forward 4x slower than float32. Integer slices are
   native. Only for inference: bit patterns carry no gradient.
   """
-  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if was_bf16 else x
 
 
 def _from_bits(x: Array, was_bf16: bool) -> Array:
@@ -484,7 +485,7 @@ def run_blocks(blocks, cfg: TransformerConfig, x_BTD: Array, positions_BT: Array
       layer_state = jax.tree.map(_from_bits, layer_state, was_bf16)
       return apply(graphdef, layer_state, x, k), None
 
-    xs = jax.tree.map(lambda a, b: _to_bits(a) if b else a, state, was_bf16)
+    xs = jax.tree.map(_to_bits, state, was_bf16)
     x_BTD, _ = jax.lax.scan(body, x_BTD, (xs, keys))
     return x_BTD
   for i, block in enumerate(blocks):
