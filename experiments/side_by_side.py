@@ -47,7 +47,7 @@ def fail(bench: str, what: str, log: Path, rc: int) -> int:
 
 def machine() -> dict:
   """CPU model, core counts, platform and the versions the figures depend on."""
-  from lmos_jax.train.metrics import cpu_model
+  from lmos_jax.parallel.host_cpu import cpu_model
   versions = {}
   for pkg in ("torch", "transformers", "jax", "jaxlib", "flax"):
     try:

@@ -90,3 +90,15 @@ def test_train_on_two_cpu_devices_never_deadlocks(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Termination timeout" not in out.stderr
   assert out.stdout.strip().splitlines()[-1].startswith("devices 2 loss ")
+
+
+def test_host_cpu_facts_come_from_the_first_processor():
+  from lmos_jax.parallel.host_cpu import bf16_dot_flags, cpu_identity, cpu_model
+  text = ("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512f amx_bf16 "
+          "avx512_bf16\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n\n")
+  assert cpu_model(text) == "AMD EPYC 9B14"
+  assert cpu_identity(text) == ("model name: AMD EPYC 9B14\n"
+                                "flags: fpu avx512f amx_bf16 avx512_bf16")
+  assert bf16_dot_flags(text) == ["avx512_bf16", "amx_bf16"]
+  assert bf16_dot_flags("processor\t: 0\nflags\t\t: fpu avx512f avx512bw\n") == []
+  assert cpu_model("") == cpu_identity("") == "" and bf16_dot_flags("") == []

@@ -396,15 +396,22 @@ def test_schedules(kind):
     assert float(s(90)) == pytest.approx(0.55, rel=1e-4)
 
 
+BF16_CPU = "processor\t: 0\nmodel name\t: Some EPYC\nflags\t\t: fpu sse avx512f avx512_bf16\n\n"
+PLAIN_CPU = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 avx512f\n\n"
+
+
 def test_precision_policies():
-  assert resolve_policy("auto", "cpu").name == "fp32"
-  assert resolve_policy("auto", "gpu").name == "bf16"
+  assert resolve_policy("auto", "cpu", PLAIN_CPU).name == "fp32"
+  assert resolve_policy("auto", "cpu", "").name == "fp32"  # no /proc/cpuinfo: float32
+  assert resolve_policy("auto", "cpu", BF16_CPU).name == "bf16_matmul"
+  assert resolve_policy("auto", "gpu", BF16_CPU).name == "bf16"
+  assert resolve_policy("fp32", "cpu", BF16_CPU).name == "fp32"  # a named policy is kept
   p = resolve_policy("bf16")
   assert p.param_dtype == jnp.float32 and p.compute_dtype == jnp.bfloat16
   assert resolve_policy("bf16_full").param_dtype == jnp.bfloat16
   m = resolve_policy("bf16_matmul")
   assert m.matmul_bf16 and m.param_dtype == m.compute_dtype == jnp.float32
-  assert not any(resolve_policy(n, "cpu").matmul_bf16 for n in ("fp32", "bf16", "auto"))
+  assert not any(resolve_policy(n, "cpu", PLAIN_CPU).matmul_bf16 for n in ("fp32", "bf16", "auto"))
   with pytest.raises(ValueError, match="train.precision"):
     resolve_policy("fp8")
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lmos_jax.parallel.compile_cache import user_cache_root
+from lmos_jax.parallel.host_cpu import cpu_identity
 
 ENV = "LMOS_CPU_KERNELS"
 TARGET = "lmos_qmatmul_f32"
@@ -51,21 +52,12 @@ def kernel_dir(environ=None) -> Path:
   return user_cache_root(os.environ if environ is None else environ) / "kernels"
 
 
-def _cpu_identity() -> str:
-  """What -march=native compiles for: the CPU model and its feature flags."""
-  try:
-    info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-  except OSError:
-    info = ""
-  keep = [l for l in info.splitlines() if l.split(":")[0].strip() in ("model name", "flags")]
-  return "\n".join(keep) or platform.processor() or platform.machine()
-
-
 def build(compiler: str, out_dir: Path) -> Path:
   """Compiles the kernel into out_dir (atomically: concurrent builders cannot see a half
   written file) unless this source, jax and CPU already have a library there."""
   src = SOURCE.read_bytes()
-  key = hashlib.sha256(src + jax.__version__.encode() + _cpu_identity().encode()).hexdigest()
+  cpu = cpu_identity() or platform.processor() or platform.machine()
+  key = hashlib.sha256(src + jax.__version__.encode() + cpu.encode()).hexdigest()
   lib = out_dir / f"qmatmul-{key[:16]}.so"
   if lib.exists():
     return lib

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 import sys
 import time
 import types
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lmos_jax.models.layers import TransformerConfig
+from lmos_jax.parallel.host_cpu import cpu_model
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -136,24 +138,13 @@ def write_machine_entry(path: Path, key: str, entry: dict) -> None:
     pass
 
 
-def cpu_model() -> str:
-  """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` says, else 'unknown'."""
-  import platform
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def host_key(devices) -> str:
   """What a measured host peak depends on: CPU model, cores this process may use, the XLA
   CPU devices it splits them into, jax's version and the XLA flags."""
   import os
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return (f"{cpu_model()} | {cores} cores | {len(devices)} devices | jax {jax.__version__} | "
+  cpu = cpu_model() or platform.processor() or "unknown"
+  return (f"{cpu} | {cores} cores | {len(devices)} devices | jax {jax.__version__} | "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()}")
 
 

@@ -8,7 +8,9 @@ default for float32 matmuls; XLA:CPU ignores that setting, so
 lmos_jax.models.layers.kernel_matmul applies it): on CPUs that multiply bf16 in hardware
 (AVX512-BF16, AMX) XLA's dot of bf16 operands with float32 output ran 1.9x its float32 dot
 (experiments/bench_bf16.py), while a dot with bf16 output, the `bf16` policy's, ran slower
-than float32. `auto` picks bf16 on GPU/TPU and fp32 on CPU.
+than float32. `auto` picks bf16 on GPU/TPU, bf16_matmul on CPUs whose flags name a bf16 dot
+instruction (avx512_bf16, amx_bf16), and fp32 on other CPUs, where bf16 operands would be
+converted in software and run slower than float32.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lmos_jax.config.schema import CHOICES
+from lmos_jax.parallel.host_cpu import bf16_dot_flags
 
 POLICIES = CHOICES["train.precision"]
 
@@ -33,13 +36,25 @@ class Policy:
   matmul_bf16: bool = False  # Dense matmuls on bf16 operands, float32 accumulation
 
 
-def resolve_policy(name: str, backend: str | None = None) -> Policy:
-  """The concrete policy for `name` on `backend` (default: JAX's default backend)."""
+def auto_precision(backend: str, cpuinfo: str | None = None) -> tuple[str, str]:
+  """(policy name, why) that `auto` resolves to on `backend`; `cpuinfo` defaults to this
+  host's. The why goes into `lmos train`'s log line, so a run says what it chose."""
+  if backend != "cpu":
+    return "bf16", f"auto: bf16 compute on {backend}"
+  flags = bf16_dot_flags(cpuinfo)
+  if flags:
+    return "bf16_matmul", (f"auto: this CPU multiplies bf16 in hardware ({flags[0]}); "
+                           "--config.train.precision=fp32 for float32 matmuls")
+  return "fp32", "auto: this CPU has no bf16 dot instructions"
+
+
+def resolve_policy(name: str, backend: str | None = None, cpuinfo: str | None = None) -> Policy:
+  """The concrete policy for `name` on `backend` (default: JAX's default backend); `auto`
+  reads the CPU's flags from `cpuinfo` (default: this host's /proc/cpuinfo)."""
   if name not in POLICIES:
     raise ValueError(f"train.precision={name!r}: expected one of {', '.join(POLICIES)}")
   if name == "auto":
-    backend = backend or jax.default_backend()
-    name = "fp32" if backend == "cpu" else "bf16"
+    name, _ = auto_precision(backend or jax.default_backend(), cpuinfo)
   if name == "fp32":
     return Policy("fp32", jnp.float32, jnp.float32)
   if name == "bf16_matmul":

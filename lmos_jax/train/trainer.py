@@ -44,6 +44,7 @@ from lmos_jax.train.checkpoint import (Checkpointer, CheckpointError, NonFiniteE
                                       NonFiniteMonitor, PreemptionGuard, check_writable,
                                       drop_metric_rows_after, restore_latest_good, state_nbytes)
 from lmos_jax.train.metrics import MetricWriter, device_peak_flops, flops_per_token
+from lmos_jax.train.precision import auto_precision
 from lmos_jax.train.sparse_quant import run_layouts, setup_line, sparsity_line, wants_kernels
 from lmos_jax.train.step import (StepConfig, jit_eval_step, jit_train_step,
                                  stacked_batch_sharding)
@@ -582,12 +583,20 @@ def announce(run: Run, start: int, log: MetricLog) -> None:
   if jax.process_index() != 0:
     return
   print(f"lmos train: {run.num_params:,} params, mesh {dict(run.mesh.shape)}, "
-        f"precision {run.step_cfg.policy.name}, peak {log.peak:.3g} FLOP/s ({log.peak_src}); "
+        f"precision {precision_text(run)}, peak {log.peak:.3g} FLOP/s ({log.peak_src}); "
         f"{'resuming at step ' + str(start) if start else 'fresh start'}", flush=True)
   print(f"lmos train: peft.method={run.cfg.peft.method}: "
         f"{trainable_report(run.abstract_state['params'], run.trainable)}", flush=True)
   if wants_kernels(run.cfg):
     print(f"lmos train: {setup_line(run.cfg)}", flush=True)
+
+
+def precision_text(run: Run) -> str:
+  """The policy's name, with why where `auto` chose it."""
+  name = run.step_cfg.policy.name
+  if run.cfg.train.precision != "auto":
+    return name
+  return f"{name} ({auto_precision(run.mesh.devices.flat[0].platform)[1]})"
 
 
 def model_tcfg(run: Run):
