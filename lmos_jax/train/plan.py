@@ -395,6 +395,7 @@ def reference_config(num_devices: int):
   c.train.batch_size = 4 * num_devices
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = num_devices, 1, 1
   c.mesh.opt_state = "sharded"
+  c.train.precision = "fp32"  # not `auto`, which follows the CPU's bf16 instructions
   return c
 
 
