@@ -18,7 +18,7 @@ page faults per step, more so when the other workers hold memory).
   python3 experiments/bench_train.py                      # both shapes, nanogpt + eager + compile
   python3 experiments/bench_train.py --peer-allocator retain
   python3 experiments/bench_train.py --shapes small --peers eager
-  python3 experiments/bench_train.py --precision bf16_matmul --peers nanogpt,nanogpt_bf16
+  python3 experiments/bench_train.py --precision fp32 --peers nanogpt,nanogpt_bf16
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ SHAPES = {
 }
 
 
-def lmos_config(shape: str, total_steps: int, data_path: str, precision: str = "fp32"):
+def lmos_config(shape: str, total_steps: int, data_path: str, precision: str = "auto"):
   from lmos_jax.config.loading import load_config_file
   arg = "cpu" if shape == "small" else "baby"
   cfg = load_config_file(str(ROOT / "configs" / "shakespeare_char.py") + ":" + arg)
@@ -69,9 +69,10 @@ class LmosSide:
     from lmos_jax.train.trainer import build_run
     self.run = build_run(cfg)  # every device this process shows (see --cpu-devices)
     self.per_call = cfg.train.steps_per_call
+    self.policy = self.run.step_cfg.policy.name  # what `auto` chose on this host
     self.name = (f"lmos_jax ({len(jax.devices())} XLA device{'s' * (len(jax.devices()) > 1)}"
                  + (f", {self.per_call} steps per call" if self.per_call > 1 else "")
-                 + ("" if cfg.train.precision == "fp32" else f", {cfg.train.precision}") + ")")
+                 + ("" if self.policy == "fp32" else f", {self.policy}") + ")")
     with jax.set_mesh(self.run.mesh):
       self.state = jax.jit(self.run.init_fn, out_shardings=self.run.shardings)(
           jax.random.PRNGKey(cfg.seed))
@@ -269,7 +270,7 @@ def matmul_peak() -> float:
 
 
 def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: int,
-               retained: bool, precision: str = "fp32") -> int:
+               retained: bool, precision: str = "auto") -> int:
   """Worker process for one side: warm up, then run the window the parent names, report.
 
   Each framework gets its own process so their thread pools never meet: in one process,
@@ -367,8 +368,10 @@ def main(argv=None) -> int:
                   help="comma list of nanogpt, nanogpt_compile (nanoGPT's model in torch), "
                        "nanogpt_bf16 (the same under bf16 autocast), eager, compile "
                        "(transformers' GPT2LMHeadModel)")
-  ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16_matmul"),
-                  help="lmos's train.precision (bf16_matmul: Dense matmuls on bf16 operands)")
+  ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16_matmul"),
+                  help="lmos's train.precision (auto: as `lmos train` picks it, bf16_matmul on "
+                       "CPUs with bf16 dot instructions; bf16_matmul: Dense matmuls on bf16 "
+                       "operands, float32 accumulation)")
   ap.add_argument("--data", default=str(DATA))
   ap.add_argument("--windows", type=int, default=0, help="timed windows (0: per-shape default)")
   ap.add_argument("--per-window", type=int, default=0,

@@ -202,8 +202,9 @@ def main(argv=None) -> int:
   ap.add_argument("--data", default=str(data_file("tinyshakespeare.txt")))
   ap.add_argument("--out", default="runs/bench_train_run")
   ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16_matmul"),
-                  help="lmos's train.precision (auto: fp32 on CPU; bf16_matmul: Dense "
-                       "matmuls on bf16 operands, float32 accumulation)")
+                  help="lmos's train.precision (auto: bf16_matmul on CPUs with bf16 dot "
+                       "instructions, else fp32; bf16_matmul: Dense matmuls on bf16 operands, "
+                       "float32 accumulation)")
   ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.peer_worker:
