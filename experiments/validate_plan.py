@@ -18,6 +18,7 @@ LR is within 2x of the pick, and how far the pick's loss is from the best (targe
 Run (2 CPU cores; nothing else running, or the measured times are the load's):
   python3 experiments/validate_plan.py                      # three configs, layouts only
   python3 experiments/validate_plan.py --configs configs/shakespeare_char.py:cpu --tune
+  python3 experiments/validate_plan.py --precision fp32     # float32 matmuls whatever the CPU
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def layout_name(o: dict) -> str:
 
 def validate_layouts(config: str, args) -> list[str]:
   out = lmos("plan", f"--config={config}", "--measure", "--json", "--recalibrate",
-             f"--steps={args.steps}",
+             f"--steps={args.steps}", f"--config.train.precision={args.precision}",
              f"--compile-top={args.compile_top}", f"--remat={args.remat}",
              f"--max-microbatches={args.max_microbatches}", timeout=args.timeout)
   rows = [r for r in json.loads(out) if r["measured_step_s"] is not None]
@@ -81,6 +82,7 @@ def final_loss(workdir: Path, tail: int) -> float:
 
 def validate_lr(config: str, args) -> list[str]:
   tuned = json.loads(lmos("tune", f"--config={config}", "--json",
+                          f"--config.train.precision={args.precision}",
                           f"--range-steps={args.range_steps}", f"--check-steps={args.grid_steps}",
                           f"--noise-batches={args.noise_batches}", timeout=args.timeout))
   losses = {}
@@ -89,6 +91,7 @@ def validate_lr(config: str, args) -> list[str]:
       w = Path(root) / f"lr{f:g}"
       lmos("train", f"--config={config}", f"--workdir={w}", f"--config.train.lr={f * tuned['lr']}",
            f"--config.train.steps={args.grid_steps}", "--config.train.log_every=5",
+           f"--config.train.precision={args.precision}",
            f"--config.train.eval_every={args.grid_steps}",
            f"--config.train.ckpt_every={args.grid_steps}", "--config.train.sample_tokens=0",
            timeout=args.timeout)
@@ -112,6 +115,9 @@ def main() -> int:
   ap.add_argument("--compile-top", type=int, default=4)
   ap.add_argument("--remat", default="none,dots_no_batch,full")
   ap.add_argument("--max-microbatches", type=int, default=4)
+  ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16_matmul"),
+                  help="train.precision of every plan, tune and train run (auto: as lmos "
+                       "train picks it)")
   ap.add_argument("--tune", action="store_true", help="also validate `lmos tune`'s LR")
   ap.add_argument("--range-steps", type=int, default=60)
   ap.add_argument("--grid-steps", type=int, default=200)
