@@ -261,6 +261,7 @@ def test_a_compiled_candidate_is_priced_from_its_program(cpu8):
   machine's program factor + one call."""
   from test_planner import tiny_cfg
   cfg = tiny_cfg()
+  cfg.train.precision = "fp32"  # `auto` would follow this CPU's flags
   lay = Layout(data=8, fsdp=1, tensor=1, microbatches=1, remat="none")
   cal = StubCalibration(factor=1.5)
   cal.dots, cal.kinds, cal.bytes, cal.collective_bytes, cal.sync_work = [], [], [], [], []
@@ -286,7 +287,7 @@ Layout = planner.Layout
 
 def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypatch):
   """The real reference step on 2 devices, priced at stand-in speeds (the real probes are
-  tested above): a finite positive factor, kept with the calibration."""
+  tested above): a finite positive factor, kept with the calibration, one per policy."""
   monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
   monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
   monkeypatch.setattr(calibrate, "probe_collective_sync", lambda d, side: (side ** 3 / 1e10, 0))
@@ -294,5 +295,8 @@ def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypa
   cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   factor = planner.program_factor(cal, 2)
   assert 0 < factor < math.inf
+  bf16 = planner.program_factor(cal, 2, "bf16_matmul")
+  assert 0 < bf16 < math.inf
   again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   assert again.entry["program_factor"] == factor
+  assert again.entry["program_factor bf16_matmul"] == bf16

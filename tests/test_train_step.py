@@ -18,7 +18,7 @@ from lmos_jax.models.layers import kernel_matmul, logits_matmul
 from lmos_jax.parallel.sharding import make_mesh
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.train.optim import decay_mask_fn, make_optimizer, make_schedule
-from lmos_jax.train.precision import resolve_policy
+from lmos_jax.train.precision import auto_precision, resolve_policy
 from lmos_jax.train.step import (StepConfig, abstract_model_state, eval_step, init_train_state,
                                  jit_train_step, train_step)
 
@@ -406,6 +406,8 @@ def test_precision_policies():
   assert resolve_policy("auto", "cpu", BF16_CPU).name == "bf16_matmul"
   assert resolve_policy("auto", "gpu", BF16_CPU).name == "bf16"
   assert resolve_policy("fp32", "cpu", BF16_CPU).name == "fp32"  # a named policy is kept
+  name, why = auto_precision("cpu", BF16_CPU)  # the log line says why, and how to opt out
+  assert name == "bf16_matmul" and "avx512_bf16" in why and "precision=fp32" in why
   p = resolve_policy("bf16")
   assert p.param_dtype == jnp.float32 and p.compute_dtype == jnp.bfloat16
   assert resolve_policy("bf16_full").param_dtype == jnp.bfloat16

@@ -1,7 +1,7 @@
-"""What the host's CPU is, read once from Linux's /proc/cpuinfo: its model (the key of a
-measured peak), its first block (what -march=native compiles for) and whether it multiplies
-bf16 in hardware (what `train.precision=auto` decides on). Elsewhere every answer is empty
-and callers fall back to `platform`."""
+"""What the host's CPU is, from Linux's /proc/cpuinfo: its model (the key of a measured
+peak), its first block (what -march=native compiles for) and whether it multiplies bf16 in
+hardware (what `train.precision=auto` decides on). Elsewhere every answer is empty and
+callers fall back to `platform`."""
 
 from __future__ import annotations
 

@@ -306,6 +306,7 @@ class StepBuild:
   shardings: dict
   step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
   batch: dict  # the task's global batch: key -> ArraySpec(shape, dtype)
+  policy: str  # the precision policy the step runs (`auto` resolved)
 
   def abstract_inputs(self):
     """ShapeDtypeStructs with shardings for AOT `step_fn.lower(...)`."""
@@ -332,7 +333,8 @@ def build_step(cfg, vocab: int, devices: Sequence[Any]) -> StepBuild:
   spec = batch_spec(cfg)
   fn = jit_train_step(step.step_cfg, step.shardings, mesh,
                       {k: len(a.shape) for k, a in spec.items()})
-  return StepBuild(mesh, step.init_fn, step.abstract, step.shardings, fn, spec)
+  return StepBuild(mesh, step.init_fn, step.abstract, step.shardings, fn, spec,
+                   step.step_cfg.policy.name)
 
 
 def compiled_memory(compiled) -> float:
@@ -368,7 +370,7 @@ def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShap
   flops = max(flops, model_flops)
   cal = target.calibration
   if cal is not None:  # the program itself, priced op by op at this machine's speeds
-    factor = program_factor(cal, target.num_devices)
+    factor = program_factor(cal, target.num_devices, build.policy)
     step_s = priced_seconds(compiled, cal, target.num_devices) * factor + cal.dispatch_s
     return Estimate(lay, memory, step_s, flops, source.replace("compiled", "compiled HLO", 1))
   return Estimate(lay, memory, step_time(s, lay, target, flops), flops, source)
@@ -382,7 +384,7 @@ def priced_seconds(compiled, cal, num_devices: int) -> float:
   return priced.total_s + temp * cal.first_touch_s_per_byte
 
 
-def reference_config(num_devices: int):
+def reference_config(num_devices: int, precision: str = "fp32"):
   """A fixed small model (2 layers, 128 wide, 64 tokens, 256 ids, 4 sequences per device)
   trained data-parallel over `num_devices`, its optimizer state split over them: the
   reference step of `program_factor`. Every layout choice is spelled out here, so a changed
@@ -395,18 +397,20 @@ def reference_config(num_devices: int):
   c.train.batch_size = 4 * num_devices
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = num_devices, 1, 1
   c.mesh.opt_state = "sharded"
-  c.train.precision = "fp32"  # not `auto`, which follows the CPU's bf16 instructions
+  c.train.precision = precision  # a resolved policy: never `auto`, which follows the CPU
   return c
 
 
-def measure_reference(cal, num_devices: int) -> float:
+def measure_reference(cal, num_devices: int, precision: str = "fp32") -> float:
   """Measured over priced seconds of the reference step on the first `num_devices`
   devices. What a whole step costs beyond its ops priced one at a time: the executor's
   gaps between ops and, where devices share host cores, the devices waiting for each other
   at every collective. Measured once per machine on a fixed model (not the planned
-  config) and kept with the other probes."""
+  config) and kept with the other probes, one per precision policy: priced alike, the bf16
+  operand dots and their converts left a float32 step's factor ~1.35x high on the baby
+  shape's bf16_matmul step."""
   import statistics
-  r = _runner(reference_config(num_devices), 256, num_devices)
+  r = _runner(reference_config(num_devices, precision), 256, num_devices)
   # timed as the candidates are (median of rounds after warm-up), so their factor is like
   # for like; more and longer rounds than theirs, since this one number scales every
   # prediction and a round of this small step lasts only tens of milliseconds. On XLA:CPU
@@ -420,8 +424,10 @@ def measure_reference(cal, num_devices: int) -> float:
   return max(measured, 0.0) / priced_seconds(r.compiled, cal, num_devices)
 
 
-def program_factor(cal, num_devices: int) -> float:
-  return cal.probed("program_factor", lambda _: measure_reference(cal, num_devices))
+def program_factor(cal, num_devices: int, precision: str = "fp32") -> float:
+  """The reference step's measured/priced ratio under `precision` (a resolved policy name)."""
+  name = "program_factor" + ("" if precision == "fp32" else f" {precision}")
+  return cal.probed(name, lambda _: measure_reference(cal, num_devices, precision))
 
 
 def synthetic_batch(spec: dict, vocab: int, num_labels: int, seed: int = 0) -> dict:
