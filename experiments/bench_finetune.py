@@ -190,6 +190,7 @@ def run_lmos(k: int, args, data: Path, out: Path) -> dict | int:
   steps, warmup = schedule(args.sentences, args.batch_size)
   cmd = lmos_command() + ["train", "--config", f"{CONFIG}:full,{args.sentences}",
                           "--workdir", str(wd), "--config.train.progress=False",
+                          f"--config.train.precision={args.precision}",
                           f"--config.data.train={data / 'train.tsv'}",
                           f"--config.data.dev={data / 'dev.tsv'}"]
   if args.batch_size != CONFIG_BATCH:  # the same epoch and schedule at another batch size
@@ -279,6 +280,8 @@ def main(argv=None) -> int:
                   help="folder with train.tsv and dev.tsv (default: $LMOS_DATA_DIR/sst2)")
   ap.add_argument("--out", default="runs/bench_finetune")
   ap.add_argument("--batch-size", type=int, default=CONFIG_BATCH)
+  ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16_matmul"),
+                  help="lmos's train.precision (auto: as lmos train picks it; the peer is float32)")
   ap.add_argument("--seed", type=int, default=0, help="the peer's shuffle and head init")
   ap.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)  # worker mode
   args = ap.parse_args(argv)
