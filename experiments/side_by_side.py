@@ -55,5 +55,6 @@ def machine() -> dict:
     except metadata.PackageNotFoundError:
       versions[pkg] = "absent"
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"cpu_count": os.cpu_count(), "cores_available": cores, "cpu": cpu_model(),
+  cpu = cpu_model() or platform.processor() or "unknown"  # no /proc/cpuinfo: macOS, Windows
+  return {"cpu_count": os.cpu_count(), "cores_available": cores, "cpu": cpu,
           "platform": platform.platform(), "python": platform.python_version(), **versions}
