@@ -37,7 +37,7 @@ def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
   first = _lmos("train", *TINY, "--config.train.steps=4", own_cache, constant, f"--workdir={wd}")
   assert first.returncode == 0, first.stderr[-3000:]
   assert f"compile cache {cache} (train.compile_cache)" in first.stdout
-  assert "first step done" in first.stdout
+  assert "first step done" in first.stdout and "2 traced program(s) stored" in first.stdout
   compiled = sorted(p.name for p in cache.iterdir())
   assert compiled
   rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
@@ -53,6 +53,15 @@ def test_train_writes_metrics_checkpoints_and_resumes(tmp_path):
                 f"--workdir={tmp_path / 'again'}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert sorted(p.name for p in cache.iterdir()) == compiled  # the same config compiled nothing
+  assert "2 traced program(s) read back" in again.stdout  # ... and traced nothing
+  # the stored programs compute what the directly jitted ones do: same losses without a cache
+  off = _lmos("train", *TINY, "--config.train.steps=4", "--config.train.compile_cache=off",
+              constant, f"--workdir={tmp_path / 'off'}")
+  assert off.returncode == 0, off.stderr[-3000:]
+  assert "traced program" not in off.stdout
+  losses = {name: [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl")
+                   .read_text().splitlines()] for name in ("run", "again", "off")}
+  assert losses["run"] == losses["again"] == losses["off"], losses
 
   second = _lmos("train", *TINY, "--config.train.steps=6", own_cache, constant,
                  f"--workdir={wd}")

@@ -69,8 +69,13 @@ class CharTokenizer:
     unknown = self.unknown_chars(text)
     if unknown:
       raise DataError(self.unknown_message(unknown))
-    table = {c: i for i, c in enumerate(self.chars)}
-    return np.fromiter((table[c] for c in text), dtype=np.int32, count=len(text))
+    # code points through a lookup table: a Python loop per character took ~0.05 s of every
+    # start-up for tinyshakespeare's 1.1M characters, this takes a few milliseconds
+    points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    mine = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+    table = np.zeros(int(mine.max(initial=0)) + 1, dtype=np.int32)
+    table[mine] = np.arange(len(mine), dtype=np.int32)
+    return table[points]
 
   def decode(self, ids) -> str:
     return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < len(self.chars))

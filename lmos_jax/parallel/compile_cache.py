@@ -88,7 +88,7 @@ class CompileAhead:
 
   def _compile(self, lowered) -> None:
     try:
-      lowered.compile()
+      self._compiled = lowered.compile()
     except BaseException as e:  # raised in the caller's thread by wait()
       self._error = e
 
@@ -96,3 +96,8 @@ class CompileAhead:
     self._thread.join()
     if self._error is not None:
       raise self._error
+
+  def compiled(self):
+    """The compiled program (after waiting for it): callable with the lowered arguments."""
+    self.wait()
+    return self._compiled

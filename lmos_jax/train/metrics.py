@@ -184,22 +184,23 @@ def device_peak_flops(devices=None, cache_dir: str | None = None) -> tuple[float
 
 
 def summary_writer_class():
-  """tensorboardX's SummaryWriter, imported without loading torch.
+  """tensorboardX's SummaryWriter, imported without loading torch or boto3.
 
   Its writer module imports torch whenever torch is installed, only to accept torch tensors
-  as values: about 1.4 s of every run's start-up on a 2-core host, for a writer that is only
-  given floats and strings here. So unless torch is already loaded, the import runs with
-  torch marked absent (`sys.modules["torch"] = None` makes `import torch` raise
-  ImportError, which tensorboardX handles), and the mark is removed right after.
+  as values (about 1.4 s of every run's start-up on a 2-core host), and boto3 whenever boto3
+  is installed, only for s3:// log directories (about 0.07 s); lmos gives it floats and
+  strings and a local directory. So each of them not already loaded is marked absent during
+  the import (`sys.modules[name] = None` makes `import name` raise ImportError, which
+  tensorboardX handles), and the marks are removed right after.
   """
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules["torch"] = None  # type: ignore[assignment]
+  masked = [name for name in ("torch", "boto3") if name not in sys.modules]
+  for name in masked:
+    sys.modules[name] = None  # type: ignore[assignment]
   try:
     from tensorboardX import SummaryWriter
   finally:
-    del sys.modules["torch"]
+    for name in masked:
+      del sys.modules[name]
   return SummaryWriter
 
 

@@ -1,8 +1,9 @@
 """`lmos train`: the training loop around the pure step, with eval, logging and checkpoints.
 
 `train()` is a list of events: set up the host (`setup_host`), build the run (`build_run`:
-validation, data, mesh, `assemble_step`), restore or initialise the state (the first train
-call compiling meanwhile in a background thread: `compile_ahead`), loop over jitted
+validation, data, mesh, `assemble_step`), restore or initialise the state (the init program
+and the first train call compiling meanwhile in background threads: `compile_ahead`, both
+traced once per machine through the `ProgramStore`), loop over jitted
 calls (`train_loop`: metrics through `MetricLog`, checkpoints through the `Checkpointer`),
 and finish (`finish`: the adapters file, the end-of-run sample).
 """
@@ -36,6 +37,8 @@ from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
 from lmos_jax.parallel.compile_cache import CompileAhead, enable_compile_cache
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
+from lmos_jax.parallel.program_store import SUBDIR as PROGRAMS_SUBDIR
+from lmos_jax.parallel.program_store import ProgramStore
 from lmos_jax.parallel.sharding import abstract_like, batch_sharding, make_mesh
 from lmos_jax.peft.wrap import save_adapters, trainable_report
 from lmos_jax.train.assemble import assemble_step
@@ -216,8 +219,10 @@ def unstack_metrics(last_step: int, metrics: dict, k: int) -> list[tuple[int, di
   return [(last_step - k + 1 + i, {key: v[i] for key, v in metrics.items()}) for i in range(k)]
 
 
-def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
-  """Newest checkpoint that reads back intact (checked against this config), else fresh init.
+def init_or_restore(run: Run, ckpt: Checkpointer, init_ahead: CompileAhead | None = None
+                    ) -> tuple[dict, dict]:
+  """Newest checkpoint that reads back intact (checked against this config), else fresh init
+  (by the program `init_ahead` compiled, when given).
 
   Corrupt or truncated newer steps are reported, moved aside, and an older good one is used.
   A checkpoint of another model or other data is refused (a UserError naming the workdir)
@@ -242,8 +247,9 @@ def init_or_restore(run: Run, ckpt: Checkpointer) -> tuple[dict, dict]:
   step, state, meta = restore_latest_good(
       ckpt, abstract_like(run.abstract_state, run.shardings), same_run)
   if step is None:
+    key = jax.random.PRNGKey(run.cfg.seed)
     with jax.set_mesh(run.mesh):
-      state = jax.jit(run.init_fn, out_shardings=run.shardings)(jax.random.PRNGKey(run.cfg.seed))
+      state = init_ahead.compiled()(key) if init_ahead else init_program(run)(key)
     if run.cfg.model.init_from:  # pretrained weights (HF folder) into the fresh sharded state
       state = pretrained_train_state(run.cfg, state, run.shardings, run.step_cfg.tx, run.mesh)
     return state, {}
@@ -306,7 +312,8 @@ class MetricLog:
   """
 
   def __init__(self, run: Run, workdir: Path, start: int, meta: dict, eval_fn,
-               monitor: NonFiniteMonitor, clock: WallClock, peak: tuple[float, str]):
+               monitor: NonFiniteMonitor, clock: WallClock, peak: tuple[float, str],
+               programs: str = ""):
     from tqdm import tqdm
     cfg, t = run.cfg, run.cfg.train
     self.run, self.eval_fn, self.monitor = run, eval_fn, monitor
@@ -328,6 +335,7 @@ class MetricLog:
     self.last: dict[str, float] = {}  # the newest fetched metrics (+ eval)
     self.mark_time: float | None = None  # the clock starts after the first call compiles
     self.clock = clock  # where the run's wall time goes (train() started it)
+    self.programs = programs  # what the program store did ("" when nothing)
     self.mark_wait, self.mark_tokens = 0.0, self.tokens_seen
 
   def record(self, step: int, metrics: dict, tokens: int) -> None:
@@ -393,8 +401,9 @@ class MetricLog:
       self.mark_time, self.mark_wait = now, wait_seconds
       self.mark_tokens = self.tokens_seen
       if jax.process_index() == 0:
+        said = f"; {self.programs}" if self.programs else ""
         print(f"lmos train: first step done {self.clock.elapsed():.1f} s after start "
-              "(set-up, data, restore, compile)", flush=True)
+              f"(set-up, data, restore, compile{said})", flush=True)
       self.clock.switch("steps")
       nan = float("nan")
       return {"tokens_per_sec": nan, "data_wait_frac": nan, "mfu": nan}
@@ -531,14 +540,17 @@ def train(cfg, workdir: str | Path, started_ago: float = 0.0) -> dict[str, Any]:
   # the CPU peak probe times matmuls: it runs before the compile below takes a core
   peak = device_peak_flops(cache_dir=jax.config.jax_compilation_cache_dir)
   train_fn, eval_fn = jit_steps(run)
-  ahead = compile_ahead(run, train_fn, checkpoint_steps(workdir))
-  state, meta = init_or_restore(run, ckpt)
+  store = program_store(run)
+  saved = checkpoint_steps(workdir)
+  init_ahead = None if saved else init_compile_ahead(run, store)  # a fresh start is certain
+  train_fn, ahead = compile_ahead(run, train_fn, saved, store)
+  state, meta = init_or_restore(run, ckpt, init_ahead)
   start = first_step(state, t.steps_per_call)
   if jax.process_index() == 0:  # rows logged after the restored step are recomputed, bit for bit
     drop_metric_rows_after(workdir / "metrics.jsonl", start)
   monitor = NonFiniteMonitor(t.nonfinite, t.max_bad_steps, int(meta.get("skipped_steps", 0)))
   save_side_files(run, workdir)
-  log = MetricLog(run, workdir, start, meta, eval_fn, monitor, clock, peak)
+  log = MetricLog(run, workdir, start, meta, eval_fn, monitor, clock, peak, store.summary())
   announce(run, start, log)
   state, end = train_loop(run, state, start, train_fn, log, ckpt, ahead)
   log.close(state)
@@ -551,8 +563,39 @@ def train(cfg, workdir: str | Path, started_ago: float = 0.0) -> dict[str, Any]:
   return log.last
 
 
-def compile_ahead(run: Run, train_fn, saved_steps: list[int]) -> CompileAhead | None:
-  """Starts compiling the first train call while the state is initialised or restored.
+def program_store(run: Run) -> ProgramStore:
+  """The store of traced programs, in the compile cache's directory; none (every program
+  traced as usual) without a cache or across several processes."""
+  cache = jax.config.jax_compilation_cache_dir
+  directory = (Path(cache) / PROGRAMS_SUBDIR
+               if cache and jax.config.jax_enable_compilation_cache and
+               jax.process_count() == 1 else None)
+  parts = {"config": run.cfg.to_json(), "policy": run.step_cfg.policy.name,
+           "vocab_size": run.data.tokenizer.vocab_size}
+  return ProgramStore(directory, parts)
+
+
+def init_program(run: Run):
+  """The fresh state's program: params from the seed, optimizer state, step 0."""
+  return jax.jit(run.init_fn, out_shardings=run.shardings)
+
+
+def init_compile_ahead(run: Run, store: ProgramStore) -> CompileAhead:
+  """Starts compiling the init program now, so that its compile (or its read back from the
+  cache) overlaps the train call's tracing.
+
+  Not stored for recommenders with item text: their init program holds the item vectors."""
+  fn = init_program(run)
+  key_spec = (jax.eval_shape(jax.random.PRNGKey, 0),)
+  if not (run.cfg.task == "rec" and run.cfg.model.item_repr != "id"):
+    fn = store.jit("init", fn, key_spec, run.mesh)
+  return CompileAhead(fn, key_spec, run.mesh)
+
+
+def compile_ahead(run: Run, train_fn, saved_steps: list[int], store: ProgramStore
+                  ) -> tuple[Any, CompileAhead | None]:
+  """(train call, its compile started now): compiling while the state is initialised or
+  restored.
 
   The call's batch shapes are taken at the step a resume would start from (the newest
   checkpoint; with length buckets the first call's width depends on it). When the restore
@@ -562,9 +605,10 @@ def compile_ahead(run: Run, train_fn, saved_steps: list[int]) -> CompileAhead | 
   start = saved_steps[-1] if saved_steps else 0
   t = run.cfg.train
   if start >= t.steps or start % t.steps_per_call:
-    return None
-  state_spec = abstract_like(run.abstract_state, run.shardings)
-  return CompileAhead(train_fn, (state_spec, call_batch_spec(run, start)), run.mesh)
+    return train_fn, None
+  specs = (abstract_like(run.abstract_state, run.shardings), call_batch_spec(run, start))
+  train_fn = store.jit("train_call", train_fn, specs, run.mesh, donate_argnums=(0,))
+  return train_fn, CompileAhead(train_fn, specs, run.mesh)
 
 
 def report_wall_time(workdir: Path, clock: WallClock, step: int) -> None:
