@@ -315,6 +315,23 @@ def test_batch_stream_counts_the_time_next_blocks():
   assert 4 * 0.05 <= stream.wait_seconds <= wall
 
 
+def test_batch_stream_prefetches_in_order_and_raises_at_the_failing_step():
+  made = []
+
+  def fn(step):
+    made.append(step)
+    if step == 3:
+      raise ValueError("bad row at step 3")
+    return {"inputs": np.full((1, 2), step)}
+
+  stream = BatchStream(fn, 1, 6, depth=2)
+  assert [int(next(stream)["inputs"][0, 0]) for _ in range(2)] == [1, 2]
+  with pytest.raises(ValueError, match="step 3"):
+    next(stream)
+  assert made[:4] == [1, 2, 3, 4]  # one thread, in step order
+  assert [int(b["inputs"][0, 0]) for b in stream] == [4, 5]
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_missing_file_and_empty_glob_name_the_field(tmp_path):

@@ -4,7 +4,7 @@ The contract the trainer relies on: `train_batch(step)` returns this host's rows
 global batch for `step` as numpy arrays, a pure function of (seed, step, data), so a resumed
 run sees exactly the batches an uninterrupted one would; `val_batches()` a fixed list;
 `state(step)` the JSON-able stream state stored in checkpoints and checked by `restore`;
-`lmos_jax.data.stream.BatchStream` produces them ahead in a background thread (grain).
+`lmos_jax.data.stream.BatchStream` produces them ahead in a background thread.
 
 Batching (config 'data.batching'):
   random   random windows of the EOS-joined corpus (`text.window_batch`; every host draws the

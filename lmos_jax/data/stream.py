@@ -7,8 +7,10 @@ used when the object has them, so other tasks' data objects plug in unchanged.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -17,21 +19,29 @@ from lmos_jax.data.errors import DataError
 
 
 class BatchStream:
-  """Batches start..end-1 produced ahead in a background thread (grain), in step order.
+  """Batches start..end-1 made ahead in one background thread, `depth` in flight, in step
+  order.
 
+  The thread is a `concurrent.futures` pool of one: a batch is a deterministic function of
+  its step, so prefetching needs nothing more (the README's Stack section says why no data
+  loading library). An error making a batch is raised by the `next()` that asks for it.
   `wait_seconds` accumulates the time `next()` blocked: the numerator of the trainer's
   `data_wait_frac` (input-wait time / step time).
   """
 
   def __init__(self, batch_fn: Callable[[int], dict], start: int, end: int, depth: int = 4):
-    import grain
-    if depth > 0:
-      ds = grain.MapDataset.range(start, end).map(batch_fn)
-      self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                            prefetch_buffer_size=depth)))
-    else:
-      self._it = (batch_fn(s) for s in range(start, end))
+    self._fn, self._steps = batch_fn, iter(range(start, end))
+    self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmos-batches")
+                  if depth > 0 else None)
+    self._ahead: collections.deque[Future] = collections.deque()
+    for _ in range(depth):
+      self._submit()
     self.wait_seconds = 0.0
+
+  def _submit(self) -> None:
+    step = next(self._steps, None)
+    if step is not None:
+      self._ahead.append(self._pool.submit(self._fn, step))
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -39,7 +49,14 @@ class BatchStream:
   def __next__(self) -> dict[str, np.ndarray]:
     t0 = time.perf_counter()
     try:
-      return next(self._it)
+      if self._pool is None:
+        return self._fn(next(self._steps))
+      if not self._ahead:
+        self._pool.shutdown(wait=False)
+        raise StopIteration
+      batch = self._ahead.popleft()
+      self._submit()
+      return batch.result()
     finally:
       self.wait_seconds += time.perf_counter() - t0
 
