@@ -268,7 +268,8 @@ def test_a_compiled_candidate_is_priced_from_its_program(cpu8):
   target = planner.Target(cpu8.chip, 8, described=False, calibration=cal)
   s = planner.model_shape(cfg, 256, "cpu")
   est = planner.compiled_estimate(cfg, 256, lay, target, s)
-  assert est.source.startswith("compiled HLO") and cal.names == ["program_factor"]
+  # on CPU `mesh.opt_state=auto` keeps the state replicated: so is the reference step
+  assert est.source.startswith("compiled HLO") and cal.names == ["program_factor replicated"]
   compiled = planner.build_step(planner.apply_overrides(cfg, lay.overrides()), 256,
                                 jax.devices()[:8]).compile()
   ops = H.price_program(compiled.as_text(), CountingPrices(), 8)  # 1 s per op run
@@ -287,7 +288,8 @@ Layout = planner.Layout
 
 def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypatch):
   """The real reference step on 2 devices, priced at stand-in speeds (the real probes are
-  tested above): a finite positive factor, kept with the calibration, one per policy."""
+  tested above): a finite positive factor, kept with the calibration, one per policy and
+  optimizer-state split."""
   monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
   monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
   monkeypatch.setattr(calibrate, "probe_collective_sync", lambda d, side: (side ** 3 / 1e10, 0))
@@ -297,6 +299,9 @@ def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypa
   assert 0 < factor < math.inf
   bf16 = planner.program_factor(cal, 2, "bf16_matmul")
   assert 0 < bf16 < math.inf
+  replicated = planner.program_factor(cal, 2, "bf16_matmul", split_opt_state=False)
+  assert 0 < replicated < math.inf
   again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   assert again.entry["program_factor"] == factor
   assert again.entry["program_factor bf16_matmul"] == bf16
+  assert again.entry["program_factor bf16_matmul replicated"] == replicated
