@@ -432,9 +432,9 @@ def program_factor(cal, num_devices: int, precision: str = "fp32",
   its optimizer state split over the data devices as the candidate's is or not.
 
   Like for like: a split state gathers every updated leaf, and those rendezvous weigh in
-  the ratio. On 2 CPU devices the split bf16_matmul reference measured 1.33x its priced
-  ops where the shakespeare configs' steps, replicated as `mesh.opt_state=auto` keeps them
-  on CPU, measured 0.87-0.93x theirs; the replicated reference measured 1.10x."""
+  the ratio. Scaled by a split reference, the shakespeare configs' bf16_matmul steps on 2
+  CPU devices (replicated, as `mesh.opt_state=auto` keeps them there) ran at 0.75-0.85 of
+  their predictions in `experiments/validate_plan.py`; by a replicated one, 0.83-1.02."""
   name = ("program_factor" + ("" if precision == "fp32" else f" {precision}")
           + ("" if split_opt_state else " replicated"))
   return cal.probed(name, lambda _: measure_reference(cal, num_devices, precision,
