@@ -433,7 +433,7 @@ def program_factor(cal, num_devices: int, precision: str = "fp32",
 
   Like for like: a split state gathers every updated leaf, and those rendezvous weigh in
   the ratio. Scaled by a split reference, the shakespeare configs' bf16_matmul steps on 2
-  CPU devices (replicated, as `mesh.opt_state=auto` keeps them there) ran at 0.75-0.85 of
+  CPU devices (replicated, as `mesh.opt_state=auto` keeps them there) ran at 0.75-0.96 of
   their predictions in `experiments/validate_plan.py`; by a replicated one, 0.83-1.02."""
   name = ("program_factor" + ("" if precision == "fp32" else f" {precision}")
           + ("" if split_opt_state else " replicated"))
