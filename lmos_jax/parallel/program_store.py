@@ -14,7 +14,7 @@ values and XLA_FLAGS. A change to any of them traces and stores the program afre
 
 A first run stores the program and then calls it the way a repeated run does, so both compile
 the same module and the second finds it in the persistent cache. The stored module computes
-what the jitted function computes, bit for bit (tests/test_compile_cache.py): the call into it
+what the jitted function computes, bit for bit (tests/test_program_store.py): the call into it
 is inlined before XLA optimises. Arguments of other shapes than the stored ones (length
 buckets) go to the jitted function. Only single-process runs use the store.
 
