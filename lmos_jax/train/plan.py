@@ -408,9 +408,10 @@ def measure_reference(cal, num_devices: int, precision: str = "fp32",
   devices. What a whole step costs beyond its ops priced one at a time: the executor's
   gaps between ops and, where devices share host cores, the devices waiting for each other
   at every collective. Measured once per machine on a fixed model (not the planned
-  config) and kept with the other probes, one per precision policy: scaled by a float32
-  reference, the baby shape's bf16_matmul steps ran at 0.68-0.77 of their predictions, by a
-  bf16_matmul one at 0.80-0.85."""
+  config) and kept with the other probes, one per precision policy and optimizer-state
+  split (`program_factor`): scaled by a float32 reference, the baby shape's bf16_matmul
+  steps ran at 0.68-0.77 of their predictions, by a bf16_matmul one at 0.80-0.85 (both
+  references splitting the state the candidates kept replicated)."""
   import statistics
   r = _runner(reference_config(num_devices, precision, split_opt_state), 256, num_devices)
   # timed as the candidates are (median of rounds after warm-up), so their factor is like
