@@ -39,10 +39,14 @@ from lmos_jax.config.datadir import data_file
 ROOT = Path(__file__).resolve().parents[1]
 DATA = data_file("tinyshakespeare.txt")  # --data overrides; $LMOS_DATA_DIR or data/
 
-# name -> (layers, heads, d_model, block, batch, windows, steps per window, warmup steps)
+# name -> (layers, heads, d_model, block, batch, windows, steps per window, warmup steps).
+# Baby: 3 warm-up steps and 5 windows, because with malloc retained lmos's heap grows to its
+# high-water mark over the first few calls (a call's temporaries, 2-3 GB a device, can be
+# allocated before the previous call's are freed), and each growth page-faults ~2 GB inside
+# a step (~5 s on a 2-core VM); the median of 5 windows stays clear of a late one.
 SHAPES = {
     "small": (4, 4, 128, 64, 12, 5, 60, 5),
-    "baby": (6, 6, 384, 256, 64, 3, 2, 1),
+    "baby": (6, 6, 384, 256, 64, 5, 2, 3),
 }
 
 
@@ -342,6 +346,8 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
       p.stdin.write(f"{w}\n")
       p.stdin.flush()
       times[side].append(json.loads(p.stdout.readline())["seconds"] / per_window)
+    print(f"[{shape}] window {w + 1}/{windows}, ms per step: " +
+          ", ".join(f"{side} {1e3 * times[side][-1]:.1f}" for side in procs), flush=True)
   fpt = ready.get("lmos", {}).get("flops_per_token", float("nan"))
   tokens = batch * block
   rows = []
