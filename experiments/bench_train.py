@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -310,9 +311,11 @@ def serve_side(shape: str, side: str, data_path: str, windows: int, per_window: 
     if line.strip() == "done":
       break
     w = int(line)
-    t0 = time.perf_counter()
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     runner.steps(batches[warm + w * per_window: warm + (w + 1) * per_window])
-    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": seconds, "faults": after.ru_minflt - before.ru_minflt,
+                      "sys": after.ru_stime - before.ru_stime}), flush=True)
   hist = runner.loss_history()
   print(json.dumps({"losses": hist, "val_loss": runner.eval_loss(data.val_batches()[:4])}),
         flush=True)
@@ -342,12 +345,16 @@ def bench_shape(shape: str, sides: list[str], args) -> list[dict]:
     procs[side], ready[side] = p, json.loads(line)
   times: dict[str, list[float]] = {s: [] for s in procs}
   for w in range(windows):
+    said = []
     for side, p in procs.items():
       p.stdin.write(f"{w}\n")
       p.stdin.flush()
-      times[side].append(json.loads(p.stdout.readline())["seconds"] / per_window)
-    print(f"[{shape}] window {w + 1}/{windows}, ms per step: " +
-          ", ".join(f"{side} {1e3 * times[side][-1]:.1f}" for side in procs), flush=True)
+      out = json.loads(p.stdout.readline())
+      times[side].append(out["seconds"] / per_window)
+      said.append(f"{side} {1e3 * times[side][-1]:.1f} ({out['faults']:,} page faults, "
+                  f"{out['sys']:.1f} s system)")
+    # page faults show where a step's time went to growing or re-faulting memory
+    print(f"[{shape}] window {w + 1}/{windows}, ms per step: " + ", ".join(said), flush=True)
   fpt = ready.get("lmos", {}).get("flops_per_token", float("nan"))
   tokens = batch * block
   rows = []

@@ -4,6 +4,7 @@ configured step range."""
 
 import gzip
 import json
+import math
 import struct
 
 import numpy as np
@@ -113,12 +114,13 @@ def test_wandb_offline_hparams_once_and_profile_window(tmp_path, monkeypatch):
   # f32 losses widened to float64 in metrics.jsonl: wandb's JSON copy is exact, and rel 1e-6
   # would also admit a float32 copy (2^-24 = 6e-8)
   assert [h["loss"] for h in hist] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
-  # TensorBoard holds every scalar of every metrics.jsonl row, as float32
+  # TensorBoard holds every finite scalar of every metrics.jsonl row, as float32 (the first
+  # row's rates are NaN: no interval measured yet)
   tb = read_tensorboard_scalars(wd / "tb")
   want = {}
   for row in logged:
     for k, v in row.items():
-      if k != "step":
+      if k != "step" and math.isfinite(v):
         want.setdefault(k, []).append((row["step"], v))
   assert sorted(tb) == sorted(want) and {"loss", "lr", "grad_norm"} <= set(tb)
   for tag, points in want.items():
@@ -165,7 +167,7 @@ def test_tensorboard_writer_loads_without_torch(tmp_path):
       "import sys\n"
       "from lmos_jax.train.metrics import MetricWriter\n"
       f"w = MetricWriter(__import__('pathlib').Path({str(tmp_path)!r}))\n"
-      "w.write(7, {'loss': 1.5})\n"
+      "w.write(7, {'loss': 1.5, 'mfu': float('nan')})\n"
       "w.close()\n"
       "print('torch' in sys.modules, 'boto3' in sys.modules)\n"
       "import torch\n"
@@ -174,4 +176,8 @@ def test_tensorboard_writer_loads_without_torch(tmp_path):
                        timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ["False", "False", "2.0"]
+  # the NaN (a first step's rate) is kept in the JSONL and left out of TensorBoard, which
+  # would log a warning for it
   assert read_tensorboard_scalars(tmp_path / "tb") == {"loss": [(7, 1.5)]}
+  assert "NaN or Inf" not in out.stderr
+  assert math.isnan(json.loads((tmp_path / "metrics.jsonl").read_text())["mfu"])

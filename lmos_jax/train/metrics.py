@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -220,8 +221,8 @@ class MetricWriter:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
-    for k, v in row.items():
-      if k != "step":
+    for k, v in row.items():  # NaN (the first fetch's rates) stays in the JSONL only: a
+      if k != "step" and math.isfinite(v):  # TensorBoard plot has no gap, and warns per value
         self.tb.add_scalar(k, v, int(step))
     self.tb.flush()
 
