@@ -221,8 +221,10 @@ class MetricWriter:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
-    for k, v in row.items():  # NaN (the first fetch's rates) stays in the JSONL only: a
-      if k != "step" and math.isfinite(v):  # TensorBoard plot has no gap, and warns per value
+    # NaN (the first fetch's rates: no interval measured yet) stays in the JSONL only, since
+    # tensorboardX logs a warning for every NaN it is given
+    for k, v in row.items():
+      if k != "step" and math.isfinite(v):
         self.tb.add_scalar(k, v, int(step))
     self.tb.flush()
 
