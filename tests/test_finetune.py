@@ -148,21 +148,6 @@ def test_classification_loss_falls(method):
   assert first > 0.6 and last < 0.45, (first, last)  # chance level is ln 2 = 0.69
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory):
-  """A small random BERT written as a Hugging Face folder, with MiniLM's tokenizer."""
-  from lmos_jax.models.hf import copy_tokenizer, save_hf, spec_from_lmos_config
-  m = base_config().model
-  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff, m.max_seq_len = "bert", 2, 2, 32, 64, 32
-  m.vocab_size, m.norm_eps, m.mlp, m.head = 30522, 1e-12, "gelu_exact", "none"
-  spec = spec_from_lmos_config(m, 30522)
-  model = BERT(spec.tcfg, head="none", rngs=nnx.Rngs(3))
-  out = tmp_path_factory.mktemp("tiny_bert")
-  save_hf(spec, nnx.to_pure_dict(nnx.split(model)[1]), out)
-  copy_tokenizer(minilm_dir(), out)
-  return str(out)
-
-
 def test_train_lora_adapter_checkpoint_and_predict(tiny_hf_dir, tmp_path, capsys):
   """`lmos train` (task cls, LoRA) -> adapters.safetensors -> base + adapters == trained."""
   import importlib.util

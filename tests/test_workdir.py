@@ -13,7 +13,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from helpers import tiny_config
 from lmos_jax import workdir as W
@@ -41,22 +40,6 @@ DOCS = ["Hello world, it's a test.\nSecond line\twith a tab",
 def write(path, text: str) -> str:
   path.write_text(text)
   return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory):
-  """A small random BERT encoder as a Hugging Face folder, with MiniLM's tokenizer."""
-  from lmos_jax.models.bert import BERT
-  from lmos_jax.models.hf import copy_tokenizer, minilm_dir, save_hf, spec_from_lmos_config
-  m = base_config().model
-  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff, m.max_seq_len = "bert", 2, 2, 32, 64, 32
-  m.vocab_size, m.norm_eps, m.mlp, m.head = 30522, 1e-12, "gelu_exact", "none"
-  spec = spec_from_lmos_config(m, 30522)
-  model = BERT(spec.tcfg, head="none", rngs=nnx.Rngs(3))
-  out = tmp_path_factory.mktemp("tiny_bert")
-  save_hf(spec, nnx.to_pure_dict(nnx.split(model)[1]), out)
-  copy_tokenizer(minilm_dir(), out)
-  return str(out)
 
 
 @pytest.fixture(scope="module")
