@@ -294,6 +294,10 @@ def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypa
   monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
   monkeypatch.setattr(calibrate, "probe_collective_sync", lambda d, side: (side ** 3 / 1e10, 0))
   monkeypatch.setattr(calibrate, "probe_first_touch", lambda d, disp, op: 0.0)
+  # one short timed round instead of the settled median a real plan waits for
+  monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
+  monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
+  monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
   cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   factor = planner.program_factor(cal, 2)
   assert 0 < factor < math.inf
