@@ -40,20 +40,11 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["LMOS_COMPILE_CACHE"], ignore_errors=True)
 
 
-
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
-  """A small random BERT encoder as a Hugging Face folder, with MiniLM's tokenizer."""
-  from flax import nnx
+  """A small random BERT encoder as a Hugging Face folder (positions 32, weights drawn at the
+  models' own init_std), with MiniLM's tokenizer."""
+  from helpers import tiny_bert_hf_dir
   from lmos_jax.config.schema import base_config
-  from lmos_jax.models.bert import BERT
-  from lmos_jax.models.hf import copy_tokenizer, minilm_dir, save_hf, spec_from_lmos_config
-  m = base_config().model
-  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff, m.max_seq_len = "bert", 2, 2, 32, 64, 32
-  m.vocab_size, m.norm_eps, m.mlp, m.head = 30522, 1e-12, "gelu_exact", "none"
-  spec = spec_from_lmos_config(m, 30522)
-  model = BERT(spec.tcfg, head="none", rngs=nnx.Rngs(3))
-  out = tmp_path_factory.mktemp("tiny_bert")
-  save_hf(spec, nnx.to_pure_dict(nnx.split(model)[1]), out)
-  copy_tokenizer(minilm_dir(), out)
-  return str(out)
+  return str(tiny_bert_hf_dir(tmp_path_factory.mktemp("tiny_bert"), max_seq_len=32,
+                              init_std=base_config().model.init_std))

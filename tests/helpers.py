@@ -71,17 +71,18 @@ def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
 
 
 
-def tiny_bert_hf_dir(path, num_labels: int = 0, seed: int = 3):
-  """A Hugging Face folder of a tiny random BERT (2 layers of width 32, weights drawn wide:
-  init_std 0.5) with MiniLM's tokenizer: a classifier for `num_labels` > 0, else a bare
-  encoder. ~1 s; what tests use where a real encoder would be slow."""
+def tiny_bert_hf_dir(path, num_labels: int = 0, seed: int = 3, max_seq_len: int = 64,
+                     init_std: float = 0.5):
+  """A Hugging Face folder of a tiny random BERT (2 layers of width 32, weights drawn wide by
+  default: init_std 0.5) with MiniLM's tokenizer: a classifier for `num_labels` > 0, else a
+  bare encoder. ~1 s; what tests use where a real encoder would be slow."""
   from flax import nnx
   from lmos_jax.models.bert import BERT
   from lmos_jax.models.hf import copy_tokenizer, minilm_dir, save_hf, spec_from_lmos_config
   m = base_config().model
-  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff, m.max_seq_len = "bert", 2, 2, 32, 64, 64
-  m.vocab_size, m.norm_eps, m.mlp = 30522, 1e-12, "gelu_exact"
-  m.head, m.num_labels, m.init_std = ("cls" if num_labels else "none"), num_labels, 0.5
+  m.arch, m.num_layers, m.num_heads, m.d_model, m.d_ff = "bert", 2, 2, 32, 64
+  m.max_seq_len, m.vocab_size, m.norm_eps, m.mlp = max_seq_len, 30522, 1e-12, "gelu_exact"
+  m.head, m.num_labels, m.init_std = ("cls" if num_labels else "none"), num_labels, init_std
   spec = spec_from_lmos_config(m, 30522)
   params = nnx.to_pure_dict(nnx.split(BERT(spec.tcfg, head=m.head, rngs=nnx.Rngs(seed)))[1])
   hf = save_hf(spec, params, path)
