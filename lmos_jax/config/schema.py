@@ -253,7 +253,7 @@ def base_config() -> ml_collections.ConfigDict:
   # CPU-only hosts: `retain` keeps freed host memory in the process (one glibc arena, no mmap,
   # no trim) so XLA's per-step temporaries are not page-faulted again each step; `system`
   # leaves malloc alone; `auto` retains when the per-device activations (plus the gradients
-  # when every weight trains) reach 24 MiB, below glibc's 32 MiB cap on arena blocks.
+  # when every weight trains) reach 24 MiB (glibc maps every block past 32 MiB afresh).
   c.mesh.cpu_allocator = "auto"
   # The optimizer state and update of params that are replicated over the data axis (all of
   # them on a data-only mesh): `sharded` splits them over the data devices (ZeRO stage 1: each
