@@ -43,7 +43,8 @@ def test_a_scanned_layer_stack_counts_twice():
   assert scanned == 2 * unrolled
   assert wants_retained_memory("auto", unrolled, False)
   one_layer = activation_bytes_estimate(_model(1, 4, 128, scan=True), 128, 16, 1, 2)
-  assert one_layer == unrolled / 2  # a one-layer "stack" is not scanned
+  # a scan of one layer holds about what the layer unrolled does (21 and 19 MiB compiled)
+  assert one_layer == unrolled / 2
 
 
 def test_gradients_count_when_every_weight_trains():

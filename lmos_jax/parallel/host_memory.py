@@ -32,10 +32,11 @@ def activation_bytes_estimate(model_cfg: Any, seq_len: int, batch_size: int,
 
   Per token and layer: LN inputs, q/k/v, attention output, residuals (~12 d), the MLP up
   projection and activation (2 d_ff) and the attention probabilities with their softmax
-  (2 heads x seq_len). A scanned layer stack (`model.scan_layers`) counts twice: XLA's
-  compiled step for configs/default.py holds 61 MiB of temporaries per device with its two
-  layers scanned and 34 MiB unrolled, against 28 MiB estimated here for either. Only used to
-  decide whether the temporaries are large.
+  (2 heads x seq_len). A scanned stack of several layers (`model.scan_layers`) counts twice:
+  XLA's compiled step for configs/default.py holds 61 MiB of temporaries per device with its
+  two layers scanned and 34 MiB unrolled, where the per-token count above gives 28 MiB; with
+  one layer, 21 MiB scanned and 19 MiB unrolled, so a scan of one is not doubled. Only used
+  to decide whether the temporaries are large.
   """
   d = model_cfg.d_model
   d_ff = model_cfg.d_ff or 4 * d
