@@ -1,14 +1,20 @@
 """mesh.cpu_allocator: keep freed host memory so XLA:CPU's per-step temporaries aren't
-page-faulted again each step (lmos_jax/parallel/host_memory.py)."""
+page-faulted again each step; and the malloc count that measures XLA:CPU's peak memory
+(lmos_jax/parallel/host_memory.py)."""
 
 import subprocess
 import sys
+import threading
+import time
+
+import numpy as np
 
 import pytest
 
 from lmos_jax.config.loading import ConfigError, check_cpu_devices
 from lmos_jax.config.schema import base_config
-from lmos_jax.parallel.host_memory import (activation_bytes_estimate, gradient_bytes_estimate,
+from lmos_jax.parallel.host_memory import (HeapPeak, activation_bytes_estimate,
+                                           gradient_bytes_estimate, heap_in_use_reader,
                                            wants_retained_memory)
 
 MiB = 2**20
@@ -115,3 +121,29 @@ def test_retained_memory_is_not_faulted_again():
   # page-fault counts: a fresh 64 MiB mapping costs 16384; reused pages leave only the
   # interpreter's own incidental faults, well under 1000
   assert out["retain"] == (True, pytest.approx(0, abs=1000)), out
+
+
+def test_heap_count_sees_a_block_and_the_peak_of_one_freed_in_another_thread():
+  """The count grows by a 64 MiB array and falls back when it is freed; a 32 MiB block that a
+  worker holds for 50 ms and frees inside the window is the window's peak (what a step's
+  temporaries are), within 1 MiB of other allocations."""
+  read = heap_in_use_reader()
+  if read is None:
+    pytest.skip("malloc's count is glibc's (Linux)")
+  before = read()
+  block = np.ones(16 * MiB, np.float32)
+  assert 64 * MiB <= read() - before < 65 * MiB
+  del block
+  assert read() - before < MiB
+
+  def hold():
+    temp = np.ones(8 * MiB, np.float32)
+    time.sleep(0.05)
+    del temp
+
+  with HeapPeak(read) as heap:
+    worker = threading.Thread(target=hold)
+    worker.start()
+    worker.join()
+  assert heap.samples > 0
+  assert 32 * MiB <= heap.grown < 33 * MiB

@@ -1,4 +1,5 @@
-"""Host malloc policy for CPU-only training: keep freed memory in the process.
+"""Host malloc for CPU-only training: the policy (keep freed memory in the process) and the
+count of bytes in use, which stands in for the memory statistics XLA:CPU does not keep.
 
 XLA:CPU allocates each step's temporaries afresh, and glibc hands every block over 32 MiB
 back to the kernel when it is freed (per-thread arenas always do). For a model with large
@@ -15,10 +16,13 @@ the gradients (a fresh buffer each step: a BERT vocabulary's embedding gradient 
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib.metadata
 import importlib.util
 import os
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from lmos_jax.config.schema import CHOICES as _CHOICES
@@ -90,16 +94,103 @@ def wants_retained_memory(mode: str, step_bytes: float, accelerator: bool,
   return not accelerator and step_bytes >= threshold
 
 
+def glibc() -> ctypes.CDLL | None:
+  """The process's C library when it is glibc (Linux), else None: musl and others keep
+  their allocator untouched and unread."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version
+  except (OSError, AttributeError):
+    return None
+  return libc
+
+
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+def heap_in_use_reader() -> Callable[[], int] | None:
+  """A function returning the bytes this process holds from malloc (glibc's `mallinfo2`:
+  chunks in use in its arenas plus the blocks it mapped), or None where that count is not
+  the process's: no glibc 2.33+, or another allocator preloaded in front of it (checked by
+  watching an 8 MiB block appear in the count).
+
+  Why: XLA:CPU's devices keep no allocator statistics (`memory_stats()` is None), but every
+  buffer they hold (arguments, outputs, a step's temporaries) comes from malloc, so the
+  heap's growth is what the devices held. The resident set is no stand-in: it keeps what
+  malloc retained and counts compile-time memory and page-cache effects."""
+  libc = glibc()
+  if libc is None or not hasattr(libc, "mallinfo2"):
+    return None
+  mallinfo2 = libc.mallinfo2
+  mallinfo2.restype = _MallInfo2
+
+  def in_use() -> int:
+    m = mallinfo2()
+    return int(m.uordblks + m.hblkhd)
+
+  return in_use if any(_count_sees_block(in_use) for _ in range(3)) else None
+
+
+def _count_sees_block(in_use: Callable[[], int], size: int = 8 << 20) -> bool:
+  """Whether a `size` block shows in the count (half of it is enough: other threads may
+  free memory meanwhile; a count that is not this process's malloc shows nothing)."""
+  before = in_use()
+  block = bytearray(size)
+  seen = in_use() - before
+  del block
+  return seen >= size // 2
+
+
+class HeapPeak:
+  """`with HeapPeak(read) as h:` samples `read()` (bytes in use) from a thread every
+  `interval` seconds while the block runs; `h.grown` is the largest reading above the one
+  taken on entry.
+
+  Sampling is enough for XLA:CPU: a step's temporaries are allocated when the step starts
+  and freed when it ends, so they stay in use for the whole step. But while the step's
+  threads keep every core busy the sampler runs only every 5-20 ms (measured on 2 cores),
+  so a caller runs steps until `samples` says enough readings were taken. Reading takes
+  malloc's locks: measure in rounds that are not timed."""
+
+  def __init__(self, read: Callable[[], int], interval: float = 5e-4):
+    self._read, self._interval = read, interval
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True, name="lmos-heap-peak")
+    self.base = self.peak = 0
+    self.samples = 0
+
+  def _sample(self) -> None:
+    while not self._stop.wait(self._interval):
+      self.peak = max(self.peak, self._read())
+      self.samples += 1
+
+  def __enter__(self) -> "HeapPeak":
+    gc.collect()  # garbage of earlier work would otherwise be freed inside the block
+    self.base = self.peak = self._read()
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, self._read())
+
+  @property
+  def grown(self) -> int:
+    return self.peak - self.base
+
+
 def retain_freed_memory() -> bool:
   """glibc only: one arena (M_ARENA_MAX=1), no mmap (M_MMAP_MAX=0), never trim
   (M_TRIM_THRESHOLD=-1). Fully effective only before JAX starts its threads, since a thread
   keeps the arena it first allocated from. Returns False where there is no glibc mallopt."""
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version  # musl and others: leave their allocator alone
-  except (OSError, AttributeError):
+  libc = glibc()
+  if libc is None:
     return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
   settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1))

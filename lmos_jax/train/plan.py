@@ -49,7 +49,7 @@ from lmos_jax.errors import ArgumentParser, UserError, number
 from lmos_jax.data.layout import batch_spec, vocab_size
 from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.distributed import split_cpu_host_for
-from lmos_jax.parallel.host_memory import setup_cpu_allocator
+from lmos_jax.parallel.host_memory import HeapPeak, heap_in_use_reader, setup_cpu_allocator
 from lmos_jax.parallel.sharding import abstract_like, batch_sharding, make_mesh
 from lmos_jax.train.assemble import assemble_step, splits_opt_state
 from lmos_jax.train.hlo_cost import price_program
@@ -470,6 +470,7 @@ def peak_bytes(devices: Sequence[Any]) -> float | None:
 
 
 MEASURE_ROUNDS = 5
+HEAP_SAMPLES, HEAP_MAX_STEPS = 10, 200  # heap readings per candidate on XLA:CPU; a bound
 # the reference step of `program_factor`: untimed rounds, timed rounds, steps per round
 REFERENCE_WARMUP_ROUNDS, REFERENCE_ROUNDS, REFERENCE_STEPS = 6, 7, 20
 
@@ -496,17 +497,44 @@ def _runner(c, vocab: int, num_devices: int, program: tuple | None = None) -> _R
   return _Runner(build, compiled, batch)
 
 
+def _fresh_state(r: _Runner) -> dict:
+  """The candidate's state as `lmos train` starts it (seed 0), under its mesh."""
+  state = jax.jit(r.build.init_fn, out_shardings=r.build.shardings)(jax.random.PRNGKey(0))
+  return jax.block_until_ready(state)
+
+
 def _time_round(r: _Runner, steps: int) -> float:
   """Seconds per step of `steps` steps from a fresh state after one warm-up step; the state
   is dropped afterwards, so only one candidate's state is alive at a time."""
   from lmos_jax.train.metrics import median_step_seconds
   with jax.set_mesh(r.build.mesh):
-    state = jax.jit(r.build.init_fn, out_shardings=r.build.shardings)(jax.random.PRNGKey(0))
-    state, _ = r.compiled(state, r.batch)
+    state, _ = r.compiled(_fresh_state(r), r.batch)
     jax.block_until_ready(state)  # the warm-up (dispatched asynchronously) is not timed
     state, step_s = median_step_seconds(r.compiled, state, r.batch, steps, 1)
   del state
   return step_s
+
+
+def heap_peak_per_device(r: _Runner, read) -> float:
+  """Peak bytes per device of a step on XLA:CPU, from malloc: the heap's growth while steps
+  run (their outputs and temporaries: every buffer XLA:CPU holds comes from malloc) plus the
+  bytes of the state and batch they are called with, over the devices. The mean device is
+  every device for the layouts the plan makes (even shards). Steps run from a fresh state
+  after the warm-up round (what a program sets up at its first run is not counted) until
+  the heap was read HEAP_SAMPLES times while they ran (at most HEAP_MAX_STEPS steps)."""
+  n = r.build.mesh.devices.size
+  with jax.set_mesh(r.build.mesh):
+    state = _fresh_state(r)
+    held = sum(s.data.nbytes for a in jax.tree.leaves((state, r.batch))
+               for s in a.addressable_shards)
+    with HeapPeak(read) as heap:
+      for _ in range(HEAP_MAX_STEPS):
+        state, metrics = r.compiled(state, r.batch)
+        jax.block_until_ready((state, metrics))
+        if heap.samples >= HEAP_SAMPLES:
+          break
+  del state, metrics
+  return (held + heap.grown) / n
 
 
 def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
@@ -520,8 +548,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
 
   Peak memory: the allocator's peak can only grow, so the warm-up round runs the candidates
   from the smallest predicted memory up and reads the peak after each; a candidate's
-  reading is the largest of it and those before it (None where the backend keeps no
-  allocator statistics)."""
+  reading is the largest of it and those before it. Where the backend keeps no allocator
+  statistics (XLA:CPU) one more round of one step per candidate reads it from the process's
+  malloc (`heap_peak_per_device`); None where neither can be read."""
   import statistics
   devices = jax.devices()[:target.num_devices]
   order = sorted(range(len(ests)), key=lambda i: ests[i].memory)
@@ -533,6 +562,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   for i in order:  # the warm-up round
     _time_round(runners[i], steps)
     peaks[i] = peak_bytes(devices)
+  read = heap_in_use_reader() if None in peaks.values() else None
+  if read is not None:
+    peaks = {i: heap_peak_per_device(runners[i], read) for i in order}
   for _ in range(MEASURE_ROUNDS):
     for i in order:
       times[i].append(_time_round(runners[i], steps))
