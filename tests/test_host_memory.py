@@ -126,13 +126,14 @@ def test_retained_memory_is_not_faulted_again():
 def test_heap_count_sees_a_block_and_the_peak_of_one_freed_in_another_thread():
   """The count grows by a 64 MiB array and falls back when it is freed; a 32 MiB block that a
   worker holds for 50 ms and frees inside the window is the window's peak (what a step's
-  temporaries are), within 1 MiB of other allocations."""
+  temporaries are). Within 1 MiB: other threads of the test process (pytest's, the suite's
+  background threads) allocate and free meanwhile."""
   read = heap_in_use_reader()
   if read is None:
     pytest.skip("malloc's count is glibc's (Linux)")
   before = read()
   block = np.ones(16 * MiB, np.float32)
-  assert 64 * MiB <= read() - before < 65 * MiB
+  assert 63 * MiB < read() - before < 65 * MiB
   del block
   assert read() - before < MiB
 
@@ -146,4 +147,4 @@ def test_heap_count_sees_a_block_and_the_peak_of_one_freed_in_another_thread():
     worker.start()
     worker.join()
   assert heap.samples > 0
-  assert 32 * MiB <= heap.grown < 33 * MiB
+  assert 31 * MiB < heap.grown < 33 * MiB
