@@ -35,7 +35,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -515,7 +515,7 @@ def _time_round(r: _Runner, steps: int) -> float:
   return step_s
 
 
-def heap_peak_per_device(r: _Runner, read) -> float:
+def heap_peak_per_device(r: _Runner, read: Callable[[], int]) -> float:
   """Peak bytes per device of a step on XLA:CPU, from malloc: the heap's growth while steps
   run (their outputs and temporaries: every buffer XLA:CPU holds comes from malloc) plus the
   bytes of the state and batch they are called with, over the devices. The mean device is
@@ -549,8 +549,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   Peak memory: the allocator's peak can only grow, so the warm-up round runs the candidates
   from the smallest predicted memory up and reads the peak after each; a candidate's
   reading is the largest of it and those before it. Where the backend keeps no allocator
-  statistics (XLA:CPU) one more round of one step per candidate reads it from the process's
-  malloc (`heap_peak_per_device`); None where neither can be read."""
+  statistics (XLA:CPU) one more round reads each candidate's from the process's malloc
+  (`heap_peak_per_device`: steps until the heap was read often enough); None where neither
+  can be read."""
   import statistics
   devices = jax.devices()[:target.num_devices]
   order = sorted(range(len(ests)), key=lambda i: ests[i].memory)
