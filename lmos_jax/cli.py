@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import gc
 import importlib
 import re
 import sys
@@ -43,8 +44,29 @@ def skip_ipython_probe() -> None:
   sys.modules.setdefault("IPython", None)
 
 
+def import_command(module_name: str, own_process: bool):
+  """The command's module; in the console script's own process, imported with the cyclic
+  garbage collector paused, and what the import built then frozen.
+
+  Importing jax, flax and optax creates a few hundred thousand objects that live as long as
+  the process; the collector's full passes over them while they are created free nothing and
+  cost ~0.2 s of a ~2 s warm `lmos train` start-up on a 2-core host. Frozen, they are left out
+  of later passes too. A caller of main(argv) keeps its collector as it was."""
+  if not own_process:
+    return importlib.import_module(module_name)
+  was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    return importlib.import_module(module_name)
+  finally:
+    gc.freeze()
+    if was_enabled:
+      gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
-  if argv is None:  # the `lmos` console script: a process of its own
+  own_process = argv is None  # the `lmos` console script: a process of its own
+  if own_process:
     skip_ipython_probe()
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help", "help"):
@@ -57,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lmos: unknown command {name!r}; {hint}commands: {', '.join(COMMANDS)} "
           "(`lmos --help` says what each does)", file=sys.stderr)
     return 2
-  module = importlib.import_module(COMMANDS[name][0])
+  module = import_command(COMMANDS[name][0], own_process)
   from absl.flags import Error as FlagError  # absl-parsed commands (export) raise these
   try:
     return int(module.main([f"lmos {name}", *argv[1:]]) or 0)

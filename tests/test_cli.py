@@ -99,3 +99,27 @@ def test_command_line_process_skips_the_ipython_probe(monkeypatch):
   monkeypatch.setitem(sys.modules, "IPython", shell)
   cli.skip_ipython_probe()
   assert sys.modules["IPython"] is shell
+
+
+def test_console_script_imports_its_command_with_the_collector_paused_then_frozen():
+  """In its own process the command's module is imported while the collector is off (a
+  pass inside the import would see it disabled), the import's objects are frozen after, and
+  the collector is on again; main(argv) called from another program leaves both alone."""
+  code = ("import gc, sys, types; from lmos_jax import cli\n"
+          "seen = []\n"
+          "probe = types.ModuleType('probe_cmd')\n"
+          "class Finder:\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name == 'probe_cmd': seen.append(gc.isenabled())\n"
+          "    return None\n"
+          "sys.meta_path.insert(0, Finder())\n"
+          "before = gc.get_freeze_count()\n"
+          "try: cli.import_command('probe_cmd', own_process=True)\n"
+          "except ImportError: pass\n"
+          "mid = gc.get_freeze_count()\n"
+          "cli.import_command('json', own_process=False)\n"
+          "print(seen, before == 0, mid > 0, gc.get_freeze_count() == mid, gc.isenabled())")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=subprocess_env(1, JAX_PLATFORMS="cpu"), timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["[False]", "True", "True", "True", "True"]
