@@ -2,6 +2,7 @@
 XLA's optimized HLO the way the devices run it, with stub prices so every count is exact."""
 
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -298,6 +299,7 @@ def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypa
   monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
   monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
   monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
+  monkeypatch.setattr(planner, "REFERENCE_REPEATS", 1)
   cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   factor = planner.program_factor(cal, 2)
   assert 0 < factor < math.inf
@@ -309,3 +311,22 @@ def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypa
   assert again.entry["program_factor"] == factor
   assert again.entry["program_factor bf16_matmul"] == bf16
   assert again.entry["program_factor bf16_matmul replicated"] == replicated
+
+
+def test_the_program_factor_takes_the_fastest_median_of_its_repeats(monkeypatch):
+  """A slow spell inside one repeat leaves the factor alone: the rounds' median per repeat,
+  then the fastest repeat, less the dispatch, over the priced seconds. Rounds are scripted
+  (seconds per step), the step itself is not run."""
+  rounds = iter([9.0, 9.0,                          # warm-up rounds, ignored
+                 0.030, 0.032, 0.090,               # repeat 1 (a spell): median 0.032
+                 0.021, 0.050, 0.020,               # repeat 2: median 0.021
+                 0.026, 0.024, 0.025])              # repeat 3: median 0.025
+  monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 2)
+  monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 3)
+  monkeypatch.setattr(planner, "REFERENCE_REPEATS", 3)
+  monkeypatch.setattr(planner, "_runner", lambda c, vocab, n: SimpleNamespace(compiled=None))
+  monkeypatch.setattr(planner, "_time_round", lambda r, steps: next(rounds))
+  monkeypatch.setattr(planner, "priced_seconds", lambda compiled, cal, n: 0.010)
+  factor = planner.measure_reference(SimpleNamespace(dispatch_s=0.001), 2)
+  assert factor == pytest.approx((0.021 - 0.001) / 0.010)
+  assert next(rounds, None) is None  # every scripted round was timed
