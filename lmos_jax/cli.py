@@ -7,6 +7,7 @@ import gc
 import importlib
 import re
 import sys
+from types import ModuleType
 
 from lmos_jax.errors import UserError
 
@@ -44,7 +45,7 @@ def skip_ipython_probe() -> None:
   sys.modules.setdefault("IPython", None)
 
 
-def import_command(module_name: str, own_process: bool):
+def import_command(module_name: str, own_process: bool) -> ModuleType:
   """The command's module; in the console script's own process, imported with the cyclic
   garbage collector paused, and what the import built then frozen.
 
