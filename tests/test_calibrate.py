@@ -62,6 +62,33 @@ def test_probes_measure_plausible_numbers():
   assert 0 < calibrate.probe_dispatch(two) < 0.1
 
 
+def test_temporaries_fault_each_call_only_past_the_mmap_cap():
+  """glibc maps a block past its mmap cap anew at every call: all of it faults; a smaller
+  block stays in malloc's arenas between calls."""
+  cap = calibrate.MMAP_CAP_BYTES
+  assert calibrate.first_touch_bytes(cap - 1) == 0.0
+  assert calibrate.first_touch_bytes(cap) == cap
+  assert calibrate.first_touch_bytes(3 * cap) == 3 * cap
+
+
+def test_the_first_touch_probe_compares_a_fresh_output_with_a_donated_one(monkeypatch):
+  """Fresh-output seconds less overwrite-in-place seconds, per byte; the in-place calls
+  write over their donated input, so their output stays where it was (nothing is mapped
+  for it)."""
+  pointers = []
+
+  def timed(fn, *args, **kwargs):  # stands in for the timer: two calls, their buffers
+    pointers.append([fn(*args).unsafe_buffer_pointer() for _ in range(2)])
+    return [0.030, 0.010][len(pointers) - 1]
+
+  monkeypatch.setattr(calibrate, "FIRST_TOUCH_BYTES", 1 << 20)
+  monkeypatch.setattr(calibrate, "_median_seconds", timed)
+  got = calibrate.probe_first_touch(jax.devices()[:1])
+  assert got == pytest.approx(0.020 / (1 << 20))
+  _, (first, second) = pointers
+  assert first == second  # donated: written in place
+
+
 class StubCalibration:
   """Fixed speeds; records the matmul shapes the model asks for."""
 

@@ -102,6 +102,18 @@ def test_memory_bound_ops_are_told_apart_by_kind():
       assert prices.bytes == [2 * x.size * 4]  # read once, written once
 
 
+def test_ops_that_fit_in_cache_are_summed_apart():
+  """An elementwise op on 1 MiB and a dot of 64x64 matrices move less than CACHE_BYTES and
+  count in `cached_s`; the same op on 8 MiB (16 MiB moved) counts in the total only."""
+  small, large = jnp.ones((512, 512)), jnp.ones((2048, 1024))
+  for x, cached in ((small, 1.0), (large, 0.0)):
+    b = H.price_program(hlo(lambda x: x * 2.0 + 1.0, x), CountingPrices(), 1)
+    assert (b.memory_s, b.cached_s) == (1.0, cached)
+  m = jnp.ones((64, 64))
+  b = H.price_program(hlo(lambda a, b: a @ b, m, m), CountingPrices(), 1)
+  assert b.dots_s == 1.0 and b.cached_s == 1.0
+
+
 def test_an_in_place_update_moves_only_the_update():
   """A dynamic-update-slice into a large buffer (a scan's stacked output, an optimizer
   slot) costs the slice it writes, not the whole buffer."""
@@ -258,8 +270,9 @@ class StubCalibration:
 
 
 def test_a_compiled_candidate_is_priced_from_its_program(cpu8):
-  """Predicted step = (ops priced one by one + first write of the temporaries) x the
-  machine's program factor + one call."""
+  """Predicted step = ops that fit in cache x the machine's program factor + the other
+  ops + the first write of the temporaries (none: a tiny program's block stays in malloc's
+  arenas) + one call."""
   from test_planner import tiny_cfg
   cfg = tiny_cfg()
   cfg.train.precision = "fp32"  # `auto` would follow this CPU's flags
@@ -276,7 +289,11 @@ def test_a_compiled_candidate_is_priced_from_its_program(cpu8):
   ops = H.price_program(compiled.as_text(), CountingPrices(), 8)  # 1 s per op run
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert ops.total_s > 20 and ops.collectives_s >= 1  # data parallel: grads all-reduced
-  assert est.step_s == pytest.approx((ops.total_s + temp * 1e-9) * 1.5 + 0.5)
+  assert temp < calibrate.MMAP_CAP_BYTES
+  assert est.step_s == pytest.approx(ops.cached_s * 1.5 + (ops.total_s - ops.cached_s) + 0.5)
+  cfg.model.scan_layers = False  # unrolled layers: scaled by an unrolled reference
+  planner.compiled_estimate(cfg, 256, lay, target, s)
+  assert cal.names[-1] == "program_factor replicated unrolled"
 
 
 @pytest.fixture(scope="module")
@@ -289,12 +306,12 @@ Layout = planner.Layout
 
 def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypatch):
   """The real reference step on 2 devices, priced at stand-in speeds (the real probes are
-  tested above): a finite positive factor, kept with the calibration, one per policy and
-  optimizer-state split."""
+  tested above): a finite positive factor, kept with the calibration, one per policy,
+  optimizer-state split and layer loop."""
   monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
   monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
   monkeypatch.setattr(calibrate, "probe_collective_sync", lambda d, side: (side ** 3 / 1e10, 0))
-  monkeypatch.setattr(calibrate, "probe_first_touch", lambda d, disp, op: 0.0)
+  monkeypatch.setattr(calibrate, "probe_first_touch", lambda d: 0.0)
   # one short timed round instead of the settled median a real plan waits for
   monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
   monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
@@ -307,10 +324,15 @@ def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypa
   assert 0 < bf16 < math.inf
   replicated = planner.program_factor(cal, 2, "bf16_matmul", split_opt_state=False)
   assert 0 < replicated < math.inf
+  unrolled = planner.program_factor(cal, 2, "bf16_matmul", split_opt_state=False,
+                                    scan_layers=False)
+  assert 0 < unrolled < math.inf and unrolled != replicated
+  assert not planner.reference_config(2, scan_layers=False).model.scan_layers
   again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   assert again.entry["program_factor"] == factor
   assert again.entry["program_factor bf16_matmul"] == bf16
   assert again.entry["program_factor bf16_matmul replicated"] == replicated
+  assert again.entry["program_factor bf16_matmul replicated unrolled"] == unrolled
 
 
 def test_the_program_factor_takes_the_fastest_median_of_its_repeats(monkeypatch):
@@ -326,7 +348,8 @@ def test_the_program_factor_takes_the_fastest_median_of_its_repeats(monkeypatch)
   monkeypatch.setattr(planner, "REFERENCE_REPEATS", 3)
   monkeypatch.setattr(planner, "_runner", lambda c, vocab, n: SimpleNamespace(compiled=None))
   monkeypatch.setattr(planner, "_time_round", lambda r, steps: next(rounds))
-  monkeypatch.setattr(planner, "priced_seconds", lambda compiled, cal, n: 0.010)
+  # 10 ms of ops that fit in cache, 2 ms of the rest (priced as they are, not scaled)
+  monkeypatch.setattr(planner, "priced_seconds", lambda compiled, cal, n: (0.010, 0.002))
   factor = planner.measure_reference(SimpleNamespace(dispatch_s=0.001), 2)
-  assert factor == pytest.approx((0.021 - 0.001) / 0.010)
+  assert factor == pytest.approx((0.021 - 0.001 - 0.002) / 0.010)
   assert next(rounds, None) is None  # every scripted round was timed

@@ -17,8 +17,9 @@ them in the probe too):
   written), interpolated between probes at STREAM_BYTES (per-op floor when small, memory
   bandwidth when large), for each kind: elementwise, transposing (the minor dimension
   moves: strided, several times slower), reducing;
-- `first_touch_s_per_byte`: what writing freshly allocated memory costs beyond streaming
-  (page faults), paid each step for the program's temporaries;
+- `first_touch_s_per_byte`: what writing freshly mapped memory costs beyond streaming
+  (page faults), paid each step for the program's temporaries when the allocator maps
+  their block anew at every call (`first_touch_bytes`);
 - `collective_s(nbytes)`: `nbytes` at `allreduce_bw`; `sync_s(work)`: a collective's
   rendezvous after `work` seconds of each device's own work, interpolated (linearly, never
   decreasing) between probes.
@@ -52,7 +53,10 @@ OP_CHAIN = 200  # dependent small ops timed together for op_s
 # cache lines to well past the last-level cache
 STREAM_BYTES = tuple(2 ** e for e in range(12, 27, 2))
 PROBE_FLOPS = 2e7  # a probe program repeats a small dot or op until it does about this much
-MAX_REPEATS = 16
+# a small op's probe loops it up to this many times: with at most 16, the call's own cost
+# (20-60 us, as noisy) decided the price, and a 4 KiB elementwise op read 0.15-3.4 us from
+# one probe to the next; with up to 1024, 0.22-0.28 us
+MAX_REPEATS = 4096
 SYNC_SIDES = (64, 256, 1024)  # per-device matmul sides of the rendezvous probe's work
 NUMPY_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
                 "s8": "int8", "u8": "uint8", "s32": "int32", "u32": "uint32", "pred": "bool"}
@@ -201,17 +205,38 @@ def probe_collective_sync(devices: Sequence[Any], side: int) -> tuple[float, flo
   return without / reps, max(with_sync - without, 0.0) / reps
 
 
-FIRST_TOUCH_BYTES = 16 * 2 ** 20  # per device: well past the caches, like a step's temporaries
+# per device: past glibc's largest mmap threshold (32 MiB on 64-bit), so that under the
+# system allocator every fresh block of this size is mapped anew and its pages fault
+FIRST_TOUCH_BYTES = 64 * 2 ** 20
+MMAP_CAP_BYTES = 32 * 2 ** 20
 
 
-def probe_first_touch(devices: Sequence[Any], dispatch_s: float, loop_op_s: float) -> float:
-  """Seconds per byte a program pays to write memory it has just been given: one elementwise
-  op into a fresh output, less the same op inside a loop (`loop_op_s`, buffers reused) and
-  the call. Under the default glibc policy large blocks come from the kernel zeroed and
-  page-fault on first write; with freed memory retained (`mesh.cpu_allocator`) it is ~0."""
+def probe_first_touch(devices: Sequence[Any]) -> float:
+  """Seconds per byte a program pays to write memory it has just been given: one
+  elementwise op into a fresh output, less the same op writing over its donated input
+  (the call and the op's own streaming cancel). Under glibc's default policy a block this
+  large comes from the kernel zeroed and page-faults on first write; with freed memory
+  retained (`mesh.cpu_allocator`) it is ~0."""
+  op = lambda x: x * 1.5 + 0.5
   x = _per_device(devices, (FIRST_TOUCH_BYTES // 4,), jnp.float32)
-  fresh = _median_seconds(jax.jit(lambda x: x * 1.5 + 0.5), x, min_seconds=0.3)
-  return max(fresh - dispatch_s - loop_op_s, 0.0) / FIRST_TOUCH_BYTES
+  fresh = _median_seconds(jax.jit(op), x, min_seconds=0.3)
+  in_place, carry = jax.jit(op, donate_argnums=0), [op(x)]
+
+  def overwrite() -> jax.Array:
+    carry[0] = in_place(carry[0])
+    return carry[0]
+
+  return max(fresh - _median_seconds(overwrite, min_seconds=0.3), 0.0) / FIRST_TOUCH_BYTES
+
+
+def first_touch_bytes(temp_bytes: float) -> float:
+  """Bytes of a program's temporaries (one block per call) that fault each call: all of
+  them when the block is past glibc's mmap cap (mapped anew and unmapped at every call);
+  none below it, where malloc's arenas usually keep the block between calls once the first
+  call has raised the dynamic threshold to its size (not always: a process whose first such
+  block was 26 MiB faulted it at every call), and `mesh.cpu_allocator=auto` retains freed
+  memory from 24 MiB of estimated temporaries on."""
+  return temp_bytes if temp_bytes >= MMAP_CAP_BYTES else 0.0
 
 
 def interpolate_loglog(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -273,8 +298,7 @@ class Calibration:
 
   @property
   def first_touch_s_per_byte(self) -> float:
-    return self.probed("first_touch_s_per_byte", lambda d: probe_first_touch(
-        d, self.dispatch_s, self.stream_s(2 * FIRST_TOUCH_BYTES)))
+    return self.probed("first_touch_s_per_byte", probe_first_touch)
 
   def _sync_point(self, side: int) -> tuple[float, float]:
     name = f"sync {side}"
