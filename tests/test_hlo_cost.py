@@ -291,9 +291,6 @@ def test_a_compiled_candidate_is_priced_from_its_program(cpu8):
   assert ops.total_s > 20 and ops.collectives_s >= 1  # data parallel: grads all-reduced
   assert temp < calibrate.MMAP_CAP_BYTES
   assert est.step_s == pytest.approx(ops.cached_s * 1.5 + (ops.total_s - ops.cached_s) + 0.5)
-  cfg.model.scan_layers = False  # unrolled layers: scaled by an unrolled reference
-  planner.compiled_estimate(cfg, 256, lay, target, s)
-  assert cal.names[-1] == "program_factor replicated unrolled"
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +303,8 @@ Layout = planner.Layout
 
 def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypatch):
   """The real reference step on 2 devices, priced at stand-in speeds (the real probes are
-  tested above): a finite positive factor, kept with the calibration, one per policy,
-  optimizer-state split and layer loop."""
+  tested above): a finite positive factor, kept with the calibration, one per policy and
+  optimizer-state split."""
   monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
   monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
   monkeypatch.setattr(calibrate, "probe_collective_sync", lambda d, side: (side ** 3 / 1e10, 0))
@@ -324,15 +321,10 @@ def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypa
   assert 0 < bf16 < math.inf
   replicated = planner.program_factor(cal, 2, "bf16_matmul", split_opt_state=False)
   assert 0 < replicated < math.inf
-  unrolled = planner.program_factor(cal, 2, "bf16_matmul", split_opt_state=False,
-                                    scan_layers=False)
-  assert 0 < unrolled < math.inf and unrolled != replicated
-  assert not planner.reference_config(2, scan_layers=False).model.scan_layers
   again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   assert again.entry["program_factor"] == factor
   assert again.entry["program_factor bf16_matmul"] == bf16
   assert again.entry["program_factor bf16_matmul replicated"] == replicated
-  assert again.entry["program_factor bf16_matmul replicated unrolled"] == unrolled
 
 
 def test_the_program_factor_takes_the_fastest_median_of_its_repeats(monkeypatch):

@@ -19,9 +19,10 @@ fixed cost per op. So the planner prices the program XLA will actually run, per 
   expensive branch; bookkeeping ops (parameters, tuples, bitcasts) cost nothing.
 
 Dots and memory-bound ops moving at most CACHE_BYTES are also summed apart (`cached_s`):
-their probes loop over data that stays in cache, which a step's ops do not find there, so
-the planner scales that part by a measured factor and prices larger ops (which stream
-from memory in a probe as in a step) as probed.
+their probes loop over data that stays in cache, and in a step such ops cost other than
+probed (what the cache holds when each starts, the executor's gaps between them), so the
+planner scales that part by a measured factor; larger ops stream from memory in a probe as
+in a step and keep their probed price.
 
 The prices come from `lmos_jax.train.calibrate.Calibration` (probed once per machine and
 kept); this module only reads the program. Ops of one device are summed, not overlapped: on
