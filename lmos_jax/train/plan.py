@@ -387,8 +387,8 @@ def priced_seconds(compiled, cal, num_devices: int) -> tuple[float, float]:
   runs it between other ops that have passed through the cache, and the reference step
   (all of its ops small) measures the difference. A larger op streams from memory in its
   probe as in a step: with every op scaled by the reference's ratio, the shakespeare baby
-  shape's steps ran at 0.62-0.67 of their predictions, with only the small ones scaled at
-  0.81-1.03 (two validations each)."""
+  shape's steps ran at 0.62-0.67 of their predictions; with only the small ones scaled,
+  at 0.81-1.03 in two validations."""
   priced = price_program(compiled.as_text(), cal, num_devices)
   temp = float(compiled.memory_analysis().temp_size_in_bytes)
   rest = priced.total_s - priced.cached_s + first_touch_bytes(temp) * cal.first_touch_s_per_byte
