@@ -50,8 +50,8 @@ ASYNC_DONE = frozenset({"all-reduce-done", "all-gather-done", "collective-permut
                         "async-done", "async-update", "copy-done", "send-done", "recv-done"})
 SLICES = frozenset({"dynamic-slice", "slice", "gather"})
 # bytes an op moves (read + written, per device) up to which its loop probe runs from cache:
-# on a 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3) elementwise ops of 4 MiB streamed at
-# 56-90 GB/s, of 16 MiB at 20 GB/s, of 64 MiB at 5-11 GB/s
+# on a 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3) elementwise ops moving 4 MiB streamed
+# at 56-91 GB/s, 16 MiB at 18-29 GB/s, 64 MiB at 4.5-7 GB/s (three calibrations)
 CACHE_BYTES = 4 * 2 ** 20
 
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")

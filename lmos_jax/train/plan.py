@@ -18,7 +18,8 @@ Step time, for present devices: a compiled candidate's program is priced op by o
 ops by the bytes they move and whether they transpose or reduce, collectives by bytes and a
 rendezvous cost, loops times their trip count), plus the first write of its temporaries and
 one program call; the ops small enough to have run from cache in their probes are scaled by
-the machine's program factor (what a reference step of such ops costs beyond their prices). The speeds are probed on the devices and kept per machine
+the machine's program factor (what a reference step of such ops costs beyond their
+prices). The speeds are probed on the devices and kept per machine
 (`lmos_jax.train.calibrate`; `--recalibrate` probes again). The analytic ranking that picks
 which layouts to compile uses FLOPs at the probed rate of each layout's MLP matmul plus
 collectives and a cost per op; a described target uses its spec sheet at an assumed
