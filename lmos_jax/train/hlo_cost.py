@@ -347,6 +347,7 @@ def price_instruction(ins: Instr, types: dict[str, str], comps: dict[str, list[I
   of its computation's instructions, by name."""
   out = Breakdown()
   op = ins.opcode
+  nbytes: float | None = None  # what a dot or memory-bound op moves, for `cached_s`
   sub = lambda c: price_computation(c, comps, prices, num_devices, memo)
   if op in FREE_OPS or op in ASYNC_DONE:
     return out
@@ -371,7 +372,7 @@ def price_instruction(ins: Instr, types: dict[str, str], comps: dict[str, list[I
     out.collectives += 1
   elif op == "dot":
     out.dots_s += prices.dot_s(dot_shape(ins, types))
-    out.cached_s += out.dots_s if op_bytes(ins, types) <= CACHE_BYTES else 0.0
+    nbytes = op_bytes(ins, types)
   elif op == "fusion":
     called = _called(ins.attrs, "calls")
     body = comps.get(called[0], []) if called else []
@@ -382,11 +383,11 @@ def price_instruction(ins: Instr, types: dict[str, str], comps: dict[str, list[I
       out.dots_s += sum(prices.dot_s(dot_shape(d, body_types)) for d in dots)
     else:
       out.memory_s += prices.stream_s(nbytes, memory_kind(body, body_types))
-    out.cached_s += out.dots_s + out.memory_s if nbytes <= CACHE_BYTES else 0.0
   else:
     nbytes = op_bytes(ins, types)
     out.memory_s += prices.stream_s(nbytes, memory_kind([ins], types))
-    out.cached_s += out.memory_s if nbytes <= CACHE_BYTES else 0.0
+  if nbytes is not None and nbytes <= CACHE_BYTES:
+    out.cached_s = out.dots_s + out.memory_s
   return out
 
 
