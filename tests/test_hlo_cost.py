@@ -16,12 +16,10 @@ from lmos_jax.train import plan as planner
 
 
 class CountingPrices:
-  """1 s per dot, 1 s per memory-bound op (kinds and bytes recorded), 1 s per collective
-  and a rendezvous of a tenth of the work before it."""
+  """1 s per dot, 1 s per memory-bound op (kinds and bytes recorded), 1 s per collective."""
 
   def __init__(self):
     self.dots, self.kinds, self.bytes, self.collective_bytes = [], [], [], []
-    self.sync_work = []
 
   def dot_s(self, dot):
     self.dots.append(dot)
@@ -35,10 +33,6 @@ class CountingPrices:
   def collective_s(self, nbytes):
     self.collective_bytes.append(nbytes)
     return 1.0
-
-  def sync_s(self, work_s):
-    self.sync_work.append(work_s)
-    return 0.1 * work_s
 
 
 def hlo(fn, *args) -> str:
@@ -159,9 +153,7 @@ def test_a_collective_is_priced_by_the_bytes_a_ring_moves():
   b = H.price_program(hlo(f, x), prices, 2)
   # an all-reduce of 1000 floats per device over 2 devices: 2 (n-1)/n x 4000 bytes
   assert prices.collective_bytes == [4000.0] and b.collectives_s == 1.0
-  # one rendezvous, after all the program's other work
-  assert b.collectives == 1 and prices.sync_work == [b.dots_s + b.memory_s]
-  assert b.syncs_s == pytest.approx(0.1 * (b.dots_s + b.memory_s))
+  assert b.collectives == 1  # one rendezvous, priced by the planner
 
 
 def test_minor_dimension_moves_are_read_from_layouts():
@@ -205,50 +197,53 @@ def test_stream_prices_probe_only_the_sizes_around_the_request(tmp_path, monkeyp
   assert len(asked) == 4  # --recalibrate: probed again
 
 
-def test_real_probes_of_a_dot_a_stream_and_a_rendezvous_are_plausible():
+def test_a_programs_probes_run_in_passes_and_each_keeps_its_median(tmp_path, monkeypatch):
+  """Every probe a program needs, in passes over all of them (a slow spell lands on one
+  pass, not on some probes); the median of its passes kept; a price kept already is not
+  probed again; a stream request probes the two grid sizes around it."""
+  calls, pass_value = [], {}
+
+  def scripted(name):
+    pass_value[name] = pass_value.get(name, 0) + 1
+    calls.append(name)
+    return {1: 1.0, 2: 3.0, 3: 2.0}[pass_value[name]]  # median 2.0
+
+  monkeypatch.setattr(calibrate, "PROBE_PASSES", 3)
+  monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: scripted(dot.key()))
+  monkeypatch.setattr(calibrate, "probe_stream",
+                      lambda d, b, disp, kind="stream": scripted(f"{kind} {b}"))
+  monkeypatch.setattr(calibrate, "probe_dispatch", lambda d: 0.0)
+  grid = calibrate.STREAM_BYTES
+  cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
+  cal.entry[f"stream {grid[2]}"] = 5.0  # kept from an earlier plan
+  dot = H.DotShape((64, 32), (32, 16), (1,), (0,), (), (), "f32")
+  cal.probe_all([dot], [(1.5 * grid[2], "stream"), (grid[0], "reduce")])
+  names = [dot.key(), f"stream {grid[3]}", f"reduce {grid[0]}"]
+  assert calls == names * 3  # three passes over the same probes, in turns
+  assert all(cal.entry[n] == 2.0 for n in names) and cal.entry[f"stream {grid[2]}"] == 5.0
+  assert cal.dot_s(dot) == 2.0 and len(calls) == 9  # priced from what was kept
+  again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
+  again.probe_all([dot], [])
+  assert len(calls) == 9 and again.entry[dot.key()] == 2.0  # read back, not probed
+
+
+def test_real_probes_of_a_dot_and_a_stream_are_plausible():
   two = jax.devices()[:2]
   d = H.DotShape((64, 32), (32, 16), (1,), (0,), (), (), "f32")
   assert 0 < calibrate.probe_dot(two, d, 0.0) < 0.1
+  compiled = calibrate._dot_loop._cache_size()
+  assert 0 < calibrate.probe_dot(two, d, 0.0) < 0.1  # another pass: the same program
+  assert calibrate._dot_loop._cache_size() == compiled
   mixed = H.DotShape((64, 32), (32, 16), (1,), (0,), (), (), "bf16", "f32")
   assert 0 < calibrate.probe_dot(two, mixed, 0.0) < 0.1
   small = calibrate.probe_stream(two, 1 << 14, 0.0)
   assert 0 < small < 0.01
   assert calibrate.probe_stream(two, 1 << 14, 0.0, "transpose") > 0
-  work, wait = calibrate.probe_collective_sync(two, 32)
-  assert 0 < work < 0.01 and 0 <= wait < 0.1
-
-
-def test_rendezvous_prices_interpolate_in_the_work_before_them(tmp_path, monkeypatch):
-  sides = []
-
-  def probe(devices, side):
-    sides.append(side)
-    return side * 1e-6, side * 1e-7  # work, wait: the wait a tenth of the work
-
-  monkeypatch.setattr(calibrate, "probe_collective_sync", probe)
-  cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
-  lo, hi = calibrate.SYNC_SIDES[0], calibrate.SYNC_SIDES[-1]
-  assert cal.sync_s(lo * 1e-6) == pytest.approx(lo * 1e-7)
-  assert cal.sync_s(3 * lo * 1e-6) == pytest.approx(3 * lo * 1e-7)
-  assert cal.sync_s(10 * hi * 1e-6) == pytest.approx(hi * 1e-7)  # no growth past the probes
-  assert cal.sync_s(0.0) == pytest.approx(lo * 1e-7)  # nor below them
-  assert sorted(sides) == sorted(calibrate.SYNC_SIDES)
-  again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
-  assert again.sync_s(lo * 1e-6) == pytest.approx(lo * 1e-7) and len(sides) == 3
-  assert calibrate.load_calibration(jax.devices()[:1], tmp_path).sync_s(1.0) == 0.0
-
-
-def test_a_rendezvous_probe_below_a_smaller_ones_is_taken_as_noise(tmp_path, monkeypatch):
-  waits = {64: 2e-4, 256: 0.0, 1024: 1e-3}  # the middle probe came out at nothing
-  monkeypatch.setattr(calibrate, "probe_collective_sync",
-                      lambda devices, side: (side * 1e-6, waits[side]))
-  cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
-  assert cal.sync_s(256e-6) == pytest.approx(2e-4)  # the running maximum
-  assert 2e-4 < cal.sync_s(640e-6) < 1e-3
 
 
 class StubCalibration:
-  """The prices of CountingPrices in seconds, plus the scalars the planner reads."""
+  """The prices of CountingPrices in seconds, plus the scalars the planner reads and the
+  reference steps' speed, as kept in a calibration file."""
 
   dispatch_s, first_touch_s_per_byte = 0.5, 1e-9
   allreduce_bw, op_s = math.inf, 0.0  # the analytic model's, for the FLOPs count
@@ -256,41 +251,39 @@ class StubCalibration:
   def matmul_rate(self, m, k, n, dtype):
     return 1e9
 
-  def __init__(self, factor):
-    self.factor, self.names = factor, []
+  def __init__(self, factor, wait):
+    self.entry = {"step factor": factor, "collective wait": wait}
 
   dot_s = CountingPrices.dot_s
   stream_s = CountingPrices.stream_s
   collective_s = CountingPrices.collective_s
-  sync_s = CountingPrices.sync_s
 
-  def probed(self, name, probe):
-    self.names.append(name)
-    return self.factor
+  def probe_all(self, dots, streams):
+    pass  # nothing to probe: every price is a stand-in
 
 
 def test_a_compiled_candidate_is_priced_from_its_program(cpu8):
   """Predicted step = ops that fit in cache x the machine's program factor + the other
-  ops + the first write of the temporaries (none: a tiny program's block stays in malloc's
-  arenas) + one call."""
+  ops + a wait per collective + the first write of the temporaries (none: a tiny program's
+  block stays in malloc's arenas) + one call."""
   from test_planner import tiny_cfg
   cfg = tiny_cfg()
   cfg.train.precision = "fp32"  # `auto` would follow this CPU's flags
   lay = Layout(data=8, fsdp=1, tensor=1, microbatches=1, remat="none")
-  cal = StubCalibration(factor=1.5)
-  cal.dots, cal.kinds, cal.bytes, cal.collective_bytes, cal.sync_work = [], [], [], [], []
+  cal = StubCalibration(factor=1.5, wait=0.25)
+  cal.dots, cal.kinds, cal.bytes, cal.collective_bytes = [], [], [], []
   target = planner.Target(cpu8.chip, 8, described=False, calibration=cal)
   s = planner.model_shape(cfg, 256, "cpu")
   est = planner.compiled_estimate(cfg, 256, lay, target, s)
-  # on CPU `mesh.opt_state=auto` keeps the state replicated: so is the reference step
-  assert est.source.startswith("compiled HLO") and cal.names == ["program_factor replicated"]
+  assert est.source.startswith("compiled HLO")
   compiled = planner.build_step(planner.apply_overrides(cfg, lay.overrides()), 256,
                                 jax.devices()[:8]).compile()
   ops = H.price_program(compiled.as_text(), CountingPrices(), 8)  # 1 s per op run
   temp = compiled.memory_analysis().temp_size_in_bytes
-  assert ops.total_s > 20 and ops.collectives_s >= 1  # data parallel: grads all-reduced
+  assert ops.total_s > 20 and ops.collectives >= 1  # data parallel: grads all-reduced
   assert temp < calibrate.MMAP_CAP_BYTES
-  assert est.step_s == pytest.approx(ops.cached_s * 1.5 + (ops.total_s - ops.cached_s) + 0.5)
+  assert est.step_s == pytest.approx(ops.cached_s * 1.5 + (ops.total_s - ops.cached_s)
+                                     + ops.collectives * 0.25 + 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -301,47 +294,97 @@ def cpu8():
 Layout = planner.Layout
 
 
-def test_the_program_factor_is_measured_on_the_reference_step(tmp_path, monkeypatch):
-  """The real reference step on 2 devices, priced at stand-in speeds (the real probes are
-  tested above): a finite positive factor, kept with the calibration, one per policy and
-  optimizer-state split."""
+def test_the_step_speed_is_measured_on_the_reference_steps(tmp_path, monkeypatch):
+  """The real reference steps on 2 devices, priced at stand-in speeds (the real probes are
+  tested above): the fully sharded one runs more collectives than the data-parallel one;
+  a finite positive factor and a wait of at least 0, kept with the calibration, one pair
+  per precision policy."""
   monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
   monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
-  monkeypatch.setattr(calibrate, "probe_collective_sync", lambda d, side: (side ** 3 / 1e10, 0))
   monkeypatch.setattr(calibrate, "probe_first_touch", lambda d: 0.0)
-  # one short timed round instead of the settled median a real plan waits for
+  # short timed rounds instead of the settled medians a real plan waits for
   monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
   monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
   monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
-  monkeypatch.setattr(planner, "REFERENCE_REPEATS", 1)
   cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
-  factor = planner.program_factor(cal, 2)
-  assert 0 < factor < math.inf
-  bf16 = planner.program_factor(cal, 2, "bf16_matmul")
-  assert 0 < bf16 < math.inf
-  replicated = planner.program_factor(cal, 2, "bf16_matmul", split_opt_state=False)
-  assert 0 < replicated < math.inf
+  priced = [planner.priced_seconds(planner._runner(planner.reference_config(2, fsdp=f), 256,
+                                                   2).compiled, cal, 2)
+            for f in (False, True)]
+  assert priced[0].collectives >= 1 and priced[1].collectives > priced[0].collectives + 5
+  factor, wait = planner.program_speed(cal, 2)
+  assert 0 < factor < math.inf and 0 <= wait < 1
+  bf16 = planner.program_speed(cal, 2, "bf16_matmul")
+  assert 0 < bf16[0] < math.inf
   again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
-  assert again.entry["program_factor"] == factor
-  assert again.entry["program_factor bf16_matmul"] == bf16
-  assert again.entry["program_factor bf16_matmul replicated"] == replicated
+  assert planner.program_speed(again, 2) == (factor, wait)  # read back, not measured
+  assert again.entry["step factor bf16_matmul"] == bf16[0]
+  assert again.entry["collective wait bf16_matmul"] == bf16[1]
 
 
-def test_the_program_factor_takes_the_fastest_median_of_its_repeats(monkeypatch):
-  """A slow spell inside one repeat leaves the factor alone: the rounds' median per repeat,
-  then the fastest repeat, less the dispatch, over the priced seconds. Rounds are scripted
-  (seconds per step), the step itself is not run."""
-  rounds = iter([9.0, 9.0,                          # warm-up rounds, ignored
-                 0.030, 0.032, 0.090,               # repeat 1 (a spell): median 0.032
-                 0.021, 0.050, 0.020,               # repeat 2: median 0.021
-                 0.026, 0.024, 0.025])              # repeat 3: median 0.025
+def test_the_factor_and_the_wait_solve_the_two_reference_steps(monkeypatch):
+  """Rounds are scripted (seconds per step, taken in turns), the steps are not run: each
+  step's median round, less the call, is factor x cached + rest + collectives x wait."""
+  rounds = iter([9.0, 9.0, 9.0, 9.0,                # warm-up rounds, ignored
+                 0.021, 0.031,
+                 0.050, 0.090,                       # a slow spell: not the median
+                 0.020, 0.030])
   monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 2)
   monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 3)
-  monkeypatch.setattr(planner, "REFERENCE_REPEATS", 3)
-  monkeypatch.setattr(planner, "_runner", lambda c, vocab, n: SimpleNamespace(compiled=None))
+  monkeypatch.setattr(planner, "_runner", lambda c, vocab, n: SimpleNamespace(
+      compiled=c.mesh.fsdp))
   monkeypatch.setattr(planner, "_time_round", lambda r, steps: next(rounds))
-  # 10 ms of ops that fit in cache, 2 ms of the rest (priced as they are, not scaled)
-  monkeypatch.setattr(planner, "priced_seconds", lambda compiled, cal, n: (0.010, 0.002))
-  factor = planner.measure_reference(SimpleNamespace(dispatch_s=0.001), 2)
-  assert factor == pytest.approx((0.021 - 0.001 - 0.002) / 0.010)
+  # data-parallel: 10 ms cached, 2 ms rest, 1 collective; sharded: 11 collectives
+  priced = {1: planner.Priced(0.010, 0.002, 1), 2: planner.Priced(0.010, 0.003, 11)}
+  monkeypatch.setattr(planner, "priced_seconds", lambda compiled, cal, n: priced[compiled])
+  factor, wait = planner.measure_reference(SimpleNamespace(dispatch_s=0.001), 2)
+  # 0.020 = 0.010 f + 0.002 + w and 0.030 = 0.010 f + 0.003 + 11 w
+  assert wait == pytest.approx(0.0009) and factor == pytest.approx(1.71)
   assert next(rounds, None) is None  # every scripted round was timed
+
+
+def test_a_negative_wait_is_noise_and_one_step_sets_the_factor():
+  dp, fsdp = planner.Priced(0.010, 0.002, 1), planner.Priced(0.010, 0.002, 11)
+  assert planner.solve_speed([0.020, 0.019], [dp, fsdp]) == pytest.approx((1.8, 0.0))
+  assert planner.solve_speed([0.020], [dp]) == pytest.approx((1.8, 0.0))
+
+
+def test_measured_candidates_are_predicted_again_with_the_reference_timed_alongside(
+    monkeypatch):
+  """--measure times the reference steps in the same rounds as the candidates and predicts
+  each candidate again from its prices with the (factor, wait) they give; the prediction
+  from the calibration's numbers stays beside it. Rounds are scripted per step."""
+  per_step = {"a": 0.030, "b": 0.040, "dp": 0.021, "fsdp": 0.031}
+  timed = []
+
+  def time_round(r, steps):
+    timed.append(r.name)
+    return per_step[r.name]
+
+  ref_prices = {"dp": planner.Priced(0.010, 0.002, 1), "fsdp": planner.Priced(0.010, 0.003, 11)}
+  monkeypatch.setattr(planner, "_runner", lambda c, vocab, n, program=None: SimpleNamespace(
+      name="a" if c.mesh.data == 2 else "b", build=SimpleNamespace(policy="fp32")))
+  monkeypatch.setattr(planner, "reference_runners", lambda n, policy, scan: [
+      SimpleNamespace(name=k, compiled=k) for k in ("dp", "fsdp")])
+  monkeypatch.setattr(planner, "_time_round", time_round)
+  monkeypatch.setattr(planner, "peak_bytes", lambda devices: 1.0)
+  monkeypatch.setattr(planner, "priced_seconds", lambda compiled, cal, n: ref_prices[compiled])
+  from test_planner import tiny_cfg
+  cfg = tiny_cfg()
+  a = planner.Estimate(Layout(2, 1, 1, 1, "none"), 1e6, 0.05, 1e9, "compiled HLO",
+                       priced=planner.Priced(0.020, 0.004, 1))
+  b = planner.Estimate(Layout(1, 2, 1, 1, "none"), 2e6, 0.06, 1e9, "compiled HLO",
+                       priced=planner.Priced(0.020, 0.005, 30))
+  target = SimpleNamespace(num_devices=2, calibration=SimpleNamespace(dispatch_s=0.001))
+  (ma, mb), speed = planner.measure_estimates(cfg, 256, [a, b], target, steps=3)
+  assert speed == pytest.approx((1.71, 0.0009))  # as in the scripted solve above
+  assert ma.predicted_alongside_s == pytest.approx(0.020 * 1.71 + 0.004 + 0.0009 + 0.001)
+  assert mb.predicted_alongside_s == pytest.approx(0.020 * 1.71 + 0.005 + 30 * 0.0009 + 0.001)
+  assert (ma.step_s, mb.step_s) == (0.05, 0.06)  # the calibration's prediction is kept
+  assert (ma.measured_step_s, mb.measured_step_s) == (0.030, 0.040)
+  rounds = planner.MEASURE_ROUNDS * planner.ALONGSIDE_REFERENCE_ROUNDS
+  assert timed.count("dp") == timed.count("fsdp") == planner.REFERENCE_WARMUP_ROUNDS + rounds
+  plan = planner.Plan(SimpleNamespace(chip=SimpleNamespace(name="cpu", memory=2 ** 30),
+                                      num_devices=2, described=False, calibration=None),
+                      [ma, mb], planner.model_shape(cfg, 256, "cpu"), speed)
+  table = planner.format_table(plan)
+  assert "step factor 1.710, 900 us per collective" in table and "est alongside ms" in table

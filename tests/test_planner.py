@@ -80,7 +80,8 @@ def test_present_plan_ranks_fitting_layouts_and_overrides_validate(cpu8):
   assert [r["chosen"] for r in rows].count(True) == 1 and rows[0]["chosen"]
   assert rows[0]["measured_step_s"] == plan.best.measured_step_s
   assert set(rows[0]) >= {"overrides", "predicted_step_s", "measured_step_s",
-                          "predicted_peak_bytes", "measured_peak_bytes", "chosen"}
+                          "predicted_alongside_step_s", "predicted_peak_bytes",
+                          "measured_peak_bytes", "chosen"}
   assert "measured / est" in planner.format_table(plan)
   fitting = [e for e in plan.estimates if e.fits]
   analytic = [e.step_s for e in fitting if e.source == "analytic"]

@@ -20,11 +20,10 @@ them in the probe too):
 - `first_touch_s_per_byte`: what writing freshly mapped memory costs beyond streaming
   (page faults), paid each step for the program's temporaries when the allocator maps
   their block anew at every call (`first_touch_bytes`);
-- `collective_s(nbytes)`: `nbytes` at `allreduce_bw`; `sync_s(work)`: a collective's
-  rendezvous after `work` seconds of each device's own work, interpolated (linearly, never
-  decreasing) between probes.
+- `collective_s(nbytes)`: `nbytes` at `allreduce_bw`.
 
-`lmos_jax.train.hlo_cost` prices a compiled step op by op with the last three.
+`lmos_jax.train.hlo_cost` prices a compiled step op by op with `dot_s`, `stream_s` and
+`collective_s`.
 
 The probes take seconds; their results are kept in `lmos_calibration.json` in the compile
 cache's directory, keyed like the host peak (CPU model, cores, devices, jax, XLA flags), so a
@@ -33,6 +32,7 @@ second plan on the same machine reads them back and another machine measures afr
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -57,7 +57,11 @@ PROBE_FLOPS = 2e7  # a probe program repeats a small dot or op until it does abo
 # (20-60 us, as noisy) decided the price, and a 4 KiB elementwise op read 0.15-3.4 us from
 # one probe to the next; with up to 1024, 0.22-0.28 us
 MAX_REPEATS = 4096
-SYNC_SIDES = (64, 256, 1024)  # per-device matmul sides of the rendezvous probe's work
+# seconds of calls per probe and pass, and passes: a shared machine's slow spells last
+# seconds, longer than one probe, so the probes of a program run in passes over all of them
+# and each keeps its median (on a 2-core VM one dot read 0.71-1.30x its median in five
+# passes, and the sum of a step's 17 dots 5.2-6.4 ms)
+PROBE_SECONDS, PROBE_PASSES = 0.1, 3
 NUMPY_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
                 "s8": "int8", "u8": "uint8", "s32": "int32", "u32": "uint32", "pred": "bool"}
 
@@ -128,14 +132,23 @@ def _per_op_seconds(program_s: float, repeats: int, dispatch_s: float) -> float:
   return max((program_s - dispatch_s) / repeats, 0.1 * share)
 
 
+@functools.partial(jax.jit, static_argnames=("dims", "out_dtype", "reps"))
+def _dot_loop(lhs: jax.Array, rhs: jax.Array, dims, out_dtype, reps: int) -> jax.Array:
+  """`reps` dots in a loop, each writing one element of its output back into its input so
+  that XLA cannot hoist it out. Jitted once at module level with the shape's numbers as
+  static arguments, so probing a dot again (another pass) reuses its compiled program."""
+  def body(_, x):
+    out = jax.lax.dot_general(x, rhs, dims, preferred_element_type=out_dtype)
+    corner = (slice(None),) + (0,) * (out.ndim - 1)
+    return x.at[(slice(None),) + (0,) * (x.ndim - 1)].set(out[corner].astype(x.dtype))
+  return jax.lax.fori_loop(0, reps, body, lhs)
+
+
 def probe_dot(devices: Sequence[Any], dot, dispatch_s: float) -> float:
   """Seconds per device of one dot shaped like `dot` (a `hlo_cost.DotShape`: operand dims,
   contracting and batch dimensions, HLO operand and result dtypes), every device running it
-  at once.
-
-  The dot runs in a loop, as ops run inside a compiled step (buffers reused, no fresh
-  allocation per op), each round writing one element of its output back into its input
-  so that XLA cannot hoist it out of the loop."""
+  at once, in a loop as ops run inside a compiled step (buffers reused, no fresh allocation
+  per op)."""
   dtype = jnp.dtype(NUMPY_DTYPES.get(dot.dtype, dot.dtype))
   out_name = dot.out_dtype or dot.dtype
   out_dtype = jnp.dtype(NUMPY_DTYPES.get(out_name, out_name))
@@ -143,17 +156,10 @@ def probe_dot(devices: Sequence[Any], dot, dispatch_s: float) -> float:
   shift = lambda dims: tuple(d + 1 for d in dims)  # past the leading device axis
   dims = ((shift(dot.lhs_contract), shift(dot.rhs_contract)),
           ((0, *shift(dot.lhs_batch)), (0, *shift(dot.rhs_batch))))
-
-  def loop(lhs, rhs):
-    def body(_, x):
-      out = jax.lax.dot_general(x, rhs, dims, preferred_element_type=out_dtype)
-      corner = (slice(None),) + (0,) * (out.ndim - 1)
-      return x.at[(slice(None),) + (0,) * (x.ndim - 1)].set(out[corner].astype(x.dtype))
-    return jax.lax.fori_loop(0, reps, body, lhs)
-
   lhs = _per_device(devices, dot.lhs, dtype)
   rhs = _per_device(devices, dot.rhs, dtype)
-  return _per_op_seconds(_median_seconds(jax.jit(loop), lhs, rhs, min_seconds=0.15), reps,
+  loop = functools.partial(_dot_loop, dims=dims, out_dtype=out_dtype, reps=reps)
+  return _per_op_seconds(_median_seconds(loop, lhs, rhs, min_seconds=PROBE_SECONDS), reps,
                          dispatch_s)
 
 
@@ -170,39 +176,29 @@ def _stream_op(kind: str) -> Callable[[jax.Array], jax.Array]:
   raise ValueError(f"unknown op kind {kind!r}")
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "reps"))
+def _stream_loop(x: jax.Array, kind: str, reps: int) -> jax.Array:
+  """`reps` memory-bound ops of `kind` in a loop (compiled once per shape, like `_dot_loop`)."""
+  op = _stream_op(kind)
+  return jax.lax.fori_loop(0, reps, lambda _, x: op(x), x)
+
+
 def probe_stream(devices: Sequence[Any], nbytes: int, dispatch_s: float,
                  kind: str = "stream") -> float:
   """Seconds per device of one memory-bound op of `kind` reading and writing `nbytes` in
   all (f32, in a loop as ops run inside a step), every device running it at once."""
   side = max(int(math.isqrt(max(nbytes // 8, 1))), 1)
-  op = _stream_op(kind)
   reps = _repeats(2 ** 25, nbytes)  # fewer rounds of the large sizes
-  loop = jax.jit(lambda x: jax.lax.fori_loop(0, reps, lambda _, x: op(x), x))
+  loop = functools.partial(_stream_loop, kind=kind, reps=reps)
   x = _per_device(devices, (side, side), jnp.float32)
-  return _per_op_seconds(_median_seconds(loop, x, min_seconds=0.15), reps, dispatch_s)
+  return _per_op_seconds(_median_seconds(loop, x, min_seconds=PROBE_SECONDS), reps, dispatch_s)
 
 
-def probe_collective_sync(devices: Sequence[Any], side: int) -> tuple[float, float]:
-  """(work, wait): seconds of one round of a device's own work (a side x side matmul and
-  tanh), and the seconds one small all-reduce after it adds. Devices drift apart while they
-  work; at the rendezvous the first to arrive waits for the last (and where devices share
-  host cores, holds one that the others could use)."""
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
-  spec = PartitionSpec("d")
-  reps = _repeats(10 * PROBE_FLOPS, 2.0 * side ** 3)  # fewer rounds of the large work
-
-  def loop(sync: bool):
-    def body(_, x):
-      x = jnp.tanh(x @ x * 1e-3)
-      return x + jax.lax.psum(x[:1, :1], "d") * 1e-6 if sync else x
-    return jax.jit(jax.shard_map(lambda x: jax.lax.fori_loop(0, reps, body, x),
-                                 mesh=mesh, in_specs=spec, out_specs=spec))
-
-  x = jax.device_put(jnp.ones((len(devices) * side, side), jnp.float32),
-                     NamedSharding(mesh, spec))
-  without = _median_seconds(loop(False), x, min_seconds=0.5)
-  with_sync = _median_seconds(loop(True), x, min_seconds=0.5)
-  return without / reps, max(with_sync - without, 0.0) / reps
+def stream_points(nbytes: float) -> tuple[int, ...]:
+  """The STREAM_BYTES sizes `Calibration.stream_s` interpolates between for `nbytes`: the
+  two around it (past the grid the last two; at or below its first size that one only)."""
+  hi = next((i for i, b in enumerate(STREAM_BYTES) if b >= nbytes), len(STREAM_BYTES) - 1)
+  return STREAM_BYTES[max(hi - 1, 0):hi + 1]
 
 
 # per device: past glibc's largest mmap threshold (32 MiB on 64-bit), so that under the
@@ -290,35 +286,37 @@ class Calibration:
     if nbytes <= 0:
       return 0.0
     # only the two grid sizes around nbytes are needed (and probed, at their first use)
-    hi = next((i for i, b in enumerate(STREAM_BYTES) if b >= nbytes), len(STREAM_BYTES) - 1)
-    xs = STREAM_BYTES[max(hi - 1, 0):hi + 1]
+    xs = stream_points(nbytes)
     ys = [self.probed(f"{kind} {b}", lambda d, b=b: probe_stream(d, b, self.dispatch_s, kind))
           for b in xs]
     return interpolate_loglog(xs, ys, nbytes)
 
+  def probe_all(self, dots: Sequence[Any], streams: Sequence[tuple[float, str]]) -> None:
+    """Probes every price of `dots` (DotShapes) and `streams` ((bytes, kind) asked of
+    `stream_s`) not kept yet, in PROBE_PASSES passes over all of them, and keeps each at
+    its median: what a program's pricing needs, probed so that a slow spell of the machine
+    lands on one pass of many probes rather than on some probes only."""
+    todo: dict[str, Callable[[], float]] = {}
+    for dot in dots:
+      todo[dot.key()] = lambda dot=dot: probe_dot(self.devices, dot, self.dispatch_s)
+    for nbytes, kind in streams:
+      for b in stream_points(nbytes) if nbytes > 0 else ():
+        todo[f"{kind} {b}"] = lambda b=b, kind=kind: probe_stream(self.devices, b,
+                                                                  self.dispatch_s, kind)
+    todo = {name: probe for name, probe in todo.items() if name not in self.entry}
+    if not todo:
+      return
+    self.dispatch_s  # probed before the passes, which use it
+    seconds: dict[str, list[float]] = {name: [] for name in todo}
+    for _ in range(PROBE_PASSES):
+      for name, probe in todo.items():
+        seconds[name].append(probe())
+    for name, values in seconds.items():
+      self.probed(name, lambda _, values=values: float(np.median(values)))
+
   @property
   def first_touch_s_per_byte(self) -> float:
     return self.probed("first_touch_s_per_byte", probe_first_touch)
-
-  def _sync_point(self, side: int) -> tuple[float, float]:
-    name = f"sync {side}"
-    if name not in self.entry:
-      work, wait = probe_collective_sync(self.devices, side)
-      self.entry[f"sync work {side}"] = work
-      self.probed(name, lambda _: wait)
-    return float(self.entry[f"sync work {side}"]), float(self.entry[name])
-
-  def sync_s(self, work_s: float) -> float:
-    """Wait of one collective after `work_s` of a device's own work, interpolated between
-    probes at SYNC_SIDES (0 on one device: nothing to wait for)."""
-    if len(self.devices) == 1:
-      return 0.0
-    points = sorted(self._sync_point(side) for side in SYNC_SIDES)
-    xs = [w for w, _ in points]
-    # more work before a rendezvous never shortens the wait: a probe that came out lower
-    # than a smaller one is noise, and the running maximum replaces it
-    ys = list(np.maximum.accumulate([s for _, s in points]))
-    return float(np.interp(work_s, xs, ys))  # flat beyond the probes
 
   def collective_s(self, nbytes: float) -> float:
     return max(nbytes, 0.0) / self.allreduce_bw

@@ -11,10 +11,9 @@ fixed cost per op. So the planner prices the program XLA will actually run, per 
 - any other fusion or op that touches memory: at the measured time of one elementwise op
   moving the same number of bytes (which carries the per-op floor at small sizes and the
   memory bandwidth at large ones); in-place updates and slices count only what they move;
-- collectives: the bytes a ring moves over the measured all-reduce bandwidth, plus a
-  rendezvous each, priced at the measured wait after the program's average work between two
-  collectives (devices drift apart as they work, and the first to arrive waits; on devices
-  that share host cores it also holds a core);
+- collectives: the bytes a ring moves over the measured all-reduce bandwidth, and counted
+  (each also costs a rendezvous, the devices meeting after drifting apart as they work: the
+  planner prices it per collective from its reference steps);
 - `while` bodies times their known trip count, `call`s once, `conditional`s at their most
   expensive branch; bookkeeping ops (parameters, tuples, bitcasts) cost nothing.
 
@@ -106,7 +105,27 @@ class Prices(Protocol):
   def dot_s(self, dot: DotShape) -> float: ...
   def stream_s(self, nbytes: float, kind: str = "stream") -> float: ...
   def collective_s(self, nbytes: float) -> float: ...
-  def sync_s(self, work_s: float) -> float: ...
+
+
+class AskedPrices:
+  """Prices of nothing that note what was asked of them: the dots and the memory-bound ops
+  (bytes, kind) whose probes pricing a program needs, so that a calibration can probe them
+  all together before the program is priced (`Calibration.probe_all`)."""
+
+  def __init__(self) -> None:
+    self.dots: dict[str, DotShape] = {}
+    self.streams: set[tuple[float, str]] = set()
+
+  def dot_s(self, dot: DotShape) -> float:
+    self.dots[dot.key()] = dot
+    return 0.0
+
+  def stream_s(self, nbytes: float, kind: str = "stream") -> float:
+    self.streams.add((nbytes, kind))
+    return 0.0
+
+  def collective_s(self, nbytes: float) -> float:
+    return 0.0
 
 
 @dataclasses.dataclass
@@ -117,20 +136,18 @@ class Breakdown:
   memory_s: float = 0.0
   collectives_s: float = 0.0  # bytes over bandwidth
   collectives: float = 0.0  # how many run per call
-  syncs_s: float = 0.0  # their rendezvous (set for a whole program by `price_program`)
   unknown_trip_counts: int = 0  # while loops without a known trip count (priced once)
   cached_s: float = 0.0  # the part of dots_s + memory_s from ops moving <= CACHE_BYTES
 
   @property
   def total_s(self) -> float:
-    return self.dots_s + self.memory_s + self.collectives_s + self.syncs_s
+    return self.dots_s + self.memory_s + self.collectives_s
 
   def add(self, other: "Breakdown", times: float = 1.0) -> None:
     self.dots_s += times * other.dots_s
     self.memory_s += times * other.memory_s
     self.collectives_s += times * other.collectives_s
     self.collectives += times * other.collectives
-    self.syncs_s += times * other.syncs_s
     self.unknown_trip_counts += other.unknown_trip_counts
     self.cached_s += times * other.cached_s
 
@@ -394,7 +411,4 @@ def price_instruction(ins: Instr, types: dict[str, str], comps: dict[str, list[I
 def price_program(hlo_text: str, prices: Prices, num_devices: int) -> Breakdown:
   """Predicted seconds of one call of a compiled program (per device), by kind."""
   comps, entry = parse_module(hlo_text)
-  out = price_computation(entry, comps, prices, num_devices)
-  if out.collectives:
-    out.syncs_s = out.collectives * prices.sync_s((out.dots_s + out.memory_s) / out.collectives)
-  return out
+  return price_computation(entry, comps, prices, num_devices)

@@ -15,15 +15,16 @@ ranks the rest by estimated step time. Two sources of numbers:
 
 Step time, for present devices: a compiled candidate's program is priced op by op
 (`lmos_jax.train.hlo_cost`: each dot at the speed probed for that very dot, memory-bound
-ops by the bytes they move and whether they transpose or reduce, collectives by bytes and a
-rendezvous cost, loops times their trip count), plus the first write of its temporaries and
-one program call; the ops small enough to have run from cache in their probes are scaled by
-the machine's program factor (what a reference step of such ops costs beyond their
-prices). The speeds are probed on the devices and kept per machine
-(`lmos_jax.train.calibrate`; `--recalibrate` probes again). The analytic ranking that picks
-which layouts to compile uses FLOPs at the probed rate of each layout's MLP matmul plus
-collectives and a cost per op; a described target uses its spec sheet at an assumed
-matmul efficiency.
+ops by the bytes they move and whether they transpose or reduce, collectives by bytes,
+loops times their trip count), plus the first write of its temporaries, a rendezvous per
+collective and one program call; the ops small enough to have run from cache in their
+probes are scaled by the machine's program factor (what a step of such ops costs beyond
+their prices). The factor and the rendezvous are measured on two reference steps, one
+data-parallel and one fully sharded (`program_speed`). The speeds are probed on the
+devices and kept per machine (`lmos_jax.train.calibrate`; `--recalibrate` probes again).
+The analytic ranking that picks which layouts to compile uses FLOPs at the probed rate of
+each layout's MLP matmul plus collectives and a cost per op; a described target uses its
+spec sheet at an assumed matmul efficiency.
 
 The best layout is printed as `--config.*` flags and, with `--out`, written as JSON.
 """
@@ -36,7 +37,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,7 @@ from lmos_jax.parallel.host_memory import HeapPeak, heap_in_use_reader, setup_cp
 from lmos_jax.parallel.sharding import abstract_like, batch_sharding, make_mesh
 from lmos_jax.train.assemble import assemble_step, splits_opt_state
 from lmos_jax.train.calibrate import first_touch_bytes
-from lmos_jax.train.hlo_cost import price_program
+from lmos_jax.train.hlo_cost import AskedPrices, price_program
 from lmos_jax.train.metrics import CHIPS, Chip, chip_of, flops_per_token, measure_cpu_peak
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import jit_train_step
@@ -160,6 +161,10 @@ class Estimate:
   fits: bool = True
   measured_step_s: float | None = None  # --measure: median seconds per step, run here
   measured_peak: float | None = None  # --measure: peak bytes per device (None: not reported)
+  priced: "Priced | None" = None  # compiled on present devices: its program's prices
+  # --measure: predicted as `step_s` is, with the factor and wait of the reference steps timed
+  # in the same rounds as the candidates instead of those kept with the calibration
+  predicted_alongside_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +314,6 @@ class StepBuild:
   step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
   batch: dict  # the task's global batch: key -> ArraySpec(shape, dtype)
   policy: str  # the precision policy the step runs (`auto` resolved)
-  splits_opt_state: bool = False  # the data devices each update a share of the optimizer state
 
   def abstract_inputs(self):
     """ShapeDtypeStructs with shardings for AOT `step_fn.lower(...)`."""
@@ -337,7 +341,7 @@ def build_step(cfg, vocab: int, devices: Sequence[Any]) -> StepBuild:
   fn = jit_train_step(step.step_cfg, step.shardings, mesh,
                       {k: len(a.shape) for k, a in spec.items()})
   return StepBuild(mesh, step.init_fn, step.abstract, step.shardings, fn, spec,
-                   step.step_cfg.policy.name, step.step_cfg.update_shardings is not None)
+                   step.step_cfg.policy.name)
 
 
 def compiled_memory(compiled) -> float:
@@ -373,91 +377,138 @@ def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShap
   flops = max(flops, model_flops)
   cal = target.calibration
   if cal is not None:  # the program itself, priced op by op at this machine's speeds
-    factor = program_factor(cal, target.num_devices, build.policy, build.splits_opt_state)
-    cached_s, rest_s = priced_seconds(compiled, cal, target.num_devices)
-    step_s = cached_s * factor + rest_s + cal.dispatch_s
-    return Estimate(lay, memory, step_s, flops, source.replace("compiled", "compiled HLO", 1))
+    priced = priced_seconds(compiled, cal, target.num_devices)
+    speed = program_speed(cal, target.num_devices, build.policy, bool(c.model.scan_layers))
+    step_s = priced_step_s(priced, speed, cal)
+    return Estimate(lay, memory, step_s, flops, source.replace("compiled", "compiled HLO", 1),
+                    priced=priced)
   return Estimate(lay, memory, step_time(s, lay, target, flops), flops, source)
 
 
-def priced_seconds(compiled, cal, num_devices: int) -> tuple[float, float]:
+class Priced(NamedTuple):
+  """A compiled step's ops priced one by one at the calibrated speeds (per device): what the
+  program factor scales, what it does not, and how many collectives rendezvous per call."""
+
+  cached_s: float
+  rest_s: float
+  collectives: float
+
+
+def priced_seconds(compiled, cal, num_devices: int) -> Priced:
   """A compiled step's ops priced one by one at the calibrated speeds (per device), as
   (ops moving at most `hlo_cost.CACHE_BYTES`, everything else with the first write of the
-  temporaries); the program call itself not included. The first part is what the program
-  factor scales: a loop probe runs such an op on data its last round left in cache, a step
-  runs it between other ops that have passed through the cache, and the reference step
-  (all of its ops small) measures the difference. A larger op streams from memory in its
-  probe as in a step: with every op scaled by the reference's ratio, the shakespeare baby
-  shape's steps ran at 0.62-0.67 of their predictions; with only the small ones scaled,
-  at 0.81-1.03 in two validations."""
-  priced = price_program(compiled.as_text(), cal, num_devices)
+  temporaries, the collectives run per call); the program call and the collectives'
+  rendezvous not included. The first part is what the program factor scales: a loop probe
+  runs such an op on data its last round left in cache, a step runs it between other ops
+  that have passed through the cache, and the reference step (all of its ops small)
+  measures the difference. A larger op streams from memory in its probe as in a step: with
+  every op scaled by the reference's ratio, the shakespeare baby shape's steps ran at
+  0.62-0.67 of their predictions; with only the small ones scaled, at 0.81-1.03 in two
+  validations."""
+  text = compiled.as_text()
+  asked = AskedPrices()
+  price_program(text, asked, num_devices)
+  cal.probe_all(list(asked.dots.values()), sorted(asked.streams))
+  priced = price_program(text, cal, num_devices)
   temp = float(compiled.memory_analysis().temp_size_in_bytes)
   rest = priced.total_s - priced.cached_s + first_touch_bytes(temp) * cal.first_touch_s_per_byte
-  return priced.cached_s, rest
+  return Priced(priced.cached_s, rest, priced.collectives)
 
 
-def reference_config(num_devices: int, precision: str = "fp32", split_opt_state: bool = True):
+def priced_step_s(priced: Priced, speed: tuple[float, float], cal) -> float:
+  """A step's predicted seconds from its prices and the (factor, wait) of `program_speed`:
+  the ops that fit in cache scaled, the rest as priced, a wait per collective, one call."""
+  factor, wait_s = speed
+  return priced.cached_s * factor + priced.rest_s + priced.collectives * wait_s + cal.dispatch_s
+
+
+def reference_config(num_devices: int, precision: str = "fp32", fsdp: bool = False,
+                     scan: bool = True):
   """A fixed small model (2 layers, 128 wide, 64 tokens, 256 ids, 4 sequences per device)
-  trained data-parallel over `num_devices`, its optimizer state split over them or not: the
-  reference step of `program_factor`. Every layout choice is spelled out here, so a changed
-  default (`mesh.opt_state=auto`) does not silently change what each machine calibrates."""
+  trained over `num_devices`: data-parallel with the optimizer state replicated (one
+  all-reduce per step), or (`fsdp`) with parameters and state split over the devices (a
+  gather or reduction per parameter, ~30 collectives): the reference steps of
+  `program_speed`, their layers scanned or not as the candidate's are. Every layout choice
+  is spelled out here, so a changed default (`mesh.opt_state=auto`) does not silently
+  change what each machine calibrates."""
   from lmos_jax.config.schema import base_config
   c = base_config()
   c.model.num_layers, c.model.num_heads, c.model.d_model = 2, 4, 128
   c.model.max_seq_len, c.model.vocab_size = 64, 256
   c.data.source, c.data.tokenizer, c.data.seq_len = "embedded", "byte", 64
   c.train.batch_size = 4 * num_devices
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = num_devices, 1, 1
-  c.mesh.opt_state = "sharded" if split_opt_state else "replicated"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (1, num_devices, 1) if fsdp else (num_devices, 1, 1)
+  c.mesh.opt_state = "replicated"
   c.train.precision = precision  # a resolved policy: never `auto`, which follows the CPU
-  # layers scanned, whether the candidate's are or not: scaled by an unrolled reference
-  # (ratio 0.83-0.90 against 0.96-1.11), the small shakespeare config's unrolled steps ran
-  # at 0.86-1.59 of their predictions in three validations, against 0.76-1.13 scanned
-  c.model.scan_layers = True
+  # like for like: on XLA:CPU the scanned reference step's factor read 1.2x the unrolled
+  # one's (a loop's own ops and its stacked parameters' slices cost more than priced), and
+  # the small shakespeare config's unrolled steps ran at 0.78-0.87 of predictions scaled by
+  # the scanned one
+  c.model.scan_layers = scan
   return c
 
 
+def solve_speed(measured: Sequence[float], priced: Sequence[Priced]) -> tuple[float, float]:
+  """(factor, wait): the program factor and the seconds each collective adds beyond its
+  bytes, from measured step seconds (call taken off) of reference steps that differ in how
+  many collectives they run: measured = factor x cached + rest + collectives x wait, one
+  equation per step. With one step, or a wait that comes out negative (noise where the
+  collectives cost next to nothing), the wait is 0 and the first step sets the factor."""
+  a = [m - p.rest_s for m, p in zip(measured, priced)]
+  if len(priced) == 2:
+    (c1, _, k1), (c2, _, k2) = priced
+    det = c1 * k2 - c2 * k1
+    wait = (c1 * a[1] - c2 * a[0]) / det if det > 0 else 0.0
+    if wait > 0:
+      return max((a[0] - k1 * wait) / c1, 0.0), wait
+  return max(a[0] / priced[0].cached_s, 0.0), 0.0
+
+
 def measure_reference(cal, num_devices: int, precision: str = "fp32",
-                      split_opt_state: bool = True) -> float:
-  """Measured over priced seconds of the reference step's ops that fit in cache (nearly
-  all of them; the price of the rest is taken off the measured time first), on the first
-  `num_devices` devices. How a whole step of such ops differs from their loop probes: what
-  the cache holds when each op starts, the executor's gaps between ops and, where devices
-  share host cores, the devices waiting for each other at every collective. Measured once
-  per machine on a fixed model (not the planned config) and kept with the other probes, one
-  per precision policy and optimizer-state split (`program_factor`)."""
+                      scan: bool = True) -> tuple[float, float]:
+  """(factor, wait) of `solve_speed` from the reference steps on the first `num_devices`
+  devices (data-parallel, and fully sharded where there are several devices), timed in
+  turns. The factor: how a whole step of small ops differs from their loop probes (what the
+  cache holds when each op starts, the executor's gaps between ops). The wait: what a
+  collective costs beyond moving its bytes, the devices meeting at it after drifting apart
+  (on 2 CPU devices 110-180 us per collective in such steps, where a loop of one op and one
+  small all-reduce read 50-80 us). Measured once per machine on a fixed model (not the
+  planned config) and kept with the other probes, one pair per precision policy."""
   import statistics
-  r = _runner(reference_config(num_devices, precision, split_opt_state), 256, num_devices)
-  # timed as the candidates are (median of rounds after warm-up), so their factor is like
-  # for like; more and longer rounds than theirs, since this one number scales every
-  # prediction and a round of this small step lasts only tens of milliseconds. On XLA:CPU
-  # its first rounds after loading ran 1.1-1.3x slower than the settled ones for about a
+  runners = reference_runners(num_devices, precision, scan)
+  # timed as the candidates are (median of rounds after warm-up, in turns), so their factor
+  # is like for like; more and longer rounds than theirs, since these numbers scale every
+  # prediction and a round of these small steps lasts only tens of milliseconds. On XLA:CPU
+  # the first rounds after loading ran 1.1-1.3x slower than the settled ones for about a
   # second and a half; measured then, the factor priced every candidate 15-25% high.
   for _ in range(REFERENCE_WARMUP_ROUNDS):
-    _time_round(r, REFERENCE_STEPS)
-  # the fastest of a few such medians: the factor is kept for the machine, and a slow spell
-  # of a shared host (one median of three 10-43% above the fastest in the same process on
-  # a 2-core VM) would otherwise scale every later prediction there; a spell only adds time
-  measured = min(statistics.median(_time_round(r, REFERENCE_STEPS)
-                                   for _ in range(REFERENCE_ROUNDS))
-                 for _ in range(REFERENCE_REPEATS))
-  cached_s, rest_s = priced_seconds(r.compiled, cal, num_devices)
-  return max(measured - cal.dispatch_s - rest_s, 0.0) / cached_s
+    for r in runners:
+      _time_round(r, REFERENCE_STEPS)
+  times: list[list[float]] = [[] for _ in runners]
+  for _ in range(REFERENCE_ROUNDS):
+    for r, t in zip(runners, times):
+      t.append(_time_round(r, REFERENCE_STEPS))
+  measured = [statistics.median(t) - cal.dispatch_s for t in times]
+  return solve_speed(measured, [priced_seconds(r.compiled, cal, num_devices) for r in runners])
 
 
-def program_factor(cal, num_devices: int, precision: str = "fp32",
-                   split_opt_state: bool = True) -> float:
-  """The reference step's measured/priced ratio under `precision` (a resolved policy name),
-  its optimizer state split over the data devices as the candidate's is or not.
+def reference_runners(num_devices: int, precision: str, scan: bool) -> list["_Runner"]:
+  """The reference steps of `program_speed`, compiled with a batch: data-parallel, and fully
+  sharded where there are several devices."""
+  return [_runner(reference_config(num_devices, precision, fsdp, scan), 256, num_devices)
+          for fsdp in ((False, True) if num_devices > 1 else (False,))]
 
-  Like for like: a split state gathers every updated leaf, and those rendezvous weigh in
-  the ratio. Scaled by a split reference, the shakespeare configs' bf16_matmul steps on 2
-  CPU devices (replicated, as `mesh.opt_state=auto` keeps them there) ran at 0.75-0.96 of
-  their predictions in `experiments/validate_plan.py`; by a replicated one, 0.83-1.02."""
-  name = ("program_factor" + ("" if precision == "fp32" else f" {precision}")
-          + ("" if split_opt_state else " replicated"))
-  return cal.probed(name, lambda _: measure_reference(cal, num_devices, precision,
-                                                      split_opt_state))
+
+def program_speed(cal, num_devices: int, precision: str = "fp32",
+                  scan: bool = True) -> tuple[float, float]:
+  """The reference steps' (factor, wait) under `precision` (a resolved policy name), layers
+  scanned or not, measured at first use and kept with the calibration."""
+  suffix = ("" if precision == "fp32" else f" {precision}") + ("" if scan else " unrolled")
+  if f"step factor{suffix}" not in cal.entry:
+    factor, wait = measure_reference(cal, num_devices, precision, scan)
+    cal.entry[f"collective wait{suffix}"] = wait
+    cal.probed(f"step factor{suffix}", lambda _: factor)
+  return float(cal.entry[f"step factor{suffix}"]), float(cal.entry[f"collective wait{suffix}"])
 
 
 def synthetic_batch(spec: dict, vocab: int, num_labels: int, seed: int = 0) -> dict:
@@ -488,10 +539,11 @@ def peak_bytes(devices: Sequence[Any]) -> float | None:
 
 
 MEASURE_ROUNDS = 5
+ALONGSIDE_REFERENCE_ROUNDS = 3  # rounds of each reference step per round of the candidates
 HEAP_SAMPLES, HEAP_MAX_STEPS = 10, 200  # heap readings per candidate on XLA:CPU; a bound
-# the reference step of `program_factor`: untimed rounds, timed rounds, steps per round,
-# and how many medians of the timed rounds it takes the fastest of
-REFERENCE_WARMUP_ROUNDS, REFERENCE_ROUNDS, REFERENCE_STEPS, REFERENCE_REPEATS = 6, 7, 20, 3
+# the reference steps of `program_speed`: untimed rounds and timed rounds of each, steps
+# per round
+REFERENCE_WARMUP_ROUNDS, REFERENCE_ROUNDS, REFERENCE_STEPS = 4, 15, 20
 
 
 @dataclasses.dataclass
@@ -557,13 +609,22 @@ def heap_peak_per_device(r: _Runner, read: Callable[[], int]) -> float:
 
 
 def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
-                      steps: int, programs: dict | None = None) -> list[Estimate]:
+                      steps: int, programs: dict | None = None
+                      ) -> tuple[list[Estimate], tuple[float, float] | None]:
   """Runs each layout's real train step (the step `lmos train` compiles) on the present
   devices: an untimed warm-up round, then MEASURE_ROUNDS rounds that time every candidate
   in turn (`steps` steps after a warm-up step, from a fresh state), median per candidate.
   Taking turns keeps a slow spell of a shared machine from landing on one candidate only;
   the warm-up round keeps out what a freshly loaded program costs on its first runs (on
   XLA:CPU the first rounds ran up to 1.3x slower than later ones).
+
+  The reference steps of `program_speed` take their turns in the same rounds, and each
+  candidate is predicted again with the (factor, wait) they give (returned too): a
+  shared machine's speed moves between the calibration and the measurement (the small
+  shakespeare config's data-parallel reference step measured 13.1-15.8 ms in four
+  calibrations of one process on a 2-core VM, 20 rounds each), and those numbers scale
+  every prediction, so this one compares the pricing with the measurement at the speed of
+  the moment. None where a candidate was not priced from its program.
 
   Peak memory: the allocator's peak can only grow, so the warm-up round runs the candidates
   from the smallest predicted memory up and reads the peak after each; a candidate's
@@ -585,11 +646,28 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   read = heap_in_use_reader() if None in peaks.values() else None
   if read is not None:
     peaks = {i: heap_peak_per_device(runners[i], read) for i in order}
+  cal = target.calibration
+  priced = cal is not None and bool(ests) and all(e.priced is not None for e in ests)
+  refs = reference_runners(target.num_devices, runners[order[0]].build.policy,
+                           bool(cfg.model.scan_layers)) if priced else []
+  ref_times: list[list[float]] = [[] for _ in refs]
+  for _ in range(REFERENCE_WARMUP_ROUNDS):
+    for r in refs:
+      _time_round(r, REFERENCE_STEPS)
   for _ in range(MEASURE_ROUNDS):
     for i in order:
       times[i].append(_time_round(runners[i], steps))
-  return [dataclasses.replace(e, measured_step_s=statistics.median(times[i]),
-                              measured_peak=peaks[i]) for i, e in enumerate(ests)]
+    for _ in range(ALONGSIDE_REFERENCE_ROUNDS):
+      for r, t in zip(refs, ref_times):
+        t.append(_time_round(r, REFERENCE_STEPS))
+  speed = None
+  if refs:
+    speed = solve_speed([statistics.median(t) - cal.dispatch_s for t in ref_times],
+                        [priced_seconds(r.compiled, cal, target.num_devices) for r in refs])
+  return [dataclasses.replace(
+      e, measured_step_s=statistics.median(times[i]), measured_peak=peaks[i],
+      predicted_alongside_s=priced_step_s(e.priced, speed, cal) if speed else None)
+      for i, e in enumerate(ests)], speed
 
 
 def apply_overrides(cfg, overrides: dict[str, Any]):
@@ -615,6 +693,8 @@ class Plan:
   target: Target
   estimates: list[Estimate]  # fitting first, ranked by step time
   shape: ModelShape
+  # --measure: (factor, wait) of the reference steps timed with the candidates
+  alongside: tuple[float, float] | None = None
 
   @property
   def best(self) -> Estimate:
@@ -657,11 +737,12 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
   if not fitting:
     raise PlanError(nothing_fits_message(cfg, target, s, ests, remats, max_microbatches))
   rest = sorted((e for e in ests if not e.fits), key=lambda e: e.memory)
+  alongside = None
   if measure_steps and not target.described:
-    ran = measure_estimates(cfg, vocab, [e for e in fitting if e.source != "analytic"],
-                            target, measure_steps, programs)
+    ran, alongside = measure_estimates(cfg, vocab, [e for e in fitting if e.source != "analytic"],
+                                       target, measure_steps, programs)
     fitting = ran + [e for e in fitting if e.source == "analytic"]
-  return Plan(target, fitting + rest, s)
+  return Plan(target, fitting + rest, s, alongside)
 
 
 def nothing_fits_message(cfg, target: Target, s: ModelShape, ests: list[Estimate],
@@ -712,11 +793,16 @@ def format_table(plan: Plan, limit: int = 20) -> str:
           f"{plan.shape.seq_len}")
   if t.calibration is not None:
     head += f"\nstep times from this machine's {t.calibration.describe()}"
+  if plan.alongside is not None:
+    head += (f"\nreference steps timed with the candidates: step factor "
+             f"{plan.alongside[0]:.3f}, {1e6 * plan.alongside[1]:.0f} us per collective (est "
+             f"alongside)")
   measured = any(e.measured_step_s is not None for e in plan.estimates)
-  extra = " measured step ms | measured / est | measured peak GiB |" if measured else ""
+  extra = (" measured step ms | measured / est | est alongside ms | measured / that | "
+           "measured peak GiB |") if measured else ""
   rows = [head, "| rank | data | fsdp | tensor | micro | remat | GiB/device | fits | "
           "est step ms | est tokens/s | source |" + extra,
-          "|" + "---|" * (14 if measured else 11)]
+          "|" + "---|" * (16 if measured else 11)]
   for i, e in enumerate(plan.estimates[:limit]):
     l = e.layout
     row = (f"| {i + 1 if e.fits else '-'} | {l.data} | {l.fsdp} | {l.tensor} | "
@@ -726,8 +812,10 @@ def format_table(plan: Plan, limit: int = 20) -> str:
     if measured:
       m = e.measured_step_s
       peak = "-" if e.measured_peak is None else f"{e.measured_peak / GiB:.3f}"
-      row += (f" {1e3 * m:.2f} | {m / e.step_s:.2f} | {peak} |" if m is not None
-              else " - | - | - |")
+      a = e.predicted_alongside_s
+      along = "- | -" if m is None or a is None else f"{1e3 * a:.2f} | {m / a:.2f}"
+      row += (f" {1e3 * m:.2f} | {m / e.step_s:.2f} | {along} | {peak} |" if m is not None
+              else " - | - | - | - | - |")
     rows.append(row)
   if len(plan.estimates) > limit:
     rows.append(f"... {len(plan.estimates) - limit} more layouts")
@@ -744,6 +832,7 @@ def plan_json(plan: Plan, chosen: Estimate) -> list[dict]:
   """`lmos plan --json`: one object per candidate, predicted and (with --measure) measured."""
   return [{"overrides": e.layout.overrides(), "fits": e.fits, "source": e.source,
            "predicted_step_s": e.step_s, "measured_step_s": e.measured_step_s,
+           "predicted_alongside_step_s": e.predicted_alongside_s,
            "predicted_peak_bytes": e.memory, "measured_peak_bytes": e.measured_peak,
            "chosen": e is chosen} for e in plan.estimates]
 
