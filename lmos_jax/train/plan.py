@@ -471,7 +471,7 @@ def measure_reference(cal, num_devices: int, precision: str = "fp32",
   turns. The factor: how a whole step of small ops differs from their loop probes (what the
   cache holds when each op starts, the executor's gaps between ops). The wait: what a
   collective costs beyond moving its bytes, the devices meeting at it after drifting apart
-  (on 2 CPU devices 110-180 us per collective in such steps, where a loop of one op and one
+  (on 2 CPU devices 110-200 us per collective in such steps, where a loop of one op and one
   small all-reduce read 50-80 us). Measured once per machine on a fixed model (not the
   planned config) and kept with the other probes, one pair per precision policy."""
   import statistics
@@ -620,9 +620,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
 
   The reference steps of `program_speed` take their turns in the same rounds, and each
   candidate is predicted again with the (factor, wait) they give (returned too): a
-  shared machine's speed moves between the calibration and the measurement (the small
-  shakespeare config's data-parallel reference step measured 13.1-15.8 ms in four
-  calibrations of one process on a 2-core VM, 20 rounds each), and those numbers scale
+  shared machine's speed moves between the calibration and the measurement (the
+  data-parallel reference step measured 13.1-15.8 ms in four measurements in one process
+  on a 2-core VM, each the median of 15 rounds of 20 steps), and those numbers scale
   every prediction, so this one compares the pricing with the measurement at the speed of
   the moment. None where a candidate was not priced from its program.
 
@@ -647,9 +647,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   if read is not None:
     peaks = {i: heap_peak_per_device(runners[i], read) for i in order}
   cal = target.calibration
-  priced = cal is not None and bool(ests) and all(e.priced is not None for e in ests)
+  all_priced = cal is not None and bool(ests) and all(e.priced is not None for e in ests)
   refs = reference_runners(target.num_devices, runners[order[0]].build.policy,
-                           bool(cfg.model.scan_layers)) if priced else []
+                           bool(cfg.model.scan_layers)) if all_priced else []
   ref_times: list[list[float]] = [[] for _ in refs]
   for _ in range(REFERENCE_WARMUP_ROUNDS):
     for r in refs:
