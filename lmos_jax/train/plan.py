@@ -161,7 +161,7 @@ class Estimate:
   fits: bool = True
   measured_step_s: float | None = None  # --measure: median seconds per step, run here
   measured_peak: float | None = None  # --measure: peak bytes per device (None: not reported)
-  priced: "Priced | None" = None  # compiled on present devices: its program's prices
+  priced: Priced | None = None  # compiled on present devices: its program's prices
   # --measure: predicted as `step_s` is, with the factor and wait of the reference steps timed
   # in the same rounds as the candidates instead of those kept with the calibration
   predicted_alongside_s: float | None = None
@@ -492,7 +492,7 @@ def measure_reference(cal, num_devices: int, precision: str = "fp32",
   return solve_speed(measured, [priced_seconds(r.compiled, cal, num_devices) for r in runners])
 
 
-def reference_runners(num_devices: int, precision: str, scan: bool) -> list["_Runner"]:
+def reference_runners(num_devices: int, precision: str, scan: bool) -> list[_Runner]:
   """The reference steps of `program_speed`, compiled with a batch: data-parallel, and fully
   sharded where there are several devices."""
   return [_runner(reference_config(num_devices, precision, fsdp, scan), 256, num_devices)
