@@ -279,30 +279,36 @@ class Calibration:
   def dispatch_s(self) -> float:
     return self.probed("dispatch_s", probe_dispatch)
 
+  def _dot_probe(self, dot) -> tuple[str, Callable[[], float]]:
+    """The name a dot's price is kept under, and its probe."""
+    return dot.key(), lambda: probe_dot(self.devices, dot, self.dispatch_s)
+
+  def _stream_probes(self, nbytes: float, kind: str) -> dict[str, Callable[[], float]]:
+    """The grid sizes a memory-bound op of `nbytes` is priced from: name -> probe (none for
+    an op that moves nothing)."""
+    return {f"{kind} {b}": (lambda b=b: probe_stream(self.devices, b, self.dispatch_s, kind))
+            for b in (stream_points(nbytes) if nbytes > 0 else ())}
+
   def dot_s(self, dot) -> float:
-    return self.probed(dot.key(), lambda d: probe_dot(d, dot, self.dispatch_s))
+    name, probe = self._dot_probe(dot)
+    return self.probed(name, lambda _: probe())
 
   def stream_s(self, nbytes: float, kind: str = "stream") -> float:
     if nbytes <= 0:
       return 0.0
     # only the two grid sizes around nbytes are needed (and probed, at their first use)
-    xs = stream_points(nbytes)
-    ys = [self.probed(f"{kind} {b}", lambda d, b=b: probe_stream(d, b, self.dispatch_s, kind))
-          for b in xs]
-    return interpolate_loglog(xs, ys, nbytes)
+    ys = [self.probed(name, lambda _, probe=probe: probe())
+          for name, probe in self._stream_probes(nbytes, kind).items()]
+    return interpolate_loglog(stream_points(nbytes), ys, nbytes)
 
   def probe_all(self, dots: Sequence[Any], streams: Sequence[tuple[float, str]]) -> None:
     """Probes every price of `dots` (DotShapes) and `streams` ((bytes, kind) asked of
     `stream_s`) not kept yet, in PROBE_PASSES passes over all of them, and keeps each at
     its median: what a program's pricing needs, probed so that a slow spell of the machine
     lands on one pass of many probes rather than on some probes only."""
-    todo: dict[str, Callable[[], float]] = {}
-    for dot in dots:
-      todo[dot.key()] = lambda dot=dot: probe_dot(self.devices, dot, self.dispatch_s)
+    todo = dict(self._dot_probe(dot) for dot in dots)
     for nbytes, kind in streams:
-      for b in stream_points(nbytes) if nbytes > 0 else ():
-        todo[f"{kind} {b}"] = lambda b=b, kind=kind: probe_stream(self.devices, b,
-                                                                  self.dispatch_s, kind)
+      todo.update(self._stream_probes(nbytes, kind))
     todo = {name: probe for name, probe in todo.items() if name not in self.entry}
     if not todo:
       return

@@ -474,22 +474,35 @@ def measure_reference(cal, num_devices: int, precision: str = "fp32",
   (on 2 CPU devices 110-200 us per collective in such steps, where a loop of one op and one
   small all-reduce read 50-80 us). Measured once per machine on a fixed model (not the
   planned config) and kept with the other probes, one pair per precision policy."""
-  import statistics
   runners = reference_runners(num_devices, precision, scan)
   # timed as the candidates are (median of rounds after warm-up, in turns), so their factor
   # is like for like; more and longer rounds than theirs, since these numbers scale every
   # prediction and a round of these small steps lasts only tens of milliseconds. On XLA:CPU
   # the first rounds after loading ran 1.1-1.3x slower than the settled ones for about a
   # second and a half; measured then, the factor priced every candidate 15-25% high.
-  for _ in range(REFERENCE_WARMUP_ROUNDS):
-    for r in runners:
-      _time_round(r, REFERENCE_STEPS)
   times: list[list[float]] = [[] for _ in runners]
+  for _ in range(REFERENCE_WARMUP_ROUNDS):
+    reference_turn(runners)
   for _ in range(REFERENCE_ROUNDS):
-    for r, t in zip(runners, times):
-      t.append(_time_round(r, REFERENCE_STEPS))
-  measured = [statistics.median(t) - cal.dispatch_s for t in times]
-  return solve_speed(measured, [priced_seconds(r.compiled, cal, num_devices) for r in runners])
+    reference_turn(runners, times)
+  return solve_timed(cal, num_devices, runners, times)
+
+
+def reference_turn(runners: Sequence[_Runner], times: list[list[float]] | None = None) -> None:
+  """One round of each reference step, in turns: timed into `times` (one list per step), or
+  untimed (a warm-up round) without."""
+  for i, r in enumerate(runners):
+    seconds = _time_round(r, REFERENCE_STEPS)
+    if times is not None:
+      times[i].append(seconds)
+
+
+def solve_timed(cal, num_devices: int, runners: Sequence[_Runner],
+                times: list[list[float]]) -> tuple[float, float]:
+  """`solve_speed` on the reference steps' median rounds (the call taken off) and prices."""
+  import statistics
+  return solve_speed([statistics.median(t) - cal.dispatch_s for t in times],
+                     [priced_seconds(r.compiled, cal, num_devices) for r in runners])
 
 
 def reference_runners(num_devices: int, precision: str, scan: bool) -> list[_Runner]:
@@ -652,18 +665,13 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
                            bool(cfg.model.scan_layers)) if all_priced else []
   ref_times: list[list[float]] = [[] for _ in refs]
   for _ in range(REFERENCE_WARMUP_ROUNDS):
-    for r in refs:
-      _time_round(r, REFERENCE_STEPS)
+    reference_turn(refs)
   for _ in range(MEASURE_ROUNDS):
     for i in order:
       times[i].append(_time_round(runners[i], steps))
     for _ in range(ALONGSIDE_REFERENCE_ROUNDS):
-      for r, t in zip(refs, ref_times):
-        t.append(_time_round(r, REFERENCE_STEPS))
-  speed = None
-  if refs:
-    speed = solve_speed([statistics.median(t) - cal.dispatch_s for t in ref_times],
-                        [priced_seconds(r.compiled, cal, target.num_devices) for r in refs])
+      reference_turn(refs, ref_times)
+  speed = solve_timed(cal, target.num_devices, refs, ref_times) if refs else None
   return [dataclasses.replace(
       e, measured_step_s=statistics.median(times[i]), measured_peak=peaks[i],
       predicted_alongside_s=priced_step_s(e.priced, speed, cal) if speed else None)
