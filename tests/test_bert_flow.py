@@ -47,7 +47,8 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
 def test_masked_lm_runs_build_tokenizers_with_bert_specials(kind):
-  from lmos_jax.data.tokenizer import build_tokenizer, special_set, tokenizer_from_info
+  from lmos_jax.config.schema import special_set
+  from lmos_jax.data.tokenizer import build_tokenizer, tokenizer_from_info
   assert special_set("auto", "mlm") == "bert" and special_set("auto", "lm") == "lm"
   tok = build_tokenizer(kind, ["one text", "and another"], need_specials=False,
                         bpe_vocab_size=300, specials=special_set("auto", "mlm"))

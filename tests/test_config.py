@@ -74,3 +74,21 @@ def test_config_file_arg_errors(tmp_path):
     load_config_file(str(tmp_path / "missing.py"))
   with pytest.raises(ValueError, match="cpu or baby"):
     load_config_file("configs/shakespeare_char.py:huge")
+
+
+def test_bpe_vocabulary_holds_the_bytes_and_the_special_set():
+  """The minimum is 256 + the size of the set the run adds (3 for lm, 5 for bert, which
+  masked-LM pretraining picks under 'auto'), checked by validate, not later by the data
+  build."""
+  def bpe(size, specials="auto", task=None):
+    def mutate(c):
+      c.data.tokenizer, c.data.bpe_vocab_size, c.data.specials = "bpe", size, specials
+      if task:
+        c.task = task
+    return mutate
+  assert "at least 259" in _bad(bpe(258))
+  assert "at least 261" in _bad(bpe(260, "bert")) and "bert" in _bad(bpe(260, "bert"))
+  assert "at least 261" in _bad(bpe(259, task="mlm"))
+  c = tiny_config()
+  bpe(259)(c)
+  validate(c, 8)

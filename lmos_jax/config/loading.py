@@ -11,8 +11,8 @@ from typing import Any
 
 import ml_collections
 
-from lmos_jax.config.schema import (CHOICES, MESH_AXES, SPEC_FIELDS, base_config,
-                                     default_prune_end, default_t_final)
+from lmos_jax.config.schema import (CHOICES, MESH_AXES, SPECIAL_SETS, SPEC_FIELDS, base_config,
+                                     default_prune_end, default_t_final, special_set)
 from lmos_jax.errors import UserError
 
 
@@ -199,7 +199,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
   _check_checkpointing(t)
   if not str(t.compile_cache).strip():
     raise ConfigError("config 'train.compile_cache' is empty; use auto, off or a directory")
-  _check_data(d, cfg.model.init_from)
+  _check_data(d, cfg.task, cfg.model.init_from)
   _check_encoder(cfg)
   _check_finetune(cfg)
   _check_prune(cfg.prune, t.steps, cfg.peft.method)
@@ -236,7 +236,7 @@ def _check_checkpointing(t) -> None:
                       f"{t.eval_every} and 'train.log_every'={t.log_every}")
 
 
-def _check_data(d, init_from: str = "") -> None:
+def _check_data(d, task: str, init_from: str = "") -> None:
   """The data pipeline's fields: names, choices and mixture entries."""
   _choice("data.tokenizer", d.tokenizer, CHOICES["data.tokenizer"])
   _choice("data.specials", d.specials, CHOICES["data.specials"])
@@ -258,9 +258,11 @@ def _check_data(d, init_from: str = "") -> None:
                       "mixture), data.batching windows or packed, and a byte/bpe/pretrained "
                       f"tokenizer; got source={d.source}, batching={d.batching}, "
                       f"tokenizer={d.tokenizer}, mixture of {len(d.mixture)}")
-  if d.tokenizer == "bpe" and d.bpe_vocab_size < 259:
-    raise ConfigError(f"config 'data.bpe_vocab_size'={d.bpe_vocab_size} must be at least 259 "
-                      "(256 bytes + 3 special tokens)")
+  specials = special_set(d.specials, task)
+  if d.tokenizer == "bpe" and d.bpe_vocab_size < 256 + len(SPECIAL_SETS[specials]):
+    raise ConfigError(f"config 'data.bpe_vocab_size'={d.bpe_vocab_size} must be at least "
+                      f"{256 + len(SPECIAL_SETS[specials])} (256 bytes + the {specials} "
+                      "special tokens)")
   if d.tokenizer == "pretrained" and not (d.tokenizer_path or init_from):
     raise ConfigError("config 'data.tokenizer'='pretrained' needs 'data.tokenizer_path' (a "
                       "tokenizer.json, a Hugging Face tokenizer directory or an lmos workdir) "

@@ -11,6 +11,26 @@ import types
 
 import ml_collections
 
+# The special tokens lmos adds to the tokenizers it builds, per choice of 'data.specials'
+# (role, token). 'lm' (BPE, and char/byte when the data has several documents): EOS joins
+# documents, PAD fills packing gaps, BOS is reserved. 'bert', always added: [MASK] for
+# masked-LM pretraining and the [CLS] ... [SEP] [PAD] framing a classifier finetune of the
+# same run needs; [SEP] also joins documents. Declared with the choices, so `validate` knows
+# how many ids each set takes (a BPE vocabulary holds 256 bytes and them).
+LMOS_SPECIALS = (("eos", "<|endoftext|>"), ("pad", "<|pad|>"), ("bos", "<|bos|>"))
+BERT_SPECIALS = (("pad", "[PAD]"), ("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]"),
+                 ("mask", "[MASK]"))
+SPECIAL_SETS = types.MappingProxyType({"lm": LMOS_SPECIALS, "bert": BERT_SPECIALS})
+
+
+def special_set(choice: str, task: str) -> str:
+  """Config 'data.specials' (a validated choice): 'auto' is 'bert' for masked-LM
+  pretraining, else 'lm'."""
+  if choice == "auto":
+    return "bert" if task == "mlm" else "lm"
+  return choice
+
+
 # The allowed values of every enumerated field, declared once: `validate` checks them and the
 # code that dispatches on a field reads its tuple from here.
 CHOICES = types.MappingProxyType({
@@ -27,7 +47,7 @@ CHOICES = types.MappingProxyType({
     "data.source": ("embedded", "text", "files", "hf"),
     "data.format": ("", "text", "json", "jsonl", "parquet", "csv", "tsv"),
     "data.tokenizer": ("byte", "char", "bpe", "pretrained"),
-    "data.specials": ("auto", "lm", "bert"),
+    "data.specials": ("auto", *SPECIAL_SETS),
     "data.batching": ("random", "windows", "packed"),
     "train.schedule": ("constant", "warmup_cosine", "warmup_linear", "rsqrt", "wsd",
                        "lr_range"),

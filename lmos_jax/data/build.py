@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from lmos_jax.config.schema import special_set
 from lmos_jax.data.errors import DataError
 from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, split_long
 from lmos_jax.data.stream import check_state
 from lmos_jax.data.sources import Repairs, SourceSpec, read_documents, split_documents
 from lmos_jax.data.text import check_long_enough, split_train_val, window_batch
-from lmos_jax.data.tokenizer import (build_tokenizer, pad_id, separator_id, special_set,
-                                     tokenizer_fingerprint)
+from lmos_jax.data.tokenizer import build_tokenizer, pad_id, separator_id, tokenizer_fingerprint
 
 log = logging.getLogger("lmos_jax.data")
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmos_jax.config.schema import LMOS_SPECIALS
 from lmos_jax.data.encoder import MaskedTokenizer
-from lmos_jax.data.tokenizer import LMOS_SPECIALS, HFTokenizer, SpecialByte, SpecialChar
+from lmos_jax.data.tokenizer import HFTokenizer, SpecialByte, SpecialChar
 from lmos_jax.errors import UserError
 
 # role (as in `tok.specials`) -> the transformers tokenizer_config key naming its token

@@ -19,30 +19,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from lmos_jax.config.loading import ConfigError
+from lmos_jax.config.schema import SPECIAL_SETS
 from lmos_jax.data.errors import DataError, DataFileNotFoundError
 from lmos_jax.data.text import ByteTokenizer, CharTokenizer
 
 log = logging.getLogger("lmos_jax.data")
-
-# The special tokens lmos adds to the tokenizers it builds (BPE, and char/byte when the data
-# has several documents): EOS joins documents, PAD fills packing gaps, BOS is reserved.
-LMOS_SPECIALS = (("eos", "<|endoftext|>"), ("pad", "<|pad|>"), ("bos", "<|bos|>"))
-# An encoder's set (config 'data.specials'='bert'), always added: [MASK] for masked-LM
-# pretraining and the [CLS] ... [SEP] [PAD] framing a classifier finetune of the same run
-# needs; [SEP] also joins documents.
-BERT_SPECIALS = (("pad", "[PAD]"), ("unk", "[UNK]"), ("cls", "[CLS]"), ("sep", "[SEP]"),
-                 ("mask", "[MASK]"))
-SPECIAL_SETS = {"lm": LMOS_SPECIALS, "bert": BERT_SPECIALS}
-
-
-def special_set(choice: str, task: str) -> str:
-  """Config 'data.specials': 'auto' is 'bert' for masked-LM pretraining, else 'lm'."""
-  if choice == "auto":
-    return "bert" if task == "mlm" else "lm"
-  if choice not in SPECIAL_SETS:
-    raise ValueError(f"config 'data.specials'={choice!r}: expected auto, "
-                     f"{', '.join(SPECIAL_SETS)}")
-  return choice
 
 # How a pretrained tokenizer names each role (first match wins).
 ROLE_NAMES = {
