@@ -167,3 +167,34 @@ def test_pruned_classifier_exports_to_hf_and_a_quantized_one_is_refused(tmp_path
   with pytest.raises(UserError, match="int8/int4 codes"):
     to_hf_from_workdir(quant, tmp_path / "hf_q")
   assert not (tmp_path / "hf_q").exists()
+
+
+def test_report_builds_every_recipe_from_the_method_code_and_keeps_a_report(lm, tmp_path):
+  """`lmos compress --report`: the int, trim and distill variants are the `--method` ones
+  (same codes, same layer choice), pruned variants are healed inside their masks, and a
+  second report into the same folder needs --force."""
+  from lmos_jax.inference.compress import Options, compress
+  text = tmp_path / "train.txt"
+  text.write_text("abc defg hab\n" * 200)
+  out = tmp_path / "report"
+  opts = Options(heal_steps=2, distill_steps=2, decode_batch=1)
+  rows = compress(str(lm), ["dense", "int8", "int4", "prune50", "trim", "distill"], out, opts,
+                  str(text))
+  by = {r["variant"]: r for r in rows}
+  assert list(by) == ["dense", "int8", "int4", "prune50", "trim", "distill"]
+  assert all(np.isfinite(r["val_loss"]) and r["decode_tok_s"] > 0 for r in rows)
+  assert by["int4"]["bytes_on_disk"] < by["int8"]["bytes_on_disk"] < by["dense"]["bytes_on_disk"]
+  ref = compress_to_workdir(str(lm), "int8", str(tmp_path / "int8"), data_path=str(text))
+  assert by["int8"]["note"] == ref["note"]
+  assert abs(by["prune50"]["kernel_sparsity"] - 0.5) < 0.05
+  assert "healed 2 steps (masked AdamW)" in by["prune50"]["note"]
+  assert "dropped layers" in by["trim"]["note"] and "of 3" in by["trim"]["note"]
+  assert "healed by 2 steps of LoRA" in by["trim"]["note"]
+  # 2 of 3 layers, spread as `--method distill:layers=2` spreads them
+  assert "student of teacher layers [0, 2], 2 steps" in by["distill"]["note"]
+  assert by["trim"]["weights"] < by["dense"]["weights"]
+  assert by["distill"]["weights"] == by["trim"]["weights"]
+  assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "compress.png"}
+  assert json.loads((out / "report.json").read_text()) == rows
+  with pytest.raises(UserError, match="--force"):
+    compress(str(lm), ["dense"], out, opts, str(text))

@@ -289,13 +289,7 @@ def build_data(cfg, process_index: int = 0, process_count: int = 1,
                   cfg.train.sample_prompt if cfg.train.sample_tokens > 0 else "")
   seq_len = d.seq_len
   if d.batching == "random" and len(specs) == 1:
-    docs, val = splits[0]
-    if val is None:  # one text: head/tail token split (the last val_fraction validates)
-      train_ids, val_ids = split_train_val(tok.encode(docs[0]), d.val_fraction)
-    else:
-      eos = separator_id(tok)
-      train_ids = join_with_eos(tok.encode_batch(docs), eos)
-      val_ids = join_with_eos(tok.encode_batch(val), eos) if val else train_ids[:0]
+    train_ids, val_ids = token_streams(tok, *splits[0], d.val_fraction)
     check_long_enough(train_ids, seq_len, specs[0].name)
     log_repairs(repairs)
     return LMData(tok, train_ids, val_ids, cfg.train.batch_size, seq_len, cfg.seed,
@@ -385,16 +379,24 @@ def check_encodable(tok, val_docs: dict[str, list[str]], sample_prompt: str) -> 
                     f"{tok.unknown_message(unknown_chars(sample_prompt))}")
 
 
+def token_streams(tok, docs: list[str], val: list[str] | None,
+                  val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """A source's train and validation tokens as two streams: a single text (`val` None) split
+  head/tail (the last `val_fraction` validates), else the documents of each split joined
+  with the separator (no validation documents: an empty stream)."""
+  if val is None:
+    return split_train_val(tok.encode(docs[0]), val_fraction)
+  eos = separator_id(tok)
+  train_ids = join_with_eos(tok.encode_batch(docs), eos)
+  return train_ids, (join_with_eos(tok.encode_batch(val), eos) if val else train_ids[:0])
+
+
 def source_rows(s: SourceSpec, docs: list[str], val: list[str] | None, tok, d,
                 process_index: int, process_count: int, repairs: Repairs):
   """One source's train and validation rows on this host (see the module docstring)."""
   seq_len, where = d.seq_len, s.path or s.hf_name or s.kind
-  if val is None:  # a single text: split its tokens head/tail, as in the branch above
-    train_ids, val_ids = split_train_val(tok.encode(docs[0]), d.val_fraction)
-  elif d.batching == "random":
-    eos = separator_id(tok)
-    train_ids = join_with_eos(tok.encode_batch(docs), eos)
-    val_ids = join_with_eos(tok.encode_batch(val), eos) if val else train_ids[:0]
+  if val is None or d.batching == "random":
+    train_ids, val_ids = token_streams(tok, docs, val, d.val_fraction)
   if d.batching == "random":
     check_long_enough(train_ids, seq_len, s.name)
     vrows = rows_from_ids(val_ids, "windows", seq_len, tok)

@@ -34,17 +34,15 @@ import optax
 from flax import nnx
 
 from lmos_jax.errors import ArgumentParser, UserError, existing_dir, number
-from lmos_jax.inference.compress_run import compress_to_workdir, eval_data_config
+from lmos_jax.inference.compress_run import (compress_to_workdir, eval_data_config, fewer_layers,
+                                             parse_method, quantized)
 from lmos_jax.models.decode import Decoder
-from lmos_jax.models.quantized import is_qarray
-from lmos_jax.compress.distill import distill_loss
 from lmos_jax.train.heal import finetune, lora_heal
 from lmos_jax.compress.kernels import kernel_layouts
 from lmos_jax.compress.prune import (apply_masks, layerwise_masks, masked_pruning, nm_masks,
                                       sparsity_report, total_sparsity)
-from lmos_jax.compress.quantize import count_weights, dequantize_params, quantize_params
+from lmos_jax.compress.quantize import count_weights, dequantize_params
 from lmos_jax.compress.store import save_params
-from lmos_jax.compress.trim import drop_layers, least_important_block
 from lmos_jax.train.losses import lm_loss
 from lmos_jax.workdir import COMPRESSED
 
@@ -129,11 +127,9 @@ def build_variant(name: str, run: Source, params: dict, opts: Options, batches) 
   if name == "dense":
     return Variant(name, gd, params)
   if name in ("int8", "int4"):
-    bits, group = (8, 0) if name == "int8" else (4, opts.int4_group)
-    how = "per-channel" if group == 0 else f"group {group}"
-    q = quantize_params(gd, params, bits, group, tied_embedding=True)
-    return Variant(name, gd, q, note=f"weight-only {how} PTQ of Dense kernels"
-                   + (", int8 tied LM head" if is_qarray(q.get("embed")) else ""))
+    q, note = quantized(gd, params, parse_method(
+        "int8" if name == "int8" else f"int4:group={opts.int4_group}"))
+    return Variant(name, gd, q, note=note)
   if name in ("prune50", "nm24"):
     layouts = kernel_layouts(gd, params)
     masks = (layerwise_masks(params, layouts, 0.5) if name == "prune50"
@@ -144,32 +140,19 @@ def build_variant(name: str, run: Source, params: dict, opts: Options, batches) 
     kind = "50% layer-wise magnitude" if name == "prune50" else "2:4 magnitude"
     return Variant(name, gd, healed, sparse=True,
                    note=f"{kind}; one-shot val loss {one_shot:.3f}; {note}")
-  if name == "trim":
-    calib = jnp.asarray(run.data.train_batch(0)["inputs"])
-    start, dists = least_important_block(gd, params, calib, 1)
-    tgd, tparams = drop_layers(gd, params, [start])
-    one_shot = val_loss(tgd, tparams, batches)
-    dist = [round(float(d), 3) for d in dists]
-    note = f"dropped layer {start} (angular distances {dist}); one-shot val loss {one_shot:.3f}"
-
-    if opts.heal_steps > 0:
-      tparams, losses = lora_heal(tgd, tparams, run.data, opts.heal_steps, seed=opts.seed)
-      note += (f"; healed by {opts.heal_steps} steps of LoRA (rank 8, every Dense, lr 1e-3, "
-               f"lmos_jax.peft) merged back, train loss {losses[-1]:.3f}")
-    return Variant(name, tgd, tparams, note=note)
-  if name == "distill":
+  if name in ("trim", "distill"):
+    # one block dropped; a student of half the layers (rounded up) at the --method defaults
     n = nnx.merge(gd, params).cfg.num_layers
-    sgd, sparams = drop_layers(gd, params, list(range(1, n, 2)))
-    teacher = jax.jit(lambda p, x: nnx.merge(gd, p)(x))
-
-    def with_teacher(b):
-      return {**b, "teacher_logits": teacher(params, b["inputs"])}
-    sparams, losses = finetune(sgd, sparams, run.data, opts.distill_steps, lr=1e-3,
-                               loss_fn=distill_loss(2.0, 0.5), batch_fn=with_teacher,
-                               seed=opts.seed)
-    return Variant(name, sgd, sparams,
-                   note=f"student = even layers of the teacher ({(n + 1) // 2}/{n}), "
-                        f"{opts.distill_steps} steps of 0.5*T^2*KL(T=2) + 0.5*CE")
+    m = parse_method(f"trim:layers={n - 1}" if name == "trim" else
+                     f"distill:layers={(n + 1) // 2},steps={opts.distill_steps}")
+    sgd, sparams, note = fewer_layers(gd, params, m, run.data, opts.seed)
+    if name == "trim":
+      note += f"; one-shot val loss {val_loss(sgd, sparams, batches):.3f}"
+      if opts.heal_steps > 0:
+        sparams, losses = lora_heal(sgd, sparams, run.data, opts.heal_steps, seed=opts.seed)
+        note += (f"; healed by {opts.heal_steps} steps of LoRA (rank 8, every Dense, lr 1e-3, "
+                 f"lmos_jax.peft) merged back, train loss {losses[-1]:.3f}")
+    return Variant(name, sgd, sparams, note=note)
   raise ValueError(f"--recipe: unknown variant {name!r}; expected some of {', '.join(RECIPES)}")
 
 

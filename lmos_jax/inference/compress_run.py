@@ -113,7 +113,8 @@ def parse_method(spec: str) -> Method:
   return Method(kind, {**opts, **{k: v for k, v in defaults.items() if k not in opts}})
 
 
-def _quantized(graphdef, params: dict, m: Method) -> tuple[dict, str]:
+def quantized(graphdef, params: dict, m: Method) -> tuple[dict, str]:
+  """Weight-only int8/int4 codes of the Dense kernels (and the tied head) and a note."""
   bits, group = (8, 0) if m.kind == "int8" else (4, int(m.options["group"]))
   try:
     q = quantize_params(graphdef, params, bits, group, tied_embedding=True)
@@ -155,16 +156,20 @@ def _lm_data(cfg, tok, data_path: str | None):
                     ) from None
 
 
-def _fewer_layers(graphdef, params: dict, m: Method, data, seed: int) -> tuple[Any, dict, str]:
+def fewer_layers(graphdef, params: dict, m: Method, data, seed: int) -> tuple[Any, dict, str]:
+  """A model of `layers` blocks: the contiguous block whose removal changes the hidden
+  states least dropped (trim), or evenly spread teacher layers trained on the teacher's
+  logits (distill); with a note saying which."""
   n = nnx.merge(graphdef, params).cfg.num_layers
   keep = int(m.options["layers"])
   if keep >= n:
     raise UserError(f"--method {m.describe()}: the model has {n} layers; keep fewer")
   if m.kind == "trim":
     calib = jnp.asarray(data.train_batch(0)["inputs"])
-    start, _ = least_important_block(graphdef, params, calib, n - keep)
+    start, dists = least_important_block(graphdef, params, calib, n - keep)
     gd, p = drop_layers(graphdef, params, range(start, start + n - keep))
-    return gd, jax.device_get(p), f"dropped layers {start}..{start + n - keep - 1} of {n}"
+    return gd, jax.device_get(p), (f"dropped layers {start}..{start + n - keep - 1} of {n} "
+                                   f"(angular distances {[round(float(d), 3) for d in dists]})")
   from lmos_jax.compress.distill import distill_loss
   from lmos_jax.train.heal import finetune
   kept = sorted({round(i * (n - 1) / max(keep - 1, 1)) for i in range(keep)})
@@ -224,14 +229,14 @@ def compress_to_workdir(workdir: str, spec: str, out: str, data_path: str | None
                     f"{cfg.task!r} run: use int8, int4, bf16, prune or nm")
   new_cfg = cfg.copy_and_resolve_references()
   if m.kind in ("int8", "int4"):
-    stored, note = _quantized(graphdef, params, m)
+    stored, note = quantized(graphdef, params, m)
   elif m.kind == "bf16":
     stored, note = bf16_kernels(graphdef, params), "Dense kernels in bfloat16"
   elif m.kind in ("prune", "nm"):
     stored, note = _pruned(graphdef, params, m)
   else:
     data = _lm_data(cfg, tok, data_path)
-    _, stored, note = _fewer_layers(graphdef, params, m, data, seed)
+    _, stored, note = fewer_layers(graphdef, params, m, data, seed)
     new_cfg.model.num_layers = int(m.options["layers"])
   record = {"method": m.describe(), "source": str(Path(workdir).absolute()), "note": note,
             "weight_bytes": param_bytes(stored), "source_weight_bytes": param_bytes(params)}

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from lmos_jax.train.losses import lm_loss
+from lmos_jax.train.optim import train_only
 from lmos_jax.train.precision import Policy
 from lmos_jax.train.step import StepConfig, train_step
 
@@ -53,18 +54,11 @@ def lora_heal(graphdef, params: dict, data, steps: int, *, rank: int = 8, alpha:
   from lmos_jax.peft.lora import apply_lora
   from lmos_jax.peft.methods import merge_and_unload
   from lmos_jax.peft.wrap import trainable_fn
-  from lmos_jax.tree import path_names
 
   model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
   apply_lora(model, target, rank, alpha, 0.0, rngs=seed)
   lora_graphdef, lora_state = nnx.split(model)
-  trainable = trainable_fn("lora", "")
-
-  def labels(p):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "train" if trainable(path_names(path)) else "frozen", p)
-  tx = optax.partition({"train": optax.adamw(lr, weight_decay=0.0),
-                        "frozen": optax.set_to_zero()}, labels)
+  tx = train_only(optax.adamw(lr, weight_decay=0.0), trainable_fn("lora", ""))
   trained, losses = finetune(lora_graphdef, nnx.to_pure_dict(lora_state), data, steps, tx=tx,
                              seed=seed)
   model = nnx.merge(lora_graphdef, trained)

@@ -134,9 +134,13 @@ def make_optimizer(t, trainable: PathFn | None = None,
                         "make_optimizer(..., num_layers=cfg.model.num_layers)")
     parts.append(scale_by_layer_decay(t.layer_decay, num_layers))
   tx = optax.chain(*parts)
-  if trainable is None:
-    return tx
+  return tx if trainable is None else train_only(tx, trainable)
 
+
+def train_only(tx: optax.GradientTransformation,
+               trainable: PathFn) -> optax.GradientTransformation:
+  """`tx` on the params whose path `trainable` accepts; the others get zero updates and no
+  optimizer state (a PEFT run keeps no Adam moments for the frozen base)."""
   def labels(params):
     return jax.tree_util.tree_map_with_path(
         lambda p, _: "train" if trainable(path_names(p)) else "frozen", params)
