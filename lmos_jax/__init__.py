@@ -20,6 +20,26 @@ Bottom to top:
   serve       `lmos serve`: the HTTP server
   convert     `lmos convert`: workdirs to and from Hugging Face folders
   cli         the `lmos` command
+
+Arrays inside the package carry their shape in their name (`x_BTD`: batch, positions,
+width), one capital per axis, with this one legend:
+
+  B  batch rows (sequences, users' histories, questions)
+  T  positions of a sequence: tokens, or the items of a user's history
+  S  key positions: the KV cache's slots; the text slots of a packed batch
+  D  model width          F  MLP width, or an item text's embedding width
+  V  vocabulary           H  width of one attention head (half a kernel's inputs, for int4)
+  N  query heads in attention; elsewhere the rows of a table (items, documents, kernel
+     output units, texts)
+  K  key/value heads in attention; the verify positions of speculative decoding; the k of
+     a top-k search; a clustering's centres
+  L  layers (a stacked leading axis)
+  P  prompt positions; processes, in multi-host checks
+  E  the stop (end) token ids of a generation
+  U  users                Q  queries (retrieval)       C  classes or topics
+  R, W  rows and width of a packed batch
+  I, O  a kernel's inputs and outputs; G groups of g inputs that share a scale; X the ids
+        an embedding lookup takes from a kernel's outputs
 """
 
 __version__ = "0.1.0"

@@ -61,9 +61,9 @@ def test_host_peak_is_measured_once_per_machine_key(tmp_path, monkeypatch):
   from lmos_jax.train import metrics
   probes = []
 
-  def probe(n=1024, iters=4, repeats=3):
+  def probe(n=1024, iters=4, repeats=3, bf16=False):
     probes.append(n)
-    return 100.0 + len(probes)
+    return 100.0 + len(probes) + (1000.0 if bf16 else 0.0)
   monkeypatch.setattr(metrics, "measure_cpu_peak", probe)
   devs = jax.devices()
   first, src1 = metrics.device_peak_flops(devs, cache_dir=str(tmp_path))
@@ -73,10 +73,16 @@ def test_host_peak_is_measured_once_per_machine_key(tmp_path, monkeypatch):
   other, _ = metrics.device_peak_flops(devs[:1], cache_dir=str(tmp_path))
   assert (other, len(probes)) == (102.0, 2)  # one device is another key
   assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path))[0] == 101.0
+  # a bf16 run's peak is its own probe, kept beside the f32 one of the same machine
+  bf16, src = metrics.device_peak_flops(devs, cache_dir=str(tmp_path), bf16=True)
+  assert (bf16, len(probes)) == (1103.0, 3) and "bf16 matmul probe" in src
+  assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path), bf16=True)[0] == 1103.0
+  assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path))[0] == 101.0
+  assert len(probes) == 3
   (tmp_path / metrics.PEAK_FILE).write_text("{not json")
-  assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path))[0] == 103.0
-  assert metrics.device_peak_flops(devs, cache_dir=None)[0] == 104.0
+  assert metrics.device_peak_flops(devs, cache_dir=str(tmp_path))[0] == 104.0
   assert metrics.device_peak_flops(devs, cache_dir=None)[0] == 105.0
+  assert metrics.device_peak_flops(devs, cache_dir=None)[0] == 106.0
 
 
 def test_compile_ahead_leaves_the_first_call_nothing_to_compile():

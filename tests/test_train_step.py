@@ -414,6 +414,9 @@ def test_precision_policies():
   m = resolve_policy("bf16_matmul")
   assert m.matmul_bf16 and m.param_dtype == m.compute_dtype == jnp.float32
   assert not any(resolve_policy(n, "cpu", PLAIN_CPU).matmul_bf16 for n in ("fp32", "bf16", "auto"))
+  # the MFU's peak is probed in bf16 for every policy whose matmuls take bf16 operands
+  assert [resolve_policy(n).bf16_operands for n in ("fp32", "bf16_matmul", "bf16", "bf16_full")
+          ] == [False, True, True, True]
   with pytest.raises(ValueError, match="train.precision"):
     resolve_policy("fp8")
 

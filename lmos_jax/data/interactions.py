@@ -9,8 +9,6 @@ strings; the catalogue maps them to rows 1..N of the model's item table (0 is pa
 A user's history is their interactions in file order, each file sorted by (timestamp, item)
 when it has timestamps (MovieLens rates many films within one second: the item id breaks ties
 the same way on every machine). Batches are pure functions of (seed, step): resuming is exact.
-
-Shape letters: B batch rows, L history positions (data.seq_len), N catalogue rows.
 """
 
 from __future__ import annotations

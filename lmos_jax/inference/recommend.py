@@ -9,8 +9,6 @@ Histories are `user<TAB>item[<TAB>timestamp]` (later files append to earlier one
 not interacted with. A user with no history gets the popularity order of the training data
 (counted on stderr). The leave-one-out metrics (HR@k, NDCG@k) live here too, so the
 benchmark and the tests score rankings with the same code.
-
-Shape letters: U users, L history positions, N item rows.
 """
 
 from __future__ import annotations
@@ -54,8 +52,8 @@ def load_recommender(workdir: str | Path, batch: int = 128) -> Recommender:
   seq_len = cfg.data.seq_len
 
   @jax.jit
-  def last_scores(p, ids_UL, lengths_U):
-    return nnx.merge(graphdef, p).last_scores(ids_UL, lengths_U)
+  def last_scores(p, ids_UT, lengths_U):
+    return nnx.merge(graphdef, p).last_scores(ids_UT, lengths_U)
 
   def scores(histories: Sequence[Sequence[int]]) -> np.ndarray:
     out = []

@@ -211,14 +211,14 @@ class Sampling:
             jnp.float32(self.min_p))
 
 
-def _step_tokens(buf_BS, cur_B, n_gen_B, done_B, status_B, tok_B, max_new_B, stop_K, s):
+def step_tokens(buf_BS, cur_B, n_gen_B, done_B, status_B, tok_B, max_new_B, stop_E, s):
   """Appends each active row's token and decides which rows finish, and why."""
   active_B = ~done_B
   write_BS = jax.nn.one_hot(jnp.minimum(cur_B, s - 1), s, dtype=jnp.bool_) & active_B[:, None]
   buf_BS = jnp.where(write_BS, tok_B[:, None], buf_BS)
   n_gen_B = n_gen_B + active_B
   cur_B = cur_B + active_B
-  hit_stop = active_B & jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
+  hit_stop = active_B & jnp.any(tok_B[:, None] == stop_E[None, :], axis=-1)
   hit_max = active_B & ~hit_stop & (n_gen_B >= max_new_B)
   full = active_B & ~hit_stop & ~hit_max & (cur_B >= s)
   status_B = jnp.where(hit_stop, STOP_TOKEN, jnp.where(hit_max, MAX_NEW_TOKENS,
@@ -226,14 +226,16 @@ def _step_tokens(buf_BS, cur_B, n_gen_B, done_B, status_B, tok_B, max_new_B, sto
   return buf_BS, cur_B, n_gen_B, done_B | hit_stop | hit_max | full, status_B
 
 
-def _initial_status(lengths_B, max_new_B, s):
+def initial_status(lengths_B, max_new_B, s):
+  """(done, status) of each row before its first token: rows asked for no tokens, or whose
+  prompt already fills the cache, are done from the start."""
   status_B = jnp.where(max_new_B <= 0, MAX_NEW_TOKENS,
                        jnp.where(lengths_B >= s, CACHE_FULL, RUNNING)).astype(jnp.int32)
   return status_B != RUNNING, status_B
 
 
 def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B: Array,
-                stop_K: Array, sampling: tuple[Array, ...], key: Array, cache_len: int,
+                stop_E: Array, sampling: tuple[Array, ...], key: Array, cache_len: int,
                 unroll: bool = False):
   """Prefill + while_loop decode. Returns (tokens (B, S_max), lengths, generated, status).
 
@@ -250,7 +252,7 @@ def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B:
   logits_BV, cache = forward_cached(model, tokens_BP, zeros_B, cache,
                                     jnp.maximum(lengths_B - 1, 0), layers)
   buf_BS = jnp.pad(tokens_BP, ((0, 0), (0, s - p)))
-  done_B, status_B = _initial_status(lengths_B, max_new_B, s)
+  done_B, status_B = initial_status(lengths_B, max_new_B, s)
 
   def cond(carry):
     return jnp.any(~carry[3])
@@ -260,8 +262,8 @@ def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B:
     key, sub = jax.random.split(key)
     tok_B = sample_next(logits, sub, *sampling)
     pos_B = jnp.minimum(cur, s - 1)
-    buf, cur, n_gen, done, status = _step_tokens(buf, cur, n_gen, done, status, tok_B,
-                                                 max_new_B, stop_K, s)
+    buf, cur, n_gen, done, status = step_tokens(buf, cur, n_gen, done, status, tok_B,
+                                                 max_new_B, stop_E, s)
     logits, cache = forward_cached(model, tok_B[:, None], pos_B, cache, zeros_B, layers)
     return buf, cur, n_gen, done, status, logits, cache, key
 
@@ -271,7 +273,7 @@ def decode_loop(graphdef, params, tokens_BP: Array, lengths_B: Array, max_new_B:
 
 
 def full_recompute_loop(graphdef, params, tokens_BP: Array, lengths_B: Array,
-                        max_new_B: Array, stop_K: Array, sampling: tuple[Array, ...],
+                        max_new_B: Array, stop_E: Array, sampling: tuple[Array, ...],
                         key: Array, cache_len: int, unroll: bool = False):
   """The no-cache decoder: every step reruns the model over the whole (B, S_max) buffer.
 
@@ -288,7 +290,7 @@ def full_recompute_loop(graphdef, params, tokens_BP: Array, lengths_B: Array,
     idx = jnp.maximum(cur - 1, 0)
     return jnp.take_along_axis(logits_BSV, idx[:, None, None], axis=1)[:, 0]
 
-  done_B, status_B = _initial_status(lengths_B, max_new_B, s)
+  done_B, status_B = initial_status(lengths_B, max_new_B, s)
 
   def cond(carry):
     return jnp.any(~carry[3])
@@ -297,8 +299,8 @@ def full_recompute_loop(graphdef, params, tokens_BP: Array, lengths_B: Array,
     buf, cur, n_gen, done, status, key = carry
     key, sub = jax.random.split(key)
     tok_B = sample_next(last_logits(buf, cur), sub, *sampling)
-    buf, cur, n_gen, done, status = _step_tokens(buf, cur, n_gen, done, status, tok_B,
-                                                 max_new_B, stop_K, s)
+    buf, cur, n_gen, done, status = step_tokens(buf, cur, n_gen, done, status, tok_B,
+                                                 max_new_B, stop_E, s)
     return buf, cur, n_gen, done, status, key
 
   zeros_B = jnp.zeros((b,), jnp.int32)

@@ -210,15 +210,15 @@ class Norm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def rope(x_BLNH: Array, positions_BL: Array, theta: float) -> Array:
+def rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
   """Rotary embedding in the rotate-half layout used by Llama checkpoints."""
-  half = x_BLNH.shape[-1] // 2
+  half = x_BTNH.shape[-1] // 2
   freqs = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angles_BLH = positions_BL[..., None].astype(jnp.float32) * freqs
-  sin, cos = jnp.sin(angles_BLH)[:, :, None, :], jnp.cos(angles_BLH)[:, :, None, :]
-  x1, x2 = x_BLNH[..., :half].astype(jnp.float32), x_BLNH[..., half:].astype(jnp.float32)
+  angles_BTH = positions_BT[..., None].astype(jnp.float32) * freqs
+  sin, cos = jnp.sin(angles_BTH)[:, :, None, :], jnp.cos(angles_BTH)[:, :, None, :]
+  x1, x2 = x_BTNH[..., :half].astype(jnp.float32), x_BTNH[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BLNH.dtype)
+  return out.astype(x_BTNH.dtype)
 
 
 def attention_mask(q_segment_BT: Array | None, kv_segment_BS: Array | None,

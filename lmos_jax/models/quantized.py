@@ -17,7 +17,6 @@ Layout, with I = prod(in), O = prod(out), g the group size and G = I / g:
   r + I/2 in its high nibble: each half unpacks with one shift into a matrix that feeds a
   dot directly (neighbouring rows would need an interleaving shuffle XLA does not fuse);
   scale as for int8, with G = 1 or even so that each half has whole groups.
-Shape letters: I inputs, O outputs, G groups, g inputs per group, B.. any leading axes.
 """
 
 from __future__ import annotations

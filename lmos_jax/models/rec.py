@@ -9,11 +9,9 @@ its items represented by id, by text, or both.
 - `hybrid`: the sum of both.
 
 The item table E (N x D) is both the input embedding and the output layer (scores are
-h . E_n), so `__call__` returns next-item logits (B, L, N) and the `lm` loss trains it
+h . E_n), so `__call__` returns next-item logits (B, T, N) and the `lm` loss trains it
 unchanged: the next item is the target at every position (full softmax over the catalogue,
 exact at the sizes this is used for; padding row 0 is never predicted).
-
-Shape letters: B batch, L history positions, D model width, N item rows, F text width.
 """
 
 from __future__ import annotations
@@ -85,23 +83,23 @@ class ItemSequenceModel(nnx.Module):
     return e_ND.at[0].set(0)
 
   def hidden(self, e_ND: Array, input_ids: Array, rng: Array | None) -> Array:
-    """The final-norm hidden state at every position (B, L, D); position i sees items <= i."""
+    """The final-norm hidden state at every position (B, T, D); position i sees items <= i."""
     b, t = input_ids.shape
     if t > self.cfg.max_seq_len:
       raise ValueError(f"history length {t} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-    positions_BL = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x_BLD = jnp.take(e_ND, input_ids, axis=0)
-    x_BLD = x_BLD + self.pos_embed[...][:t].astype(x_BLD.dtype)
+    positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x_BTD = jnp.take(e_ND, input_ids, axis=0)
+    x_BTD = x_BTD + self.pos_embed[...][:t].astype(x_BTD.dtype)
     k_emb, k_blocks = (None, None) if rng is None else jax.random.split(rng)
-    x_BLD = constrain(dropout(x_BLD, self.cfg.dropout, k_emb), ("batch", "length", "act_embed"))
-    x_BLD = run_blocks(self.blocks, self.cfg, x_BLD, positions_BL, None, is_causal=True,
+    x_BTD = constrain(dropout(x_BTD, self.cfg.dropout, k_emb), ("batch", "length", "act_embed"))
+    x_BTD = run_blocks(self.blocks, self.cfg, x_BTD, positions_BT, None, is_causal=True,
                        key=k_blocks)
-    return self.final_norm(x_BLD)
+    return self.final_norm(x_BTD)
 
   def __call__(self, input_ids: Array, *, attention_mask: Array | None = None,
                position_ids: Array | None = None, token_type_ids: Array | None = None,
                segment_ids: Array | None = None, rng: Array | None = None) -> Array:
-    """Next-item logits (B, L, N) in float32 for right-padded item rows (B, L).
+    """Next-item logits (B, T, N) in float32 for right-padded item rows (B, T).
 
     Histories are right-padded, so causal attention alone keeps padding out of every real
     position; the other keywords of the shared model signature are refused, not ignored.
@@ -111,16 +109,16 @@ class ItemSequenceModel(nnx.Module):
                        "positions, token types or segments)")
     k_items, rng = (None, None) if rng is None else jax.random.split(rng)
     e_ND = self.item_table(self.pos_embed.dtype, k_items)
-    h_BLD = self.hidden(e_ND, input_ids, rng)
-    logits = logits_matmul(h_BLD, e_ND.astype(h_BLD.dtype).T)
+    h_BTD = self.hidden(e_ND, input_ids, rng)
+    logits = logits_matmul(h_BTD, e_ND.astype(h_BTD.dtype).T)
     logits = logits.at[..., 0].set(-1e9)  # padding is never the next item
     return constrain(logits, ("batch", "length", "act_vocab"))
 
   def last_scores(self, input_ids: Array, lengths: Array) -> Array:
     """Scores (B, N) of every item as the next one after each history (its last real
     position, `lengths - 1`): what ranking reads."""
-    logits_BLN = self(input_ids)
-    return jnp.take_along_axis(logits_BLN, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits_BTN = self(input_ids)
+    return jnp.take_along_axis(logits_BTN, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
 def text_vectors(hf_dir: str, texts: Sequence[str], max_len: int = 32,

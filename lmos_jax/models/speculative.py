@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmos_jax.models.decode import (Generation, Sampling, _initial_status, _step_tokens,
+from lmos_jax.models.decode import (Generation, Sampling, initial_status, step_tokens,
                                     check_cache_len, filter_logits, forward_cached,
                                     forward_cached_all, init_cache, layer_states, pack_prompts,
                                     sample_next, unpack, unroll_default)
@@ -120,7 +120,7 @@ def draft_tokens(model, buf_BS: Array, cur_B: Array, cache: dict, k: int,
 
 
 def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_params,
-                     tokens_BP: Array, lengths_B: Array, max_new_B: Array, stop_K: Array,
+                     tokens_BP: Array, lengths_B: Array, max_new_B: Array, stop_E: Array,
                      sampling: tuple[Array, ...], key: Array, cache_len: int, k: int,
                      unroll: bool = False):
   """Prefill both models, then draft-k / verify-once rounds in a while_loop.
@@ -145,7 +145,7 @@ def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_param
   _, t_cache = forward_cached(target, tokens_BP, zeros_B, t_cache, zeros_B, t_layers)
   _, d_cache = forward_cached(draft, tokens_BP, zeros_B, d_cache, zeros_B, d_layers)
   buf_BS = jnp.pad(tokens_BP, ((0, 0), (0, s - p)))
-  done_B, status_B = _initial_status(lengths_B, max_new_B, s)
+  done_B, status_B = initial_status(lengths_B, max_new_B, s)
 
   def cond(carry):
     return jnp.any(~carry[3])
@@ -168,8 +168,8 @@ def speculative_loop(target_graphdef, target_params, draft_graphdef, draft_param
       tok_B = draft_BK[:, j] if j < k else next_B
       tok_B = jnp.where(j < n_B, tok_B, next_B)
       skip_B = j > n_B
-      buf, cur, n_gen, done_j, status = _step_tokens(buf, cur, n_gen, done | skip_B, status,
-                                                     tok_B, max_new_B, stop_K, s)
+      buf, cur, n_gen, done_j, status = step_tokens(buf, cur, n_gen, done | skip_B, status,
+                                                     tok_B, max_new_B, stop_E, s)
       done = jnp.where(skip_B, done, done_j)
     return buf, cur, n_gen, done, status, t_cache, d_cache, drafted, accepted, key
 

@@ -110,7 +110,7 @@ def merge_and_unload(model: nnx.Module) -> int:
   from lmos_jax.peft.adalora import SVDDense, svd_delta_kernel
   from lmos_jax.peft.adapters import AdapterDense
   from lmos_jax.peft.lora import LoRADense
-  from lmos_jax.peft.wrap import _set_child
+  from lmos_jax.peft.wrap import set_child
   hits = [(p, m) for p, m in nnx.iter_modules(model)
           if isinstance(m, (LoRADense, SVDDense, AdapterDense))]
   for path, m in hits:
@@ -127,7 +127,7 @@ def merge_and_unload(model: nnx.Module) -> int:
     plain.kernel = m.kernel
     plain.kernel[...] = kernel
     plain.bias = m.bias
-    _set_child(model, tuple(path), plain)
+    set_child(model, tuple(path), plain)
   return len(hits)
 
 

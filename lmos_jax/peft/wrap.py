@@ -59,7 +59,9 @@ def new_param(value: Array, names: tuple) -> nnx.Param:
   return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
-def _set_child(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+def set_child(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  """Replaces the submodule at `path` (attribute names and list indices) with `new`: how
+  a method wraps a Dense, and how merging puts the plain one back."""
   parent = model
   for p in path[:-1]:
     parent = parent[p] if isinstance(p, int) else getattr(parent, p)
@@ -86,7 +88,7 @@ def replace_dense(model: nnx.Module, pattern: str, make: Callable[[Dense, str], 
     raise ConfigError(f"config {field!r}={pattern!r} matched no Dense layer; the model's "
                       f"Dense paths are: {', '.join(dense_paths(model))}")
   for path, dense in hits:
-    _set_child(model, tuple(path), make(dense, module_path(path)))
+    set_child(model, tuple(path), make(dense, module_path(path)))
   return [module_path(p) for p, _ in hits]
 
 

@@ -77,13 +77,15 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, lm_head: bool = True) 
   return 6.0 * matmul_params + attention
 
 
-def measure_cpu_peak(n: int = 1024, iters: int = 4, repeats: int = 3) -> float:
-  """Host f32 matmul FLOP/s, measured once by a short probe (CPU has no spec sheet here).
+def measure_cpu_peak(n: int = 1024, iters: int = 4, repeats: int = 3,
+                     bf16: bool = False) -> float:
+  """Host matmul FLOP/s, measured once by a short probe (CPU has no spec sheet here): f32,
+  or (`bf16`) bf16 operands with float32 accumulation, the matmuls of the bf16 policies.
 
   Best of `repeats` rounds, so a moment of contention from other processes lowers it less.
   """
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+  a = jnp.ones((n, n), jnp.bfloat16 if bf16 else jnp.float32)
+  f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   best = 0.0
   for _ in range(repeats):
@@ -149,35 +151,43 @@ def host_key(devices) -> str:
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '').strip()}")
 
 
-def cached_cpu_peak(devices, cache_dir: str | None) -> tuple[float, str]:
-  """The host's f32 matmul peak: measured once per machine, then read back.
+def cached_cpu_peak(devices, cache_dir: str | None, bf16: bool = False) -> tuple[float, str]:
+  """The host's matmul peak in the run's matmul dtype: measured once per machine, then read
+  back.
 
   The probe costs ~1.4 s of every run's start-up on 2 cores, and repeated probes differ only
   by the load of the moment. The value is kept in the persistent compile cache's directory
   (off with the compile cache), keyed by `host_key`, so another machine, core count, device
-  split, jax version or XLA flag set measures afresh; the log line says which it was.
+  split, jax version or XLA flag set measures afresh; the log line says which it was. A CPU
+  with bf16 dot instructions multiplies bf16 faster than f32: a bf16 run's MFU against the
+  f32 peak read near or above 1, so each dtype has its own peak.
   """
   # 2048^2, not the 1024^2 default: a short probe is easily slowed by start-up work at the
   # beginning of a run, and a low peak inflates the logged MFU.
+  what = f"{'bf16' if bf16 else 'f32'} matmul probe (whole host)"
   if not cache_dir:
-    return measure_cpu_peak(n=2048), "measured f32 matmul probe (whole host)"
+    return measure_cpu_peak(n=2048, bf16=bf16), f"measured {what}"
   path, key = Path(cache_dir) / PEAK_FILE, host_key(devices)
+  field, when = ("flops bf16", "when bf16") if bf16 else ("flops", "when")
   entry = read_machine_file(path).get(key)
-  if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)):
-    return float(entry["flops"]), (f"f32 matmul probe (whole host) measured {entry.get('when')},"
-                                   f" read from {path}")
-  peak = measure_cpu_peak(n=2048)
-  write_machine_entry(path, key, {"flops": peak, "when": time.strftime("%Y-%m-%d %H:%M")})
-  return peak, f"measured f32 matmul probe (whole host), kept in {path}"
+  entry = entry if isinstance(entry, dict) else {}
+  if isinstance(entry.get(field), (int, float)):
+    return float(entry[field]), f"{what} measured {entry.get(when)}, read from {path}"
+  peak = measure_cpu_peak(n=2048, bf16=bf16)
+  write_machine_entry(path, key, {**entry, field: peak, when: time.strftime("%Y-%m-%d %H:%M")})
+  return peak, f"measured {what}, kept in {path}"
 
 
-def device_peak_flops(devices=None, cache_dir: str | None = None) -> tuple[float, str]:
+def device_peak_flops(devices=None, cache_dir: str | None = None,
+                      bf16: bool = False) -> tuple[float, str]:
   """Total peak FLOP/s of the devices and where the number came from. On CPU, a measured
-  probe, cached per machine in `cache_dir` (the compile cache's directory) when given."""
+  probe in the run's matmul dtype (`bf16`: the bf16 policies), cached per machine in
+  `cache_dir` (the compile cache's directory) when given; elsewhere the spec sheet's bf16
+  peak, the usual reference for MFU."""
   devices = jax.devices() if devices is None else devices
   kind = devices[0].device_kind.lower()
   if devices[0].platform == "cpu":
-    return cached_cpu_peak(devices, cache_dir)
+    return cached_cpu_peak(devices, cache_dir, bf16)
   chip = chip_of(kind)
   if chip is not None:
     return chip.bf16_flops * len(devices), f"spec sheet bf16 peak for {kind} x{len(devices)}"

@@ -35,6 +35,12 @@ class Policy:
   compute_dtype: Any
   matmul_bf16: bool = False  # Dense matmuls on bf16 operands, float32 accumulation
 
+  @property
+  def bf16_operands(self) -> bool:
+    """Whether the matmuls take bf16 operands (every policy but fp32): the dtype a CPU's
+    matmul peak is probed in for the logged MFU."""
+    return self.matmul_bf16 or self.compute_dtype == jnp.bfloat16
+
 
 def auto_precision(backend: str, cpuinfo: str | None = None) -> tuple[str, str]:
   """(policy name, why) that `auto` resolves to on `backend`; `cpuinfo` defaults to this

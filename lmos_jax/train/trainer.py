@@ -538,7 +538,8 @@ def train(cfg, workdir: str | Path, started_ago: float = 0.0) -> dict[str, Any]:
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint,
                       keep_best=t.keep_best, best_metric=t.best_metric, best_mode=t.best_mode)
   # the CPU peak probe times matmuls: it runs before the compile below takes a core
-  peak = device_peak_flops(cache_dir=jax.config.jax_compilation_cache_dir)
+  peak = device_peak_flops(cache_dir=jax.config.jax_compilation_cache_dir,
+                           bf16=run.step_cfg.policy.bf16_operands)
   train_fn, eval_fn = jit_steps(run)
   store = program_store(run)
   saved = checkpoint_steps(workdir)
