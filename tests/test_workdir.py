@@ -285,7 +285,8 @@ def test_latest_params_reads_only_params(lm_run, tmp_path):
     W.restore_numpy(item)  # reading the whole state now fails
   got = W.latest_params(wd)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(got))
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  assert _model_paths(got) == _model_paths(want)  # the same tree, leaf for leaf
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 

@@ -16,7 +16,7 @@ through `cls_index` (its first token) and `text_index` (which text each token is
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,9 +56,10 @@ def split_long(doc: np.ndarray, seq_len: int) -> list[np.ndarray]:
   return [doc[s:s + seq_len + 1] for s in range(0, len(doc) - 1, seq_len)]
 
 
-def first_fit_pack(docs: list[np.ndarray], seq_len: int, pad: int, open_bins: int = 64
-                   ) -> dict[str, np.ndarray]:
-  """First-fit packing of documents (each already ending in EOS, <= seq_len+1 tokens).
+def first_fit_rows(docs: Iterable[np.ndarray], seq_len: int, open_bins: int = 64
+                   ) -> Iterator[list[np.ndarray]]:
+  """First-fit packing of documents (each already ending in EOS, <= seq_len+1 tokens), as
+  rows of documents in the order they close: a stream can be packed as it arrives.
 
   A document of n tokens takes n-1 slots (inputs d[:-1], targets d[1:]). It goes into the
   first open row with room; when none has room the oldest open row is closed. At most
@@ -66,7 +67,6 @@ def first_fit_pack(docs: list[np.ndarray], seq_len: int, pad: int, open_bins: in
   to document order.
   """
   rows: list[list[np.ndarray]] = []
-  closed: list[list[np.ndarray]] = []
   free: list[int] = []
   for d in docs:
     n = len(d) - 1
@@ -82,12 +82,17 @@ def first_fit_pack(docs: list[np.ndarray], seq_len: int, pad: int, open_bins: in
         break
     else:
       if len(rows) >= open_bins:
-        closed.append(rows.pop(0))
         free.pop(0)
+        yield rows.pop(0)
       rows.append([d])
       free.append(seq_len - n)
-  closed += rows
-  return rows_to_arrays(closed, seq_len, pad)
+  yield from rows
+
+
+def first_fit_pack(docs: list[np.ndarray], seq_len: int, pad: int, open_bins: int = 64
+                   ) -> dict[str, np.ndarray]:
+  """`first_fit_rows` of a whole list, as arrays."""
+  return rows_to_arrays(list(first_fit_rows(docs, seq_len, open_bins)), seq_len, pad)
 
 
 def rows_to_arrays(rows: list[list[np.ndarray]], seq_len: int, pad: int

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from lmos_jax.config.loading import ConfigError
-from lmos_jax.data.packing import rows_to_arrays
+from lmos_jax.data.packing import first_fit_rows, fixed_windows, rows_to_arrays, split_long
 from lmos_jax.data.sources import Repairs, SourceSpec, expand_files, infer_format
 from lmos_jax.data.stream import check_state
 from lmos_jax.data.tokenizer import pad_id, separator_id, tokenizer_fingerprint
@@ -76,6 +76,12 @@ def stream_texts(ds, spec: SourceSpec, repairs: Repairs, where: str, chunk: int 
     if texts:
       yield texts
   repairs.note("empty documents skipped", empty, f"{where} (streamed)")
+
+
+def _split_rows(rows: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+  """Each row of a (N, seq_len) block as its own dict."""
+  for r in range(len(next(iter(rows.values())))):
+    yield {k: v[r] for k, v in rows.items()}
 
 
 @dataclasses.dataclass
@@ -142,40 +148,23 @@ class StreamingData:
       epoch += 1
 
   def _rows(self, docs: Iterator[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    """Rows as documents arrive: first-fit over 64 open rows, or EOS-joined windows."""
+    """Rows as documents arrive: first-fit over 64 open rows, or EOS-joined windows (each
+    full window as soon as its tokens are in, the last one padded)."""
     pad, L = pad_id(self.tokenizer), self.seq_len
     if self.batching == "windows":
       buf = np.zeros((0,), np.int32)
       for d in docs:
         buf = np.concatenate([buf, d])
-        while len(buf) >= L + 1:
-          chunk = buf[:L + 1]
-          buf = buf[L:]
-          yield {"inputs": chunk[:-1], "targets": chunk[1:],
-                 "weights": np.ones((L,), np.float32)}
+        full = (len(buf) - 1) // L
+        if full:
+          yield from _split_rows(fixed_windows(buf[:full * L + 1], L, pad))
+          buf = buf[full * L:]
       if len(buf) > 1:
-        yield {k: v[0] for k, v in rows_to_arrays([[buf]], L, pad).items()
-               if k in ("inputs", "targets", "weights")}
+        yield from _split_rows(fixed_windows(buf, L, pad))
       return
-    bins: list[list[np.ndarray]] = []
-    free: list[int] = []
-    for d in docs:
-      for piece in ([d] if len(d) <= L + 1 else
-                    [d[s:s + L + 1] for s in range(0, len(d) - 1, L)]):
-        n = len(piece) - 1
-        for i, f in enumerate(free):
-          if f >= n:
-            bins[i].append(piece)
-            free[i] -= n
-            break
-        else:
-          if len(bins) >= 64:
-            free.pop(0)
-            yield {k: v[0] for k, v in rows_to_arrays([bins.pop(0)], L, pad).items()}
-          bins.append([piece])
-          free.append(L - n)
-    for b in bins:
-      yield {k: v[0] for k, v in rows_to_arrays([b], L, pad).items()}
+    pieces = (piece for d in docs for piece in split_long(d, L))
+    for row in first_fit_rows(pieces, L):
+      yield from _split_rows(rows_to_arrays([row], L, pad))
 
   def _batches(self) -> Iterator[dict[str, np.ndarray]]:
     rows = self._rows(self._docs(train=True))
