@@ -142,6 +142,78 @@ def test_cli_writes_best_overrides(tmp_path, capsys):
   assert rc == 1 and "nothing fits" in capsys.readouterr().err
 
 
+def test_compare_ranks_targets_by_the_plans_each_makes(capsys):
+  """`lmos plan --compare`: each target keeps the first choice `--target` would print, the
+  table runs fastest first, the device-seconds per token are step x devices / tokens, and a
+  chip too small for the model says what its closest layout needs."""
+  from lmos_jax.train import hardware
+  cfg = load_config_file("configs/gpt2_124m.py")
+  targets = hardware.parse_targets("t4x1,h100x1,h100x8,tpu-v5e-8")
+  choices = hardware.compare_targets(cfg, targets, ("none", "dots_no_batch", "full"), 8)
+  by = {c.name: c for c in choices}
+  assert set(by) == {"t4x1", "h100x1", "h100x8", "tpu-v5e-8"}
+  for name in ("h100x1", "h100x8", "tpu-v5e-8"):
+    alone = planner.make_plan(cfg, planner.parse_target(name)).best
+    assert by[name].best.layout == alone.layout and by[name].best.step_s == alone.step_s
+  fit = [c for c in choices if c.best]
+  assert [c.best.step_s for c in fit] == sorted(c.best.step_s for c in fit)
+  assert choices[-1].name == "t4x1" and choices[-1].best is None  # 124M + Adam at batch 512
+  assert choices[-1].needs_bytes > planner.MEMORY_HEADROOM * choices[-1].target.chip.memory
+  tokens = 512 * 1024
+  h8 = by["h100x8"]
+  assert h8.device_s_per_mtok == pytest.approx(h8.best.step_s * 8 / tokens * 1e6)
+  # eight H100s are faster than one; per token they spend at least as many device-seconds
+  assert h8.best.step_s < by["h100x1"].best.step_s
+  assert h8.device_s_per_mtok >= by["h100x1"].device_s_per_mtok * 0.99
+  assert hardware.cheapest(choices) is min(fit, key=lambda c: c.device_s_per_mtok)
+  assert planner.main(["lmos plan", "--config=configs/gpt2_124m.py",
+                       "--compare=t4x1,h100x1,h100x8", "--json"]) == 0
+  rows = json.loads(capsys.readouterr().out)
+  assert [r["target"] for r in rows] == ["h100x8", "h100x1", "t4x1"]
+  assert rows[0]["fastest"] and not rows[2]["fits"] and rows[2]["overrides"] is None
+  assert sum(r["cheapest"] for r in rows) == 1
+  assert planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--compare=t4x1"]) == 1
+  assert "nothing fits on any target" in capsys.readouterr().out
+
+
+def test_compare_all_covers_the_chip_table_and_refuses_other_modes():
+  from lmos_jax.train import hardware
+  from lmos_jax.train.metrics import CHIPS
+  names = [planner.target_name(t.chip, t.num_devices) for t in hardware.parse_targets("all")]
+  plannable = [c for c in CHIPS.values() if c.link_bw is not None]
+  assert len(names) == 2 * len(plannable) and "h200x8" in names and "tpu-v5e-1" in names
+  for flags in (["--target=h200x8"], ["--measure"], ["--devices=2"]):
+    with pytest.raises(planner.PlanFlagError, match="--compare"):
+      planner.parse(["lmos plan", "--config=configs/gpt2_124m.py", "--compare=all", *flags])
+  with pytest.raises(planner.PlanFlagError, match="--target"):
+    hardware.parse_targets("h100x1,h900x8")
+  with pytest.raises(planner.PlanFlagError, match="--compare too"):
+    planner.parse(["lmos plan", "--config=configs/gpt2_124m.py", "--prices=h100=2"])
+  for bad in ("h900=2", "h100=0", "h100=cheap"):
+    with pytest.raises(planner.PlanFlagError, match="--prices"):
+      hardware.parse_prices(bad)
+
+
+def test_compare_with_prices_ranks_cost_per_token(capsys):
+  """Cost per 1M tokens = device-seconds per 1M tokens / 3600 x the device-hour price; the
+  cheapest pick is the lowest cost among priced targets (an unpriced one shows none)."""
+  from lmos_jax.train import hardware
+  cfg = load_config_file("configs/gpt2_124m.py")
+  prices = hardware.parse_prices("h100=2.5, b200=6")
+  assert prices == {"h100": 2.5, "b200": 6.0}
+  choices = hardware.compare_targets(
+      cfg, hardware.parse_targets("h100x1,b200x8,tpu-v5e-8"), ("none", "dots_no_batch", "full"),
+      8, prices)
+  by = {c.name: c for c in choices}
+  for name, price in (("h100x1", 2.5), ("b200x8", 6.0)):
+    assert by[name].cost_per_mtok == pytest.approx(by[name].device_s_per_mtok / 3600 * price)
+  assert by["tpu-v5e-8"].cost_per_mtok is None
+  low = min((by["h100x1"], by["b200x8"]), key=lambda c: c.cost_per_mtok)
+  assert hardware.cheapest(choices) is low
+  text = hardware.format_comparison(choices, cfg)
+  assert "cost per 1M tokens" in text and f"cheapest per token: {low.name}" in text
+
+
 def test_cli_flags_use_dashes_like_the_other_commands():
   from lmos_jax.config.loading import ConfigError
   with pytest.raises(ConfigError, match="unknown flag --memory_gib"):

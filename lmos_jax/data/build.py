@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from lmos_jax.config.schema import special_set
+from lmos_jax.data.encoder import local_rows
 from lmos_jax.data.errors import DataError
 from lmos_jax.data.packing import first_fit_pack, fixed_windows, join_with_eos, split_long
 from lmos_jax.data.stream import check_state
@@ -57,9 +58,7 @@ class LMData:
   repairs: Repairs = dataclasses.field(default_factory=Repairs)
 
   def _local(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    per = self.batch_size // self.process_count
-    lo = self.process_index * per
-    return {k: v[lo:lo + per] for k, v in batch.items()}
+    return local_rows(batch, self.process_index, self.process_count)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     return self._local(window_batch(self.train_ids, self.batch_size, self.seq_len,

@@ -33,7 +33,7 @@ from flax import nnx
 from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import Dense
 from lmos_jax.peft.lora import input_dropout, make_dropout_key
-from lmos_jax.peft.wrap import dense_layout, new_param, replace_dense
+from lmos_jax.peft.wrap import new_param, replace_dense, take_base
 from lmos_jax.tree import path_names
 
 Array = jax.Array
@@ -44,9 +44,7 @@ class SVDDense(Dense):
   """Dense plus P diag(lambda) Q of rank r (pruned ranks have lambda = 0)."""
 
   def __init__(self, base: Dense, rank: int, alpha: float, rate: float, *, rngs: nnx.Rngs):
-    self.in_ndim = base.in_ndim
-    self.kernel, self.bias = base.kernel, base.bias
-    lead, in_s, out_s, lead_n, in_n, out_n = dense_layout(base)
+    lead, in_s, out_s, lead_n, in_n, out_n = take_base(self, base)
     n_in, n_out = int(np.prod(in_s)), int(np.prod(out_s))
     if rank > min(n_in, n_out):
       raise ConfigError(f"config 'peft.rank'={rank} exceeds the layer's size {in_s}->{out_s}")

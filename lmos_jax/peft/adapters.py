@@ -15,7 +15,7 @@ from flax import nnx
 from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import Dense
 from lmos_jax.peft.lora import input_dropout, make_dropout_key
-from lmos_jax.peft.wrap import dense_layout, new_param, replace_dense
+from lmos_jax.peft.wrap import new_param, replace_dense, take_base
 
 Array = jax.Array
 
@@ -25,9 +25,7 @@ class AdapterDense(Dense):
 
   def __init__(self, base: Dense, size: int, rate: float, init_std: float, *,
                rngs: nnx.Rngs):
-    self.in_ndim = base.in_ndim
-    self.kernel, self.bias = base.kernel, base.bias
-    lead, _, out_s, lead_n, _, out_n = dense_layout(base)
+    lead, _, out_s, lead_n, _, out_n = take_base(self, base)
     if len(out_s) != 1:
       raise ValueError(f"adapters need a Dense with one output axis, got output shape {out_s}; "
                        "target the attention output / FFN down projections")

@@ -20,7 +20,7 @@ from flax import nnx
 
 from lmos_jax.config.loading import ConfigError
 from lmos_jax.models.layers import Dense, dropout
-from lmos_jax.peft.wrap import dense_layout, new_param, replace_dense
+from lmos_jax.peft.wrap import new_param, replace_dense, take_base
 
 Array = jax.Array
 
@@ -49,9 +49,7 @@ class LoRADense(Dense):
   """Dense plus a rank-r update; `merged` folds the update into the kernel."""
 
   def __init__(self, base: Dense, rank: int, alpha: float, rate: float, *, rngs: nnx.Rngs):
-    self.in_ndim = base.in_ndim
-    self.kernel, self.bias = base.kernel, base.bias
-    lead, in_s, out_s, lead_n, in_n, out_n = dense_layout(base)
+    lead, in_s, out_s, lead_n, in_n, out_n = take_base(self, base)
     fan_in = int(np.prod(in_s))
     # A ~ N(0, 1/fan_in) so x A has unit scale; B = 0 makes the update zero at init.
     self.lora_a = new_param(

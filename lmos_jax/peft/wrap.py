@@ -55,6 +55,16 @@ def dense_layout(dense: Dense) -> tuple[tuple[int, ...], tuple[int, ...], tuple[
           tuple(names[lead:cut]), tuple(names[cut:]))
 
 
+def take_base(wrapper: Dense, base: Dense) -> tuple[tuple[int, ...], tuple[int, ...],
+                                                   tuple[int, ...], tuple, tuple, tuple]:
+  """Gives a PEFT wrapper the base Dense's kernel, bias and input rank (so the wrapper still
+  computes what the base did, sharing its parameters) and returns the base's `dense_layout`,
+  from which each method shapes its own parameters."""
+  wrapper.in_ndim = base.in_ndim
+  wrapper.kernel, wrapper.bias = base.kernel, base.bias
+  return dense_layout(base)
+
+
 def new_param(value: Array, names: tuple) -> nnx.Param:
   return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 

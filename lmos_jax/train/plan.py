@@ -86,6 +86,14 @@ class PlanError(ValueError):
   """No layout fits; the message says what would (devices, batch, remat)."""
 
 
+class NothingFits(PlanError):
+  """No layout fits the target's memory; `smallest` is the layout that comes closest."""
+
+  def __init__(self, message: str, smallest: Estimate):
+    super().__init__(message)
+    self.smallest = smallest
+
+
 class PlanFlagError(PlanError, UserError):
   """A `lmos plan` flag is wrong (exit 2, like every bad input); a bare PlanError is a
   result, nothing fits (exit 1)."""
@@ -743,7 +751,8 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
                    key=lambda e: (e.source == "analytic" and not target.described, e.step_s,
                                   e.memory))
   if not fitting:
-    raise PlanError(nothing_fits_message(cfg, target, s, ests, remats, max_microbatches))
+    raise NothingFits(nothing_fits_message(cfg, target, s, ests, remats, max_microbatches),
+                      min(ests, key=lambda e: e.memory))
   rest = sorted((e for e in ests if not e.fits), key=lambda e: e.memory)
   alongside = None
   if measure_steps and not target.described:
@@ -861,6 +870,13 @@ def parse(argv: list[str]):
                   help="plan for the first N present devices")
   ap.add_argument("--target", default=None,
                   help="described target without devices: h200x8, tpu-v5e-8, a100x4 ...")
+  ap.add_argument("--compare", default=None, metavar="TARGETS",
+                  help="which hardware: plan each described target (comma separated, e.g. "
+                       "h100x1,h100x8,tpu-v5e-8; `all`: every chip of the table at 1 and 8 "
+                       "devices) and compare their best layouts")
+  ap.add_argument("--prices", default=None, metavar="CHIP=PRICE,...",
+                  help="with --compare: each chip's price per device-hour (e.g. "
+                       "h100=2.5,tpu-v5e=1.2), to rank the targets by cost per token")
   ap.add_argument("--remat", default="none,dots_no_batch,full",
                   help="remat policies to search (comma separated)")
   ap.add_argument("--max-microbatches", type=number(int, 1), default=8,
@@ -891,6 +907,13 @@ def parse(argv: list[str]):
   args, rest = ap.parse_known_args(argv[1:])
   if args.target and args.devices:
     raise PlanFlagError("give --devices (present devices) or --target (described), not both")
+  if args.prices and args.compare is None:
+    raise PlanFlagError("--prices ranks the targets of --compare by cost; give --compare too")
+  if args.compare is not None and (args.target or args.devices or args.measure or args.write
+                                   or args.out):
+    raise PlanFlagError("--compare plans described targets side by side; it takes no "
+                        "--target, --devices, --measure, --write or --out (plan the chosen "
+                        "one with --target, or --measure it on its devices)")
   if args.measure and args.target:
     raise PlanFlagError("--measure runs the step on present devices; it cannot measure a "
                         "described --target")
@@ -913,8 +936,21 @@ def present_calibration(cfg, num_devices: int | None, fresh: bool = False):
   return load_calibration(devices[:num_devices or len(devices)], directory, fresh)
 
 
+def compare_main(args, cfg) -> int:
+  """`lmos plan --compare`: the hardware table (or its JSON)."""
+  from lmos_jax.train.hardware import (compare_targets, comparison_json, format_comparison,
+                                       parse_prices, parse_targets)
+  choices = compare_targets(cfg, parse_targets(args.compare),
+                            [r for r in args.remat.split(",") if r], args.max_microbatches,
+                            parse_prices(args.prices))
+  print(json.dumps(comparison_json(choices)) if args.json else format_comparison(choices, cfg))
+  return 0 if any(c.best for c in choices) else 1
+
+
 def main(argv: list[str]) -> int:
   args, cfg = parse(argv)
+  if args.compare is not None:
+    return compare_main(args, cfg)
   try:
     cpu_devices = None
     if not args.target:  # the host `lmos train` would set up: split per core, its malloc
