@@ -16,8 +16,9 @@ PACKAGE = Path(lmos_jax.__file__).parent
 
 
 def layer_order() -> list[str]:
-  """The layer names from the package docstring's 'Bottom to top:' list."""
-  text = lmos_jax.__doc__.split("Bottom to top:", 1)[1]
+  """The layer names from the package docstring's 'Bottom to top:' list (up to the blank
+  line that ends it)."""
+  text = lmos_jax.__doc__.split("Bottom to top:", 1)[1].lstrip("\n").split("\n\n", 1)[0]
   return [m.group(1) for m in re.finditer(r"^  (\w+)\s", text, re.M)]
 
 
