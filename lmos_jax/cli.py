@@ -19,7 +19,7 @@ COMMANDS = {
     "predict": ("lmos_jax.inference.predict", "classify sentences with a finetuned workdir"),
     "generate": ("lmos_jax.inference.generate", "generate text from a trained workdir"),
     "compress": ("lmos_jax.inference.compress", "quantize/prune/trim/distill and report"),
-    "plan": ("lmos_jax.train.plan", "choose mesh, microbatches and remat for a config"),
+    "plan": ("lmos_jax.train.plan_command", "choose hardware, mesh, microbatches and remat"),
     "tune": ("lmos_jax.train.tune", "measure the learning rate and batch size for a config"),
     "export": ("lmos_jax.train.export", "params-only copy of a checkpoint for inference"),
     "report": ("lmos_jax.train.report", "plot and compare runs from their workdirs"),

@@ -12,6 +12,7 @@ from lmos_jax.config.schema import base_config
 from lmos_jax.models.hf import minilm_dir
 from lmos_jax.parallel.sharding import abstract_like, batch_sharding
 from lmos_jax.train import plan as planner
+from lmos_jax.train import plan_command
 from lmos_jax.train import trainer
 from lmos_jax.train.plan import Layout, PlanError
 
@@ -128,7 +129,7 @@ def test_bad_target_names_the_flag(spec):
 
 def test_cli_writes_best_overrides(tmp_path, capsys):
   out = tmp_path / "best.json"
-  rc = planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--target=tpu-v5e-8",
+  rc = plan_command.main(["lmos plan", "--config=configs/gpt2_124m.py", "--target=tpu-v5e-8",
                      f"--out={out}"])
   assert rc == 0
   best = json.loads(out.read_text())
@@ -137,7 +138,7 @@ def test_cli_writes_best_overrides(tmp_path, capsys):
   assert best["mesh.data"] * best["mesh.fsdp"] * best["mesh.tensor"] == 8
   text = capsys.readouterr().out
   assert "--config.mesh.fsdp=" in text and "analytic" in text
-  rc = planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--target=h200x8",
+  rc = plan_command.main(["lmos plan", "--config=configs/gpt2_124m.py", "--target=h200x8",
                      "--memory-gib=0.01"])
   assert rc == 1 and "nothing fits" in capsys.readouterr().err
 
@@ -166,13 +167,13 @@ def test_compare_ranks_targets_by_the_plans_each_makes(capsys):
   assert h8.best.step_s < by["h100x1"].best.step_s
   assert h8.device_s_per_mtok >= by["h100x1"].device_s_per_mtok * 0.99
   assert hardware.cheapest(choices) is min(fit, key=lambda c: c.device_s_per_mtok)
-  assert planner.main(["lmos plan", "--config=configs/gpt2_124m.py",
+  assert plan_command.main(["lmos plan", "--config=configs/gpt2_124m.py",
                        "--compare=t4x1,h100x1,h100x8", "--json"]) == 0
   rows = json.loads(capsys.readouterr().out)
   assert [r["target"] for r in rows] == ["h100x8", "h100x1", "t4x1"]
   assert rows[0]["fastest"] and not rows[2]["fits"] and rows[2]["overrides"] is None
   assert sum(r["cheapest"] for r in rows) == 1
-  assert planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--compare=t4x1"]) == 1
+  assert plan_command.main(["lmos plan", "--config=configs/gpt2_124m.py", "--compare=t4x1"]) == 1
   assert "nothing fits on any target" in capsys.readouterr().out
 
 
@@ -184,11 +185,11 @@ def test_compare_all_covers_the_chip_table_and_refuses_other_modes():
   assert len(names) == 2 * len(plannable) and "h200x8" in names and "tpu-v5e-1" in names
   for flags in (["--target=h200x8"], ["--measure"], ["--devices=2"]):
     with pytest.raises(planner.PlanFlagError, match="--compare"):
-      planner.parse(["lmos plan", "--config=configs/gpt2_124m.py", "--compare=all", *flags])
+      plan_command.parse(["lmos plan", "--config=configs/gpt2_124m.py", "--compare=all", *flags])
   with pytest.raises(planner.PlanFlagError, match="--target"):
     hardware.parse_targets("h100x1,h900x8")
   with pytest.raises(planner.PlanFlagError, match="--compare too"):
-    planner.parse(["lmos plan", "--config=configs/gpt2_124m.py", "--prices=h100=2"])
+    plan_command.parse(["lmos plan", "--config=configs/gpt2_124m.py", "--prices=h100=2"])
   for bad in ("h900=2", "h100=0", "h100=cheap"):
     with pytest.raises(planner.PlanFlagError, match="--prices"):
       hardware.parse_prices(bad)
@@ -217,7 +218,7 @@ def test_compare_with_prices_ranks_cost_per_token(capsys):
 def test_cli_flags_use_dashes_like_the_other_commands():
   from lmos_jax.config.loading import ConfigError
   with pytest.raises(ConfigError, match="unknown flag --memory_gib"):
-    planner.main(["lmos plan", "--config=configs/gpt2_124m.py", "--memory_gib=1"])
+    plan_command.main(["lmos plan", "--config=configs/gpt2_124m.py", "--memory_gib=1"])
 
 
 def test_plan_on_a_cpu_host_sees_the_devices_train_would(tmp_path):
