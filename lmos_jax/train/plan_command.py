@@ -1,7 +1,9 @@
-"""`lmos plan`: the command. Parses its flags and the config as `lmos train` does, plans
-present devices or a described target (`lmos_jax.train.plan`) or compares several targets
-(`--compare`, `lmos_jax.train.hardware`), prints the table (or JSON) and the best layout as
-`--config.*` flags, and with `--out`/`--write` saves it.
+"""`lmos plan`: choose the hardware, mesh, microbatch count and remat policy for a config.
+
+The command: parses its flags and the config as `lmos train` does, plans present devices or
+a described target (`lmos_jax.train.plan`) or compares several targets (`--compare`,
+`lmos_jax.train.hardware`), prints the table (or JSON) and the best layout as `--config.*`
+flags, and with `--out`/`--write` saves it.
 """
 
 from __future__ import annotations
