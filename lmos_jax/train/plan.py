@@ -82,7 +82,8 @@ MEMORY_HEADROOM = 0.9
 
 
 class PlanError(ValueError):
-  """No layout fits; the message says what would (devices, batch, remat)."""
+  """The plan has no layout to offer (none divides the batch, or none fits: `NothingFits`);
+  the message says why and what would work (devices, batch, remat)."""
 
 
 class NothingFits(PlanError):
@@ -94,8 +95,8 @@ class NothingFits(PlanError):
 
 
 class PlanFlagError(PlanError, UserError):
-  """A `lmos plan` flag is wrong (exit 2, like every bad input); a bare PlanError is a
-  result, nothing fits (exit 1)."""
+  """A `lmos plan` flag is wrong (exit 2, like every bad input); any other PlanError is a
+  result, no layout (exit 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
