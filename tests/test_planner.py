@@ -183,7 +183,8 @@ def test_compare_all_covers_the_chip_table_and_refuses_other_modes():
   names = [planner.target_name(t.chip, t.num_devices) for t in hardware.parse_targets("all")]
   plannable = [c for c in CHIPS.values() if c.link_bw is not None]
   assert len(names) == 2 * len(plannable) and "h200x8" in names and "tpu-v5e-1" in names
-  for flags in (["--target=h200x8"], ["--measure"], ["--devices=2"]):
+  for flags in (["--target=h200x8"], ["--measure"], ["--devices=2"], ["--memory-gib=10"],
+                ["--recalibrate"]):
     with pytest.raises(planner.PlanFlagError, match="--compare"):
       plan_command.parse(["lmos plan", "--config=configs/gpt2_124m.py", "--compare=all", *flags])
   with pytest.raises(planner.PlanFlagError, match="--target"):

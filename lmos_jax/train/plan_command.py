@@ -78,11 +78,13 @@ def parse(argv: list[str]):
     raise PlanFlagError("give --devices (present devices) or --target (described), not both")
   if args.prices and args.compare is None:
     raise PlanFlagError("--prices ranks the targets of --compare by cost; give --compare too")
-  if args.compare is not None and (args.target or args.devices or args.measure or args.write
-                                   or args.out):
-    raise PlanFlagError("--compare plans described targets side by side; it takes no "
-                        "--target, --devices, --measure, --write or --out (plan the chosen "
-                        "one with --target, or --measure it on its devices)")
+  present_only = (args.target, args.devices, args.measure, args.write, args.out,
+                  args.memory_gib is not None, args.no_calibrate, args.recalibrate)
+  if args.compare is not None and any(present_only):
+    raise PlanFlagError("--compare plans described targets side by side, each with its own "
+                        "memory; it takes no --target, --devices, --measure, --write, --out, "
+                        "--memory-gib, --no-calibrate or --recalibrate (plan the chosen one "
+                        "with --target, or --measure it on its devices)")
   if args.measure and args.target:
     raise PlanFlagError("--measure runs the step on present devices; it cannot measure a "
                         "described --target")
