@@ -35,12 +35,12 @@ from flax import nnx
 
 from lmos_jax.errors import ArgumentParser, UserError, existing_dir, number
 from lmos_jax.inference.compress_run import (compress_to_workdir, eval_data_config, fewer_layers,
-                                             parse_method, quantized)
+                                             parse_method, pruning_masks, quantized)
 from lmos_jax.models.decode import Decoder
 from lmos_jax.train.heal import finetune, lora_heal
 from lmos_jax.compress.kernels import kernel_layouts
-from lmos_jax.compress.prune import (apply_masks, layerwise_masks, masked_pruning, nm_masks,
-                                      sparsity_report, total_sparsity)
+from lmos_jax.compress.prune import (apply_masks, masked_pruning, sparsity_report,
+                                      total_sparsity)
 from lmos_jax.compress.quantize import count_weights, dequantize_params
 from lmos_jax.compress.store import save_params
 from lmos_jax.train.losses import lm_loss
@@ -132,8 +132,8 @@ def build_variant(name: str, run: Source, params: dict, opts: Options, batches) 
     return Variant(name, gd, q, note=note)
   if name in ("prune50", "nm24"):
     layouts = kernel_layouts(gd, params)
-    masks = (layerwise_masks(params, layouts, 0.5) if name == "prune50"
-             else nm_masks(params, layouts, 2, 4))
+    masks = pruning_masks(params, layouts, parse_method(
+        "prune:sparsity=0.5" if name == "prune50" else "nm:2:4"))
     pruned = apply_masks(params, masks)
     one_shot = val_loss(gd, pruned, batches)
     healed, note = _heal_pruned(run, gd, pruned, masks, opts)

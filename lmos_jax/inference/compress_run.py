@@ -124,15 +124,18 @@ def quantized(graphdef, params: dict, m: Method) -> tuple[dict, str]:
   return q, f"weight-only int{bits}, {'per channel' if group == 0 else f'groups of {group}'}{head}"
 
 
+def pruning_masks(params: dict, layouts, m: Method) -> dict:
+  """The keep-masks of a prune or nm method over the Dense kernels of `layouts`."""
+  if m.kind == "nm":
+    return nm_masks(params, layouts, m.options["n"], m.options["m"])
+  if "alpha" in m.options:
+    return alpha_max_masks(params, layouts, m.options["alpha"])
+  return layerwise_masks(params, layouts, m.options["sparsity"])
+
+
 def _pruned(graphdef, params: dict, m: Method) -> tuple[dict, str]:
   layouts = kernel_layouts(graphdef, params)
-  if m.kind == "nm":
-    masks = nm_masks(params, layouts, m.options["n"], m.options["m"])
-  elif "alpha" in m.options:
-    masks = alpha_max_masks(params, layouts, m.options["alpha"])
-  else:
-    masks = layerwise_masks(params, layouts, m.options["sparsity"])
-  pruned = jax.device_get(apply_masks(params, masks))
+  pruned = jax.device_get(apply_masks(params, pruning_masks(params, layouts, m)))
   return pruned, f"kernel sparsity {total_sparsity(pruned, layouts):.4f}"
 
 

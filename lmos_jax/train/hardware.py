@@ -83,20 +83,19 @@ def parse_prices(spec: str | None) -> dict[str, float]:
   return prices
 
 
-def choose_target(cfg, target: Target, remats: Sequence[str], max_microbatches: int,
-                  price_per_hour: float | None = None) -> TargetChoice:
+def choose_target(cfg, target: Target, remats: Sequence[str],
+                  max_microbatches: int) -> TargetChoice:
   """The fastest layout of `cfg` that fits on `target` (the plan's first choice)."""
   tokens = cfg.train.batch_size * cfg.data.seq_len
   try:
     plan = make_plan(cfg, target, remats=remats, max_microbatches=max_microbatches)
   except NothingFits as e:
-    return TargetChoice(target, tokens, None, needs_bytes=e.smallest.memory,
-                        price_per_hour=price_per_hour)
+    return TargetChoice(target, tokens, None, needs_bytes=e.smallest.memory)
   except PlanFlagError:
     raise
   except PlanError as e:  # no mesh of this many devices divides the batch
-    return TargetChoice(target, tokens, None, reason=str(e), price_per_hour=price_per_hour)
-  return TargetChoice(target, tokens, plan.best, price_per_hour=price_per_hour)
+    return TargetChoice(target, tokens, None, reason=str(e))
+  return TargetChoice(target, tokens, plan.best)
 
 
 def compare_targets(cfg, targets: Sequence[Target], remats: Sequence[str],
@@ -104,8 +103,8 @@ def compare_targets(cfg, targets: Sequence[Target], remats: Sequence[str],
                     ) -> list[TargetChoice]:
   """Every target's choice: those that fit by step time, then the rest by memory needed."""
   prices = prices or {}
-  choices = [choose_target(cfg, t, remats, max_microbatches, prices.get(t.chip.name))
-             for t in targets]
+  choices = [dataclasses.replace(choose_target(cfg, t, remats, max_microbatches),
+                                price_per_hour=prices.get(t.chip.name)) for t in targets]
   fit = sorted((c for c in choices if c.best), key=lambda c: (c.best.step_s, c.name))
   rest = [c for c in choices if not c.best]
   return fit + sorted(rest, key=lambda c: (c.needs_bytes is None, c.needs_bytes or 0.0))

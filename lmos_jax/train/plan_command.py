@@ -74,6 +74,7 @@ def parse(argv: list[str]):
   ap.add_argument("--json", action="store_true",
                   help="print one JSON list of candidates on stdout instead of the table")
   args, rest = ap.parse_known_args(argv[1:])
+  args.remats = [r for r in args.remat.split(",") if r]
   if args.target and args.devices:
     raise PlanFlagError("give --devices (present devices) or --target (described), not both")
   if args.prices and args.compare is None:
@@ -110,7 +111,7 @@ def present_calibration(cfg, num_devices: int | None, fresh: bool = False):
 def compare_main(args, cfg) -> int:
   """`lmos plan --compare`: the hardware table (or its JSON)."""
   choices = compare_targets(cfg, parse_targets(args.compare),
-                            [r for r in args.remat.split(",") if r], args.max_microbatches,
+                            args.remats, args.max_microbatches,
                             parse_prices(args.prices))
   print(json.dumps(comparison_json(choices)) if args.json else format_comparison(choices, cfg))
   return 0 if any(c.best for c in choices) else 1
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> int:
     if args.memory_gib is not None:
       target = dataclasses.replace(
           target, chip=dataclasses.replace(target.chip, memory=args.memory_gib * GiB))
-    plan = make_plan(cfg, target, remats=[r for r in args.remat.split(",") if r],
+    plan = make_plan(cfg, target, remats=args.remats,
                      max_microbatches=args.max_microbatches, compile_top=args.compile_top,
                      measure_steps=args.steps if args.measure else 0)
   except PlanError as e:
