@@ -398,7 +398,7 @@ def main(argv=None) -> int:
   ap.add_argument("--side", default="", help=argparse.SUPPRESS)  # worker mode (internal)
   args = ap.parse_args(argv)
   from lmos_jax.config.schema import base_config
-  from lmos_jax.parallel.distributed import split_cpu_host
+  from lmos_jax.parallel.host_cpu import split_cpu_host
   from lmos_jax.parallel.host_memory import retain_freed_memory, setup_cpu_allocator
   mesh = base_config().mesh
   mesh.cpu_devices = args.cpu_devices

@@ -10,7 +10,7 @@ import pytest
 from helpers import subprocess_env
 from lmos_jax.config.loading import ConfigError, check_cpu_devices
 from lmos_jax.config.schema import base_config
-from lmos_jax.parallel.distributed import cpu_device_count
+from lmos_jax.parallel.host_cpu import cpu_device_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_negative_cpu_devices_names_the_field():
 SCRIPT = """
 import jax
 from lmos_jax.config.schema import base_config
-from lmos_jax.parallel.distributed import split_cpu_host
+from lmos_jax.parallel.host_cpu import split_cpu_host
 {before}
 print("set", split_cpu_host(base_config().mesh, 12, 1, cores=2), "devices", len(jax.devices()))
 """

@@ -225,53 +225,6 @@ def initialize(dcfg: Any, environ: Mapping[str, str] | None = None) -> ClusterSp
   return spec
 
 
-def cpu_device_count(mesh_cfg: Any, batch_size: int, microbatches: int, cores: int) -> int:
-  """How many XLA devices a CPU-only host should show; see `split_cpu_host`."""
-  if mesh_cfg.cpu_devices > 0:
-    return int(mesh_cfg.cpu_devices)
-  if mesh_cfg.data != -1 or mesh_cfg.fsdp != 1 or mesh_cfg.tensor != 1:
-    return 1  # an explicit layout was asked for: don't change the device count under it
-  per_micro = max(batch_size // max(microbatches, 1), 1)
-  return max(n for n in range(1, max(cores, 1) + 1) if per_micro % n == 0)
-
-
-def split_cpu_host(mesh_cfg: Any, batch_size: int, microbatches: int,
-                   cores: int | None = None) -> int | None:
-  """Shows a CPU-only host to JAX as one device per core, before the backend starts.
-
-  Data parallelism over per-core devices runs each op on one core, with no intra-op
-  hand-offs between threads, which is faster for small models than one multi-threaded
-  device (experiments/bench_train.py measures it). `mesh.cpu_devices`: 0 = auto (the
-  most devices, up to the core count, that split each microbatch evenly; only under the
-  default all-data mesh), N = exactly N. Accelerator hosts are unaffected (only the CPU
-  platform's device count changes). Returns the count set, or None when it was left alone:
-  XLA_FLAGS already fixes a count, or JAX's backend was already started (a notebook that ran
-  JAX first keeps its devices; a note says so).
-  """
-  import jax
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return None
-  cores = cores or len(os.sched_getaffinity(0))
-  n = cpu_device_count(mesh_cfg, batch_size, microbatches, cores)
-  try:
-    jax.config.update("jax_num_cpu_devices", n)
-  except RuntimeError:
-    if n != len(jax.devices("cpu")):
-      print(f"lmos: JAX already started with {len(jax.devices('cpu'))} CPU device(s); "
-            f"{n} would use this host's {cores} cores better (start a fresh process, or set "
-            "mesh.cpu_devices to the current count to silence this)", file=sys.stderr)
-    return None
-  return n
-
-
-def split_cpu_host_for(cfg: Any) -> int | None:
-  """`mesh.cpu_devices` checked, then `split_cpu_host` for the run `cfg` describes: what
-  `lmos train` and `lmos plan` do before JAX starts."""
-  from lmos_jax.config.loading import check_cpu_devices
-  check_cpu_devices(cfg)
-  return split_cpu_host(cfg.mesh, cfg.train.batch_size, cfg.train.microbatches)
-
-
 def config_fingerprint(cfg: Any) -> dict[str, int]:
   """31-bit hashes of each top-level config block (minus per-process fields) and versions."""
   import flax

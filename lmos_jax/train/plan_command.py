@@ -18,7 +18,7 @@ import jax
 
 from lmos_jax.config.plan_file import write_plan
 from lmos_jax.errors import ArgumentParser, UserError, number
-from lmos_jax.parallel.distributed import split_cpu_host_for
+from lmos_jax.parallel.host_cpu import split_cpu_host_for
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.train.hardware import (compare_targets, comparison_json, format_comparison,
                                      parse_prices, parse_targets)

@@ -36,6 +36,7 @@ from lmos_jax.models.decode import Decoder, Sampling
 from lmos_jax.models.gpt import count_params
 from lmos_jax.parallel import distributed
 from lmos_jax.parallel.compile_cache import CompileAhead, enable_compile_cache
+from lmos_jax.parallel.host_cpu import split_cpu_host_for
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.parallel.program_store import SUBDIR as PROGRAMS_SUBDIR
 from lmos_jax.parallel.program_store import ProgramStore
@@ -78,7 +79,7 @@ def setup_host(cfg) -> None:
   """What every process does before JAX touches a device: split a CPU host into devices,
   set the allocator policy, join the other hosts, agree on the config, and point JAX at the
   persistent compilation cache."""
-  cpu_devices = distributed.split_cpu_host_for(cfg)
+  cpu_devices = split_cpu_host_for(cfg)
   retained = setup_cpu_allocator(cfg, cpu_devices or 1)  # before JAX starts its threads
   distributed.initialize(cfg.distributed)  # multi-host: joins before any device is touched
   distributed.check_same_config(cfg)
@@ -90,7 +91,7 @@ def setup_host(cfg) -> None:
 
 def host_setup_line(cfg, cpu_devices: int | None, retained: bool) -> str:
   """What the host set-up chose and why, in one line (the choices themselves are made by
-  parallel.distributed.split_cpu_host and parallel.host_memory)."""
+  parallel.host_cpu.split_cpu_host and parallel.host_memory)."""
   devices = jax.local_devices()
   kind = f"{len(devices)} {devices[0].platform} device(s) on this process"
   if devices[0].platform != "cpu":
