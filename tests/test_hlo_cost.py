@@ -388,3 +388,84 @@ def test_measured_candidates_are_predicted_again_with_the_reference_timed_alongs
                       [ma, mb], planner.model_shape(cfg, 256, "cpu"), speed)
   table = planner.format_table(plan)
   assert "step factor 1.710, 900 us per collective" in table and "est alongside ms" in table
+
+
+
+def test_a_cpu_peak_is_the_least_of_its_heap_readings(monkeypatch):
+  """Without allocator statistics each candidate's peak is read from the heap in
+  HEAP_PASSES passes taken in turns, and the least reading is kept: memory taken for
+  something else while the steps run can only add to a reading."""
+  readings = iter([7e6, 9e6,   # first pass: a, then b (candidates in memory order)
+                   5e6, 30e6])  # second pass: b read high this time
+  order = []
+
+  def heap_peak(r, read):
+    order.append(r.name)
+    return next(readings)
+
+  monkeypatch.setattr(planner, "_runner", lambda c, vocab, n, program=None: SimpleNamespace(
+      name="a" if c.mesh.data == 2 else "b", build=SimpleNamespace(policy="fp32")))
+  monkeypatch.setattr(planner, "_time_round", lambda r, steps: 0.01)
+  monkeypatch.setattr(planner, "peak_bytes", lambda devices: None)
+  monkeypatch.setattr(planner, "heap_in_use_reader", lambda: (lambda: 0))
+  monkeypatch.setattr(planner, "heap_peak_per_device", heap_peak)
+  from test_planner import tiny_cfg
+  a = planner.Estimate(Layout(2, 1, 1, 1, "none"), 1e6, 0.05, 1e9, "compiled HLO")
+  b = planner.Estimate(Layout(1, 2, 1, 1, "none"), 2e6, 0.06, 1e9, "compiled HLO")
+  target = SimpleNamespace(num_devices=2, calibration=None)
+  (ma, mb), _ = planner.measure_estimates(tiny_cfg(), 256, [a, b], target, steps=3)
+  assert planner.HEAP_PASSES == 2 and order == ["a", "b", "a", "b"]
+  assert (ma.measured_peak, mb.measured_peak) == (5e6, 9e6)
+
+
+def test_candidates_and_reference_steps_are_probed_in_the_same_passes(tmp_path, monkeypatch):
+  """A fresh calibration: one `probe_all` covers every dot of the compiled candidates and
+  of the reference steps (so a slow spell cannot land on one side of the ratio a prediction
+  takes), the reference steps are timed once and kept; with their speed kept, a second plan
+  probes only what is new and times nothing."""
+  from test_planner import tiny_cfg
+  monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
+  monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
+  monkeypatch.setattr(calibrate, "probe_first_touch", lambda d: 0.0)
+  monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
+  monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
+  monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
+  calls = []
+  real_probe_all = calibrate.Calibration.probe_all
+
+  def recording_probe_all(self, dots, streams):
+    calls.append({d.key() for d in dots})
+    real_probe_all(self, dots, streams)
+
+  monkeypatch.setattr(calibrate.Calibration, "probe_all", recording_probe_all)
+  timed = []
+  real_measure = planner.measure_reference
+  monkeypatch.setattr(planner, "measure_reference",
+                      lambda *a, **k: timed.append(1) or real_measure(*a, **k))
+  cfg = tiny_cfg()
+  cfg.train.precision = "fp32"
+  cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
+  target = planner.present_target(2, calibration=cal)
+  plan = planner.make_plan(cfg, target, remats=("none",), max_microbatches=1, compile_top=2)
+  assert plan.best.source.startswith("compiled HLO") and len(timed) == 1
+  candidate_dots, reference_dots = set(), set()
+  for e in plan.estimates[:2]:
+    compiled = planner.compile_layout(cfg, 256, e.layout, target)[1]
+    candidate_dots |= _dot_keys(compiled)
+  for r in planner.reference_runners(2, "fp32", bool(cfg.model.scan_layers)):
+    reference_dots |= _dot_keys(r.compiled)
+  first = calls[0]
+  assert candidate_dots <= first and reference_dots <= first
+  assert reference_dots - candidate_dots  # the reference's own shapes were in those passes
+  calls.clear()
+  again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
+  planner.make_plan(cfg, planner.present_target(2, calibration=again), remats=("none",),
+                    max_microbatches=1, compile_top=2)
+  assert len(timed) == 1  # the reference speed was read back
+  assert all(key in again.entry for call in calls for key in call)
+
+
+def _dot_keys(compiled) -> set:
+  asked = H.AskedPrices()
+  H.price_program(compiled.as_text(), asked, 2)
+  return set(asked.dots)

@@ -21,7 +21,8 @@ collective and one program call; the ops small enough to have run from cache in 
 probes are scaled by the machine's program factor (what a step of such ops costs beyond
 their prices). The factor and the rendezvous are measured on two reference steps, one
 data-parallel and one fully sharded (`program_speed`). The speeds are probed on the
-devices and kept per machine (`lmos_jax.train.calibrate`; `--recalibrate` probes again).
+devices, a plan's candidates and the reference steps in the same passes (`probe_together`),
+and kept per machine (`lmos_jax.train.calibrate`; `--recalibrate` probes again).
 The analytic ranking that picks which layouts to compile uses FLOPs at the probed rate of
 each layout's MLP matmul plus collectives and a cost per op; a described target uses its
 spec sheet at the matmul efficiency measured on one GPU (`MATMUL_EFFICIENCY`).
@@ -365,17 +366,50 @@ def compiled_flops(compiled) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShape,
-                      programs: dict | None = None) -> Estimate:
-  """Memory and FLOPs read from the AOT-compiled train step (abstract inputs only).
-  `programs`: where the built step and its compiled program are kept by layout, for
-  `--measure` to run without compiling again."""
+def compile_layout(cfg, vocab: int, lay: Layout, target: Target) -> tuple[StepBuild, Any]:
+  """The train step of `cfg` with layout `lay`, validated as `lmos train` validates it,
+  built and AOT-compiled (abstract inputs only) for the target's first devices."""
   c = apply_overrides(cfg, lay.overrides())
   validate(c, target.num_devices)  # what `lmos train` checks before building this step
   build = build_step(c, vocab, jax.devices()[:target.num_devices])
-  compiled = build.compile()
-  if programs is not None:
-    programs[lay] = (build, compiled)
+  return build, build.compile()
+
+
+def probe_together(cal, num_devices: int, compiled: Sequence[Any], policy: str,
+                   scan: bool) -> list[_Runner] | None:
+  """Probes every price the `compiled` programs need, and those of the reference steps
+  (`program_speed`) where their factor is not kept yet, in the same passes; returns those
+  reference steps (compiled, for `program_speed` to time) or None.
+
+  A prediction is the candidate's prices times the reference's measured/priced ratio, so a
+  slow spell that lands on the candidate's probes and not on the reference's goes straight
+  into the prediction. Probed apart (the first candidate's ops, then the reference's, then
+  the other candidates' as each was compiled), one validation of the small shakespeare
+  config ran every candidate at 0.78-0.81 of its prediction (0.69-0.71 of the one at the
+  calibration's factor), where the five runs before it read 0.83-1.10."""
+  refs = None if has_program_speed(cal, policy, scan) else reference_runners(
+      num_devices, policy, scan)
+  asked = AskedPrices()
+  for program in [*compiled, *(r.compiled for r in refs or ())]:
+    price_program(program.as_text(), asked, num_devices)
+  cal.probe_all(list(asked.dots.values()), sorted(asked.streams))
+  return refs
+
+
+def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShape,
+                      programs: dict | None = None) -> Estimate:
+  """Memory and FLOPs read from the AOT-compiled train step (abstract inputs only).
+  `programs`: the built step and its compiled program by layout: taken from it where this
+  layout was compiled already (`compile_layout`), else kept in it, for `--measure` to run
+  without compiling again."""
+  c = apply_overrides(cfg, lay.overrides())
+  if programs is None or lay not in programs:
+    program = compile_layout(cfg, vocab, lay, target)
+    if programs is not None:
+      programs[lay] = program
+  else:
+    program = programs[lay]
+  build, compiled = program
   memory, flops = compiled_memory(compiled), compiled_flops(compiled)
   model_flops = analytic_estimate(s, lay, target).flops
   # XLA's cost analysis counts a while loop's body once: scanned layers and microbatch
@@ -472,8 +506,8 @@ def solve_speed(measured: Sequence[float], priced: Sequence[Priced]) -> tuple[fl
   return max(a[0] / priced[0].cached_s, 0.0), 0.0
 
 
-def measure_reference(cal, num_devices: int, precision: str = "fp32",
-                      scan: bool = True) -> tuple[float, float]:
+def measure_reference(cal, num_devices: int, precision: str = "fp32", scan: bool = True,
+                      runners: Sequence[_Runner] | None = None) -> tuple[float, float]:
   """(factor, wait) of `solve_speed` from the reference steps on the first `num_devices`
   devices (data-parallel, and fully sharded where there are several devices), timed in
   turns. The factor: how a whole step of small ops differs from their loop probes (what the
@@ -482,7 +516,7 @@ def measure_reference(cal, num_devices: int, precision: str = "fp32",
   (on 2 CPU devices 110-200 us per collective in such steps, where a loop of one op and one
   small all-reduce read 50-80 us). Measured once per machine on a fixed model (not the
   planned config) and kept with the other probes, one pair per precision policy."""
-  runners = reference_runners(num_devices, precision, scan)
+  runners = runners or reference_runners(num_devices, precision, scan)
   # timed as the candidates are (median of rounds after warm-up, in turns), so their factor
   # is like for like; more and longer rounds than theirs, since these numbers scale every
   # prediction and a round of these small steps lasts only tens of milliseconds. On XLA:CPU
@@ -520,13 +554,24 @@ def reference_runners(num_devices: int, precision: str, scan: bool) -> list[_Run
           for fsdp in ((False, True) if num_devices > 1 else (False,))]
 
 
-def program_speed(cal, num_devices: int, precision: str = "fp32",
-                  scan: bool = True) -> tuple[float, float]:
+def _speed_suffix(precision: str, scan: bool) -> str:
+  """How `program_speed`'s numbers for `precision` and `scan` are named in the calibration."""
+  return ("" if precision == "fp32" else f" {precision}") + ("" if scan else " unrolled")
+
+
+def has_program_speed(cal, precision: str = "fp32", scan: bool = True) -> bool:
+  """Whether the calibration keeps the reference steps' (factor, wait) for this case."""
+  return f"step factor{_speed_suffix(precision, scan)}" in cal.entry
+
+
+def program_speed(cal, num_devices: int, precision: str = "fp32", scan: bool = True,
+                  runners: Sequence[_Runner] | None = None) -> tuple[float, float]:
   """The reference steps' (factor, wait) under `precision` (a resolved policy name), layers
-  scanned or not, measured at first use and kept with the calibration."""
-  suffix = ("" if precision == "fp32" else f" {precision}") + ("" if scan else " unrolled")
-  if f"step factor{suffix}" not in cal.entry:
-    factor, wait = measure_reference(cal, num_devices, precision, scan)
+  scanned or not, measured at first use (on `runners` where `probe_together` compiled them)
+  and kept with the calibration."""
+  suffix = _speed_suffix(precision, scan)
+  if not has_program_speed(cal, precision, scan):
+    factor, wait = measure_reference(cal, num_devices, precision, scan, runners)
     cal.entry[f"collective wait{suffix}"] = wait
     cal.probed(f"step factor{suffix}", lambda _: factor)
   return float(cal.entry[f"step factor{suffix}"]), float(cal.entry[f"collective wait{suffix}"])
@@ -562,6 +607,10 @@ def peak_bytes(devices: Sequence[Any]) -> float | None:
 MEASURE_ROUNDS = 5
 ALONGSIDE_REFERENCE_ROUNDS = 3  # rounds of each reference step per round of the candidates
 HEAP_SAMPLES, HEAP_MAX_STEPS = 10, 200  # heap readings per candidate on XLA:CPU; a bound
+# passes of those readings; each candidate keeps its least: memory the process takes for
+# something else while the steps run can only add to a reading (one of 60 single readings
+# of the small shakespeare config's candidates read 36.8 MiB where the others read 26.5-27.5)
+HEAP_PASSES = 2
 # the reference steps of `program_speed`: untimed rounds and timed rounds of each, steps
 # per round
 REFERENCE_WARMUP_ROUNDS, REFERENCE_ROUNDS, REFERENCE_STEPS = 4, 15, 20
@@ -650,9 +699,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   Peak memory: the allocator's peak can only grow, so the warm-up round runs the candidates
   from the smallest predicted memory up and reads the peak after each; a candidate's
   reading is the largest of it and those before it. Where the backend keeps no allocator
-  statistics (XLA:CPU) one more round reads each candidate's from the process's malloc
-  (`heap_peak_per_device`: steps until the heap was read often enough); None where neither
-  can be read."""
+  statistics (XLA:CPU) HEAP_PASSES more rounds read each candidate's from the process's
+  malloc (`heap_peak_per_device`: steps until the heap was read often enough), the least
+  reading kept; None where neither can be read."""
   import statistics
   devices = jax.devices()[:target.num_devices]
   order = sorted(range(len(ests)), key=lambda i: ests[i].memory)
@@ -665,8 +714,10 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
     _time_round(runners[i], steps)
     peaks[i] = peak_bytes(devices)
   read = heap_in_use_reader() if None in peaks.values() else None
-  if read is not None:
-    peaks = {i: heap_peak_per_device(runners[i], read) for i in order}
+  if read is not None:  # the least of HEAP_PASSES passes over the candidates, in turns
+    passes = [{i: heap_peak_per_device(runners[i], read) for i in order}
+              for _ in range(HEAP_PASSES)]
+    peaks = {i: min(p[i] for p in passes) for i in order}
   cal = target.calibration
   all_priced = cal is not None and bool(ests) and all(e.priced is not None for e in ests)
   refs = reference_runners(target.num_devices, runners[order[0]].build.policy,
@@ -741,10 +792,19 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
   budget = MEMORY_HEADROOM * target.chip.memory
   ests.sort(key=lambda e: (e.memory > budget, e.step_s, e.memory))
   programs: dict = {}  # layout -> (build, compiled), kept for --measure
-  if not target.described:
-    ests[:compile_top] = [compiled_estimate(cfg, vocab, e.layout, target, s,
-                                            programs if measure_steps else None)
+  if not target.described and compile_top:
+    programs = {e.layout: compile_layout(cfg, vocab, e.layout, target)
+                for e in ests[:compile_top]}
+    if target.calibration is not None:
+      policy = next(iter(programs.values()))[0].policy
+      scan = bool(cfg.model.scan_layers)
+      refs = probe_together(target.calibration, target.num_devices,
+                            [compiled for _, compiled in programs.values()], policy, scan)
+      program_speed(target.calibration, target.num_devices, policy, scan, refs)
+    ests[:compile_top] = [compiled_estimate(cfg, vocab, e.layout, target, s, programs)
                           for e in ests[:compile_top]]
+    if not measure_steps:
+      programs = {}
   for e in ests:
     e.fits = e.memory <= budget
   fitting = sorted((e for e in ests if e.fits),
