@@ -28,7 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Deterministic columns; timing ones (tokens_per_sec, mfu, data_wait_frac...) differ run to run.
 EXACT = ("loss", "grad_norm", "accuracy", "lr", "tokens", "nonfinite", "skipped_steps",
          "eval_loss", "eval_accuracy")
-CONFIG = '''
+# steps of the run: the kill is sent once step 4-7 is logged, so eight or more steps (and
+# four or more checkpoint saves) stay between it and the run's end (with 8 steps a run once
+# finished between the poll that saw step 7 and the kill)
+STEPS = 16
+CONFIG = f'''
 from lmos_jax.config.schema import base_config
 
 
@@ -36,7 +40,7 @@ def get_config(arg=None):
   c = base_config()
   c.model.num_layers, c.model.num_heads, c.model.d_model, c.model.max_seq_len = 1, 2, 32, 16
   c.data.seq_len, c.data.max_chars = 16, 20000
-  c.train.batch_size, c.train.steps, c.train.warmup_steps = 8, 8, 2
+  c.train.batch_size, c.train.steps, c.train.warmup_steps = 8, {STEPS}, 2
   c.train.log_every, c.train.eval_every, c.train.ckpt_every = 1, 4, 2
   c.train.eval_batches, c.train.sample_tokens, c.train.progress = 1, 0, False
   return c
@@ -72,7 +76,7 @@ def wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: flo
     if time.time() - t0 > timeout:
       proc.kill()
       pytest.fail(f"no step {step} logged within {timeout} s")
-    time.sleep(0.02)
+    time.sleep(0.005)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +91,7 @@ def reference(config_path, tmp_path_factory) -> list[dict]:
   workdir = tmp_path_factory.mktemp("reference")
   trainer.train(load_config_file(str(config_path)), workdir)
   rows = metric_rows(workdir)
-  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   return rows
 
 
@@ -99,7 +103,7 @@ def test_kill9_at_random_step_resumes_bitwise(config_path, reference, tmp_path):
   proc.wait()
   killed_at = last_logged_step(tmp_path)
   saved = Checkpointer(tmp_path, read_only=True).all_steps()
-  assert killed_at < 8, "the run finished before the kill; nothing was tested"
+  assert killed_at < STEPS, "the run finished before the kill; nothing was tested"
   trainer.train(load_config_file(str(config_path)), tmp_path)  # same command again
   assert metric_rows(tmp_path) == reference, (kill_at, killed_at, saved)
 
@@ -113,7 +117,7 @@ def test_sigterm_saves_waits_and_exits_0_then_resumes_bitwise(config_path, refer
   assert proc.returncode == 0, out[-3000:]
   line = next(l for l in out.splitlines() if "stopped by SIGTERM at step" in l)
   step = int(line.split("at step ")[1].split(";")[0])
-  assert 3 <= step < 8
+  assert 3 <= step < STEPS
   ckpt = Checkpointer(tmp_path, read_only=True)
   assert ckpt.latest_step() == step  # saved at the step it stopped, and complete
   assert "--- sample ---" not in out  # stopped: no end-of-run sample

@@ -294,18 +294,23 @@ def cpu8():
 Layout = planner.Layout
 
 
+def stand_in_probes(monkeypatch) -> None:
+  """Probes priced at stand-in speeds (the real probes are tested above) and short timed
+  rounds of the reference steps instead of the settled medians a real plan waits for."""
+  monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
+  monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
+  monkeypatch.setattr(calibrate, "probe_first_touch", lambda d: 0.0)
+  monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
+  monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
+  monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
+
+
 def test_the_step_speed_is_measured_on_the_reference_steps(tmp_path, monkeypatch):
   """The real reference steps on 2 devices, priced at stand-in speeds (the real probes are
   tested above): the fully sharded one runs more collectives than the data-parallel one;
   a finite positive factor and a wait of at least 0, kept with the calibration, one pair
   per precision policy."""
-  monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
-  monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
-  monkeypatch.setattr(calibrate, "probe_first_touch", lambda d: 0.0)
-  # short timed rounds instead of the settled medians a real plan waits for
-  monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
-  monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
-  monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
+  stand_in_probes(monkeypatch)
   cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   priced = [planner.priced_seconds(planner._runner(planner.reference_config(2, fsdp=f), 256,
                                                    2).compiled, cal, 2)
@@ -424,12 +429,7 @@ def test_candidates_and_reference_steps_are_probed_in_the_same_passes(tmp_path, 
   takes), the reference steps are timed once and kept; with their speed kept, a second plan
   probes only what is new and times nothing."""
   from test_planner import tiny_cfg
-  monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
-  monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
-  monkeypatch.setattr(calibrate, "probe_first_touch", lambda d: 0.0)
-  monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
-  monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
-  monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
+  stand_in_probes(monkeypatch)
   calls = []
   real_probe_all = calibrate.Calibration.probe_all
 
