@@ -800,6 +800,7 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
       scan = bool(cfg.model.scan_layers)
       refs = probe_together(target.calibration, target.num_devices,
                             [compiled for _, compiled in programs.values()], policy, scan)
+      # timed now on the steps just probed; each estimate below reads it back
       program_speed(target.calibration, target.num_devices, policy, scan, refs)
     ests[:compile_top] = [compiled_estimate(cfg, vocab, e.layout, target, s, programs)
                           for e in ests[:compile_top]]
