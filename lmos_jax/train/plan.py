@@ -402,13 +402,9 @@ def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShap
   `programs`: the built step and its compiled program by layout: taken from it where this
   layout was compiled already (`compile_layout`), else kept in it, for `--measure` to run
   without compiling again."""
-  c = apply_overrides(cfg, lay.overrides())
-  if programs is None or lay not in programs:
-    program = compile_layout(cfg, vocab, lay, target)
-    if programs is not None:
-      programs[lay] = program
-  else:
-    program = programs[lay]
+  program = (programs or {}).get(lay) or compile_layout(cfg, vocab, lay, target)
+  if programs is not None:
+    programs[lay] = program
   build, compiled = program
   memory, flops = compiled_memory(compiled), compiled_flops(compiled)
   model_flops = analytic_estimate(s, lay, target).flops
@@ -420,7 +416,8 @@ def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShap
   cal = target.calibration
   if cal is not None:  # the program itself, priced op by op at this machine's speeds
     priced = priced_seconds(compiled, cal, target.num_devices)
-    speed = program_speed(cal, target.num_devices, build.policy, bool(c.model.scan_layers))
+    # a layout sets the mesh, microbatches and remat, never scan_layers: the config's own
+    speed = program_speed(cal, target.num_devices, build.policy, bool(cfg.model.scan_layers))
     step_s = priced_step_s(priced, speed, cal)
     return Estimate(lay, memory, step_s, flops, source.replace("compiled", "compiled HLO", 1),
                     priced=priced)
