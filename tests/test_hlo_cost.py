@@ -227,6 +227,41 @@ def test_a_programs_probes_run_in_passes_and_each_keeps_its_median(tmp_path, mon
   assert len(calls) == 9 and again.entry[dot.key()] == 2.0  # read back, not probed
 
 
+def test_numbers_kept_by_other_probes_are_probed_again(tmp_path):
+  cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
+  cal.probed("op_s", lambda _: 1e-6)
+  assert calibrate.load_calibration(jax.devices()[:2], tmp_path).entry["op_s"] == 1e-6
+  calibrate.write_machine_entry(tmp_path / calibrate.CALIBRATION_FILE, cal.key,
+                                {**cal.entry, "probes": calibrate.PROBES_VERSION - 1})
+  again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
+  assert again.entry == {} and not again.read_back
+
+
+def test_dot_probe_writes_one_element_back_in_place():
+  """The probe's loop converts no bf16 operand to float32 and back at each round and
+  copies none per call (its only passes over the operand: the dot, the in-place write of
+  one element and the bf16 view of the bits)."""
+  two = jax.devices()[:2]
+  dims = (((2,), (1,)), ((0,), (0,)))
+  for dtype, views in ((jnp.bfloat16, 1), (jnp.float32, 0)):
+    lhs = calibrate._per_device(two, (64, 32), dtype)
+    rhs = calibrate._per_device(two, (32, 16), dtype)
+    text = calibrate._dot_loop.lower(
+        calibrate.dot_carry(lhs), rhs, dims=dims, dtype=jnp.dtype(dtype),
+        out_dtype=jnp.dtype(jnp.float32), reps=4).compile().as_text()
+    ops = [i for line in text.splitlines() if (i := H.parse_instr(line)) is not None]
+    sized = [i for i in ops if any(math.prod(d) >= 64 * 32 for _, d in H.arrays(i.type))
+             and i.opcode not in ("parameter", "bitcast", "get-tuple-element", "tuple",
+                                  "while", "dot")]
+    writes = [i for i in sized if i.opcode == "dynamic-update-slice"]
+    assert len(writes) == 1  # in place, inside its fusion
+    wasted = [f"{i.opcode} {i.type}" for i in sized if i.opcode == "copy"
+              or (dtype == jnp.bfloat16 and H.arrays(i.type)[0][0] == "f32")]
+    assert not wasted, wasted
+    # the fusions around the write and the bits' view: nothing else of the operand's size
+    assert len([i for i in sized if i.opcode == "fusion"]) == 1 + views, sized
+
+
 def test_real_probes_of_a_dot_and_a_stream_are_plausible():
   two = jax.devices()[:2]
   d = H.DotShape((64, 32), (32, 16), (1,), (0,), (), (), "f32")

@@ -47,12 +47,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lmos_jax.train.metrics import host_key, read_machine_file, write_machine_entry
 
 CALIBRATION_FILE = "lmos_calibration.json"
+# how the probes run: numbers kept by probes that ran otherwise are not read back (the dot
+# probes before version 2 priced bf16 dots up to 1.9x their time: `_dot_loop`)
+PROBES_VERSION = 2
 ALLREDUCE_BYTES = 16 * 2 ** 20  # per device: large enough that bandwidth, not latency, shows
 OP_CHAIN = 200  # dependent small ops timed together for op_s
 # bytes moved (read + written) by the elementwise ops probed for stream_s: from a few
 # cache lines to well past the last-level cache
 STREAM_BYTES = tuple(2 ** e for e in range(12, 27, 2))
 PROBE_FLOPS = 2e7  # a probe program repeats a small dot or op until it does about this much
+# and a dot at least this many times: each call starts on sleeping threads and operands
+# not in cache, and over 2 rounds that start landed on the large dots' price (a bf16
+# [1536,2048] x [2048,384] dot: 16.7 ms a round at 2 rounds a call, 14.0-14.3 at 4-16)
+DOT_REPEATS = 4
 # a small op's probe loops it up to this many times: with at most 16, the call's own cost
 # (20-60 us, as noisy) decided the price, and a 4 KiB elementwise op read 0.15-3.4 us from
 # one probe to the next; with up to 1024, 0.22-0.28 us
@@ -119,10 +126,10 @@ def probe_op(devices: Sequence[Any]) -> float:
   return _median_seconds(jax.jit(chain), _per_device(devices, (8, 8), jnp.float32)) / OP_CHAIN
 
 
-def _repeats(work: float, per_call: float) -> int:
+def _repeats(work: float, per_call: float, least: int = 2) -> int:
   """How many times a probe loop runs its op: enough that the program's call cost is
-  small beside them, between 2 and MAX_REPEATS."""
-  return int(min(MAX_REPEATS, max(2, math.ceil(work / max(per_call, 1.0)))))
+  small beside them, between `least` and MAX_REPEATS."""
+  return int(min(MAX_REPEATS, max(least, math.ceil(work / max(per_call, 1.0)))))
 
 
 def _per_op_seconds(program_s: float, repeats: int, dispatch_s: float) -> float:
@@ -132,16 +139,42 @@ def _per_op_seconds(program_s: float, repeats: int, dispatch_s: float) -> float:
   return max((program_s - dispatch_s) / repeats, 0.1 * share)
 
 
-@functools.partial(jax.jit, static_argnames=("dims", "out_dtype", "reps"))
-def _dot_loop(lhs: jax.Array, rhs: jax.Array, dims, out_dtype, reps: int) -> jax.Array:
-  """`reps` dots in a loop, each writing one element of its output back into its input so
-  that XLA cannot hoist it out. Jitted once at module level with the shape's numbers as
-  static arguments, so probing a dot again (another pass) reuses its compiled program."""
+@functools.partial(jax.jit, static_argnames=("dims", "dtype", "out_dtype", "reps"),
+                   donate_argnums=0)
+def _dot_loop(lhs: jax.Array, rhs: jax.Array, dims, dtype, out_dtype, reps: int) -> jax.Array:
+  """`reps` dots in a loop, each writing one element of its output back into its left
+  operand so that XLA cannot hoist it out. Jitted once at module level with the shape's
+  numbers as static arguments, so probing a dot again (another pass) reuses its compiled
+  program.
+
+  The left operand is donated (the caller passes the last call's result back: a carry that
+  is not donated is copied at every call), and an operand narrower than 32 bits is carried
+  as its bit pattern (`lhs` then holds unsigned integers of its width, `dtype` says what they
+  are): written back as bf16, XLA:CPU converted the whole operand to float32 and back at
+  every round. With both, a bf16 [2048,1536] x [1536,384] dot probed 17 ms where the same
+  dot called alone ran 12.5 ms (and the small shakespeare model's bf16 dots 1.2-1.9x their
+  own time). An integer write of one element is done in place; the bf16 view of the bits is
+  one pass over the operand per round (XLA:CPU writes a bitcast-convert out), a few percent
+  of its dot: probed this way, the 17 dots of that small model's step summed 4.30 ms against
+  4.32 ms called one by one, and the baby shape's 8 largest 88.2 against 89.0 ms (2-core
+  VM). Float32 and wider are written in place as they are."""
+  view = ((lambda x: jax.lax.bitcast_convert_type(x, dtype)) if lhs.dtype != dtype
+          else (lambda x: x))
+
   def body(_, x):
-    out = jax.lax.dot_general(x, rhs, dims, preferred_element_type=out_dtype)
-    corner = (slice(None),) + (0,) * (out.ndim - 1)
-    return x.at[(slice(None),) + (0,) * (x.ndim - 1)].set(out[corner].astype(x.dtype))
+    out = jax.lax.dot_general(view(x), rhs, dims, preferred_element_type=out_dtype)
+    corner = out[(slice(None),) + (0,) * (out.ndim - 1)].astype(dtype)
+    if lhs.dtype != dtype:
+      corner = jax.lax.bitcast_convert_type(corner, lhs.dtype)
+    return x.at[(slice(None),) + (0,) * (x.ndim - 1)].set(corner)
   return jax.lax.fori_loop(0, reps, body, lhs)
+
+
+def dot_carry(lhs: jax.Array) -> jax.Array:
+  """`_dot_loop`'s carry for the left operand `lhs`: its bits where narrower than 32."""
+  if lhs.dtype.itemsize >= 4:
+    return lhs
+  return jax.lax.bitcast_convert_type(lhs, jnp.dtype(f"uint{8 * lhs.dtype.itemsize}"))
 
 
 def probe_dot(devices: Sequence[Any], dot, dispatch_s: float) -> float:
@@ -152,15 +185,20 @@ def probe_dot(devices: Sequence[Any], dot, dispatch_s: float) -> float:
   dtype = jnp.dtype(NUMPY_DTYPES.get(dot.dtype, dot.dtype))
   out_name = dot.out_dtype or dot.dtype
   out_dtype = jnp.dtype(NUMPY_DTYPES.get(out_name, out_name))
-  reps = _repeats(PROBE_FLOPS, dot.flops)
+  reps = _repeats(PROBE_FLOPS, dot.flops, DOT_REPEATS)
   shift = lambda dims: tuple(d + 1 for d in dims)  # past the leading device axis
   dims = ((shift(dot.lhs_contract), shift(dot.rhs_contract)),
           ((0, *shift(dot.lhs_batch)), (0, *shift(dot.rhs_batch))))
   lhs = _per_device(devices, dot.lhs, dtype)
+  carry = [dot_carry(lhs)]
   rhs = _per_device(devices, dot.rhs, dtype)
-  loop = functools.partial(_dot_loop, dims=dims, out_dtype=out_dtype, reps=reps)
-  return _per_op_seconds(_median_seconds(loop, lhs, rhs, min_seconds=PROBE_SECONDS), reps,
-                         dispatch_s)
+
+  def call() -> jax.Array:  # the donated carry comes back as the next call's operand
+    carry[0] = _dot_loop(carry[0], rhs, dims=dims, dtype=dtype, out_dtype=out_dtype,
+                         reps=reps)
+    return carry[0]
+
+  return _per_op_seconds(_median_seconds(call, min_seconds=PROBE_SECONDS), reps, dispatch_s)
 
 
 def _stream_op(kind: str) -> Callable[[jax.Array], jax.Array]:
@@ -263,6 +301,7 @@ class Calibration:
     if name not in self.entry:
       self.entry[name] = probe(self.devices)
       self.entry["when"] = time.strftime("%Y-%m-%d %H:%M")
+      self.entry["probes"] = PROBES_VERSION
       self.read_back = False
       self.save()
     return float(self.entry[name])
@@ -348,9 +387,11 @@ def load_calibration(devices: Sequence[Any], cache_dir: Path | str | None,
   probed before, else empty (each number is probed at its first use and kept). `fresh`:
   ignore what was kept and probe again (the new numbers replace it): a shared or
   throttled machine's speed moves, and a plan checked against measurements should be
-  priced at the speeds of the moment."""
+  priced at the speeds of the moment. Numbers kept by another PROBES_VERSION are probed
+  again."""
   key = f"{devices[0].platform} {devices[0].device_kind} | {host_key(devices)}"
   path = Path(cache_dir) / CALIBRATION_FILE if cache_dir else None
   entry = read_machine_file(path).get(key) if path and not fresh else None
-  entry = dict(entry) if isinstance(entry, dict) else {}
+  ok = isinstance(entry, dict) and entry.get("probes") == PROBES_VERSION
+  entry = dict(entry) if ok else {}
   return Calibration(list(devices), path, key, entry, read_back=bool(entry))
