@@ -430,7 +430,6 @@ def test_measured_candidates_are_predicted_again_with_the_reference_timed_alongs
   assert "step factor 1.710, 900 us per collective" in table and "est alongside ms" in table
 
 
-
 def test_a_cpu_peak_is_the_least_of_its_heap_readings(monkeypatch):
   """Without allocator statistics each candidate's peak is read from the heap in
   HEAP_PASSES passes taken in turns, and the least reading is kept: memory taken for
@@ -501,6 +500,4 @@ def test_candidates_and_reference_steps_are_probed_in_the_same_passes(tmp_path, 
 
 
 def _dot_keys(compiled) -> set:
-  asked = H.AskedPrices()
-  H.price_program(compiled.as_text(), asked, 2)
-  return set(asked.dots)
+  return set(H.asked_prices([compiled.as_text()], 2).dots)

@@ -408,6 +408,14 @@ def price_instruction(ins: Instr, types: dict[str, str], comps: dict[str, list[I
   return out
 
 
+def asked_prices(hlo_texts: list[str], num_devices: int) -> AskedPrices:
+  """The dots and memory-bound ops whose probes pricing these compiled programs needs."""
+  asked = AskedPrices()
+  for text in hlo_texts:
+    price_program(text, asked, num_devices)
+  return asked
+
+
 def price_program(hlo_text: str, prices: Prices, num_devices: int) -> Breakdown:
   """Predicted seconds of one call of a compiled program (per device), by kind."""
   comps, entry = parse_module(hlo_text)

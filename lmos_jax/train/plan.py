@@ -51,7 +51,7 @@ from lmos_jax.parallel.host_memory import HeapPeak, heap_in_use_reader
 from lmos_jax.parallel.sharding import abstract_like, batch_sharding, make_mesh
 from lmos_jax.train.assemble import assemble_step, splits_opt_state
 from lmos_jax.train.calibrate import first_touch_bytes
-from lmos_jax.train.hlo_cost import AskedPrices, price_program
+from lmos_jax.train.hlo_cost import asked_prices, price_program
 from lmos_jax.train.metrics import CHIPS, Chip, chip_of, flops_per_token, measure_cpu_peak
 from lmos_jax.train.precision import resolve_policy
 from lmos_jax.train.step import jit_train_step
@@ -389,11 +389,15 @@ def probe_together(cal, num_devices: int, compiled: Sequence[Any], policy: str,
   calibration's factor), where the five runs before it read 0.83-1.10."""
   refs = None if has_program_speed(cal, policy, scan) else reference_runners(
       num_devices, policy, scan)
-  asked = AskedPrices()
-  for program in [*compiled, *(r.compiled for r in refs or ())]:
-    price_program(program.as_text(), asked, num_devices)
-  cal.probe_all(list(asked.dots.values()), sorted(asked.streams))
+  probe_programs(cal, [p.as_text() for p in [*compiled, *(r.compiled for r in refs or ())]],
+                 num_devices)
   return refs
+
+
+def probe_programs(cal, hlo_texts: list[str], num_devices: int) -> None:
+  """Probes, in the same passes, every price these compiled programs need (`probe_all`)."""
+  asked = asked_prices(hlo_texts, num_devices)
+  cal.probe_all(list(asked.dots.values()), sorted(asked.streams))
 
 
 def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShape,
@@ -445,9 +449,7 @@ def priced_seconds(compiled, cal, num_devices: int) -> Priced:
   0.62-0.67 of their predictions; with only the small ones scaled, at 0.81-1.03 in two
   validations."""
   text = compiled.as_text()
-  asked = AskedPrices()
-  price_program(text, asked, num_devices)
-  cal.probe_all(list(asked.dots.values()), sorted(asked.streams))
+  probe_programs(cal, [text], num_devices)
   priced = price_program(text, cal, num_devices)
   temp = float(compiled.memory_analysis().temp_size_in_bytes)
   rest = priced.total_s - priced.cached_s + first_touch_bytes(temp) * cal.first_touch_s_per_byte
