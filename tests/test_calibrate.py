@@ -132,3 +132,30 @@ def tensor_and_data_bytes(s, lay) -> float:
   grads = k * 2 * (d - 1) / d * s.params / t * cb
   megatron = k * s.num_layers * 4 * 2 * (t - 1) / t * tokens * s.d_model * cb
   return grads + megatron
+
+
+def test_the_analytic_ranking_probes_every_layouts_matmul_in_the_same_passes(tmp_path,
+                                                                             monkeypatch):
+  """Layouts with the same FLOPs differ in the analytic model only through the probed rate
+  of their MLP matmul, so every rate the ranking reads is probed in one `probe_all` (passes
+  over all of them, not one shape after another as each layout is estimated)."""
+  from test_planner import tiny_cfg
+  batches = []
+
+  def recording_probe_all(self, dots=(), streams=(), matmuls=()):
+    batches.append(list(matmuls))
+    for shape in matmuls:  # each kept at a stand-in rate, as the passes would keep it
+      self.entry[self._matmul_probe(*shape)[0]] = 1e9
+
+  monkeypatch.setattr(calibrate.Calibration, "probe_all", recording_probe_all)
+  monkeypatch.setattr(calibrate, "probe_matmul", lambda *a: pytest.fail("probed alone"))
+  monkeypatch.setattr(calibrate, "probe_allreduce", lambda d: 1e9)
+  monkeypatch.setattr(calibrate, "probe_op", lambda d: 1e-6)
+  monkeypatch.setattr(calibrate, "probe_dispatch", lambda d: 1e-5)
+  cal = calibrate.load_calibration(jax.devices()[:4], tmp_path)
+  cfg = tiny_cfg()
+  target = planner.present_target(4, calibration=cal)
+  plan = planner.make_plan(cfg, target, remats=("none",), max_microbatches=2, compile_top=0)
+  s = planner.model_shape(cfg, planner.vocab_of(cfg), "cpu")
+  asked = {planner.mlp_matmul(s, e.layout) for e in plan.estimates}
+  assert len(batches) == 1 and set(batches[0]) == asked and len(asked) > 2

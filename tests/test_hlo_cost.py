@@ -143,6 +143,25 @@ ENTRY %main (a: f32[1024,256], u: f32[1,256], i: s32[]) -> f32[1024,256] {
   assert sorted(prices.bytes) == [row + 4 + row, row + row + 4]
 
 
+def test_a_slice_taken_through_a_view_reads_only_the_slice():
+  """Attention splitting q, k, v out of one projection: XLA's fusion bitcasts the
+  [tokens, 3 x width] input to [tokens, 3, width] and slices one third; the fusion reads that
+  third, not the whole input. A use that reads all of it (the add) counts all of it."""
+  qkv = jnp.ones((512, 3 * 128))
+
+  def split(x):
+    return x.reshape(512, 3, 4, 32)[:, 1].transpose(1, 0, 2) + 0.0
+
+  prices = CountingPrices()
+  H.price_program(hlo(split, qkv), prices, 1)
+  third = 512 * 128 * 4
+  assert prices.bytes == [2 * third]  # a third read, a third written
+  prices = CountingPrices()
+  H.price_program(hlo(lambda x: split(x) + x[:, :128].reshape(512, 4, 32).transpose(1, 0, 2)
+                      * x.sum(), qkv), prices, 1)
+  assert max(prices.bytes) >= 3 * third  # the sum reads the whole input
+
+
 def test_a_collective_is_priced_by_the_bytes_a_ring_moves():
   devices = jax.devices()[:2]
   mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
@@ -198,9 +217,9 @@ def test_stream_prices_probe_only_the_sizes_around_the_request(tmp_path, monkeyp
 
 
 def test_a_programs_probes_run_in_passes_and_each_keeps_its_median(tmp_path, monkeypatch):
-  """Every probe a program needs, in passes over all of them (a slow spell lands on one
-  pass, not on some probes); the median of its passes kept; a price kept already is not
-  probed again; a stream request probes the two grid sizes around it."""
+  """Every probe a program (or the analytic ranking) needs, in passes over all of them (a
+  slow spell lands on one pass, not on some probes); the median of its passes kept; a price
+  kept already is not probed again; a stream request probes the two grid sizes around it."""
   calls, pass_value = [], {}
 
   def scripted(name):
@@ -212,19 +231,24 @@ def test_a_programs_probes_run_in_passes_and_each_keeps_its_median(tmp_path, mon
   monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: scripted(dot.key()))
   monkeypatch.setattr(calibrate, "probe_stream",
                       lambda d, b, disp, kind="stream": scripted(f"{kind} {b}"))
+  monkeypatch.setattr(calibrate, "probe_matmul",
+                      lambda d, m, k, n, dtype: scripted(f"matmul {m}x{k}x{n}"))
   monkeypatch.setattr(calibrate, "probe_dispatch", lambda d: 0.0)
   grid = calibrate.STREAM_BYTES
   cal = calibrate.load_calibration(jax.devices()[:2], tmp_path)
   cal.entry[f"stream {grid[2]}"] = 5.0  # kept from an earlier plan
   dot = H.DotShape((64, 32), (32, 16), (1,), (0,), (), (), "f32")
-  cal.probe_all([dot], [(1.5 * grid[2], "stream"), (grid[0], "reduce")])
-  names = [dot.key(), f"stream {grid[3]}", f"reduce {grid[0]}"]
+  cal.probe_all([dot], [(1.5 * grid[2], "stream"), (grid[0], "reduce")],
+                [(64, 32, 128, jnp.float32)])
+  names = [dot.key(), f"stream {grid[3]}", f"reduce {grid[0]}", "matmul 64x32x128"]
   assert calls == names * 3  # three passes over the same probes, in turns
-  assert all(cal.entry[n] == 2.0 for n in names) and cal.entry[f"stream {grid[2]}"] == 5.0
-  assert cal.dot_s(dot) == 2.0 and len(calls) == 9  # priced from what was kept
+  kept = names[:3] + ["matmul float32 64x32x128"]
+  assert all(cal.entry[n] == 2.0 for n in kept) and cal.entry[f"stream {grid[2]}"] == 5.0
+  assert cal.dot_s(dot) == 2.0 and cal.matmul_rate(64, 32, 128) == 2.0
+  assert len(calls) == 12  # priced from what was kept
   again = calibrate.load_calibration(jax.devices()[:2], tmp_path)
-  again.probe_all([dot], [])
-  assert len(calls) == 9 and again.entry[dot.key()] == 2.0  # read back, not probed
+  again.probe_all([dot], [], [(64, 32, 128, jnp.float32)])
+  assert len(calls) == 12 and again.entry[dot.key()] == 2.0  # read back, not probed
 
 
 def test_numbers_kept_by_other_probes_are_probed_again(tmp_path):
@@ -293,7 +317,7 @@ class StubCalibration:
   stream_s = CountingPrices.stream_s
   collective_s = CountingPrices.collective_s
 
-  def probe_all(self, dots, streams):
+  def probe_all(self, dots=(), streams=(), matmuls=()):
     pass  # nothing to probe: every price is a stand-in
 
 
@@ -335,6 +359,7 @@ def stand_in_probes(monkeypatch) -> None:
   monkeypatch.setattr(calibrate, "probe_dot", lambda d, dot, disp: dot.flops / 1e10)
   monkeypatch.setattr(calibrate, "probe_stream", lambda d, n, disp, kind="stream": n / 1e10)
   monkeypatch.setattr(calibrate, "probe_first_touch", lambda d: 0.0)
+  monkeypatch.setattr(calibrate, "probe_matmul", lambda d, m, k, n, dtype: 1e10)
   monkeypatch.setattr(planner, "REFERENCE_WARMUP_ROUNDS", 0)
   monkeypatch.setattr(planner, "REFERENCE_ROUNDS", 1)
   monkeypatch.setattr(planner, "REFERENCE_STEPS", 2)
@@ -467,9 +492,10 @@ def test_candidates_and_reference_steps_are_probed_in_the_same_passes(tmp_path, 
   calls = []
   real_probe_all = calibrate.Calibration.probe_all
 
-  def recording_probe_all(self, dots, streams):
-    calls.append({d.key() for d in dots})
-    real_probe_all(self, dots, streams)
+  def recording_probe_all(self, dots=(), streams=(), matmuls=()):
+    if dots:  # not the analytic ranking's matmul rates
+      calls.append({d.key() for d in dots})
+    real_probe_all(self, dots, streams, matmuls)
 
   monkeypatch.setattr(calibrate.Calibration, "probe_all", recording_probe_all)
   timed = []

@@ -7,7 +7,7 @@ run on the present devices, every device busy at once (so devices that share cor
 them in the probe too):
 
 - `matmul_rate(m, k, n)`: FLOP/s per device of an (m, k) x (k, n) matmul, probed at the shape
-  asked (the planner asks for each layout's per-device MLP shape);
+  asked (the planner probes every layout's per-device MLP shape at once, `probe_all`);
 - `allreduce_bw`: bytes/s of an all-reduce across the devices (ring bus bandwidth);
 - `op_s`: seconds of one small dependent op (the floor under each kernel or thunk);
 - `dispatch_s`: seconds of one program call with nothing to compute;
@@ -48,8 +48,9 @@ from lmos_jax.train.metrics import host_key, read_machine_file, write_machine_en
 
 CALIBRATION_FILE = "lmos_calibration.json"
 # how the probes run: numbers kept by probes that ran otherwise are not read back (the dot
-# probes before version 2 priced bf16 dots up to 1.9x their time: `_dot_loop`)
-PROBES_VERSION = 2
+# probes before version 2 priced bf16 dots up to 1.9x their time: `_dot_loop`; before
+# version 3 each matmul rate was one probe, taken when its layout was estimated)
+PROBES_VERSION = 3
 ALLREDUCE_BYTES = 16 * 2 ** 20  # per device: large enough that bandwidth, not latency, shows
 OP_CHAIN = 200  # dependent small ops timed together for op_s
 # bytes moved (read + written) by the elementwise ops probed for stream_s: from a few
@@ -341,14 +342,17 @@ class Calibration:
           for name, probe in self._stream_probes(nbytes, kind).items()]
     return interpolate_loglog(stream_points(nbytes), ys, nbytes)
 
-  def probe_all(self, dots: Sequence[Any], streams: Sequence[tuple[float, str]]) -> None:
-    """Probes every price of `dots` (DotShapes) and `streams` ((bytes, kind) asked of
-    `stream_s`) not kept yet, in PROBE_PASSES passes over all of them, and keeps each at
-    its median: what a program's pricing needs, probed so that a slow spell of the machine
-    lands on one pass of many probes rather than on some probes only."""
+  def probe_all(self, dots: Sequence[Any] = (), streams: Sequence[tuple[float, str]] = (),
+                matmuls: Sequence[tuple[int, int, int, Any]] = ()) -> None:
+    """Probes every price of `dots` (DotShapes), `streams` ((bytes, kind) asked of
+    `stream_s`) and `matmuls` ((m, k, n, dtype) asked of `matmul_rate`) not kept yet, in
+    PROBE_PASSES passes over all of them, and keeps each at its median: what a program's
+    pricing (or the analytic ranking of many layouts) needs, probed so that a slow spell of
+    the machine lands on one pass of many probes rather than on some probes only."""
     todo = dict(self._dot_probe(dot) for dot in dots)
     for nbytes, kind in streams:
       todo.update(self._stream_probes(nbytes, kind))
+    todo.update(self._matmul_probe(*shape) for shape in matmuls)
     todo = {name: probe for name, probe in todo.items() if name not in self.entry}
     if not todo:
       return
@@ -367,9 +371,14 @@ class Calibration:
   def collective_s(self, nbytes: float) -> float:
     return max(nbytes, 0.0) / self.allreduce_bw
 
+  def _matmul_probe(self, m: int, k: int, n: int, dtype) -> tuple[str, Callable[[], float]]:
+    """The name a matmul shape's rate is kept under, and its probe."""
+    return (f"matmul {jnp.dtype(dtype).name} {m}x{k}x{n}",
+            lambda: probe_matmul(self.devices, m, k, n, dtype))
+
   def matmul_rate(self, m: int, k: int, n: int, dtype=jnp.float32) -> float:
-    name = f"matmul {jnp.dtype(dtype).name} {m}x{k}x{n}"
-    return self.probed(name, lambda d: probe_matmul(d, m, k, n, dtype))
+    name, probe = self._matmul_probe(m, k, n, dtype)
+    return self.probed(name, lambda _: probe())
 
   def describe(self) -> str:
     where = f"read from {self.path}" if self.read_back else (

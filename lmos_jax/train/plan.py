@@ -276,6 +276,15 @@ def analytic_estimate(s: ModelShape, lay: Layout, target: Target) -> Estimate:
   return Estimate(lay, memory, step_time(s, lay, target, flops), flops, "analytic")
 
 
+def mlp_matmul(s: ModelShape, lay: Layout) -> tuple[int, int, int, Any]:
+  """(m, k, n, dtype) of the layout's per-device MLP matmul, whose probed rate stands for
+  every FLOP in the calibrated analytic model: one device's microbatch of tokens, the MLP
+  width split over the tensor devices."""
+  tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
+  dtype = jnp.bfloat16 if s.compute_bytes == 2 else jnp.float32
+  return max(int(tokens), 1), s.d_model, max(s.d_ff // lay.tensor, 1), dtype
+
+
 def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: float) -> float:
   """Compute, plus ring-collective time (assumed not overlapped with compute), plus a fixed
   cost per op. Calibrated (present devices): every FLOP at the probed rate of the layout's
@@ -286,9 +295,7 @@ def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: floa
   chip, cal = target.chip, target.calibration
   tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
   if cal is not None:
-    dtype = jnp.bfloat16 if s.compute_bytes == 2 else jnp.float32
-    rate = cal.matmul_rate(max(int(tokens), 1), s.d_model, max(s.d_ff // lay.tensor, 1), dtype)
-    compute = flops_per_device / rate
+    compute = flops_per_device / cal.matmul_rate(*mlp_matmul(s, lay))
   else:
     peak = chip.bf16_flops if s.compute_bytes == 2 else chip.f32_flops
     macs = tokens * s.d_model * s.d_ff / lay.tensor
@@ -787,6 +794,9 @@ def make_plan(cfg, target: Target, *, remats: Sequence[str] = ("none", "dots_no_
     raise PlanError(f"no mesh of {target.num_devices} devices divides train.batch_size="
                     f"{s.batch} and model.num_heads={s.num_heads}; use a batch that is a "
                     f"multiple of {target.num_devices}")
+  if target.calibration is not None:  # the rates the analytic ranking reads, in passes
+    target.calibration.probe_all(matmuls=sorted({mlp_matmul(s, lay) for lay in layouts},
+                                                key=str))
   ests = [analytic_estimate(s, lay, target) for lay in layouts]
   budget = MEMORY_HEADROOM * target.chip.memory
   ests.sort(key=lambda e: (e.memory > budget, e.step_s, e.memory))
