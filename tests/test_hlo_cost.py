@@ -146,7 +146,8 @@ ENTRY %main (a: f32[1024,256], u: f32[1,256], i: s32[]) -> f32[1024,256] {
 def test_a_slice_taken_through_a_view_reads_only_the_slice():
   """Attention splitting q, k, v out of one projection: XLA's fusion bitcasts the
   [tokens, 3 x width] input to [tokens, 3, width] and slices one third; the fusion reads that
-  third, not the whole input. A use that reads all of it (the add) counts all of it."""
+  third, not the whole input. Where the program also reads all of it (a sum over it), that
+  read counts all of it."""
   qkv = jnp.ones((512, 3 * 128))
 
   def split(x):
