@@ -265,7 +265,7 @@ def analytic_estimate(s: ModelShape, lay: Layout, target: Target) -> Estimate:
     states += s.params * cb / shard  # compute-dtype copy of the params
   layer_params = (s.params - s.vocab * s.d_model) / max(s.num_layers, 1)
   gathered = 2 * layer_params * cb / lay.tensor if lay.fsdp > 1 else 0.0  # fsdp all-gather
-  tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)  # per device-mb
+  tokens = microbatch_tokens(s, lay)
   flash = target.described  # GPUs/TPUs: fused attention keeps no (T, T) probabilities
   saved = s.num_layers * tokens * activation_bytes_per_token(s, lay.remat, lay.tensor, flash)
   if lay.remat != "none":  # recomputing one layer needs its full activations at once
@@ -276,13 +276,19 @@ def analytic_estimate(s: ModelShape, lay: Layout, target: Target) -> Estimate:
   return Estimate(lay, memory, step_time(s, lay, target, flops), flops, "analytic")
 
 
+def microbatch_tokens(s: ModelShape, lay: Layout) -> float:
+  """Tokens one device runs per microbatch: the batch split over the data and fsdp devices
+  and the microbatches (tensor devices share theirs)."""
+  return s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
+
+
 def mlp_matmul(s: ModelShape, lay: Layout) -> tuple[int, int, int, Any]:
   """(m, k, n, dtype) of the layout's per-device MLP matmul, whose probed rate stands for
   every FLOP in the calibrated analytic model: one device's microbatch of tokens, the MLP
   width split over the tensor devices."""
-  tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
   dtype = jnp.bfloat16 if s.compute_bytes == 2 else jnp.float32
-  return max(int(tokens), 1), s.d_model, max(s.d_ff // lay.tensor, 1), dtype
+  return (max(int(microbatch_tokens(s, lay)), 1), s.d_model, max(s.d_ff // lay.tensor, 1),
+          dtype)
 
 
 def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: float) -> float:
@@ -293,7 +299,7 @@ def step_time(s: ModelShape, lay: Layout, target: Target, flops_per_device: floa
   MATMUL_EFFICIENCY of peak (lower for small per-device matmuls), spec link bandwidth,
   LAYER_OVERHEAD_S per layer and microbatch."""
   chip, cal = target.chip, target.calibration
-  tokens = s.batch * s.seq_len / (lay.data * lay.fsdp * lay.microbatches)
+  tokens = microbatch_tokens(s, lay)
   if cal is not None:
     compute = flops_per_device / cal.matmul_rate(*mlp_matmul(s, lay))
   else:
