@@ -13,7 +13,8 @@ its ratio to the second and whether that is within the 20% target, its ratio to 
 predicted and measured peak MiB per device, their ratio, whether it is within the 15% target
 (on XLA:CPU, which keeps no allocator statistics, the plan reads the peak from the process's
 malloc; '-' where it cannot); per config, how the first choice compares with the measured
-fastest.
+fastest, and the reference steps' factor and wait in the measuring rounds (`lmos plan`'s
+`est alongside:` line).
 
 Learning rate (--tune): `lmos tune --config C --json` picks an LR; then `lmos train` runs at
 0.25x, 0.5x, 1x, 2x and 4x the pick for the same steps (the same tokens), and the table says
@@ -44,13 +45,18 @@ GRID = (0.25, 0.5, 1.0, 2.0, 4.0)  # LR factors of the pick: a 5-point grid, 2x 
 LOSS_TARGET = 0.02  # the target: the pick's loss within 2% of the grid's best
 
 
-def lmos(*args: str, timeout: float) -> str:
-  """stdout of `lmos ARGS` in a fresh interpreter; a failure prints its stderr and stops."""
+def run_lmos(*args: str, timeout: float) -> subprocess.CompletedProcess:
+  """`lmos ARGS` run in a fresh interpreter; a failure prints its stderr and stops."""
   cmd = [sys.executable, "-m", "lmos_jax.cli", *args]
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
   if res.returncode != 0:
     sys.exit(f"validate_plan: {' '.join(args)} exited {res.returncode}:\n{res.stderr[-3000:]}")
-  return res.stdout
+  return res
+
+
+def lmos(*args: str, timeout: float) -> str:
+  """stdout of `lmos ARGS` (`run_lmos`)."""
+  return run_lmos(*args, timeout=timeout).stdout
 
 
 def layout_name(o: dict) -> str:
@@ -59,11 +65,11 @@ def layout_name(o: dict) -> str:
 
 
 def validate_layouts(config: str, args) -> list[str]:
-  out = lmos("plan", f"--config={config}", "--measure", "--json", "--recalibrate",
-             f"--steps={args.steps}", f"--config.train.precision={args.precision}",
-             f"--compile-top={args.compile_top}", f"--remat={args.remat}",
-             f"--max-microbatches={args.max_microbatches}", timeout=args.timeout)
-  rows = [r for r in json.loads(out) if r["measured_step_s"] is not None]
+  res = run_lmos("plan", f"--config={config}", "--measure", "--json", "--recalibrate",
+                 f"--steps={args.steps}", f"--config.train.precision={args.precision}",
+                 f"--compile-top={args.compile_top}", f"--remat={args.remat}",
+                 f"--max-microbatches={args.max_microbatches}", timeout=args.timeout)
+  rows = [r for r in json.loads(res.stdout) if r["measured_step_s"] is not None]
   lines = []
   fastest = min(rows, key=lambda r: r["measured_step_s"])
   for r in rows:
@@ -78,6 +84,8 @@ def validate_layouts(config: str, args) -> list[str]:
   ratio = chosen["measured_step_s"] / fastest["measured_step_s"]
   lines.append(f"| {config} | first choice / measured fastest | | | | {ratio:.2f} | "
                f"{'yes' if ratio <= 1.05 else 'no'} (<= 1.05) | | | | | | |")
+  lines += [f"| {config} | {line} | | | | | | | | | | | |"
+            for line in res.stderr.splitlines() if line.startswith("est alongside:")]
   return lines
 
 

@@ -1,6 +1,7 @@
 """The planner's op-by-op pricing of compiled programs (lmos_jax.train.hlo_cost): it reads
 XLA's optimized HLO the way the devices run it, with stub prices so every count is exact."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lmos_jax.train import calibrate
 from lmos_jax.train import hlo_cost as H
 from lmos_jax.train import plan as planner
+from lmos_jax.train import plan_command
 
 
 class CountingPrices:
@@ -415,7 +417,7 @@ def test_a_negative_wait_is_noise_and_one_step_sets_the_factor():
 
 
 def test_measured_candidates_are_predicted_again_with_the_reference_timed_alongside(
-    monkeypatch):
+    monkeypatch, capsys):
   """--measure times the reference steps in the same rounds as the candidates and predicts
   each candidate again from its prices with the (factor, wait) they give; the prediction
   from the calibration's numbers stays beside it. Rounds are scripted per step."""
@@ -454,6 +456,15 @@ def test_measured_candidates_are_predicted_again_with_the_reference_timed_alongs
                       [ma, mb], planner.model_shape(cfg, 256, "cpu"), speed)
   table = planner.format_table(plan)
   assert "step factor 1.710, 900 us per collective" in table and "est alongside ms" in table
+  # with --json the same line goes to stderr, the JSON alone to stdout
+  monkeypatch.setattr(plan_command, "make_plan", lambda *a, **k: plan)
+  assert plan_command.main(["lmos plan", "--config=configs/gpt2_124m.py", "--measure",
+                            "--json", "--no-calibrate"]) == 0
+  out, err = capsys.readouterr()
+  assert [r["predicted_alongside_step_s"] for r in json.loads(out)] == [
+      ma.predicted_alongside_s, mb.predicted_alongside_s]
+  assert "est alongside: reference steps timed with the candidates: step factor 1.710, 900 us"\
+      " per collective" in err.splitlines()
 
 
 def test_a_cpu_peak_is_the_least_of_its_heap_readings(monkeypatch):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import statistics
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -554,7 +555,6 @@ def reference_turn(runners: Sequence[_Runner], times: list[list[float]] | None =
 def solve_timed(cal, num_devices: int, runners: Sequence[_Runner],
                 times: list[list[float]]) -> tuple[float, float]:
   """`solve_speed` on the reference steps' median rounds (the call taken off) and prices."""
-  import statistics
   return solve_speed([statistics.median(t) - cal.dispatch_s for t in times],
                      [priced_seconds(r.compiled, cal, num_devices) for r in runners])
 
@@ -714,7 +714,6 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   statistics (XLA:CPU) HEAP_PASSES more rounds read each candidate's from the process's
   malloc (`heap_peak_per_device`: steps until the heap was read often enough), the least
   reading kept; None where neither can be read."""
-  import statistics
   devices = jax.devices()[:target.num_devices]
   order = sorted(range(len(ests)), key=lambda i: ests[i].memory)
   programs = programs or {}
@@ -876,6 +875,14 @@ def format_layout(l: Layout) -> str:
           f" remat={l.remat})")
 
 
+def alongside_summary(plan: Plan) -> str:
+  """The speed of `--measure`'s rounds that the `est alongside` predictions read: the
+  reference steps' factor and wait."""
+  factor, wait_s = plan.alongside
+  return (f"est alongside: reference steps timed with the candidates: step factor "
+          f"{factor:.3f}, {1e6 * wait_s:.0f} us per collective")
+
+
 def format_table(plan: Plan, limit: int = 20) -> str:
   t = plan.target
   tokens = plan.shape.batch * plan.shape.seq_len
@@ -887,9 +894,7 @@ def format_table(plan: Plan, limit: int = 20) -> str:
   if t.calibration is not None:
     head += f"\nstep times from this machine's {t.calibration.describe()}"
   if plan.alongside is not None:
-    head += (f"\nreference steps timed with the candidates: step factor "
-             f"{plan.alongside[0]:.3f}, {1e6 * plan.alongside[1]:.0f} us per collective (est "
-             f"alongside)")
+    head += "\n" + alongside_summary(plan)
   measured = any(e.measured_step_s is not None for e in plan.estimates)
   extra = (" measured step ms | measured / est | est alongside ms | measured / that | "
            "measured peak GiB |") if measured else ""
