@@ -46,7 +46,8 @@ def make_dropout_key(lead: tuple[int, ...], rate: float) -> DropoutKey | None:
 
 
 class LoRADense(Dense):
-  """Dense plus a rank-r update; `merged` folds the update into the kernel."""
+  """Dense plus a rank-r update beside it (`peft.methods.merge_and_unload` folds the update
+  into the kernel for export and serving)."""
 
   def __init__(self, base: Dense, rank: int, alpha: float, rate: float, *, rngs: nnx.Rngs):
     lead, in_s, out_s, lead_n, in_n, out_n = take_base(self, base)
@@ -60,7 +61,6 @@ class LoRADense(Dense):
     self.scale = float(alpha) / rank
     self.rate = float(rate)
     self.dropout_key = make_dropout_key(lead, rate)
-    self.merged = False
 
   def lora_delta(self, x: Array) -> Array:
     xa, wa = _in_axes(x, self.in_ndim)
@@ -69,10 +69,7 @@ class LoRADense(Dense):
     return jnp.tensordot(h, self.lora_b[...].astype(x.dtype), axes=((-1,), (0,)))
 
   def __call__(self, x: Array) -> Array:
-    y = super().__call__(x)
-    if self.merged:
-      return y
-    return y + self.scale * self.lora_delta(x)
+    return super().__call__(x) + self.scale * self.lora_delta(x)
 
   def delta_kernel(self) -> Array:
     """scale * A B in the kernel's (lead..., in..., out...) shape."""
@@ -97,22 +94,6 @@ def apply_lora(model: nnx.Module, target: str, rank: int, alpha: float, rate: fl
 
 def lora_modules(model: nnx.Module) -> list[LoRADense]:
   return [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRADense)]
-
-
-def merge_lora(model: nnx.Module) -> None:
-  """In place: W <- W + scale A B and the LoRA path is skipped (inference speed)."""
-  for m in lora_modules(model):
-    if not m.merged:
-      m.kernel[...] = m.kernel[...] + m.delta_kernel()
-      m.merged = True
-
-
-def unmerge_lora(model: nnx.Module) -> None:
-  """In place: undoes merge_lora, so training can continue on the separate A, B."""
-  for m in lora_modules(model):
-    if m.merged:
-      m.kernel[...] = m.kernel[...] - m.delta_kernel()
-      m.merged = False
 
 
 def set_dropout_keys(model: nnx.Module, rng: Array) -> None:

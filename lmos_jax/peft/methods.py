@@ -119,7 +119,7 @@ def merge_and_unload(model: nnx.Module) -> int:
                        "cannot be merged into the base weights; serve the adapted model "
                        "(lmos predict) instead of exporting it")
     if isinstance(m, LoRADense):
-      kernel = m.kernel[...] + (0 if m.merged else m.delta_kernel())
+      kernel = m.kernel[...] + m.delta_kernel()
     else:
       kernel = m.kernel[...] + svd_delta_kernel(m)
     plain = Dense((1,) * m.in_ndim, (1,), (None,) * (m.in_ndim + 1),
