@@ -92,10 +92,6 @@ def apply_lora(model: nnx.Module, target: str, rank: int, alpha: float, rate: fl
                        "peft.target_modules")
 
 
-def lora_modules(model: nnx.Module) -> list[LoRADense]:
-  return [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRADense)]
-
-
 def set_dropout_keys(model: nnx.Module, rng: Array) -> None:
   """Fills every PEFT dropout key from `rng` (distinct per module and per stacked layer)."""
   mods = [m for _, m in nnx.iter_modules(model)
