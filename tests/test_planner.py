@@ -115,10 +115,11 @@ def _priced(lay: Layout, step_s: float, collectives: float):
                           priced=planner.Priced(step_s / 2, step_s / 2, collectives))
 
 
-def test_predictions_within_the_tie_rank_the_step_with_fewer_collectives_first():
+def test_predictions_within_the_tie_rank_the_step_with_fewer_collectives_first(
+    monkeypatch, capsys):
   """Sharded at 1.000 s with 32 collectives, data-parallel at 1.000 s x (1 + PRICE_TIE / 2)
-  with 1: the data-parallel step is chosen and the table says why; at 1 + 2 PRICE_TIE it is
-  a finding, and the faster step is chosen."""
+  with 1: the data-parallel step is chosen and the table (or, with --json, stderr) says why;
+  at 1 + 2 PRICE_TIE it is a finding, and the faster step is chosen."""
   dp, fsdp, tp = Layout(2, 1, 1, 4, "none"), Layout(1, 2, 1, 4, "none"), Layout(1, 1, 2, 4, "none")
   close = 1 + planner.PRICE_TIE / 2
   ranked = planner.rank_fitting([_priced(fsdp, 1.0, 32), _priced(dp, close, 1),
@@ -130,8 +131,15 @@ def test_predictions_within_the_tie_rank_the_step_with_fewer_collectives_first()
   assert ranked[3].source == "analytic"  # never compiled: after every compiled layout
   plan = planner.Plan(planner.present_target(2, peak_flops=1e10), ranked,
                       planner.ModelShape(2, 128, 512, 4, 4, 256, 64, 8, 10**6, 1e6, 4, 4))
-  assert "rank 1 within 2% of the fastest estimate (rank 2) with fewer collectives per step " \
-         "(1 against 32)" in planner.format_table(plan)
+  note = "rank 1 within 2% of the fastest estimate (rank 2) with fewer collectives per step " \
+         "(1 against 32)"
+  assert note in planner.format_table(plan)
+  monkeypatch.setattr(plan_command, "make_plan", lambda *a, **k: plan)
+  assert plan_command.main(["lmos plan", "--config=configs/gpt2_124m.py", "--json",
+                            "--no-calibrate"]) == 0
+  out, err = capsys.readouterr()
+  assert [r["chosen"] for r in json.loads(out)] == [True, False, False, False]
+  assert note in err.splitlines()
   far = planner.rank_fitting([_priced(fsdp, 1.0, 32), _priced(dp, 1 + 2 * planner.PRICE_TIE, 1)],
                              described=False)
   assert [e.layout for e in far] == [fsdp, dp]

@@ -24,7 +24,8 @@ from lmos_jax.train.hardware import (compare_targets, comparison_json, format_co
                                      parse_prices, parse_targets)
 from lmos_jax.train.plan import (GiB, PlanError, PlanFlagError, alongside_summary,
                                  format_layout, format_table, make_plan, measured_best,
-                                 override_flags, parse_target, plan_json, present_target)
+                                 override_flags, parse_target, plan_json, present_target,
+                                 tie_note)
 
 
 def parse(argv: list[str]):
@@ -142,8 +143,10 @@ def main(argv: list[str]) -> int:
     return 1
   if args.json:
     print(json.dumps(plan_json(plan, plan.best)))
-    if plan.alongside is not None:  # the table's line, for a reader of the JSON's run
-      print(alongside_summary(plan), file=sys.stderr)
+    # the table's lines, for a reader of the JSON's run
+    for line in (alongside_summary(plan) if plan.alongside else None, tie_note(plan)):
+      if line is not None:
+        print(line, file=sys.stderr)
   else:
     print(format_table(plan))
     fastest = measured_best(plan)
