@@ -244,6 +244,51 @@ def test_l2_changes_each_decayed_gradient_by_l2_times_the_weight():
       np.testing.assert_array_equal(g1[name], g0[name], err_msg=name)
 
 
+def test_label_smoothing_is_the_cross_entropy_against_optax_smoothed_one_hots():
+  """`cross_entropy` (no one-hot built) against optax.smooth_labels on one-hot targets and
+  optax.softmax_cross_entropy, on 77-way logits of a spread like a trained head's."""
+  from lmos_jax.train.losses import cross_entropy
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(scale=4.0, size=(64, 77)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 77, size=64), jnp.int32)
+  np.testing.assert_array_equal(cross_entropy(logits, labels),
+                                optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  for a in (0.1, 0.5):
+    want = optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(labels, 77), a))
+    # f32: two logsumexp-based sums of terms up to ~30, each rounded at eps relative
+    np.testing.assert_allclose(cross_entropy(logits, labels, a), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(cross_entropy(logits, labels, 0.1), cross_entropy(logits, labels))
+
+
+def test_label_smoothing_reaches_the_assembled_loss_in_training_only():
+  """`train.label_smoothing` changes the loss the assembled step trains on (a dropout key
+  given) and leaves the eval loss (no key) the plain cross-entropy."""
+  from lmos_jax.train.assemble import assemble_step
+  from lmos_jax.train.losses import cross_entropy
+  batch = _batch()
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  cfg = _cfg(label_smoothing=0.2)
+  step = assemble_step(cfg, mesh, VOCAB)
+  with jax.set_mesh(mesh):
+    state = jax.jit(step.init_fn, out_shardings=step.shardings)(jax.random.PRNGKey(0))
+  model = nnx.merge(step.graphdef, state["params"])
+  logits = model(batch["inputs"])
+  n = batch["targets"].size
+  trained, weight, _ = step.step_cfg.loss_fn(model, batch, jax.random.PRNGKey(1))
+  evaluated, _, _ = step.step_cfg.loss_fn(model, batch, None)
+  np.testing.assert_allclose(trained / weight, cross_entropy(logits, batch["targets"], 0.2).mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(evaluated / n, cross_entropy(logits, batch["targets"]).mean(),
+                             rtol=1e-6)
+  # an untrained model is near uniform, where smoothing changes little: the two still differ
+  # by 40x the tolerance above, so neither check would pass on the other loss
+  assert abs(float(trained - evaluated)) > 10 * 1e-6 * float(evaluated)
+  from lmos_jax.config.loading import ConfigError, validate
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ConfigError, match="train.label_smoothing"):
+      validate(_cfg(label_smoothing=bad), num_devices=1)
+
+
 def test_dropout_only_in_training():
   """model.dropout > 0: train-mode losses depend on the key; evaluation after a jitted train
   step is deterministic and equals the same params run with dropout 0."""

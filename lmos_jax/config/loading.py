@@ -163,6 +163,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int, num_processes: in
                       "or raise model.max_seq_len")
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError(f"config 'model.dropout'={m.dropout} must be in [0, 1)")
+  if not 0.0 <= t.get("label_smoothing", 0.0) < 1.0:
+    raise ConfigError(f"config 'train.label_smoothing'={t.label_smoothing} must be in [0, 1): "
+                      "the share of each training target spread over all classes (0: off, "
+                      "e.g. 0.1)")
   if t.epochs < 0 or (t.epochs > 0 and cfg.task != "cls"):
     raise ConfigError(f"config 'train.epochs'={t.epochs}: must be >= 0, and > 0 only for task "
                       "'cls' (steps from the TSV train file); otherwise set train.steps")

@@ -189,6 +189,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.decay_embeddings = False
   t.decay_norms_and_biases = False
   t.l2 = 0.0  # L2 penalty added to the loss (distinct from decoupled weight decay)
+  # training targets (1 - a) one-hot + a / classes (lm, mlm, cls, rec); eval loss stays plain
+  t.label_smoothing = 0.0
   t.grad_clip = 1.0  # global-norm clip; 0 turns it off
   t.layer_decay = 1.0  # layer-wise lr decay: block i of L gets decay**(L - i), the embeddings
   # decay**(L + 1), heads and final norm the full lr (1: off)

@@ -8,6 +8,7 @@ step the planner compiles is the step training runs.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 from flax import nnx
@@ -35,14 +36,16 @@ class StepAssembly(NamedTuple):
   step_cfg: StepConfig
 
 
-def loss_for_task(task: str) -> LossFn:
+def loss_for_task(task: str, label_smoothing: float = 0.0) -> LossFn:
   """The loss of config 'task': next-token (or next-item), masked-token or
-  sequence-classification."""
+  sequence-classification, its training targets smoothed by `label_smoothing`."""
   # rec: the recommender's logits are over items, and the next item is the target
   losses = {"lm": lm_loss, "mlm": mlm_loss, "cls": cls_loss, "rec": lm_loss}
   if task not in losses:
     raise ConfigError(f"config 'task'={task!r}: expected one of {', '.join(CHOICES['task'])}")
-  return losses[task]
+  if not label_smoothing:
+    return losses[task]
+  return functools.partial(losses[task], label_smoothing=label_smoothing)
 
 
 def trainable_for(cfg) -> Callable[[tuple[str, ...]], bool] | None:
@@ -89,7 +92,7 @@ def assemble_step(cfg, mesh: Mesh, vocab_size: int, item_text=None) -> StepAssem
   schedule = make_schedule(t)
   tx = peft.peft_optimizer(make_optimizer(t, trainable, schedule, cfg.model.num_layers),
                            cfg.peft, t.steps)
-  loss_fn = peft.peft_loss(loss_for_task(cfg.task), cfg.peft)
+  loss_fn = peft.peft_loss(loss_for_task(cfg.task, t.get("label_smoothing", 0.0)), cfg.peft)
   if wants_kernels(cfg):
     model_def, model_state = abstract_model_state(make_model)
     params_like = nnx.to_pure_dict(model_state)
