@@ -847,7 +847,7 @@ def rank_fitting(ests: list[Estimate], described: bool) -> list[Estimate]:
   that a slow device holds up. On the baby shakespeare shape (2 CPU devices) the
   data-parallel and fully sharded 4-microbatch layouts (1 and 32 collectives per step) are
   priced a fraction of a percent apart and measured 0.94-1.04x of each other (data-parallel
-  over fully sharded, eleven runs): which is faster in a run is the machine's noise, and the
+  over fully sharded, twelve runs): which is faster in a run is the machine's noise, and the
   fully sharded one, chosen where it was priced 0.01% lower, ran 1.07x the other."""
   ranked = sorted(ests, key=lambda e: (e.source == "analytic" and not described, e.step_s,
                                        e.memory))
