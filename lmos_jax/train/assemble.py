@@ -8,7 +8,6 @@ step the planner compiles is the step training runs.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 from flax import nnx
@@ -38,14 +37,20 @@ class StepAssembly(NamedTuple):
 
 def loss_for_task(task: str, label_smoothing: float = 0.0) -> LossFn:
   """The loss of config 'task': next-token (or next-item), masked-token or
-  sequence-classification, its training targets smoothed by `label_smoothing`."""
+  sequence-classification, its targets smoothed by `label_smoothing` in training only (the
+  step passes a dropout key; eval passes None and reports the plain cross-entropy, so eval
+  losses compare across runs with and without it, as PEFT's training-only penalty does)."""
   # rec: the recommender's logits are over items, and the next item is the target
   losses = {"lm": lm_loss, "mlm": mlm_loss, "cls": cls_loss, "rec": lm_loss}
   if task not in losses:
     raise ConfigError(f"config 'task'={task!r}: expected one of {', '.join(CHOICES['task'])}")
+  loss = losses[task]
   if not label_smoothing:
-    return losses[task]
-  return functools.partial(losses[task], label_smoothing=label_smoothing)
+    return loss
+
+  def smoothed_in_training(model, batch, rng):
+    return loss(model, batch, rng, label_smoothing=label_smoothing if rng is not None else 0.0)
+  return smoothed_in_training
 
 
 def trainable_for(cfg) -> Callable[[tuple[str, ...]], bool] | None:

@@ -3,9 +3,8 @@
 Returning sums (not means) makes gradient accumulation exact: the step divides once by
 the total weight of the whole batch, whatever the microbatch split or padding.
 
-`label_smoothing` (config 'train.label_smoothing') applies in training only, where the step
-passes a dropout key (`rng`); evaluation (`rng` None) reports the plain cross-entropy, so eval
-losses compare across runs with and without it, as PEFT's training-only penalty does.
+`label_smoothing` smooths the targets of each loss; `lmos train` asks for it in
+training only (`assemble.loss_for_task`).
 """
 
 from __future__ import annotations
@@ -42,8 +41,7 @@ def cross_entropy(logits_NC: Array, labels_N: Array, label_smoothing: float = 0.
 def lm_loss(model, batch: dict[str, Array], rng: Array | None, label_smoothing: float = 0.0):
   """Next-token cross-entropy; `weights` (optional) masks padding and packing gaps."""
   logits_BTV = model(batch["inputs"], **model_inputs(batch), rng=rng)
-  losses_BT = cross_entropy(logits_BTV, batch["targets"],
-                            label_smoothing if rng is not None else 0.0)
+  losses_BT = cross_entropy(logits_BTV, batch["targets"], label_smoothing)
   weights_BT = batch.get("weights")
   if weights_BT is None:
     weights_BT = jnp.ones_like(losses_BT)
@@ -58,8 +56,7 @@ def mlm_loss(model, batch: dict[str, Array], rng: Array | None, label_smoothing:
   `token_type_ids` and `attention_mask` (1 token / 0 padding), as the MLM pipeline emits.
   """
   logits_BTV = model(batch["inputs"], **model_inputs(batch), rng=rng)
-  losses_BT = cross_entropy(logits_BTV, batch["targets"],
-                            label_smoothing if rng is not None else 0.0)
+  losses_BT = cross_entropy(logits_BTV, batch["targets"], label_smoothing)
   weights_BT = batch["weights"].astype(jnp.float32)
   correct = (jnp.argmax(logits_BTV, -1) == batch["targets"]) * weights_BT
   return (losses_BT * weights_BT).sum(), weights_BT.sum(), {"correct": correct.sum()}
@@ -72,7 +69,7 @@ def cls_loss(model, batch: dict[str, Array], rng: Array | None, label_smoothing:
   `weights`. Same contract as lm_loss: (loss sum, weight sum, {"correct": count}).
   """
   logits_BC = model(batch["inputs"], **model_inputs(batch), rng=rng)
-  losses_B = cross_entropy(logits_BC, batch["labels"], label_smoothing if rng is not None else 0.0)
+  losses_B = cross_entropy(logits_BC, batch["labels"], label_smoothing)
   weights_B = batch.get("weights")
   weights_B = jnp.ones_like(losses_B) if weights_B is None else weights_B.astype(jnp.float32)
   correct = (jnp.argmax(logits_BC, -1) == batch["labels"]) * weights_B

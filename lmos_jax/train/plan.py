@@ -918,6 +918,13 @@ def tie_note(plan: Plan) -> str | None:
           f"({plan.best.priced.collectives:.0f} against {fastest.priced.collectives:.0f})")
 
 
+def summary_lines(plan: Plan) -> list[str]:
+  """The lines the table prints above its rows about how the plan was measured and chosen,
+  which `lmos plan --json` prints on stderr."""
+  lines = [alongside_summary(plan) if plan.alongside is not None else None, tie_note(plan)]
+  return [line for line in lines if line is not None]
+
+
 def format_table(plan: Plan, limit: int = 20) -> str:
   t = plan.target
   tokens = plan.shape.batch * plan.shape.seq_len
@@ -928,11 +935,7 @@ def format_table(plan: Plan, limit: int = 20) -> str:
           f"{plan.shape.seq_len}")
   if t.calibration is not None:
     head += f"\nstep times from this machine's {t.calibration.describe()}"
-  if plan.alongside is not None:
-    head += "\n" + alongside_summary(plan)
-  tie = tie_note(plan)
-  if tie is not None:
-    head += "\n" + tie
+  head += "".join("\n" + line for line in summary_lines(plan))
   measured = any(e.measured_step_s is not None for e in plan.estimates)
   extra = (" measured step ms | measured / est | est alongside ms | measured / that | "
            "measured peak GiB |") if measured else ""

@@ -22,10 +22,9 @@ from lmos_jax.parallel.host_cpu import split_cpu_host_for
 from lmos_jax.parallel.host_memory import setup_cpu_allocator
 from lmos_jax.train.hardware import (compare_targets, comparison_json, format_comparison,
                                      parse_prices, parse_targets)
-from lmos_jax.train.plan import (GiB, PlanError, PlanFlagError, alongside_summary,
-                                 format_layout, format_table, make_plan, measured_best,
-                                 override_flags, parse_target, plan_json, present_target,
-                                 tie_note)
+from lmos_jax.train.plan import (GiB, PlanError, PlanFlagError, format_layout, format_table,
+                                 make_plan, measured_best, override_flags, parse_target,
+                                 plan_json, present_target, summary_lines)
 
 
 def parse(argv: list[str]):
@@ -143,10 +142,8 @@ def main(argv: list[str]) -> int:
     return 1
   if args.json:
     print(json.dumps(plan_json(plan, plan.best)))
-    # the table's lines, for a reader of the JSON's run
-    for line in (alongside_summary(plan) if plan.alongside else None, tie_note(plan)):
-      if line is not None:
-        print(line, file=sys.stderr)
+    for line in summary_lines(plan):  # the table's lines, for a reader of the JSON's run
+      print(line, file=sys.stderr)
   else:
     print(format_table(plan))
     fastest = measured_best(plan)
