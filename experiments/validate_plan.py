@@ -5,10 +5,10 @@ Layouts: for each config, `lmos plan --config C --measure --json --recalibrate` 
 process, so the host is split into CPU devices as `lmos train` would split it) compiles the
 best candidates, predicts their step time from a calibration probed just before, runs the
 candidates in turns for a few steps each (after an untimed warm-up round) with the
-planner's two reference steps taking turns in the same rounds, and reports both. Printed
-per candidate: the prediction from the calibration, the prediction again from the same
-prices with the reference steps' speed of the measuring rounds (a shared machine's speed
-moves between the two, and the reference steps scale every prediction), the measured ms,
+planner's two reference steps and a pass of its price probes taking turns in the same
+rounds, and reports both. Printed per candidate: the prediction from the calibration, the
+prediction again from the prices probed and the reference steps' speed of the measuring
+rounds (a shared machine's speed moves between the two), the measured ms,
 its ratio to the second and whether that is within the 20% target, its ratio to the first;
 predicted and measured peak MiB per device, their ratio, whether it is within the 15% target
 (on XLA:CPU, which keeps no allocator statistics, the plan reads the peak from the process's
@@ -136,7 +136,8 @@ def main() -> int:
   ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
   ap.add_argument("--steps", type=int, default=3,
                   help="timed steps per round (5 rounds after a warm-up round)")
-  ap.add_argument("--compile-top", type=int, default=4)
+  ap.add_argument("--compile-top", type=int, default=6,
+                  help="layouts of the analytic ranking compiled and measured (6: as `lmos plan`)")
   ap.add_argument("--remat", default="none,dots_no_batch,full")
   ap.add_argument("--max-microbatches", type=int, default=4)
   ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16_matmul"),
@@ -149,7 +150,7 @@ def main() -> int:
   ap.add_argument("--timeout", type=float, default=3600)
   args = ap.parse_args()
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  print("| config | layout | predicted ms | predicted ms, reference alongside | measured ms | "
+  print("| config | layout | predicted ms | predicted ms, probed alongside | measured ms | "
         "measured / predicted alongside | within 20% | measured / predicted | "
         "predicted MiB/device | measured peak MiB | measured / predicted | within 15% | |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)

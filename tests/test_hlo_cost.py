@@ -418,39 +418,61 @@ def test_a_negative_wait_is_noise_and_one_step_sets_the_factor():
 
 def test_measured_candidates_are_predicted_again_with_the_reference_timed_alongside(
     monkeypatch, capsys):
-  """--measure times the reference steps in the same rounds as the candidates and predicts
-  each candidate again from its prices with the (factor, wait) they give; the prediction
-  from the calibration's numbers stays beside it. Rounds are scripted per step."""
+  """--measure times the reference steps in the same rounds as the candidates, probes the
+  prices again in those rounds (one pass per round), and predicts each candidate again from
+  the probes' medians with the (factor, wait) the reference steps give; the prediction from
+  the calibration's numbers stays beside it. Rounds and probe readings are scripted."""
   per_step = {"a": 0.030, "b": 0.040, "dp": 0.021, "fsdp": 0.031}
   timed = []
+  readings = iter([1.0, 2.5, 1.5, 1.4, 1.6])  # the probe of the candidates' large dot
 
   def time_round(r, steps):
     timed.append(r.name)
     return per_step[r.name]
 
-  ref_prices = {"dp": planner.Priced(0.010, 0.002, 1), "fsdp": planner.Priced(0.010, 0.003, 11)}
+  def probe():
+    timed.append("probe")
+    return next(readings)
+
+  def priced(compiled, cal, n):
+    """The reference steps' prices; the candidates' large ops at the probed dot price."""
+    dot = cal.entry["dot big"]
+    return {"dp": planner.Priced(0.010, 0.002, 1), "fsdp": planner.Priced(0.010, 0.003, 11),
+            "a": planner.Priced(0.020, 0.004 * dot, 1),
+            "b": planner.Priced(0.020, 0.005 * dot, 30)}[compiled]
+
   monkeypatch.setattr(planner, "_runner", lambda c, vocab, n, program=None: SimpleNamespace(
-      name="a" if c.mesh.data == 2 else "b", build=SimpleNamespace(policy="fp32")))
+      name="a" if c.mesh.data == 2 else "b", compiled="a" if c.mesh.data == 2 else "b",
+      build=SimpleNamespace(policy="fp32")))
   monkeypatch.setattr(planner, "reference_runners", lambda n, policy, scan: [
       SimpleNamespace(name=k, compiled=k) for k in ("dp", "fsdp")])
   monkeypatch.setattr(planner, "_time_round", time_round)
   monkeypatch.setattr(planner, "peak_bytes", lambda devices: 1.0)
-  monkeypatch.setattr(planner, "priced_seconds", lambda compiled, cal, n: ref_prices[compiled])
+  monkeypatch.setattr(planner, "priced_seconds", priced)
+  monkeypatch.setattr(planner, "program_probes", lambda cal, compiled, n: (
+      {"dot big": probe} if list(compiled) == ["a", "b", "dp", "fsdp"] else {}))
   from test_planner import tiny_cfg
   cfg = tiny_cfg()
   a = planner.Estimate(Layout(2, 1, 1, 1, "none"), 1e6, 0.05, 1e9, "compiled HLO",
                        priced=planner.Priced(0.020, 0.004, 1))
   b = planner.Estimate(Layout(1, 2, 1, 1, "none"), 2e6, 0.06, 1e9, "compiled HLO",
                        priced=planner.Priced(0.020, 0.005, 30))
-  target = SimpleNamespace(num_devices=2, calibration=SimpleNamespace(dispatch_s=0.001))
+  cal = calibrate.Calibration([], None, "test", {"dispatch_s": 0.001, "dot big": 1.0})
+  target = SimpleNamespace(num_devices=2, calibration=cal)
   (ma, mb), speed = planner.measure_estimates(cfg, 256, [a, b], target, steps=3)
   assert speed == pytest.approx((1.71, 0.0009))  # as in the scripted solve above
-  assert ma.predicted_alongside_s == pytest.approx(0.020 * 1.71 + 0.004 + 0.0009 + 0.001)
-  assert mb.predicted_alongside_s == pytest.approx(0.020 * 1.71 + 0.005 + 30 * 0.0009 + 0.001)
+  # the large ops at the median probe (1.5, not the calibration's 1.0)
+  assert ma.predicted_alongside_s == pytest.approx(0.020 * 1.71 + 0.004 * 1.5 + 0.0009 + 0.001)
+  assert mb.predicted_alongside_s == pytest.approx(
+      0.020 * 1.71 + 0.005 * 1.5 + 30 * 0.0009 + 0.001)
   assert (ma.step_s, mb.step_s) == (0.05, 0.06)  # the calibration's prediction is kept
   assert (ma.measured_step_s, mb.measured_step_s) == (0.030, 0.040)
+  assert cal.entry["dot big"] == 1.0  # the calibration keeps its own prices
   rounds = planner.MEASURE_ROUNDS * planner.ALONGSIDE_REFERENCE_ROUNDS
   assert timed.count("dp") == timed.count("fsdp") == planner.REFERENCE_WARMUP_ROUNDS + rounds
+  # each round: the candidates, the reference steps, one pass of the probes
+  one_round = ["a", "b"] + ["dp", "fsdp"] * planner.ALONGSIDE_REFERENCE_ROUNDS + ["probe"]
+  assert timed[-planner.MEASURE_ROUNDS * len(one_round):] == one_round * planner.MEASURE_ROUNDS
   plan = planner.Plan(SimpleNamespace(chip=SimpleNamespace(name="cpu", memory=2 ** 30),
                                       num_devices=2, described=False, calibration=None),
                       [ma, mb], planner.model_shape(cfg, 256, "cpu"), speed)
@@ -463,8 +485,8 @@ def test_measured_candidates_are_predicted_again_with_the_reference_timed_alongs
   out, err = capsys.readouterr()
   assert [r["predicted_alongside_step_s"] for r in json.loads(out)] == [
       ma.predicted_alongside_s, mb.predicted_alongside_s]
-  assert "est alongside: reference steps timed with the candidates: step factor 1.710, 900 us"\
-      " per collective" in err.splitlines()
+  assert "est alongside: prices probed and reference steps timed with the candidates: step "\
+      "factor 1.710, 900 us per collective" in err.splitlines()
 
 
 def test_a_cpu_peak_is_the_least_of_its_heap_readings(monkeypatch):

@@ -241,6 +241,12 @@ def stream_points(nbytes: float) -> tuple[int, ...]:
   return STREAM_BYTES[max(hi - 1, 0):hi + 1]
 
 
+def probe_pass(probes: dict[str, Callable[[], float]], seconds: dict[str, list[float]]) -> None:
+  """One pass over `probes` (name -> probe), each reading appended to `seconds[name]`."""
+  for name, probe in probes.items():
+    seconds.setdefault(name, []).append(probe())
+
+
 # per device: past glibc's largest mmap threshold (32 MiB on 64-bit), so that under the
 # system allocator every fresh block of this size is mapped anew and its pages fault
 FIRST_TOUCH_BYTES = 64 * 2 ** 20
@@ -349,20 +355,33 @@ class Calibration:
     PROBE_PASSES passes over all of them, and keeps each at its median: what a program's
     pricing (or the analytic ranking of many layouts) needs, probed so that a slow spell of
     the machine lands on one pass of many probes rather than on some probes only."""
+    todo = {name: probe for name, probe in self.probes(dots, streams, matmuls).items()
+            if name not in self.entry}
+    if not todo:
+      return
+    seconds: dict[str, list[float]] = {name: [] for name in todo}
+    for _ in range(PROBE_PASSES):
+      probe_pass(todo, seconds)
+    for name, values in seconds.items():
+      self.probed(name, lambda _, values=values: float(np.median(values)))
+
+  def probes(self, dots: Sequence[Any] = (), streams: Sequence[tuple[float, str]] = (),
+             matmuls: Sequence[tuple[int, int, int, Any]] = ()) -> dict[str, Callable[[], float]]:
+    """Name -> probe of every price `dots`, `streams` and `matmuls` (as `probe_all` takes
+    them) are priced from, kept or not; the call's own cost (`dispatch_s`, which each
+    probe takes off) probed first where it is not kept."""
+    self.dispatch_s
     todo = dict(self._dot_probe(dot) for dot in dots)
     for nbytes, kind in streams:
       todo.update(self._stream_probes(nbytes, kind))
     todo.update(self._matmul_probe(*shape) for shape in matmuls)
-    todo = {name: probe for name, probe in todo.items() if name not in self.entry}
-    if not todo:
-      return
-    self.dispatch_s  # probed before the passes, which use it
-    seconds: dict[str, list[float]] = {name: [] for name in todo}
-    for _ in range(PROBE_PASSES):
-      for name, probe in todo.items():
-        seconds[name].append(probe())
-    for name, values in seconds.items():
-      self.probed(name, lambda _, values=values: float(np.median(values)))
+    return todo
+
+  def with_prices(self, seconds: dict[str, float]) -> "Calibration":
+    """A copy priced at `seconds` (name -> probed seconds) where it names a price, kept
+    nowhere: the prices of another moment (probed beside a measurement, `lmos plan
+    --measure`), which must not replace what this machine's calibration keeps."""
+    return Calibration(self.devices, None, self.key, {**self.entry, **seconds})
 
   @property
   def first_touch_s_per_byte(self) -> float:

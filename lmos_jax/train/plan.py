@@ -51,7 +51,7 @@ from lmos_jax.models.factory import model_factory
 from lmos_jax.parallel.host_memory import HeapPeak, heap_in_use_reader
 from lmos_jax.parallel.sharding import abstract_like, batch_sharding, make_mesh
 from lmos_jax.train.assemble import assemble_step, splits_opt_state
-from lmos_jax.train.calibrate import first_touch_bytes
+from lmos_jax.train.calibrate import first_touch_bytes, probe_pass
 from lmos_jax.train.hlo_cost import asked_prices, price_program
 from lmos_jax.train.metrics import CHIPS, Chip, chip_of, flops_per_token, measure_cpu_peak
 from lmos_jax.train.precision import resolve_policy
@@ -417,6 +417,12 @@ def probe_programs(cal, hlo_texts: list[str], num_devices: int) -> None:
   cal.probe_all(list(asked.dots.values()), sorted(asked.streams))
 
 
+def program_probes(cal, compiled: Sequence[Any], num_devices: int) -> dict[str, Callable]:
+  """Name -> probe of every price the `compiled` programs are priced from."""
+  asked = asked_prices([c.as_text() for c in compiled], num_devices)
+  return cal.probes(list(asked.dots.values()), sorted(asked.streams))
+
+
 def compiled_estimate(cfg, vocab: int, lay: Layout, target: Target, s: ModelShape,
                       programs: dict | None = None) -> Estimate:
   """Memory and FLOPs read from the AOT-compiled train step (abstract inputs only).
@@ -703,13 +709,18 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   the warm-up round keeps out what a freshly loaded program costs on its first runs (on
   XLA:CPU the first rounds ran up to 1.3x slower than later ones).
 
-  The reference steps of `program_speed` take their turns in the same rounds, and each
-  candidate is predicted again with the (factor, wait) they give (returned too): a
-  shared machine's speed moves between the calibration and the measurement (the
-  data-parallel reference step measured 13.1-15.8 ms in four measurements in one process
-  on a 2-core VM, each the median of 15 rounds of 20 steps), and those numbers scale
-  every prediction, so this one compares the pricing with the measurement at the speed of
-  the moment. None where a candidate was not priced from its program.
+  The reference steps of `program_speed` take their turns in the same rounds, and so does
+  a pass of the probes of every price the candidates and the reference steps are priced
+  from; each candidate is predicted again from the median of those probes with the
+  (factor, wait) the reference steps give at them (returned too). A shared machine's speed
+  moves between the calibration and the measurement (the data-parallel reference step
+  measured 13.1-15.8 ms in four measurements in one process on a 2-core VM, each the median
+  of 15 rounds of 20 steps), and the factor scales only the ops that fit in cache: a
+  step of large ops (the shakespeare baby shape) keeps the calibration's prices, and in one
+  run of ten its three layouts measured 1.14-1.21x those predictions. So this prediction
+  prices the program at the machine's speed of the moment, from probes and the reference
+  steps only, never from the candidate's own timing. None where a candidate was not priced
+  from its program.
 
   Peak memory: the allocator's peak can only grow, so the warm-up round runs the candidates
   from the smallest predicted memory up and reads the peak after each; a candidate's
@@ -737,6 +748,9 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   refs = reference_runners(target.num_devices, runners[order[0]].build.policy,
                            bool(cfg.model.scan_layers)) if all_priced else []
   ref_times: list[list[float]] = [[] for _ in refs]
+  probes = program_probes(cal, [runners[i].compiled for i in order]
+                          + [r.compiled for r in refs], target.num_devices) if refs else {}
+  probed: dict[str, list[float]] = {}
   for _ in range(REFERENCE_WARMUP_ROUNDS):
     reference_turn(refs)
   for _ in range(MEASURE_ROUNDS):
@@ -744,11 +758,16 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
       times[i].append(_time_round(runners[i], steps))
     for _ in range(ALONGSIDE_REFERENCE_ROUNDS):
       reference_turn(refs, ref_times)
-  speed = solve_timed(cal, target.num_devices, refs, ref_times) if refs else None
+    probe_pass(probes, probed)
+  speed, alongside = None, {}
+  if refs:  # the prices of these rounds' minutes, and the reference steps' speed at them
+    now = cal.with_prices({name: statistics.median(s) for name, s in probed.items()})
+    speed = solve_timed(now, target.num_devices, refs, ref_times)
+    alongside = {i: priced_step_s(priced_seconds(runners[i].compiled, now, target.num_devices),
+                                  speed, now) for i in order}
   return [dataclasses.replace(
       e, measured_step_s=statistics.median(times[i]), measured_peak=peaks[i],
-      predicted_alongside_s=priced_step_s(e.priced, speed, cal) if speed else None)
-      for i, e in enumerate(ests)], speed
+      predicted_alongside_s=alongside.get(i)) for i, e in enumerate(ests)], speed
 
 
 def apply_overrides(cfg, overrides: dict[str, Any]):
@@ -774,7 +793,8 @@ class Plan:
   target: Target
   estimates: list[Estimate]  # fitting first, ranked by step time
   shape: ModelShape
-  # --measure: (factor, wait) of the reference steps timed with the candidates
+  # --measure: (factor, wait) of the reference steps timed with the candidates, at the
+  # prices probed with them
   alongside: tuple[float, float] | None = None
 
   @property
@@ -898,11 +918,11 @@ def format_layout(l: Layout) -> str:
 
 
 def alongside_summary(plan: Plan) -> str:
-  """The speed of `--measure`'s rounds that the `est alongside` predictions read: the
-  reference steps' factor and wait."""
+  """The speed of `--measure`'s rounds that the `est alongside` predictions read: prices
+  probed in those rounds, and the reference steps' factor and wait at them."""
   factor, wait_s = plan.alongside
-  return (f"est alongside: reference steps timed with the candidates: step factor "
-          f"{factor:.3f}, {1e6 * wait_s:.0f} us per collective")
+  return (f"est alongside: prices probed and reference steps timed with the candidates: "
+          f"step factor {factor:.3f}, {1e6 * wait_s:.0f} us per collective")
 
 
 def tie_note(plan: Plan) -> str | None:
