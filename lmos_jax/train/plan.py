@@ -418,7 +418,8 @@ def probe_programs(cal, hlo_texts: list[str], num_devices: int) -> None:
 
 
 def program_probes(cal, compiled: Sequence[Any], num_devices: int) -> dict[str, Callable]:
-  """Name -> probe of every price the `compiled` programs are priced from."""
+  """Name -> probe of every dot and memory-bound op price the `compiled` programs are priced
+  from (what `probe_programs` probes and keeps, here to be probed again)."""
   asked = asked_prices([c.as_text() for c in compiled], num_devices)
   return cal.probes(list(asked.dots.values()), sorted(asked.streams))
 
@@ -710,8 +711,8 @@ def measure_estimates(cfg, vocab: int, ests: list[Estimate], target: Target,
   XLA:CPU the first rounds ran up to 1.3x slower than later ones).
 
   The reference steps of `program_speed` take their turns in the same rounds, and so does
-  a pass of the probes of every price the candidates and the reference steps are priced
-  from; each candidate is predicted again from the median of those probes with the
+  a pass of the probes of every dot and memory-bound op the candidates and the reference
+  steps are priced from; each candidate is predicted again from the median of those probes with the
   (factor, wait) the reference steps give at them (returned too). A shared machine's speed
   moves between the calibration and the measurement (the data-parallel reference step
   measured 13.1-15.8 ms in four measurements in one process on a 2-core VM, each the median
